@@ -1,0 +1,48 @@
+"""The ``parafort-proxy`` command line: parse arguments and dispatch to a subcommand."""
+
+from __future__ import annotations
+
+import argparse
+import os
+import sys
+from collections.abc import Sequence
+from pathlib import Path
+
+from proxy import __version__
+from proxy.config import ConfigError, load_config
+from proxy.config.render import render_config
+
+
+def _parser() -> argparse.ArgumentParser:
+    parser = argparse.ArgumentParser(
+        prog="parafort-proxy",
+        description="PostgreSQL connection-routing proxy.",
+    )
+    parser.add_argument("--version", action="version", version=f"parafort-proxy {__version__}")
+    sub = parser.add_subparsers(dest="command", required=True, metavar="COMMAND")
+    check = sub.add_parser("check", help="validate the configuration and print it resolved, secrets redacted")
+    check.add_argument("--config", type=Path, help="YAML configuration file (default: environment only)")
+    return parser
+
+
+def cmd_check(args: argparse.Namespace) -> int:
+    """Validate and print the resolved configuration; exit 1 with one line per problem."""
+    try:
+        config = load_config(args.config, os.environ)
+    except ConfigError as exc:
+        for problem in exc.problems:
+            print(f"parafort-proxy: config error: {problem}", file=sys.stderr)
+        return 1
+    sys.stdout.write(render_config(config))
+    return 0
+
+
+def main(argv: Sequence[str] | None = None) -> int:
+    """Entry point of the console script and ``python -m proxy``; returns the exit code."""
+    args = _parser().parse_args(argv)
+    commands = {"check": cmd_check}
+    return commands[args.command](args)
+
+
+if __name__ == "__main__":
+    sys.exit(main())

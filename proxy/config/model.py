@@ -1,0 +1,236 @@
+"""The configuration model: immutable, validated once, swapped whole on reload."""
+
+from __future__ import annotations
+
+from functools import cached_property
+from pathlib import Path
+from typing import Annotated, Literal
+
+from pydantic import BaseModel, ConfigDict, Field, field_validator, model_validator
+
+from proxy.config.dsn import Dsn, parse_dsn
+from proxy.config.values import DOMAINS, Duration, RoleName, TableEntry, TableRef
+
+Port = Annotated[int, Field(ge=1, le=65535)]
+PoolSize = Annotated[int, Field(ge=1, le=10_000)]
+PositiveDuration = Annotated[Duration, Field(gt=0)]
+
+
+class Frozen(BaseModel):
+    """Base for every config section: unknown keys refused, instances immutable."""
+
+    model_config = ConfigDict(extra="forbid", frozen=True)
+
+
+def _check_url(url: str | None) -> str | None:
+    if url is None or url.strip() == "":
+        return None
+    parse_dsn(url)  # raises DsnError (a ValueError) with a redacted message
+    return url.strip()
+
+
+class ListenConfig(Frozen):
+    """Where applications connect."""
+
+    host: str = "127.0.0.1"
+    port: Port = 6432
+
+
+class AdminConfig(Frozen):
+    """The admin HTTP listener (health, metrics); loopback by default."""
+
+    host: str = "127.0.0.1"
+    port: Port = 9930
+
+
+class AuthConfig(Frozen):
+    """Client authentication towards the proxy."""
+
+    method: Literal["scram-sha-256", "md5", "trust"] = "scram-sha-256"
+    users_file: Path | None = None
+    admin_users: tuple[str, ...] = ()
+
+
+class RoleConfig(Frozen):
+    """One role's upstream and pool. ``url`` None means the role is not configured."""
+
+    url: str | None = Field(default=None, repr=False)
+    pool_size: PoolSize
+    acquire_timeout: PositiveDuration
+    idle_timeout: Duration = 600.0
+    max_lifetime: Duration = 3600.0
+    fallback: RoleName | None = None
+
+    @field_validator("url")
+    @classmethod
+    def _valid_url(cls, value: str | None) -> str | None:
+        return _check_url(value)
+
+    @property
+    def configured(self) -> bool:
+        return self.url is not None
+
+    @cached_property
+    def dsn(self) -> Dsn | None:
+        return parse_dsn(self.url) if self.url is not None else None
+
+
+class ReplicaConfig(Frozen):
+    """One read replica; ``pool_size`` None means the read_replica role's size."""
+
+    name: Annotated[str, Field(min_length=1, pattern=r"^[A-Za-z0-9_.-]+$")]
+    url: str = Field(repr=False)
+    pool_size: PoolSize | None = None
+
+    @field_validator("url")
+    @classmethod
+    def _valid_url(cls, value: str) -> str:
+        url = _check_url(value)
+        if url is None:
+            raise ValueError("missing URL")
+        return url
+
+    @cached_property
+    def dsn(self) -> Dsn:
+        return parse_dsn(self.url)
+
+
+class ReadReplicaConfig(RoleConfig):
+    """The read_replica role: one ``url`` or a list of ``replicas`` sharing the role's settings."""
+
+    replicas: tuple[ReplicaConfig, ...] = ()
+
+    @model_validator(mode="after")
+    def _one_form(self) -> ReadReplicaConfig:
+        if self.url is not None and self.replicas:
+            raise ValueError("give either url or replicas, not both")
+        names = [r.name for r in self.replicas]
+        dupes = sorted({n for n in names if names.count(n) > 1})
+        if dupes:
+            raise ValueError(f"replica name {dupes[0]!r} is used twice")
+        return self
+
+    @property
+    def configured(self) -> bool:
+        return self.url is not None or bool(self.replicas)
+
+    @property
+    def upstreams(self) -> tuple[ReplicaConfig, ...]:
+        """Every replica, the single-``url`` form included (named ``read_replica``)."""
+        if self.url is not None:
+            return (ReplicaConfig(name="read_replica", url=self.url),)
+        return self.replicas
+
+
+class RolesConfig(Frozen):
+    """The five roles; defaults are the seed's pool sizes and timeouts (filled in by the loader)."""
+
+    main: RoleConfig
+    analytics: RoleConfig
+    documents: RoleConfig
+    compliance: RoleConfig
+    read_replica: ReadReplicaConfig
+
+    def get(self, role: str) -> RoleConfig:
+        value = getattr(self, role)
+        assert isinstance(value, RoleConfig)
+        return value
+
+    @model_validator(mode="after")
+    def _fallbacks(self) -> RolesConfig:
+        if self.main.url is None:
+            raise ValueError("main.url: missing; set DATABASE_URL or roles.main.url")
+        if self.main.fallback is not None:
+            raise ValueError("main.fallback: main cannot fall back to another role")
+        for role in ("analytics", "documents", "compliance", "read_replica"):
+            seen = [role]
+            nxt = self.get(role).fallback
+            while nxt is not None:
+                if nxt == "read_replica":
+                    raise ValueError(
+                        f"{seen[-1]}.fallback: cannot fall back to read_replica (it takes no writes)"
+                    )
+                if nxt in seen:
+                    raise ValueError(f"{role}.fallback: fallback loop {' -> '.join([*seen, nxt])}")
+                seen.append(nxt)
+                nxt = self.get(nxt).fallback
+        return self
+
+
+class DomainsConfig(Frozen):
+    """Which tables belong to the analytics, documents and compliance domains."""
+
+    analytics: tuple[TableEntry, ...] = ()
+    documents: tuple[TableEntry, ...] = ()
+    compliance: tuple[TableEntry, ...] = ()
+
+    @model_validator(mode="after")
+    def _no_table_twice(self) -> DomainsConfig:
+        owner: dict[TableRef, str] = {}
+        for domain in DOMAINS:
+            for ref in getattr(self, domain):
+                other = owner.setdefault(ref, domain)
+                if other != domain:
+                    raise ValueError(f"table {str(ref)!r} is in two domains: {other} and {domain}")
+        return self
+
+    @cached_property
+    def _index(self) -> dict[TableRef, str]:
+        return {ref: domain for domain in DOMAINS for ref in getattr(self, domain)}
+
+    def domain_of(self, schema: str | None, table: str) -> str | None:
+        """The domain a table reference belongs to, or None for main.
+
+        Precedence: ``schema.table``, then ``schema.*``, then a bare ``table`` entry. An unqualified
+        reference is looked up as itself, then as ``public.table`` and ``public.*``.
+        """
+        index = self._index
+        for candidate in (
+            TableRef(schema or "public", table),
+            TableRef(schema or "public", "*"),
+            TableRef(None, table),
+        ):
+            domain = index.get(candidate)
+            if domain is not None:
+                return domain
+        return None
+
+
+def default_domains() -> DomainsConfig:
+    """With no map: tables in schema analytics/documents/compliance belong to that domain."""
+    return DomainsConfig(**{d: (TableRef(d, "*"),) for d in DOMAINS})
+
+
+class HealthConfig(Frozen):
+    """Health probing of every configured upstream."""
+
+    interval: PositiveDuration = 2.0
+    timeout: PositiveDuration = 1.0
+    failures_before_down: Annotated[int, Field(ge=1)] = 3
+    successes_before_up: Annotated[int, Field(ge=1)] = 2
+    max_replica_lag: PositiveDuration = 10.0
+    max_replica_lag_bytes: Annotated[int, Field(ge=0)] | None = None
+
+
+class RoutingConfig(Frozen):
+    """Statement classification knobs."""
+
+    read_only_functions: tuple[str, ...] = ()
+
+
+class Config(Frozen):
+    """The whole resolved configuration."""
+
+    listen: ListenConfig = ListenConfig()
+    admin: AdminConfig = AdminConfig()
+    auth: AuthConfig = AuthConfig()
+    roles: RolesConfig
+    domains: DomainsConfig = Field(default_factory=default_domains)
+    routing: RoutingConfig = RoutingConfig()
+    health: HealthConfig = HealthConfig()
+
+    @model_validator(mode="after")
+    def _listeners_differ(self) -> Config:
+        if (self.listen.host, self.listen.port) == (self.admin.host, self.admin.port):
+            raise ValueError("admin.port: the admin listener cannot share the client listener's address")
+        return self
