@@ -22,6 +22,9 @@ def _parser() -> argparse.ArgumentParser:
     sub = parser.add_subparsers(dest="command", required=True, metavar="COMMAND")
     check = sub.add_parser("check", help="validate the configuration and print it resolved, secrets redacted")
     check.add_argument("--config", type=Path, help="YAML configuration file (default: environment only)")
+    sub.add_parser(
+        "demo", help="start throwaway local PostgreSQL clusters with a ParaFort schema; Ctrl-C cleans up"
+    )
     return parser
 
 
@@ -37,10 +40,16 @@ def cmd_check(args: argparse.Namespace) -> int:
     return 0
 
 
+def cmd_demo(args: argparse.Namespace) -> int:
+    from proxy.demo import run_demo  # noqa: PLC0415  (the demo's imports are not needed by the daemon)
+
+    return run_demo()
+
+
 def main(argv: Sequence[str] | None = None) -> int:
     """Entry point of the console script and ``python -m proxy``; returns the exit code."""
     args = _parser().parse_args(argv)
-    commands = {"check": cmd_check}
+    commands = {"check": cmd_check, "demo": cmd_demo}
     return commands[args.command](args)
 
 

@@ -1,0 +1,35 @@
+# ParaFort Proxy — the two commands a new machine needs are `make demo` and `make test`.
+# Every target installs what it needs first (scripts/bootstrap.sh: PostgreSQL 15 via apt, .venv via pip).
+
+VENV := .venv/bin
+PYTEST_ARGS ?=
+
+.PHONY: demo test lint unit integration bench setup clean
+
+setup:
+	@scripts/bootstrap.sh
+
+demo: setup
+	$(VENV)/parafort-proxy demo
+
+# The test command: lint, type-check, then every test against real PostgreSQL clusters.
+test: setup lint
+	$(VENV)/pytest $(PYTEST_ARGS)
+
+lint: setup
+	$(VENV)/ruff check .
+	$(VENV)/ruff format --check .
+	$(VENV)/mypy
+
+unit: setup
+	$(VENV)/pytest tests/unit $(PYTEST_ARGS)
+
+integration: setup
+	$(VENV)/pytest -m integration $(PYTEST_ARGS)
+
+bench: setup
+	@scripts/bootstrap.sh pgbouncer
+	$(VENV)/python -m bench
+
+clean:
+	rm -rf .venv .pytest_cache .mypy_cache .ruff_cache *.egg-info

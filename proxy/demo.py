@@ -1,0 +1,136 @@
+"""``parafort-proxy demo``: throwaway local clusters with a small ParaFort schema, ready to connect to."""
+
+from __future__ import annotations
+
+import signal
+import sys
+import time
+from types import FrameType
+
+from proxy.devcluster import DevClusters
+
+# Domain tables live in their own role's cluster; main holds every table too, so fallback to main works.
+MAIN_TABLES = """
+CREATE TABLE users (
+    id bigserial PRIMARY KEY,
+    email text NOT NULL UNIQUE,
+    full_name text NOT NULL,
+    created_at timestamptz NOT NULL DEFAULT now()
+);
+CREATE TABLE business_entities (
+    id bigserial PRIMARY KEY,
+    owner_id bigint NOT NULL REFERENCES users (id),
+    legal_name text NOT NULL,
+    entity_type text NOT NULL,
+    created_at timestamptz NOT NULL DEFAULT now()
+);
+CREATE TABLE subscriptions (
+    id bigserial PRIMARY KEY,
+    user_id bigint NOT NULL REFERENCES users (id),
+    plan text NOT NULL,
+    status text NOT NULL DEFAULT 'active',
+    renews_at timestamptz
+);
+"""
+ANALYTICS_TABLES = """
+CREATE TABLE user_activity (
+    id bigserial PRIMARY KEY,
+    user_id bigint NOT NULL,
+    action text NOT NULL,
+    detail jsonb,
+    occurred_at timestamptz NOT NULL DEFAULT now()
+);
+CREATE TABLE business_metrics (
+    id bigserial PRIMARY KEY,
+    entity_id bigint NOT NULL,
+    metric text NOT NULL,
+    value numeric NOT NULL,
+    measured_at timestamptz NOT NULL DEFAULT now()
+);
+"""
+DOCUMENTS_TABLES = """
+CREATE TABLE documents (
+    id bigserial PRIMARY KEY,
+    owner_id bigint NOT NULL,
+    title text NOT NULL,
+    storage_key text NOT NULL,
+    created_at timestamptz NOT NULL DEFAULT now()
+);
+CREATE TABLE document_shares (
+    id bigserial PRIMARY KEY,
+    document_id bigint NOT NULL,
+    shared_with bigint NOT NULL,
+    permission text NOT NULL DEFAULT 'read'
+);
+"""
+COMPLIANCE_TABLES = """
+CREATE TABLE boir_filings (
+    id bigserial PRIMARY KEY,
+    entity_id bigint NOT NULL,
+    status text NOT NULL DEFAULT 'draft',
+    filed_at timestamptz
+);
+CREATE TABLE compliance_records (
+    id bigserial PRIMARY KEY,
+    entity_id bigint NOT NULL,
+    requirement text NOT NULL,
+    satisfied boolean NOT NULL DEFAULT false,
+    checked_at timestamptz NOT NULL DEFAULT now()
+);
+"""
+SAMPLE_ROWS = """
+INSERT INTO users (email, full_name) VALUES
+    ('ada@example.com', 'Ada Lovelace'), ('grace@example.com', 'Grace Hopper');
+INSERT INTO business_entities (owner_id, legal_name, entity_type) VALUES
+    (1, 'Analytical Engines LLC', 'llc'), (2, 'Compiler Works Inc', 'corporation');
+INSERT INTO subscriptions (user_id, plan, renews_at) VALUES
+    (1, 'pro', now() + interval '30 days'), (2, 'team', now() + interval '365 days');
+"""
+
+SCHEMA = {
+    "main": MAIN_TABLES + ANALYTICS_TABLES + DOCUMENTS_TABLES + COMPLIANCE_TABLES + SAMPLE_ROWS,
+    "analytics": ANALYTICS_TABLES,
+    "documents": DOCUMENTS_TABLES,
+    "compliance": COMPLIANCE_TABLES,
+}
+
+# The domain map that matches the demo schema (the tables are in schema public).
+DEMO_DOMAINS = {
+    "analytics": ["user_activity", "business_metrics"],
+    "documents": ["documents", "document_shares"],
+    "compliance": ["boir_filings", "compliance_records"],
+}
+
+
+def start_demo_clusters() -> DevClusters:
+    """All five clusters with the ParaFort schema loaded (and replicated to the read replica)."""
+    pg = DevClusters.start(setup_sql=SCHEMA)
+    pg.wait_replica_caught_up()
+    return pg
+
+
+def _raise_exit(signum: int, frame: FrameType | None) -> None:
+    raise SystemExit(0)
+
+
+def run_demo() -> int:
+    """Start the clusters, print how to reach them, wait for Ctrl-C, clean up."""
+    signal.signal(signal.SIGTERM, _raise_exit)
+    print("parafort-proxy demo: starting five local PostgreSQL clusters ...", flush=True)
+    started = time.monotonic()
+    pg = start_demo_clusters()
+    try:
+        print(f"parafort-proxy demo: clusters up in {time.monotonic() - started:.1f}s in {pg.basedir}")
+        for role, cluster in pg.clusters.items():
+            print(f"  {role:<13} {cluster.dsn}")
+        print("\nConnect directly, e.g.:")
+        print(f"  psql '{pg.main.dsn}' -c 'SELECT * FROM users'")
+        print(f"  psql '{pg.read_replica.dsn}' -c 'SELECT pg_is_in_recovery()'")
+        print("\nPress Ctrl-C to stop and delete everything.", flush=True)
+        while True:
+            time.sleep(3600)
+    except KeyboardInterrupt:
+        print("\nparafort-proxy demo: stopping", file=sys.stderr)
+    finally:
+        pg.close()
+    return 0

@@ -1,0 +1,1 @@
+"""The client side: client connections, their authentication and session state."""

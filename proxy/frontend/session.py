@@ -1,0 +1,115 @@
+"""Per-client session state that must follow the client from one pooled upstream connection to the next."""
+
+from __future__ import annotations
+
+import hashlib
+from dataclasses import dataclass, field
+
+from proxy.router.classify import SessionChange
+
+# Startup parameters that are not session settings (or that the upstream's own DSN decides).
+NOT_SETTINGS = frozenset({"user", "database", "replication", "options"})
+
+
+def quote_literal(value: str) -> str:
+    """A SQL string literal (standard_conforming_strings on)."""
+    return "'" + value.replace("'", "''") + "'"
+
+
+def quote_ident(name: str) -> str:
+    """A SQL identifier, quoted only when needed."""
+    if name.replace("_", "a").replace(".", "a").isalnum() and name.islower() and not name[0].isdigit():
+        return name
+    return '"' + name.replace('"', '""') + '"'
+
+
+def startup_settings(params: dict[str, str]) -> dict[str, str]:
+    """The client's startup parameters (and ``options=-c name=value``) as replayable SET statements."""
+    settings: dict[str, str] = {}
+    for name, value in params.items():
+        if name not in NOT_SETTINGS:
+            settings[name.lower()] = f"SET {quote_ident(name.lower())} TO {quote_literal(value)}"
+    options = params.get("options", "").split()
+    for i, opt in enumerate(options):
+        pair = opt[2:] if opt.startswith("-c") and len(opt) > 2 else (options[i + 1] if opt == "-c" else "")
+        if pair.startswith("--"):
+            pair = pair[2:]
+        name, eq, value = pair.partition("=")
+        if eq and name:
+            name = name.replace("-", "_").lower()
+            settings[name] = f"SET {quote_ident(name)} TO {quote_literal(value.replace(chr(92) + ' ', ' '))}"
+    return settings
+
+
+@dataclass(frozen=True, slots=True)
+class PreparedStatement:
+    """A protocol-level prepared statement: its SQL, parameter types, and the name used upstream.
+
+    The upstream name is derived from the content, so identical statements from different clients share
+    one server-side statement, and different statements never collide.
+    """
+
+    sql: str
+    param_oids: tuple[int, ...]
+    upstream_name: str
+
+    @classmethod
+    def make(cls, sql: str, param_oids: tuple[int, ...]) -> PreparedStatement:
+        digest = hashlib.blake2b(sql.encode(), digest_size=12)
+        digest.update(repr(param_oids).encode())
+        return cls(sql, param_oids, "pf_" + digest.hexdigest())
+
+
+@dataclass
+class Session:
+    """What the client believes its session is: settings and prepared statements.
+
+    ``settings`` maps a parameter name to the SET statement that gives it the client's value; the key
+    ``version`` changes whenever settings do, so an upstream connection can tell cheaply whether it
+    already matches.
+    """
+
+    baseline: dict[str, str]
+    settings: dict[str, str] = field(default_factory=dict)
+    statements: dict[str, PreparedStatement] = field(default_factory=dict)
+    version: int = 0
+    _pending: list[SessionChange] = field(default_factory=list)
+
+    def __post_init__(self) -> None:
+        self.settings = dict(self.baseline)
+
+    def stage(self, changes: list[SessionChange]) -> None:
+        """Remember changes made by a statement whose outcome is not known yet."""
+        self._pending.extend(changes)
+
+    def discard_staged(self) -> None:
+        """The statement failed or its transaction rolled back: its changes never happened."""
+        self._pending.clear()
+
+    def commit_staged(self) -> None:
+        """The changes took effect (the statement succeeded outside, or its transaction committed)."""
+        if not self._pending:
+            return
+        for change in self._pending:
+            if change.name is None:
+                self.settings = dict(self.baseline)
+            elif change.sql is None:
+                if change.name in self.baseline:
+                    self.settings[change.name] = self.baseline[change.name]
+                else:
+                    self.settings.pop(change.name, None)
+            else:
+                self.settings[change.name] = change.sql
+        self._pending.clear()
+        self.version += 1
+
+    def sync_sql(self, upstream: dict[str, str]) -> str:
+        """SQL that turns an upstream connection's applied settings into this session's ('' if equal)."""
+        if upstream == self.settings:
+            return ""
+        parts = [f"RESET {quote_ident(name)}" for name in upstream if name not in self.settings]
+        parts += [sql for name, sql in self.settings.items() if upstream.get(name) != sql]
+        if "session characteristics" in upstream and "session characteristics" not in self.settings:
+            parts.append("SET SESSION CHARACTERISTICS AS TRANSACTION READ WRITE")
+            parts = [p for p in parts if p != 'RESET "session characteristics"']
+        return "; ".join(parts)

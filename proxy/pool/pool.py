@@ -1,0 +1,186 @@
+"""A bounded pool of upstream connections with FIFO waiters, an acquire timeout and lifetimes."""
+
+from __future__ import annotations
+
+import asyncio
+import time
+from collections import deque
+from collections.abc import Awaitable, Callable
+from dataclasses import dataclass
+from typing import Generic, Protocol, TypeVar
+
+from proxy.errors import TOO_MANY_CONNECTIONS, ProxyError
+
+
+class Poolable(Protocol):
+    """What the pool needs of a connection."""
+
+    created_at: float
+    idle_since: float
+
+    @property
+    def broken(self) -> bool: ...
+
+    def close(self) -> None: ...
+
+
+C = TypeVar("C", bound=Poolable)
+
+
+@dataclass(frozen=True)
+class PoolStats:
+    """A snapshot for health output and metrics."""
+
+    total: int
+    idle: int
+    active: int
+    waiting: int
+    max: int
+
+
+class Pool(Generic[C]):
+    """At most ``size`` connections; waiters served first come, first served.
+
+    ``acquire`` returns an idle connection, opens a new one while under ``size``, or waits up to
+    ``acquire_timeout`` and then raises ProxyError 53300. ``release`` hands the connection to the oldest
+    waiter, or keeps it idle; a broken or expired connection is closed instead, freeing its slot.
+    """
+
+    def __init__(
+        self,
+        name: str,
+        connect: Callable[[], Awaitable[C]],
+        *,
+        size: int,
+        acquire_timeout: float,
+        idle_timeout: float = 0.0,
+        max_lifetime: float = 0.0,
+    ) -> None:
+        self.name = name
+        self._connect = connect
+        self.size = size
+        self.acquire_timeout = acquire_timeout
+        self.idle_timeout = idle_timeout
+        self.max_lifetime = max_lifetime
+        self._idle: list[C] = []  # LIFO: the warmest connection is reused first
+        self._total = 0  # open connections plus connects in progress
+        # A waiter's future gets a connection, or None: "a slot is free, open one yourself".
+        self._waiters: deque[asyncio.Future[C | None]] = deque()
+        self._closed = False
+
+    @property
+    def stats(self) -> PoolStats:
+        idle = len(self._idle)
+        return PoolStats(self._total, idle, self._total - idle, len(self._waiters), self.size)
+
+    async def acquire(self) -> C:
+        """Lease a connection; raises ProxyError 53300 after the acquire timeout, or the connect error."""
+        if self._closed:
+            raise ProxyError(TOO_MANY_CONNECTIONS, f'pool "{self.name}" is closed')
+        conn = self._take_idle()
+        if conn is not None:
+            return conn
+        if self._total < self.size and not self._waiters:
+            return await self._open()
+        loop = asyncio.get_running_loop()
+        started = loop.time()
+        deadline = started + self.acquire_timeout
+        retry = False
+        while True:
+            fut: asyncio.Future[C | None] = loop.create_future()
+            # A waiter woken to open a connection that lost the slot keeps its place at the front.
+            (self._waiters.appendleft if retry else self._waiters.append)(fut)
+            try:
+                got = await asyncio.wait_for(fut, max(deadline - loop.time(), 0))
+            except TimeoutError:
+                raise ProxyError(
+                    TOO_MANY_CONNECTIONS,
+                    f'no connection free in pool "{self.name}" after waiting '
+                    f"{loop.time() - started:.1f}s (pool_size {self.size}, acquire_timeout "
+                    f"{self.acquire_timeout:g}s)",
+                    hint="raise the pool size or shorten the transactions holding connections",
+                ) from None
+            finally:
+                if fut in self._waiters:
+                    self._waiters.remove(fut)
+            if got is not None:
+                return got
+            if self._total < self.size:
+                return await self._open()
+            retry = True
+
+    def release(self, conn: C, *, reusable: bool = True) -> None:
+        """Give a leased connection back. ``reusable=False`` closes it (dirty, broken, or unknown state)."""
+        if not reusable or conn.broken or self._closed or self._expired(conn, time.monotonic()):
+            self._discard(conn)
+            return
+        while self._waiters:
+            fut = self._waiters.popleft()
+            if not fut.done():
+                fut.set_result(conn)
+                return
+        conn.idle_since = time.monotonic()
+        self._idle.append(conn)
+
+    def reap(self) -> int:
+        """Close idle connections past idle_timeout or max_lifetime; returns how many were closed."""
+        now = time.monotonic()
+        keep: list[C] = []
+        drop: list[C] = []
+        for conn in self._idle:
+            stale = conn.broken or self._expired(conn, now) or self._idle_too_long(conn, now)
+            (drop if stale else keep).append(conn)
+        self._idle = keep
+        for conn in drop:
+            self._discard(conn)
+        return len(drop)
+
+    def close(self) -> None:
+        """Close idle connections now; leased ones are closed when released."""
+        self._closed = True
+        idle, self._idle = self._idle, []
+        for conn in idle:
+            self._discard(conn)
+        while self._waiters:
+            fut = self._waiters.popleft()
+            if not fut.done():
+                fut.set_exception(ProxyError(TOO_MANY_CONNECTIONS, f'pool "{self.name}" is closed'))
+
+    def _take_idle(self) -> C | None:
+        now = time.monotonic()
+        while self._idle:
+            conn = self._idle.pop()
+            if conn.broken or self._expired(conn, now):
+                self._discard(conn)
+                continue
+            return conn
+        return None
+
+    async def _open(self) -> C:
+        self._total += 1
+        try:
+            conn = await self._connect()
+        except BaseException:
+            self._total -= 1
+            self._wake_one()
+            raise
+        conn.idle_since = time.monotonic()
+        return conn
+
+    def _discard(self, conn: C) -> None:
+        conn.close()
+        self._total -= 1
+        self._wake_one()
+
+    def _wake_one(self) -> None:
+        while self._waiters:
+            fut = self._waiters.popleft()
+            if not fut.done():
+                fut.set_result(None)
+                return
+
+    def _expired(self, conn: C, now: float) -> bool:
+        return self.max_lifetime > 0 and now - conn.created_at > self.max_lifetime
+
+    def _idle_too_long(self, conn: C, now: float) -> bool:
+        return self.idle_timeout > 0 and now - conn.idle_since > self.idle_timeout

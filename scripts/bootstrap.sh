@@ -1,0 +1,47 @@
+#!/usr/bin/env bash
+# Make a fresh machine ready: PostgreSQL 15 server binaries (and more Debian packages when asked for),
+# a virtualenv in .venv with the project and its test extra. Safe to run again: it skips what is there.
+#   scripts/bootstrap.sh            # PostgreSQL + venv
+#   scripts/bootstrap.sh pgbouncer  # ... and extra Debian packages (e.g. for benchmarks)
+set -euo pipefail
+cd "$(dirname "$0")/.."
+
+SUDO=""
+[ "$(id -u)" -eq 0 ] || SUDO="sudo"
+apt_updated=""
+apt_install() {
+    if [ -z "$apt_updated" ]; then
+        $SUDO apt-get update -qq
+        apt_updated=1
+    fi
+    DEBIAN_FRONTEND=noninteractive $SUDO apt-get install -y -qq --no-install-recommends "$@" >/dev/null
+}
+
+have_pg() { compgen -G "/usr/lib/postgresql/*/bin/initdb" >/dev/null || command -v initdb >/dev/null; }
+if ! have_pg || ! command -v psql >/dev/null || ! command -v pgbench >/dev/null; then
+    echo "bootstrap: installing PostgreSQL server packages"
+    apt_install postgresql postgresql-contrib
+    # Debian starts a cluster of its own on 5432; the project never uses it, so stop it to save memory.
+    if command -v pg_ctlcluster >/dev/null; then $SUDO service postgresql stop >/dev/null 2>&1 || true; fi
+fi
+extra=()
+for pkg in "$@"; do
+    dpkg -s "$pkg" >/dev/null 2>&1 || extra+=("$pkg")
+done
+if [ ${#extra[@]} -gt 0 ]; then
+    echo "bootstrap: installing ${extra[*]}"
+    apt_install "${extra[@]}"
+fi
+
+PYTHON="${PYTHON:-python3}"
+stamp=".venv/.installed"
+if [ ! -x .venv/bin/python ] || [ ! -f "$stamp" ] || [ pyproject.toml -nt "$stamp" ]; then
+    echo "bootstrap: creating .venv and installing parafort-proxy[test]"
+    if ! "$PYTHON" -m venv .venv >/dev/null 2>&1; then
+        apt_install python3-venv
+        "$PYTHON" -m venv .venv
+    fi
+    .venv/bin/python -m pip install -q --upgrade pip
+    .venv/bin/python -m pip install -q -e '.[test]'
+    touch "$stamp"
+fi

@@ -1,0 +1,152 @@
+"""The pool's contract: size bound, FIFO waiters, 53300 after the timeout, lifetimes, broken connections."""
+
+from __future__ import annotations
+
+import asyncio
+import time
+
+import pytest
+
+from proxy.errors import ProxyError
+from proxy.pool import Pool
+
+
+class Conn:
+    """A stand-in upstream connection: the pool only needs these four members."""
+
+    def __init__(self, n: int) -> None:
+        self.n = n
+        self.created_at = time.monotonic()
+        self.idle_since = self.created_at
+        self.broken = False
+        self.closed = False
+
+    def close(self) -> None:
+        self.closed = True
+
+
+def make_pool(size: int = 2, timeout: float = 5.0, **kw: float) -> tuple[Pool[Conn], list[Conn]]:
+    opened: list[Conn] = []
+
+    async def connect() -> Conn:
+        conn = Conn(len(opened))
+        opened.append(conn)
+        return conn
+
+    return Pool("main", connect, size=size, acquire_timeout=timeout, **kw), opened
+
+
+def test_reuses_idle_and_bounds_size() -> None:
+    async def run() -> None:
+        pool, opened = make_pool(size=2)
+        a = await pool.acquire()
+        b = await pool.acquire()
+        assert pool.stats.total == 2 and pool.stats.active == 2
+        pool.release(a)
+        c = await pool.acquire()
+        assert c is a and len(opened) == 2
+        pool.release(b)
+        pool.release(c)
+        assert (pool.stats.idle, pool.stats.active, pool.stats.waiting) == (2, 0, 0)
+
+    asyncio.run(run())
+
+
+def test_waiters_are_served_first_come_first_served() -> None:
+    async def run() -> None:
+        pool, _ = make_pool(size=1)
+        held = await pool.acquire()
+        order: list[int] = []
+
+        async def client(i: int) -> None:
+            conn = await pool.acquire()
+            order.append(i)
+            await asyncio.sleep(0)
+            pool.release(conn)
+
+        tasks = []
+        for i in range(5):
+            tasks.append(asyncio.create_task(client(i)))
+            await asyncio.sleep(0)  # queue them in a known order
+        assert pool.stats.waiting == 5
+        pool.release(held)
+        await asyncio.gather(*tasks)
+        assert order == [0, 1, 2, 3, 4]
+
+    asyncio.run(run())
+
+
+def test_acquire_timeout_is_53300_naming_the_pool() -> None:
+    async def run() -> None:
+        pool, _ = make_pool(size=1, timeout=0.05)
+        held = await pool.acquire()
+        with pytest.raises(ProxyError) as info:
+            await pool.acquire()
+        assert info.value.sqlstate == "53300"
+        assert 'pool "main"' in info.value.message
+        assert pool.stats.waiting == 0
+        pool.release(held)
+        assert await pool.acquire() is held
+
+    asyncio.run(run())
+
+
+def test_broken_connection_frees_its_slot_for_a_waiter() -> None:
+    async def run() -> None:
+        pool, opened = make_pool(size=1)
+        held = await pool.acquire()
+        waiter = asyncio.create_task(pool.acquire())
+        await asyncio.sleep(0)
+        held.broken = True
+        pool.release(held)
+        fresh = await asyncio.wait_for(waiter, 1)
+        assert held.closed and fresh is opened[1] and pool.stats.total == 1
+
+    asyncio.run(run())
+
+
+def test_failed_connect_frees_the_slot() -> None:
+    async def run() -> None:
+        calls = 0
+
+        async def connect() -> Conn:
+            nonlocal calls
+            calls += 1
+            if calls == 1:
+                raise ProxyError("08001", "refused")
+            return Conn(calls)
+
+        pool: Pool[Conn] = Pool("analytics", connect, size=1, acquire_timeout=1)
+        with pytest.raises(ProxyError):
+            await pool.acquire()
+        assert pool.stats.total == 0
+        assert (await pool.acquire()).n == 2
+
+    asyncio.run(run())
+
+
+def test_reap_closes_idle_and_old_connections() -> None:
+    async def run() -> None:
+        pool, _ = make_pool(size=3, idle_timeout=10, max_lifetime=100)
+        conns = [await pool.acquire() for _ in range(3)]
+        for conn in conns:
+            pool.release(conn)
+        now = time.monotonic()
+        conns[0].idle_since = now - 11  # idle too long
+        conns[1].created_at = now - 101  # too old
+        assert pool.reap() == 2
+        assert conns[0].closed and conns[1].closed and not conns[2].closed
+        assert pool.stats.total == 1
+
+    asyncio.run(run())
+
+
+def test_release_of_expired_connection_closes_it() -> None:
+    async def run() -> None:
+        pool, _ = make_pool(size=1, max_lifetime=5)
+        conn = await pool.acquire()
+        conn.created_at -= 6
+        pool.release(conn)
+        assert conn.closed and pool.stats.total == 0
+
+    asyncio.run(run())
