@@ -3,14 +3,16 @@
 from __future__ import annotations
 
 import argparse
+import logging
 import os
 import sys
 from collections.abc import Sequence
 from pathlib import Path
 
 from proxy import __version__
-from proxy.config import ConfigError, load_config
+from proxy.config import Config, ConfigError, load_config
 from proxy.config.render import render_config
+from proxy.protocol.auth import UserlistError
 
 
 def _parser() -> argparse.ArgumentParser:
@@ -22,22 +24,63 @@ def _parser() -> argparse.ArgumentParser:
     sub = parser.add_subparsers(dest="command", required=True, metavar="COMMAND")
     check = sub.add_parser("check", help="validate the configuration and print it resolved, secrets redacted")
     check.add_argument("--config", type=Path, help="YAML configuration file (default: environment only)")
+    run = sub.add_parser("run", help="run the proxy (foreground; SIGTERM or Ctrl-C stops it)")
+    run.add_argument("--config", type=Path, help="YAML configuration file (default: environment only)")
+    run.add_argument(
+        "--log-level", default=os.environ.get("PARAFORT_LOG_LEVEL", "info"),
+        choices=["debug", "info", "warning", "error"], help="log level (default: info)",
+    )  # fmt: skip
     sub.add_parser(
         "demo", help="start throwaway local PostgreSQL clusters with a ParaFort schema; Ctrl-C cleans up"
     )
     return parser
 
 
-def cmd_check(args: argparse.Namespace) -> int:
-    """Validate and print the resolved configuration; exit 1 with one line per problem."""
+def _load(path: Path | None) -> Config | None:
+    """The configuration, or None after printing one line per problem."""
     try:
-        config = load_config(args.config, os.environ)
+        return load_config(path, os.environ)
     except ConfigError as exc:
         for problem in exc.problems:
             print(f"parafort-proxy: config error: {problem}", file=sys.stderr)
+        return None
+
+
+def cmd_check(args: argparse.Namespace) -> int:
+    """Validate and print the resolved configuration; exit 1 with one line per problem."""
+    config = _load(args.config)
+    if config is None:
         return 1
     sys.stdout.write(render_config(config))
     return 0
+
+
+def cmd_run(args: argparse.Namespace) -> int:
+    config = _load(args.config)
+    if config is None:
+        return 1
+    from proxy.server import run  # noqa: PLC0415
+
+    setup_logging(args.log_level)
+    try:
+        return run(config)
+    except OSError as exc:
+        print(
+            f"parafort-proxy: cannot listen on {config.listen.host}:{config.listen.port}: {exc}",
+            file=sys.stderr,
+        )
+        return 1
+    except UserlistError as exc:
+        print(f"parafort-proxy: config error: auth.users_file: {exc}", file=sys.stderr)
+        return 1
+
+
+def setup_logging(level: str) -> None:
+    logging.basicConfig(
+        level=level.upper(),
+        stream=sys.stderr,
+        format="time=%(asctime)s level=%(levelname)s logger=%(name)s %(message)s",
+    )
 
 
 def cmd_demo(args: argparse.Namespace) -> int:
@@ -49,7 +92,7 @@ def cmd_demo(args: argparse.Namespace) -> int:
 def main(argv: Sequence[str] | None = None) -> int:
     """Entry point of the console script and ``python -m proxy``; returns the exit code."""
     args = _parser().parse_args(argv)
-    commands = {"check": cmd_check, "demo": cmd_demo}
+    commands = {"check": cmd_check, "run": cmd_run, "demo": cmd_demo}
     return commands[args.command](args)
 
 

@@ -29,15 +29,9 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
+from proxy.config.loader import ROLE_ENV
 from proxy.config.values import ROLES
 
-ROLE_ENV = {
-    "main": "DATABASE_URL",
-    "analytics": "ANALYTICS_DATABASE_URL",
-    "documents": "DOCUMENTS_DATABASE_URL",
-    "compliance": "COMPLIANCE_DATABASE_URL",
-    "read_replica": "READ_REPLICA_DATABASE_URL",
-}
 PRIMARIES = ("main", "analytics", "documents", "compliance")
 
 # Speed over durability: these clusters hold nothing worth keeping.

@@ -86,20 +86,31 @@ class Session:
         """The statement failed or its transaction rolled back: its changes never happened."""
         self._pending.clear()
 
-    def commit_staged(self) -> None:
-        """The changes took effect (the statement succeeded outside, or its transaction committed)."""
+    @property
+    def has_staged(self) -> bool:
+        return bool(self._pending)
+
+    def commit_staged(self, upstream: dict[str, str]) -> None:
+        """The changes took effect (the statement succeeded outside, or its transaction committed).
+
+        ``upstream`` is the applied-settings map of the connection that ran them; it is updated too (an
+        upstream connection's defaults are the server's, not this client's startup parameters).
+        """
         if not self._pending:
             return
         for change in self._pending:
             if change.name is None:
                 self.settings = dict(self.baseline)
+                upstream.clear()
             elif change.sql is None:
                 if change.name in self.baseline:
                     self.settings[change.name] = self.baseline[change.name]
                 else:
                     self.settings.pop(change.name, None)
+                upstream.pop(change.name, None)
             else:
                 self.settings[change.name] = change.sql
+                upstream[change.name] = change.sql
         self._pending.clear()
         self.version += 1
 
@@ -109,7 +120,4 @@ class Session:
             return ""
         parts = [f"RESET {quote_ident(name)}" for name in upstream if name not in self.settings]
         parts += [sql for name, sql in self.settings.items() if upstream.get(name) != sql]
-        if "session characteristics" in upstream and "session characteristics" not in self.settings:
-            parts.append("SET SESSION CHARACTERISTICS AS TRANSACTION READ WRITE")
-            parts = [p for p in parts if p != 'RESET "session characteristics"']
         return "; ".join(parts)

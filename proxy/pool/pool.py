@@ -73,6 +73,12 @@ class Pool(Generic[C]):
         idle = len(self._idle)
         return PoolStats(self._total, idle, self._total - idle, len(self._waiters), self.size)
 
+    def try_acquire(self) -> C | None:
+        """An idle connection at once, or None (then use ``acquire``). Never jumps the waiters' queue."""
+        if self._closed or self._waiters:
+            return None
+        return self._take_idle()
+
     async def acquire(self) -> C:
         """Lease a connection; raises ProxyError 53300 after the acquire timeout, or the connect error."""
         if self._closed:

@@ -126,9 +126,22 @@ def session_changes(sql: str) -> list[SessionChange]:
             changes.append(SessionChange((stmt.name or "").lower(), None))
         elif stmt.kind == VariableSetKind.VAR_SET_MULTI:
             if stmt.name == "SESSION CHARACTERISTICS":
-                changes.append(SessionChange("session characteristics", text.strip()))
+                changes.extend(_characteristics(stmt))
         else:
             changes.append(SessionChange((stmt.name or "").lower(), text.strip()))
+    return changes
+
+
+def _characteristics(stmt: ast.VariableSetStmt) -> list[SessionChange]:
+    """SET SESSION CHARACTERISTICS AS TRANSACTION ... as the default_transaction_* settings it sets."""
+    changes = []
+    for item in stmt.args or ():
+        if not isinstance(item, ast.DefElem) or not isinstance(item.arg, ast.A_Const):
+            continue
+        name = "default_" + (item.defname or "")
+        val = item.arg.val
+        value = val.sval if isinstance(val, ast.String) else ("on" if getattr(val, "ival", 0) else "off")
+        changes.append(SessionChange(name, f"SET {name} TO '{value}'"))
     return changes
 
 

@@ -1,0 +1,422 @@
+"""One upstream PostgreSQL connection: connect and authenticate, then pump responses to the leasing client.
+
+While leased, every message the proxy sends upstream is matched by an entry in ``expect`` that says what
+to do with its response: forward it to the client, swallow it (replies to statements the proxy injected),
+or answer the client from the proxy itself (a synthesized ParseComplete/CloseComplete for a statement that
+this connection already has). A client batch that needs none of that costs one entry per Sync or Query.
+Only message headers are read; the bytes go to the client unchanged.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import contextlib
+import logging
+import struct
+import time
+from collections import deque
+from collections.abc import Callable
+from dataclasses import dataclass
+from typing import Protocol, cast
+
+from proxy.config.dsn import Dsn
+from proxy.errors import (
+    CONNECTION_FAILURE,
+    PROTOCOL_VIOLATION,
+    SQLCLIENT_UNABLE_TO_ESTABLISH,
+    ProxyError,
+)
+from proxy.protocol import messages as m
+from proxy.protocol.auth import ClientAuth
+from proxy.protocol.framing import startup_message
+
+log = logging.getLogger("parafort.backend")
+
+_HEADER = struct.Struct("!BI")
+MAX_BACKEND_MESSAGE = 1 << 30
+
+# Response-unit kinds: which frontend message an expectation belongs to.
+K_SYNC = 0  # Sync, Query or FunctionCall: everything up to and including ReadyForQuery
+K_PARSE = 1
+K_BIND = 2
+K_DESCRIBE = 3
+K_EXECUTE = 4
+K_CLOSE = 5
+K_SYNTH = 6  # no upstream message: emit ``data`` to the client when reached
+
+# Actions.
+FORWARD = 0  # the client's own message: its responses go to the client
+SWALLOW = 1  # injected by the proxy: drop its responses, errors included (logged)
+SWALLOW_OK = 2  # injected re-Parse: drop its success, but forward its error (the client's Bind will fail)
+
+_END = {
+    K_PARSE: frozenset(b"1E"),
+    K_BIND: frozenset(b"2E"),
+    K_DESCRIBE: frozenset(b"TnE"),
+    K_EXECUTE: frozenset(b"CIsE"),
+    K_CLOSE: frozenset(b"3E"),
+}
+_Z, _E, _C, _S, _N, _A = b"ZECSNA"
+
+
+@dataclass(slots=True)
+class Expect:
+    """What to do with the response to one message sent upstream (or a synthesized reply)."""
+
+    kind: int
+    action: int = FORWARD
+    data: bytes = b""  # K_SYNTH: the bytes to send; K_PARSE: the upstream statement name
+    on_done: Callable[[bool], None] | None = None  # called with ok=True/False when the unit ends
+
+
+class Sink(Protocol):
+    """The leasing client, as the upstream connection sees it."""
+
+    def upstream_data(self, data: bytes | bytearray | memoryview) -> None: ...
+
+    def upstream_ready(self, status: int) -> None: ...
+
+    def upstream_error_seen(self, fields_payload: bytes) -> None: ...
+
+    def upstream_command_tag(self, tag: bytes) -> None: ...
+
+    def upstream_lost(self, exc: ProxyError) -> None: ...
+
+    def upstream_pause(self, paused: bool) -> None: ...
+
+
+class ServerConnection(asyncio.Protocol):
+    """An authenticated upstream connection of one role; see the module docstring."""
+
+    def __init__(self, role: str, dsn: Dsn, label: str) -> None:
+        self.role = role
+        self.dsn = dsn
+        self.label = label  # role name or replica name, for messages and metrics
+        self.transport: asyncio.Transport | None = None
+        self.created_at = time.monotonic()
+        self.idle_since = self.created_at
+        self.backend_pid = 0
+        self.backend_secret = 0
+        self.parameters: dict[str, str] = {}
+        self.applied: dict[str, str] = {}  # session settings this connection has beyond its defaults
+        self.prepared: set[str] = set()  # upstream (pf_...) statement names that exist here
+        self.unnamed_owner: object | None = None  # whose unnamed statement this connection holds
+        self.status = ord("I")
+        self.expect: deque[Expect] = deque()
+        self.sink: Sink | None = None
+        self._buf = bytearray()
+        self._broken = False
+        self._handshake: asyncio.Future[None] | None = None
+        self._auth: ClientAuth | None = None
+        self._track_details = False  # the sink wants ErrorResponse fields and CommandComplete tags
+
+    # -- lifecycle ------------------------------------------------------------------------------------------
+    @classmethod
+    async def connect(cls, role: str, dsn: Dsn, label: str, deadline: float) -> ServerConnection:
+        """Open, authenticate and wait for the first ReadyForQuery; ProxyError 08xxx on any failure."""
+        loop = asyncio.get_running_loop()
+        where = f"{label} upstream at {dsn.host}:{dsn.port}"
+        try:
+            async with asyncio.timeout(deadline):
+                if dsn.host.startswith("/"):
+                    path = f"{dsn.host}/.s.PGSQL.{dsn.port}"
+                    _, conn = await loop.create_unix_connection(lambda: cls(role, dsn, label), path)
+                else:
+                    _, conn = await loop.create_connection(lambda: cls(role, dsn, label), dsn.host, dsn.port)
+                await conn._start()
+                return conn
+        except TimeoutError:
+            raise ProxyError(
+                SQLCLIENT_UNABLE_TO_ESTABLISH, f"could not connect to {where}: timed out after {deadline:g}s"
+            ) from None
+        except OSError as exc:
+            raise ProxyError(
+                SQLCLIENT_UNABLE_TO_ESTABLISH, f"could not connect to {where}: {exc.strerror or exc}"
+            ) from None
+
+    async def _start(self) -> None:
+        assert self.transport is not None
+        params = {"user": self.dsn.user or "postgres", "database": self.dsn.database or self.dsn.user or ""}
+        for key, value in self.dsn.params:
+            if key in ("options", "application_name"):
+                params[key] = value
+        self._auth = ClientAuth(params["user"], self.dsn.password)
+        self._handshake = asyncio.get_running_loop().create_future()
+        self.transport.write(startup_message(params))
+        try:
+            await self._handshake
+        except BaseException:
+            self.close()
+            raise
+
+    def connection_made(self, transport: asyncio.BaseTransport) -> None:
+        self.transport = cast(asyncio.Transport, transport)  # uvloop's transports are not subclasses
+        sock = transport.get_extra_info("socket")
+        if sock is not None and sock.family != 1:  # not AF_UNIX
+            import socket  # noqa: PLC0415
+
+            sock.setsockopt(socket.IPPROTO_TCP, socket.TCP_NODELAY, 1)
+
+    def connection_lost(self, exc: Exception | None) -> None:
+        self._broken = True
+        self.transport = None
+        err = ProxyError(
+            CONNECTION_FAILURE,
+            f"connection to the {self.label} upstream was lost" + (f": {exc}" if exc else ""),
+        )
+        if self._handshake is not None and not self._handshake.done():
+            self._handshake.set_exception(err)
+        sink, self.sink = self.sink, None
+        if sink is not None:
+            sink.upstream_lost(err)
+
+    @property
+    def broken(self) -> bool:
+        return self._broken
+
+    def close(self) -> None:
+        """Terminate and close; safe to call on a closed connection."""
+        self._broken = True
+        transport, self.transport = self.transport, None
+        if transport is not None and not transport.is_closing():
+            with contextlib.suppress(Exception):
+                transport.write(m.terminate())
+            transport.close()
+
+    def abort(self) -> None:
+        self._broken = True
+        if self.transport is not None:
+            self.transport.abort()
+
+    # -- leasing --------------------------------------------------------------------------------------------
+    def attach(self, sink: Sink, track_details: bool = False) -> None:
+        self.sink = sink
+        self._track_details = track_details
+
+    def detach(self) -> None:
+        self.sink = None
+        self.idle_since = time.monotonic()
+        if self.transport is not None:
+            self.transport.resume_reading()
+
+    @property
+    def clean(self) -> bool:
+        """Idle outside a transaction with nothing in flight: fit for another client."""
+        return not self._broken and self.status == 73 and not self.expect and not self._buf
+
+    def track_details(self, on: bool) -> None:
+        self._track_details = on
+
+    def send(self, data: bytes | bytearray | memoryview) -> None:
+        if self.transport is not None:
+            self.transport.write(data)
+
+    def push(self, entry: Expect) -> None:
+        """Register the response expectation of a message about to be sent (or a synthesized reply)."""
+        if entry.kind == K_SYNTH and not self.expect:
+            if self.sink is not None:
+                self.sink.upstream_data(entry.data)
+            return
+        self.expect.append(entry)
+
+    def pause_writing(self) -> None:
+        if self.sink is not None:
+            self.sink.upstream_pause(True)
+
+    def resume_writing(self) -> None:
+        if self.sink is not None:
+            self.sink.upstream_pause(False)
+
+    # -- incoming -------------------------------------------------------------------------------------------
+    def data_received(self, data: bytes) -> None:
+        buf = self._buf
+        if buf:
+            buf += data
+        else:
+            buf = bytearray(data)
+        try:
+            used = self._handshake_messages(buf) if self._handshake is not None else self._pump(buf)
+        except ProxyError as exc:
+            log.warning("upstream %s: %s", self.label, exc.message)
+            self.abort()
+            return
+        if used:
+            del buf[:used]
+        self._buf = buf
+
+    def _pump(self, buf: bytearray) -> int:  # noqa: PLR0915  (the hot loop, kept in one frame on purpose)
+        """Route complete messages in ``buf`` per the expectation queue; returns bytes consumed."""
+        sink = self.sink
+        expect = self.expect
+        n = len(buf)
+        pos = 0
+        out_start = 0  # start of the pending run of bytes to forward
+        unpack = _HEADER.unpack_from
+        while pos + 5 <= n:
+            mtype, length = unpack(buf, pos)
+            end = pos + 1 + length
+            if length < 4 or length > MAX_BACKEND_MESSAGE:
+                raise ProxyError(PROTOCOL_VIOLATION, f"invalid message length {length} from upstream")
+            if end > n:
+                break
+            entry = expect[0] if expect else None
+            if entry is None:
+                # Nothing expected: only asynchronous messages may arrive (notices, notifications, status).
+                if mtype == _S:
+                    self._parameter_status(buf, pos, end)
+                if mtype not in (_N, _A, _S):
+                    raise ProxyError(PROTOCOL_VIOLATION, f"unexpected message {chr(mtype)!r} from upstream")
+                pos = end
+                continue
+            if entry.action != FORWARD:
+                # Flush what we owe before this message; then drop (or selectively forward) it.
+                if sink is not None and pos > out_start:
+                    sink.upstream_data(memoryview(buf)[out_start:pos])
+                out_start = end
+                if mtype == _E and entry.action == SWALLOW_OK and sink is not None:
+                    sink.upstream_data(bytes(buf[pos:end]))
+                elif mtype == _E:
+                    log.warning(
+                        "upstream %s: injected statement failed: %s", self.label, _message(buf, pos, end)
+                    )
+            if mtype == _Z:
+                self.status = buf[pos + 5]
+                if entry.kind != K_SYNC:
+                    raise ProxyError(PROTOCOL_VIOLATION, "ReadyForQuery out of turn from upstream")
+                pos = end
+                if sink is not None and entry.action == FORWARD:
+                    if pos > out_start:
+                        sink.upstream_data(memoryview(buf)[out_start:pos])
+                        out_start = pos
+                    expect.popleft()
+                    if entry.on_done is not None:
+                        entry.on_done(True)
+                    self._emit_synth()
+                    sink.upstream_ready(self.status)
+                    sink = self.sink  # the client may have released us
+                else:
+                    expect.popleft()
+                    if entry.on_done is not None:
+                        entry.on_done(True)
+                    self._emit_synth()
+                continue
+            if mtype == _S:
+                self._parameter_status(buf, pos, end)
+            elif mtype == _E:
+                if self._track_details and sink is not None and entry.action == FORWARD:
+                    sink.upstream_error_seen(bytes(buf[pos + 5 : end]))
+                if entry.kind != K_SYNC:
+                    # Extended protocol: the server now skips everything up to the next Sync.
+                    if sink is not None and pos > out_start and entry.action == FORWARD:
+                        sink.upstream_data(memoryview(buf)[out_start:end])
+                        out_start = end
+                    self._skip_to_sync(entry)
+                    pos = end
+                    continue
+            elif mtype == _C and self._track_details and sink is not None:
+                sink.upstream_command_tag(bytes(buf[pos + 5 : end - 1]))
+            pos = end
+            if entry.kind != K_SYNC and mtype in _END[entry.kind]:
+                if sink is not None and pos > out_start and entry.action == FORWARD:
+                    sink.upstream_data(memoryview(buf)[out_start:pos])
+                    out_start = pos
+                expect.popleft()
+                if entry.on_done is not None:
+                    entry.on_done(True)
+                self._emit_synth()
+        if sink is not None and pos > out_start:
+            sink.upstream_data(memoryview(buf)[out_start:pos])
+        return pos
+
+    def _skip_to_sync(self, failed: Expect) -> None:
+        """After an error the server ignores messages up to Sync: drop their expectations too."""
+        expect = self.expect
+        expect.popleft()
+        if failed.on_done is not None:
+            failed.on_done(False)
+        while expect and expect[0].kind != K_SYNC:
+            dropped = expect.popleft()
+            if dropped.on_done is not None:
+                dropped.on_done(False)
+
+    def _emit_synth(self) -> None:
+        expect = self.expect
+        while expect and expect[0].kind == K_SYNTH:
+            entry = expect.popleft()
+            if self.sink is not None:
+                self.sink.upstream_data(entry.data)
+
+    def _parameter_status(self, buf: bytearray, pos: int, end: int) -> None:
+        name, value = m.decode_parameter_status(memoryview(buf)[pos + 5 : end])
+        self.parameters[name] = value
+
+    def _handshake_messages(self, buf: bytearray) -> int:
+        pos = 0
+        n = len(buf)
+        handshake = self._handshake
+        assert handshake is not None and self._auth is not None
+        while pos + 5 <= n:
+            mtype: int
+            length: int
+            mtype, length = _HEADER.unpack_from(buf, pos)
+            end = pos + 1 + length
+            if length < 4 or length > 1 << 20:
+                raise ProxyError(PROTOCOL_VIOLATION, f"invalid message length {length} from upstream")
+            if end > n:
+                break
+            payload = bytes(buf[pos + 5 : end])
+            pos = end
+            if mtype == ord("R"):
+                code, data = m.decode_auth(payload)
+                try:
+                    reply = self._auth.feed(code, data)
+                except ProxyError as exc:
+                    self._fail_handshake(exc)
+                    return pos
+                if reply and self.transport is not None:
+                    self.transport.write(reply)
+            elif mtype == _S:
+                name, value = m.decode_parameter_status(payload)
+                self.parameters[name] = value
+            elif mtype == ord("K"):
+                self.backend_pid, self.backend_secret = m.decode_backend_key_data(payload)
+            elif mtype == _E:
+                fields = m.parse_fields(payload)
+                self._fail_handshake(
+                    ProxyError(
+                        SQLCLIENT_UNABLE_TO_ESTABLISH,
+                        f"{self.label} upstream refused the connection: {fields.get('M', 'error')}",
+                    )
+                )
+                return pos
+            elif mtype == _Z:
+                self.status = payload[0]
+                self._handshake = None
+                if not handshake.done():
+                    handshake.set_result(None)
+                return pos
+            elif mtype == ord("v"):
+                continue  # NegotiateProtocolVersion: we asked for nothing optional
+            elif mtype != _N:
+                self._fail_handshake(
+                    ProxyError(
+                        PROTOCOL_VIOLATION, f"unexpected message {chr(mtype)!r} during upstream startup"
+                    )
+                )
+                return pos
+        return pos
+
+    def _fail_handshake(self, exc: ProxyError) -> None:
+        if self._handshake is not None and not self._handshake.done():
+            self._handshake.set_exception(exc)
+        self._broken = True
+        if self.transport is not None:
+            self.transport.close()
+
+
+def _message(buf: bytearray, pos: int, end: int) -> str:
+    try:
+        fields = m.parse_fields(bytes(buf[pos + 5 : end]))
+    except ProxyError:
+        return "(unreadable error)"
+    return f"{fields.get('C', '')} {fields.get('M', '')}"

@@ -1,0 +1,636 @@
+"""One client connection: startup and authentication, then batches leased to upstream connections.
+
+The client's byte stream is cut into *batches* at Sync, Query, Flush and FunctionCall (and each COPY
+message on its own). A batch is sent upstream on the connection the client holds, or on one leased for it;
+the lease ends at ReadyForQuery 'I' with nothing else in flight, unless the client is pinned. Named
+prepared statements are renamed to content-addressed upstream names and re-prepared where a connection
+lacks them; session settings are replayed when the leased connection's differ from the client's.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import itertools
+import logging
+import secrets
+import struct
+from collections.abc import Callable, Iterator
+from typing import TYPE_CHECKING, cast
+
+from proxy.backend.connection import (
+    FORWARD,
+    K_BIND,
+    K_CLOSE,
+    K_DESCRIBE,
+    K_EXECUTE,
+    K_PARSE,
+    K_SYNC,
+    K_SYNTH,
+    SWALLOW,
+    SWALLOW_OK,
+    Expect,
+    ServerConnection,
+)
+from proxy.errors import (
+    FEATURE_NOT_SUPPORTED,
+    INTERNAL_ERROR,
+    INVALID_AUTHORIZATION,
+    PROTOCOL_VIOLATION,
+    ProxyError,
+)
+from proxy.frontend.session import PreparedStatement, Session, startup_settings
+from proxy.protocol import messages as m
+from proxy.protocol.auth import ServerAuth
+from proxy.protocol.framing import (
+    CancelRequest,
+    GSSENCRequest,
+    SSLRequest,
+    StartupMessage,
+    read_startup,
+)
+from proxy.router.classify import Flag, SessionChange, session_changes
+
+if TYPE_CHECKING:
+    from proxy.server import ProxyApp
+
+log = logging.getLogger("parafort.client")
+
+_HEADER = struct.Struct("!BI")
+_P, _B, _D, _E, _C, _S, _H, _Q, _X, _F = b"PBDECSHQXF"
+_COPY = frozenset(b"dcf")
+_TERMINATORS = frozenset(b"SHQF")
+_IDLE = ord("I")
+
+# Connection phases.
+STARTUP, AUTH, LOGIN, READY, CLOSED = range(5)
+
+_ids = itertools.count(1)
+
+
+class Batch:
+    """Client messages up to a terminator, kept as raw bytes until an upstream connection is known."""
+
+    __slots__ = ("messages", "terminator")
+
+    def __init__(self) -> None:
+        self.messages: list[tuple[int, bytes]] = []
+        self.terminator = 0
+
+    def queries(self) -> Iterator[str]:
+        """The SQL texts in this batch (Query and Parse), for the router."""
+        for mtype, raw in self.messages:
+            if mtype == _Q:
+                yield m.decode_query(raw[5:])
+            elif mtype == _P:
+                yield m.decode_parse(raw[5:])[1]
+
+
+class ClientConnection(asyncio.Protocol):
+    """See the module docstring."""
+
+    def __init__(self, app: ProxyApp) -> None:
+        self.app = app
+        self.id = next(_ids)
+        self.transport: asyncio.Transport | None = None
+        self.peer = ""
+        self.phase = STARTUP
+        self.user = ""
+        self.database = ""
+        self.params: dict[str, str] = {}
+        self.session = Session({})
+        self.key = (0, 0)
+        self.server: ServerConnection | None = None
+        self.server_role = ""
+        self.pinned: str | None = None
+        self.buf = bytearray()
+        self.cur = Batch()
+        self.waiting: Batch | None = None  # the batch waiting for an upstream connection
+        self.skip_until_sync = False
+        self._auth: ServerAuth | None = None
+        self._paused_by: set[str] = set()
+        # Outcome tracking for session changes and DISCARD while a batch is in flight.
+        self._error_seen = False
+        self._last_tag = b""
+        self._staged_in_tx = False
+        self._forget_prepared = False
+        self._server_dirty = False
+        # The last unnamed statement this client parsed, and a token naming it on upstream connections.
+        self._unnamed: bytes | None = None
+        self._unnamed_token: object | None = None
+        # SET statements sent through the extended protocol take effect when their portal is executed.
+        self._stmt_changes: dict[str, list[SessionChange]] = {}
+        self._unnamed_changes: list[SessionChange] = []
+        self._portal_changes: dict[str, list[SessionChange]] = {}
+
+    # -- asyncio.Protocol -----------------------------------------------------------------------------------
+    def connection_made(self, transport: asyncio.BaseTransport) -> None:
+        self.transport = cast(asyncio.Transport, transport)  # uvloop's transports are not subclasses
+        peer = transport.get_extra_info("peername")
+        self.peer = f"{peer[0]}:{peer[1]}" if isinstance(peer, tuple) else str(peer or "local")
+        sock = transport.get_extra_info("socket")
+        if sock is not None and sock.family != 1:
+            import socket  # noqa: PLC0415
+
+            sock.setsockopt(socket.IPPROTO_TCP, socket.TCP_NODELAY, 1)
+        self.app.client_opened(self)
+
+    def connection_lost(self, exc: Exception | None) -> None:
+        self._shutdown()
+
+    def pause_writing(self) -> None:
+        # The client reads slowly: stop reading from its upstream until it catches up.
+        if self.server is not None and self.server.transport is not None:
+            self.server.transport.pause_reading()
+
+    def resume_writing(self) -> None:
+        if self.server is not None and self.server.transport is not None:
+            self.server.transport.resume_reading()
+
+    def data_received(self, data: bytes) -> None:
+        if self.phase == CLOSED:
+            return
+        self.buf += data
+        try:
+            self._process()
+        except ProxyError as exc:
+            self.fatal(exc)
+        except Exception as exc:  # never let one client's surprise take the proxy down
+            log.exception("client %s: internal error", self.id)
+            self.fatal(ProxyError(INTERNAL_ERROR, f"internal proxy error: {type(exc).__name__}"))
+
+    # -- input ----------------------------------------------------------------------------------------------
+    def _process(self) -> None:
+        while self.phase != CLOSED and self.waiting is None:
+            if self.phase == STARTUP:
+                if not self._startup_packet():
+                    return
+                continue
+            if self.phase == LOGIN:
+                return
+            buf = self.buf
+            if len(buf) < 5:
+                return
+            mtype, length = _HEADER.unpack_from(buf, 0)
+            if length < 4 or length > self.app.max_message_length:
+                raise ProxyError(PROTOCOL_VIOLATION, f"invalid message length {length}", severity="FATAL")
+            end = 1 + length
+            if len(buf) < end:
+                return
+            raw = bytes(buf[:end])
+            del buf[:end]
+            if self.phase == AUTH:
+                self._auth_message(mtype, raw)
+            else:
+                self._message(mtype, raw)
+
+    def _message(self, mtype: int, raw: bytes) -> None:
+        if mtype == _X:
+            self._shutdown()
+            return
+        if self.skip_until_sync:
+            if mtype == _S:
+                self.skip_until_sync = False
+                self.write(m.ready_for_query(b"I" if self.server is None else bytes([self.server.status])))
+            return
+        cur = self.cur
+        if mtype in _COPY:
+            if cur.messages:
+                raise ProxyError(PROTOCOL_VIOLATION, "COPY data inside an unfinished batch", severity="FATAL")
+            if self.server is None:
+                return  # stray COPY data outside COPY: PostgreSQL ignores it too
+            self.server.send(raw)
+            return
+        if mtype not in b"PBDECSHQF":
+            raise ProxyError(PROTOCOL_VIOLATION, f"invalid frontend message type {mtype}", severity="FATAL")
+        cur.messages.append((mtype, raw))
+        if mtype in _TERMINATORS:
+            cur.terminator = mtype
+            self.cur = Batch()
+            self._dispatch(cur)
+
+    def _dispatch(self, batch: Batch) -> None:
+        server = self.server
+        if server is not None:
+            self._send(batch, server)
+            return
+        role = self.app.route(self, batch)
+        pool = self.app.pools[role]
+        conn = pool.try_acquire()
+        if conn is not None:
+            self._attach(conn, role)
+            self._send(batch, conn)
+            return
+        self.waiting = batch
+        self.pause("acquire")
+        asyncio.get_running_loop().create_task(self._acquire(batch, role))
+
+    async def _acquire(self, batch: Batch, role: str) -> None:
+        pool = self.app.pools[role]
+        try:
+            conn = await pool.acquire()
+        except ProxyError as exc:
+            if self.phase == CLOSED:
+                return
+            self.waiting = None
+            self.write(m.error_from(exc))
+            self._after_failed_batch(batch)
+        except Exception as exc:
+            log.exception("client %s: acquire failed", self.id)
+            self.waiting = None
+            self.write(
+                m.error_from(ProxyError(INTERNAL_ERROR, f"internal proxy error: {type(exc).__name__}"))
+            )
+            self._after_failed_batch(batch)
+        else:
+            if self.phase == CLOSED:
+                pool.release(conn)
+                return
+            self.waiting = None
+            self._attach(conn, role)
+            try:
+                self._send(batch, conn)
+            except ProxyError as exc:
+                self.fatal(exc)
+                return
+        self.resume("acquire")
+        if self.phase != CLOSED and self.buf:
+            self.data_received(b"")
+
+    def _after_failed_batch(self, batch: Batch) -> None:
+        """The batch never reached an upstream: answer as PostgreSQL would after an error."""
+        if batch.terminator == _H:
+            self.skip_until_sync = True
+        else:
+            self.write(m.ready_for_query(b"I"))
+
+    # -- sending a batch upstream ---------------------------------------------------------------------------
+    def _send(self, batch: Batch, server: ServerConnection) -> None:  # noqa: PLR0915  (one dispatch loop)
+        """Rewrite statement names, inject re-prepares and session replay, register expectations, send."""
+        out = bytearray()
+        push = server.push
+        sync_sql = self.session.sync_sql(server.applied)
+        if sync_sql:
+            out += m.query(sync_sql)
+            push(Expect(K_SYNC, SWALLOW))
+            server.applied = dict(self.session.settings)
+            server.unnamed_owner = None
+        details = False
+        for mtype, raw in batch.messages:
+            if mtype == _B:
+                portal, name, _ = m.decode_bind_names(raw[5:])
+                if name:
+                    stmt = self.session.statements.get(name)
+                    if stmt is not None:
+                        self._ensure_prepared(server, stmt, out)
+                        raw = m.rewrite_bind(raw[5:], stmt.upstream_name)  # noqa: PLW2901
+                elif self._unnamed is not None and server.unnamed_owner is not self._unnamed_token:
+                    out += self._unnamed
+                    push(Expect(K_PARSE, SWALLOW_OK))
+                    server.unnamed_owner = self._unnamed_token
+                if self._portal_changes or self._unnamed_changes:
+                    self._bind_changes(portal, name)
+                out += raw
+                push(Expect(K_BIND))
+            elif mtype == _E:
+                out += raw
+                push(Expect(K_EXECUTE))
+                if self._portal_changes:
+                    self._execute_changes(raw)
+            elif mtype == _S:
+                out += raw
+                push(Expect(K_SYNC))
+            elif mtype == _P:
+                details |= self._send_parse(server, raw, out)
+            elif mtype == _D:
+                kind, name = m.decode_describe_close(raw[5:])
+                if kind == b"S" and name:
+                    stmt = self.session.statements.get(name)
+                    if stmt is not None:
+                        self._ensure_prepared(server, stmt, out)
+                        raw = m.describe(b"S", stmt.upstream_name)  # noqa: PLW2901
+                out += raw
+                push(Expect(K_DESCRIBE))
+            elif mtype == _Q:
+                details |= self._note_sql(m.decode_query(raw[5:]), server)
+                server.unnamed_owner = None
+                out += raw
+                push(Expect(K_SYNC))
+            elif mtype == _C:
+                kind, name = m.decode_describe_close(raw[5:])
+                if kind == b"S" and name:
+                    # The upstream statement stays for reuse (it is content-addressed); only the name goes.
+                    self.session.statements.pop(name, None)
+                    push(Expect(K_SYNTH, data=m.close_complete()))
+                else:
+                    out += raw
+                    push(Expect(K_CLOSE))
+            elif mtype == _H:
+                out += raw
+            elif mtype == _F:
+                out += raw
+                push(Expect(K_SYNC))
+        if batch.terminator in (_S, _Q):
+            self._portal_changes.clear()
+        if details or self.session.has_staged:
+            server.track_details(True)
+        server.send(out)
+
+    def _send_parse(self, server: ServerConnection, raw: bytes, out: bytearray) -> bool:
+        name, sql, oids = m.decode_parse(raw[5:])
+        details = self._note_sql(sql, server, extended=name)
+        if not name:
+            self._unnamed = raw
+            self._unnamed_token = object()
+            server.unnamed_owner = self._unnamed_token
+            out += raw
+            server.push(Expect(K_PARSE))
+            return details
+        stmt = PreparedStatement.make(sql, oids)
+        self.session.statements[name] = stmt
+        if stmt.upstream_name in server.prepared:
+            server.push(Expect(K_SYNTH, data=m.parse_complete()))
+        else:
+            out += m.parse(stmt.upstream_name, sql, oids)
+            server.prepared.add(stmt.upstream_name)
+            server.push(Expect(K_PARSE, FORWARD, on_done=_forget_on_failure(server, stmt.upstream_name)))
+        return details
+
+    def _ensure_prepared(self, server: ServerConnection, stmt: PreparedStatement, out: bytearray) -> None:
+        """Prepare ``stmt`` on ``server`` first if it has not seen it (its reply is not the client's)."""
+        if stmt.upstream_name in server.prepared:
+            return
+        out += m.parse(stmt.upstream_name, stmt.sql, stmt.param_oids)
+        server.prepared.add(stmt.upstream_name)
+        server.push(Expect(K_PARSE, SWALLOW_OK, on_done=_forget_on_failure(server, stmt.upstream_name)))
+
+    def _note_sql(self, sql: str, server: ServerConnection, extended: str | None = None) -> bool:
+        """Classify ``sql`` for session tracking; returns whether outcome details must be tracked."""
+        info = self.app.classifier.classify(sql)
+        flags = info.flags
+        if not flags:
+            return False
+        if flags & Flag.PIN and self.pinned is None:
+            self.pinned = info.pin_reason or "session state"
+            self.app.client_pinned(self)
+            log.info(
+                "client %s pinned to its %s upstream connection: %s", self.id, self.server_role, self.pinned
+            )
+        details = False
+        if flags & Flag.SESSION_SET:
+            changes = session_changes(sql)
+            if extended is None:
+                self._stage(changes, server)
+            elif extended == "":
+                self._unnamed_changes = list(changes)
+            else:
+                self._stmt_changes[extended] = list(changes)
+            details = True
+        if flags & Flag.FORGET_PREPARED:
+            self._forget_prepared = True
+            details = True
+        return details
+
+    def _bind_changes(self, portal: str, statement: str) -> None:
+        changes = self._unnamed_changes if not statement else self._stmt_changes.get(statement)
+        if changes:
+            self._portal_changes[portal] = changes
+
+    def _execute_changes(self, raw: bytes) -> None:
+        portal = raw[5 : raw.index(0, 5)].decode(errors="surrogateescape")
+        changes = self._portal_changes.get(portal)
+        if changes and self.server is not None:
+            self._stage(changes, self.server)
+
+    def _stage(self, changes: list[SessionChange], server: ServerConnection) -> None:
+        if not self.session.has_staged:
+            self._error_seen = False
+            self._staged_in_tx = server.status != _IDLE
+        self.session.stage(changes)
+
+    # -- responses (called by the upstream connection) ------------------------------------------------------
+    def upstream_data(self, data: bytes | bytearray | memoryview) -> None:
+        if self.transport is not None:
+            self.transport.write(data)
+
+    def upstream_error_seen(self, fields_payload: bytes) -> None:
+        self._error_seen = True
+
+    def upstream_command_tag(self, tag: bytes) -> None:
+        self._last_tag = tag
+
+    def upstream_ready(self, status: int) -> None:
+        server = self.server
+        if server is None:
+            return
+        if status != _IDLE:
+            if self.session.has_staged:
+                self._staged_in_tx = True
+        elif self.session.has_staged or self._forget_prepared:
+            self._settle(server)
+        if status == _IDLE and self.pinned is None and not server.expect and self.waiting is None:
+            self._release()
+
+    def _settle(self, server: ServerConnection) -> None:
+        """A unit with session changes ended outside a transaction: did they take effect?"""
+        ok = not self._error_seen and self._last_tag != b"ROLLBACK"
+        if self.session.has_staged:
+            if ok:
+                self.session.commit_staged(server.applied)
+            else:
+                self.session.discard_staged()
+                if self._staged_in_tx:
+                    # A SET in a transaction that later failed may or may not have survived (savepoints):
+                    # the connection's state is unknown, so it must not serve anyone else.
+                    self._server_dirty = True
+        if self._forget_prepared:
+            if ok:
+                server.prepared.clear()
+                server.unnamed_owner = None
+                self.session.statements.clear()
+            else:
+                self._server_dirty = True
+            self._forget_prepared = False
+        self._error_seen = False
+        self._last_tag = b""
+        self._staged_in_tx = False
+        server.track_details(False)
+
+    def upstream_lost(self, exc: ProxyError) -> None:
+        server = self.server
+        if server is None:
+            return
+        owed = sum(1 for e in server.expect if e.kind == K_SYNC and e.action == FORWARD)
+        server.expect.clear()
+        self._detach(reusable=False)
+        self.pinned = None
+        self.session.discard_staged()
+        if self.phase == CLOSED:
+            return
+        self.write(m.error_from(exc))
+        for _ in range(owed):
+            self.write(m.ready_for_query(b"I"))
+        if not owed:
+            self.skip_until_sync = True
+        self.resume("upstream")
+
+    def upstream_pause(self, paused: bool) -> None:
+        (self.pause if paused else self.resume)("upstream")
+
+    # -- leases ---------------------------------------------------------------------------------------------
+    def _attach(self, conn: ServerConnection, role: str) -> None:
+        self.server = conn
+        self.server_role = role
+        conn.attach(self)
+
+    def _detach(self, reusable: bool) -> None:
+        server, self.server = self.server, None
+        if server is None:
+            return
+        server.detach()
+        dirty = self._server_dirty
+        self._server_dirty = False
+        server.track_details(False)
+        self.app.pools[self.server_role].release(server, reusable=reusable and not dirty and server.clean)
+
+    def _release(self) -> None:
+        self._detach(reusable=True)
+
+    # -- startup and authentication -------------------------------------------------------------------------
+    def _startup_packet(self) -> bool:
+        packet, used = read_startup(self.buf)
+        if packet is None:
+            return False
+        del self.buf[:used]
+        if isinstance(packet, SSLRequest | GSSENCRequest):
+            self.write(b"N")
+            return True
+        if isinstance(packet, CancelRequest):
+            self.app.cancel(packet.pid, packet.secret)
+            self._close_transport()
+            return False
+        assert isinstance(packet, StartupMessage)
+        if not packet.is_v3:
+            raise ProxyError(
+                FEATURE_NOT_SUPPORTED,
+                f"unsupported frontend protocol {packet.major}.{packet.minor}: server supports 3.0",
+                severity="FATAL",
+            )
+        self.params = dict(packet.params)
+        self.user = self.params.get("user", "")
+        if not self.user:
+            raise ProxyError(
+                INVALID_AUTHORIZATION, "no PostgreSQL user name specified in startup packet", severity="FATAL"
+            )
+        self.database = self.params.get("database") or self.user
+        self._auth = self.app.server_auth(self.user)
+        self.phase = AUTH
+        first = self._auth.start()
+        self.write(first)
+        if self._auth.done:
+            self._authenticated()
+        return True
+
+    def _auth_message(self, mtype: int, raw: bytes) -> None:
+        assert self._auth is not None
+        reply, done = self._auth.feed(mtype, raw[5:])
+        if done:
+            # AuthenticationOk is in ``reply``; the rest of the greeting follows once parameters are known.
+            self.write(reply)
+            self._authenticated()
+        else:
+            self.write(reply)
+
+    def _authenticated(self) -> None:
+        self.phase = LOGIN
+        self._auth = None
+        self.session = Session(startup_settings(self.params))
+        asyncio.get_running_loop().create_task(self._greet())
+
+    async def _greet(self) -> None:
+        try:
+            parameters = await self.app.server_parameters()
+        except ProxyError as exc:
+            self.fatal(ProxyError(exc.sqlstate, exc.message, severity="FATAL"))
+            return
+        if self.phase == CLOSED:
+            return
+        reported = dict(parameters)
+        lower = {name.lower(): name for name in reported}
+        for name, value in self.params.items():
+            if name.lower() in lower:
+                reported[lower[name.lower()]] = value
+        out = bytearray()
+        for name, value in reported.items():
+            out += m.parameter_status(name, value)
+        self.key = self.app.register_cancel_key(self)
+        out += m.backend_key_data(*self.key)
+        out += m.ready_for_query(b"I")
+        self.write(out)
+        self.phase = READY
+        log.debug("client %s: %s@%s from %s logged in", self.id, self.user, self.database, self.peer)
+        if self.buf:
+            self.data_received(b"")
+
+    # -- output and teardown --------------------------------------------------------------------------------
+    def write(self, data: bytes | bytearray) -> None:
+        if self.transport is not None and not self.transport.is_closing():
+            self.transport.write(data)
+
+    def pause(self, reason: str) -> None:
+        if not self._paused_by and self.transport is not None:
+            self.transport.pause_reading()
+        self._paused_by.add(reason)
+
+    def resume(self, reason: str) -> None:
+        if reason in self._paused_by:
+            self._paused_by.discard(reason)
+            if not self._paused_by and self.transport is not None and not self.transport.is_closing():
+                self.transport.resume_reading()
+
+    def fatal(self, exc: ProxyError) -> None:
+        """Report ``exc`` and close this client (its upstream connection is cleaned up)."""
+        if self.phase != CLOSED:
+            self.write(
+                m.error_from(ProxyError(exc.sqlstate, exc.message, detail=exc.detail, severity="FATAL"))
+            )
+        self._shutdown()
+
+    def _close_transport(self) -> None:
+        self.phase = CLOSED
+        if self.transport is not None:
+            self.transport.close()
+
+    def _shutdown(self) -> None:
+        if self.phase == CLOSED and self.transport is None:
+            return
+        self.phase = CLOSED
+        server = self.server
+        if server is not None:
+            if server.clean and self.pinned is None:
+                self._release()
+            else:
+                # Mid-transaction, mid-statement or pinned: never hand this connection to anyone else.
+                # Cancel what runs and close it; the server rolls back when the connection ends.
+                if server.expect:
+                    self.app.cancel_upstream(server)
+                server.sink = None
+                self._detach(reusable=False)
+        self.app.client_closed(self)
+        transport, self.transport = self.transport, None
+        if transport is not None:
+            transport.close()
+
+
+def _forget_on_failure(server: ServerConnection, name: str) -> Callable[[bool], None]:
+    def done(ok: bool) -> None:
+        if not ok:
+            server.prepared.discard(name)
+
+    return done
+
+
+def random_key() -> tuple[int, int]:
+    return secrets.randbits(31) or 1, secrets.randbits(32)
+
+
+__all__ = ["ClientConnection", "random_key"]

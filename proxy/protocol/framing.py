@@ -1,0 +1,224 @@
+"""Message framing for the PostgreSQL v3 wire protocol (sans-IO).
+
+Two framings exist on the wire (PostgreSQL 15 docs, 55.7 "Message Formats"):
+
+* the startup phase: untyped packets ``Int32 length (incl. itself) | Int32 code | body`` --
+  StartupMessage, SSLRequest, GSSENCRequest and CancelRequest;
+* everything after it: typed messages ``Byte1 type | Int32 length (incl. itself) | payload``.
+
+The data path forwards raw bytes and only needs message boundaries, so :func:`scan_messages` walks
+headers in place (``struct.unpack_from`` on the caller's buffer, no payload copies).
+"""
+
+from __future__ import annotations
+
+import struct
+from dataclasses import dataclass, field
+from typing import Final
+
+from proxy.errors import PROTOCOL_VIOLATION, ProxyError
+
+__all__ = [
+    "CANCEL_REQUEST_CODE",
+    "GSSENC_REQUEST_CODE",
+    "MAX_STARTUP_LENGTH",
+    "PROTOCOL_V3",
+    "SSL_REQUEST_CODE",
+    "CancelRequest",
+    "GSSENCRequest",
+    "SSLRequest",
+    "StartupMessage",
+    "StartupPacket",
+    "cancel_request",
+    "gssenc_request",
+    "read_startup",
+    "scan_messages",
+    "ssl_request",
+    "startup_message",
+]
+
+#: Largest startup-phase packet accepted (PostgreSQL's own limit, MAX_STARTUP_PACKET_LENGTH).
+MAX_STARTUP_LENGTH: Final = 10_000
+
+PROTOCOL_V3: Final = 3 << 16  # 196608: protocol 3.0
+CANCEL_REQUEST_CODE: Final = 80877102  # 1234 << 16 | 5678
+SSL_REQUEST_CODE: Final = 80877103  # 1234 << 16 | 5679
+GSSENC_REQUEST_CODE: Final = 80877104  # 1234 << 16 | 5680
+
+_I32 = struct.Struct("!i")
+_unpack_i32 = _I32.unpack_from
+_U32_PAIR = struct.Struct("!II")
+_HEADER_LEN: Final = 5  # type byte + Int32 length
+
+
+def _violation(message: str, detail: str | None = None) -> ProxyError:
+    return ProxyError(PROTOCOL_VIOLATION, message, detail=detail, severity="FATAL")
+
+
+def scan_messages(
+    buf: bytearray | bytes, start: int, max_length: int
+) -> tuple[list[tuple[int, int, int]], int]:
+    """Find the complete typed messages in ``buf[start:]``.
+
+    Returns ``(messages, offset)``: one ``(type_byte, msg_start, msg_end)`` per complete message, where
+    ``buf[msg_start:msg_end]`` is the whole message (header included; the payload starts at
+    ``msg_start + 5``), and the offset where the first incomplete message starts (``len(buf)`` when the
+    buffer ends exactly on a message boundary).
+
+    A length field below 4 or above ``max_length`` raises ProxyError 08P01 FATAL as soon as the 5-byte
+    header is available, before waiting for the body.
+    """
+    out: list[tuple[int, int, int]] = []
+    append = out.append
+    unpack = _unpack_i32
+    pos = start
+    n = len(buf)
+    while pos + _HEADER_LEN <= n:
+        (length,) = unpack(buf, pos + 1)
+        if length < 4 or length > max_length:
+            raise _violation(
+                "invalid message length",
+                f"message type 0x{buf[pos]:02x} declares length {length} (allowed 4..{max_length})",
+            )
+        end = pos + 1 + length
+        if end > n:
+            break
+        append((buf[pos], pos, end))
+        pos = end
+    return out, pos
+
+
+# --- startup-phase packets ----------------------------------------------------------------------------
+
+
+@dataclass(frozen=True, slots=True)
+class SSLRequest:
+    """The client asks to upgrade the connection to TLS (answer with one byte, b"S" or b"N")."""
+
+
+@dataclass(frozen=True, slots=True)
+class GSSENCRequest:
+    """The client asks for GSSAPI encryption (answer with one byte, b"G" or b"N")."""
+
+
+@dataclass(frozen=True, slots=True)
+class CancelRequest:
+    """A query-cancel request on a fresh connection; pid and secret are as sent in BackendKeyData."""
+
+    pid: int
+    secret: int
+
+
+@dataclass(frozen=True, slots=True)
+class StartupMessage:
+    """A StartupMessage; any code that is not a special request is reported as one.
+
+    ``params`` is only parsed for protocol major version 3; for other versions (e.g. a 2.0 client, whose
+    body has a different layout) it is empty and the caller is expected to reject the connection with
+    FEATURE_NOT_SUPPORTED unless :attr:`is_v3`.
+    """
+
+    major: int
+    minor: int
+    params: dict[str, str] = field(default_factory=dict)
+
+    @property
+    def is_v3(self) -> bool:
+        """Protocol 3.0 exactly, the only version the proxy speaks."""
+        return self.major == 3 and self.minor == 0
+
+
+StartupPacket = SSLRequest | GSSENCRequest | CancelRequest | StartupMessage
+
+
+def read_startup(buf: bytearray | bytes) -> tuple[StartupPacket | None, int]:
+    """Parse one startup-phase packet from the start of ``buf``.
+
+    Returns ``(packet, consumed_bytes)``, or ``(None, 0)`` while the packet is incomplete. Raises
+    ProxyError 08P01 FATAL for a bad length (checked as soon as the length field has arrived) or a
+    malformed body.
+    """
+    n = len(buf)
+    if n < 4:
+        return None, 0
+    (length,) = _unpack_i32(buf, 0)
+    if length < 8 or length > MAX_STARTUP_LENGTH:
+        raise _violation(
+            "invalid length of startup packet",
+            f"declared length {length} (allowed 8..{MAX_STARTUP_LENGTH})",
+        )
+    if n < length:
+        return None, 0
+    (code,) = _unpack_i32(buf, 4)
+    packet: StartupPacket
+    if code in (SSL_REQUEST_CODE, GSSENC_REQUEST_CODE):
+        if length != 8:
+            raise _violation("invalid length of startup packet", f"encryption request of length {length}")
+        packet = SSLRequest() if code == SSL_REQUEST_CODE else GSSENCRequest()
+    elif code == CANCEL_REQUEST_CODE:
+        if length != 16:
+            raise _violation("invalid length of startup packet", f"cancel request of length {length}")
+        pid, secret = _U32_PAIR.unpack_from(buf, 8)
+        packet = CancelRequest(pid, secret)
+    else:
+        major = (code >> 16) & 0xFFFF
+        minor = code & 0xFFFF
+        params = _startup_params(bytes(buf[8:length])) if major == 3 else {}
+        packet = StartupMessage(major, minor, params)
+    return packet, length
+
+
+def _startup_params(body: bytes) -> dict[str, str]:
+    # body = (name NUL value NUL)* NUL
+    if not body or body[-1] != 0:
+        raise _violation("invalid startup packet layout: expected terminator as last byte")
+    content = body[:-1]
+    if not content:
+        return {}
+    if content[-1] != 0:
+        raise _violation("invalid startup packet layout: expected terminator as last byte")
+    items = content[:-1].split(b"\0")
+    if len(items) % 2:
+        raise _violation("invalid startup packet layout: parameter name without a value")
+    params: dict[str, str] = {}
+    for i in range(0, len(items), 2):
+        name = items[i]
+        if not name:
+            raise _violation("invalid startup packet layout: empty parameter name")
+        params[name.decode("utf-8", "replace")] = items[i + 1].decode("utf-8", "replace")
+    return params
+
+
+# --- startup-phase encoders ---------------------------------------------------------------------------
+
+
+def _cstr(value: str) -> bytes:
+    data = value.encode("utf-8", "surrogateescape")
+    if b"\0" in data:
+        raise ValueError("protocol strings cannot contain NUL characters")
+    return data + b"\0"
+
+
+def startup_message(params: dict[str, str]) -> bytes:
+    """A protocol 3.0 StartupMessage carrying ``params`` (user, database, options, GUCs...)."""
+    body = b"".join(_cstr(k) + _cstr(v) for k, v in params.items()) + b"\0"
+    return struct.pack("!ii", len(body) + 8, PROTOCOL_V3) + body
+
+
+def cancel_request(pid: int, secret: int) -> bytes:
+    """A CancelRequest packet (pid and secret are taken modulo 2**32, as on the wire)."""
+    return struct.pack("!iiII", 16, CANCEL_REQUEST_CODE, pid & 0xFFFFFFFF, secret & 0xFFFFFFFF)
+
+
+_SSL_REQUEST: Final = struct.pack("!ii", 8, SSL_REQUEST_CODE)
+_GSSENC_REQUEST: Final = struct.pack("!ii", 8, GSSENC_REQUEST_CODE)
+
+
+def ssl_request() -> bytes:
+    """An SSLRequest packet."""
+    return _SSL_REQUEST
+
+
+def gssenc_request() -> bytes:
+    """A GSSENCRequest packet."""
+    return _GSSENC_REQUEST

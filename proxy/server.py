@@ -1,0 +1,230 @@
+"""The proxy process: pools per role, the client listener, cancel routing, and the run loop."""
+
+from __future__ import annotations
+
+import asyncio
+import contextlib
+import logging
+import secrets
+import signal
+from collections.abc import Callable
+
+import uvloop
+
+from proxy.backend.connection import ServerConnection
+from proxy.config import Config
+from proxy.config.dsn import Dsn
+from proxy.config.model import ReadReplicaConfig, RoleConfig
+from proxy.config.values import ROLES
+from proxy.errors import SQLCLIENT_UNABLE_TO_ESTABLISH, ProxyError
+from proxy.frontend.client import Batch, ClientConnection
+from proxy.pool import Pool
+from proxy.protocol.auth import ServerAuth, UserlistError, load_userlist
+from proxy.protocol.framing import cancel_request
+from proxy.router.classify import ClassificationCache
+
+log = logging.getLogger("parafort.server")
+
+MAX_MESSAGE_LENGTH = 256 * 1024 * 1024
+CONNECT_TIMEOUT = 10.0
+REAP_INTERVAL = 5.0
+
+
+class ProxyApp:
+    """Everything one proxy process serves: built from a Config, started and stopped as a unit."""
+
+    def __init__(self, config: Config) -> None:
+        self.config = config
+        self.max_message_length = MAX_MESSAGE_LENGTH
+        self.classifier = ClassificationCache()
+        self.pools: dict[str, Pool[ServerConnection]] = {}
+        self.upstreams: dict[str, Dsn] = {}
+        for role in ROLES:
+            rc = config.roles.get(role)
+            if rc is None or not rc.configured:
+                continue
+            for label, dsn, size in _upstreams(role, rc):
+                self.upstreams[label] = dsn
+                self.pools[label] = Pool(
+                    label,
+                    _connector(role, dsn, label, min(CONNECT_TIMEOUT, rc.acquire_timeout)),
+                    size=size,
+                    acquire_timeout=rc.acquire_timeout,
+                    idle_timeout=rc.idle_timeout,
+                    max_lifetime=rc.max_lifetime,
+                )
+        self.userlist = self._load_users()
+        self.clients: set[ClientConnection] = set()
+        self.cancel_keys: dict[tuple[int, int], ClientConnection] = {}
+        self.pinned_total = 0
+        self._parameters: dict[str, str] | None = None
+        self._server: asyncio.Server | None = None
+        self._reaper: asyncio.Task[None] | None = None
+        self._tasks: set[asyncio.Task[None]] = set()
+
+    def _load_users(self) -> dict[str, str]:
+        auth = self.config.auth
+        if auth.users_file:
+            try:
+                return load_userlist(str(auth.users_file))
+            except OSError as exc:
+                raise UserlistError(f"{auth.users_file}: {exc.strerror or exc}") from None
+        main = self.upstreams["main"]
+        # No users file: clients log in with main's own user and password (one DSN for everyone).
+        return {main.user: main.password} if main.user and main.password else {}
+
+    # -- lifecycle ------------------------------------------------------------------------------------------
+    async def start(self) -> None:
+        loop = asyncio.get_running_loop()
+        listen = self.config.listen
+        self._server = await loop.create_server(
+            lambda: ClientConnection(self), listen.host, listen.port, reuse_address=True, backlog=1024
+        )
+        self._reaper = loop.create_task(self._reap())
+        log.info("event=listening address=%s:%d roles=%s", listen.host, self.port, ",".join(self.pools))
+
+    @property
+    def port(self) -> int:
+        assert self._server is not None
+        port: int = self._server.sockets[0].getsockname()[1]
+        return port
+
+    async def stop(self) -> None:
+        if self._server is not None:
+            self._server.close()
+        if self._reaper is not None:
+            self._reaper.cancel()
+        for client in list(self.clients):
+            client.fatal(ProxyError("57P01", "terminating connection: the proxy is shutting down"))
+        for pool in self.pools.values():
+            pool.close()
+        if self._server is not None:
+            with contextlib.suppress(Exception):
+                await asyncio.wait_for(self._server.wait_closed(), 5)
+
+    async def _reap(self) -> None:
+        while True:
+            await asyncio.sleep(REAP_INTERVAL)
+            for pool in self.pools.values():
+                pool.reap()
+
+    # -- what clients ask of the process --------------------------------------------------------------------
+    def route(self, client: ClientConnection, batch: Batch) -> str:
+        """The role that serves ``batch`` for a client holding no upstream connection.
+
+        This is the router's seam: until the router lands, every statement goes to main.
+        """
+        return "main"
+
+    def server_auth(self, user: str) -> ServerAuth:
+        return ServerAuth(self.config.auth.method, user, self.userlist.get(user))
+
+    async def server_parameters(self) -> dict[str, str]:
+        """The ParameterStatus set clients see at login: main's (learned from one real connection)."""
+        if self._parameters is not None:
+            return self._parameters
+        errors = []
+        for label, pool in self.pools.items():
+            try:
+                conn = await pool.acquire()
+            except ProxyError as exc:
+                errors.append(f"{label}: {exc.message}")
+                continue
+            params = dict(conn.parameters)
+            pool.release(conn)
+            self._parameters = params
+            return params
+        raise ProxyError(SQLCLIENT_UNABLE_TO_ESTABLISH, "no upstream reachable: " + "; ".join(errors))
+
+    def register_cancel_key(self, client: ClientConnection) -> tuple[int, int]:
+        while True:
+            key = (secrets.randbits(31) or 1, secrets.randbits(32))
+            if key not in self.cancel_keys:
+                self.cancel_keys[key] = client
+                client.key = key
+                return key
+
+    def cancel(self, pid: int, secret: int) -> None:
+        """A CancelRequest: cancel that client's statement on the upstream it is using right now."""
+        client = self.cancel_keys.get((pid, secret))
+        if client is None or client.server is None or not client.server.expect:
+            return
+        self.cancel_upstream(client.server)
+
+    def cancel_upstream(self, server: ServerConnection) -> None:
+        if not server.backend_pid:
+            return
+        self._spawn(_send_cancel(server.dsn, server.backend_pid, server.backend_secret))
+
+    def _spawn(self, coro: object) -> None:
+        task: asyncio.Task[None] = asyncio.get_running_loop().create_task(coro)  # type: ignore[arg-type]
+        self._tasks.add(task)
+        task.add_done_callback(self._tasks.discard)
+
+    def client_opened(self, client: ClientConnection) -> None:
+        self.clients.add(client)
+
+    def client_closed(self, client: ClientConnection) -> None:
+        self.clients.discard(client)
+        if self.cancel_keys.get(client.key) is client:
+            del self.cancel_keys[client.key]
+
+    def client_pinned(self, client: ClientConnection) -> None:
+        self.pinned_total += 1
+
+
+def _upstreams(role: str, rc: RoleConfig) -> list[tuple[str, Dsn, int]]:
+    """(label, dsn, pool size) of each upstream server of a role (a replica role may have several)."""
+    if isinstance(rc, ReadReplicaConfig):
+        return [(r.name, r.dsn, r.pool_size or rc.pool_size) for r in rc.upstreams]
+    assert rc.dsn is not None
+    return [(role, rc.dsn, rc.pool_size)]
+
+
+def _connector(
+    role: str, dsn: Dsn, label: str, timeout: float
+) -> Callable[[], asyncio.Future[ServerConnection]]:
+    def connect() -> asyncio.Future[ServerConnection]:
+        return asyncio.ensure_future(ServerConnection.connect(role, dsn, label, timeout))
+
+    return connect
+
+
+async def _send_cancel(dsn: Dsn, pid: int, secret: int) -> None:
+    try:
+        async with asyncio.timeout(5):
+            if dsn.host.startswith("/"):
+                _, writer = await asyncio.open_unix_connection(f"{dsn.host}/.s.PGSQL.{dsn.port}")
+            else:
+                _, writer = await asyncio.open_connection(dsn.host, dsn.port)
+            writer.write(cancel_request(pid, secret))
+            await writer.drain()
+            writer.close()
+    except (OSError, TimeoutError) as exc:
+        log.warning("event=cancel_failed upstream=%s:%d error=%s", dsn.host, dsn.port, exc)
+
+
+async def serve(config: Config, ready: Callable[[ProxyApp], None] | None = None) -> int:
+    """Run the proxy until SIGTERM or SIGINT; returns the exit code."""
+    app = ProxyApp(config)
+    await app.start()
+    stop = asyncio.Event()
+    loop = asyncio.get_running_loop()
+    for sig in (signal.SIGTERM, signal.SIGINT):
+        loop.add_signal_handler(sig, stop.set)
+    if ready is not None:
+        ready(app)
+    try:
+        await stop.wait()
+    finally:
+        log.info("event=stopping")
+        await app.stop()
+        for sig in (signal.SIGTERM, signal.SIGINT):
+            loop.remove_signal_handler(sig)
+    return 0
+
+
+def run(config: Config) -> int:
+    """Blocking entry point for ``parafort-proxy run``: uvloop, then serve()."""
+    with asyncio.Runner(loop_factory=uvloop.new_event_loop) as runner:
+        return runner.run(serve(config))
