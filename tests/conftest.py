@@ -2,12 +2,15 @@
 
 from __future__ import annotations
 
-from collections.abc import Iterator
+from collections.abc import Callable, Iterator
 from pathlib import Path
+from typing import Any
 
 import pytest
 
+from proxy.config.loader import ROLE_ENV
 from proxy.devcluster import DevClusters
+from proxy.testing import APP_PASSWORD, APP_USER, ProxyProcess
 
 INTEGRATION = Path(__file__).parent / "integration"
 
@@ -26,3 +29,39 @@ def pg() -> Iterator[DevClusters]:
         yield clusters
     finally:
         clusters.close()
+
+
+@pytest.fixture
+def start_proxy(pg: DevClusters) -> Iterator[Callable[..., ProxyProcess]]:
+    """Start ``parafort-proxy run`` processes on the test bed; each is stopped (by pid) after the test.
+
+    ``start_proxy(roles=("main",), config={...}, users={...})``: only the given roles' URLs are set;
+    clients log in as APP_USER / APP_PASSWORD unless ``users`` says otherwise.
+    """
+    started: list[ProxyProcess] = []
+
+    def start(
+        roles: tuple[str, ...] = ("main",),
+        config: dict[str, Any] | None = None,
+        users: dict[str, str] | None = None,
+        log_level: str = "info",
+    ) -> ProxyProcess:
+        env = {k: v for k, v in pg.env().items() if any(ROLE_ENV[r] == k for r in roles)}
+        proc = ProxyProcess(env, config, users or {APP_USER: APP_PASSWORD}, log_level)
+        started.append(proc)
+        return proc
+
+    yield start
+    for proc in started:
+        proc.stop()
+
+
+@pytest.fixture
+def proxy(start_proxy: Callable[..., ProxyProcess]) -> ProxyProcess:
+    """A proxy in front of main only, default pool settings."""
+    return start_proxy()
+
+
+@pytest.fixture
+def dsn(proxy: ProxyProcess) -> str:
+    return proxy.dsn(APP_USER, APP_PASSWORD)

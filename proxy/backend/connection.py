@@ -56,7 +56,12 @@ _END = {
     K_EXECUTE: frozenset(b"CIsE"),
     K_CLOSE: frozenset(b"3E"),
 }
-_Z, _E, _C, _S, _N, _A = b"ZECSNA"
+_Z, _E, _C, _S, _N, _A, _G = b"ZECSNAG"
+
+
+def _flush(sink: Sink, out: list[bytes | memoryview]) -> None:
+    sink.upstream_data(out[0] if len(out) == 1 else b"".join(out))
+    out.clear()
 
 
 @dataclass(slots=True)
@@ -65,8 +70,13 @@ class Expect:
 
     kind: int
     action: int = FORWARD
-    data: bytes = b""  # K_SYNTH: the bytes to send; K_PARSE: the upstream statement name
+    data: bytes = b""  # K_SYNTH: the bytes to send
     on_done: Callable[[bool], None] | None = None  # called with ok=True/False when the unit ends
+    extended: bool = False  # K_SYNC: a Sync (not a Query): a COPY FROM STDIN makes the server ignore it
+
+    def extended_copy(self) -> bool:
+        """Whether a CopyInResponse under this entry comes from an extended-protocol Execute."""
+        return self.kind != K_SYNC or self.extended
 
 
 class Sink(Protocol):
@@ -104,11 +114,12 @@ class ServerConnection(asyncio.Protocol):
         self.status = ord("I")
         self.expect: deque[Expect] = deque()
         self.sink: Sink | None = None
-        self._buf = bytearray()
+        self._buf = b""
         self._broken = False
         self._handshake: asyncio.Future[None] | None = None
         self._auth: ClientAuth | None = None
         self._track_details = False  # the sink wants ErrorResponse fields and CommandComplete tags
+        self._reading_paused = False
 
     # -- lifecycle ------------------------------------------------------------------------------------------
     @classmethod
@@ -195,9 +206,16 @@ class ServerConnection(asyncio.Protocol):
 
     def detach(self) -> None:
         self.sink = None
-        self.idle_since = time.monotonic()
-        if self.transport is not None:
+        self._track_details = False
+        if self._reading_paused and self.transport is not None:
+            self._reading_paused = False
             self.transport.resume_reading()
+
+    def pause_reading(self, paused: bool) -> None:
+        """Back-pressure from a slow client: stop (or resume) reading this upstream's responses."""
+        if self.transport is not None and paused != self._reading_paused:
+            self._reading_paused = paused
+            (self.transport.pause_reading if paused else self.transport.resume_reading)()
 
     @property
     def clean(self) -> bool:
@@ -229,28 +247,28 @@ class ServerConnection(asyncio.Protocol):
 
     # -- incoming -------------------------------------------------------------------------------------------
     def data_received(self, data: bytes) -> None:
-        buf = self._buf
-        if buf:
-            buf += data
-        else:
-            buf = bytearray(data)
+        # ``buf`` is immutable bytes, so slices of it can be handed to the client's transport as they are.
+        buf = self._buf + data if self._buf else data
         try:
             used = self._handshake_messages(buf) if self._handshake is not None else self._pump(buf)
         except ProxyError as exc:
             log.warning("upstream %s: %s", self.label, exc.message)
             self.abort()
             return
-        if used:
-            del buf[:used]
-        self._buf = buf
+        self._buf = buf[used:] if used < len(buf) else b""
 
-    def _pump(self, buf: bytearray) -> int:  # noqa: PLR0915  (the hot loop, kept in one frame on purpose)
-        """Route complete messages in ``buf`` per the expectation queue; returns bytes consumed."""
-        sink = self.sink
+    def _pump(self, buf: bytes) -> int:  # noqa: PLR0915  (the hot loop, one frame on purpose)
+        """Route complete messages in ``buf`` per the expectation queue; returns bytes consumed.
+
+        What goes to the client is gathered in ``out`` (runs of ``buf`` and synthesized replies, in
+        order) and written once per call, or before the lease can end at ReadyForQuery.
+        """
         expect = self.expect
         n = len(buf)
         pos = 0
-        out_start = 0  # start of the pending run of bytes to forward
+        run = 0  # start of the current run of bytes to forward
+        out: list[bytes | memoryview] = []
+        view = memoryview(buf)
         unpack = _HEADER.unpack_from
         while pos + 5 <= n:
             mtype, length = unpack(buf, pos)
@@ -259,74 +277,102 @@ class ServerConnection(asyncio.Protocol):
                 raise ProxyError(PROTOCOL_VIOLATION, f"invalid message length {length} from upstream")
             if end > n:
                 break
-            entry = expect[0] if expect else None
-            if entry is None:
+            if not expect:
                 # Nothing expected: only asynchronous messages may arrive (notices, notifications, status).
                 if mtype == _S:
                     self._parameter_status(buf, pos, end)
-                if mtype not in (_N, _A, _S):
+                elif mtype not in (_N, _A):
                     raise ProxyError(PROTOCOL_VIOLATION, f"unexpected message {chr(mtype)!r} from upstream")
                 pos = end
                 continue
+            entry = expect[0]
             if entry.action != FORWARD:
-                # Flush what we owe before this message; then drop (or selectively forward) it.
-                if sink is not None and pos > out_start:
-                    sink.upstream_data(memoryview(buf)[out_start:pos])
-                out_start = end
-                if mtype == _E and entry.action == SWALLOW_OK and sink is not None:
-                    sink.upstream_data(bytes(buf[pos:end]))
-                elif mtype == _E:
-                    log.warning(
-                        "upstream %s: injected statement failed: %s", self.label, _message(buf, pos, end)
-                    )
+                # Injected by the proxy: close the run before this message and drop the message, except an
+                # error of a re-prepare, which the client must see (its own Bind will be skipped).
+                if pos > run:
+                    out.append(view[run:pos])
+                run = end
+                if mtype == _E:
+                    if entry.action == SWALLOW_OK:
+                        out.append(bytes(buf[pos:end]))
+                    else:
+                        log.warning(
+                            "upstream %s: injected statement failed: %s", self.label, _message(buf, pos, end)
+                        )
             if mtype == _Z:
                 self.status = buf[pos + 5]
                 if entry.kind != K_SYNC:
                     raise ProxyError(PROTOCOL_VIOLATION, "ReadyForQuery out of turn from upstream")
                 pos = end
-                if sink is not None and entry.action == FORWARD:
-                    if pos > out_start:
-                        sink.upstream_data(memoryview(buf)[out_start:pos])
-                        out_start = pos
-                    expect.popleft()
-                    if entry.on_done is not None:
-                        entry.on_done(True)
-                    self._emit_synth()
-                    sink.upstream_ready(self.status)
-                    sink = self.sink  # the client may have released us
-                else:
-                    expect.popleft()
-                    if entry.on_done is not None:
-                        entry.on_done(True)
-                    self._emit_synth()
-                continue
-            if mtype == _S:
-                self._parameter_status(buf, pos, end)
-            elif mtype == _E:
-                if self._track_details and sink is not None and entry.action == FORWARD:
-                    sink.upstream_error_seen(bytes(buf[pos + 5 : end]))
-                if entry.kind != K_SYNC:
-                    # Extended protocol: the server now skips everything up to the next Sync.
-                    if sink is not None and pos > out_start and entry.action == FORWARD:
-                        sink.upstream_data(memoryview(buf)[out_start:end])
-                        out_start = end
-                    self._skip_to_sync(entry)
-                    pos = end
-                    continue
-            elif mtype == _C and self._track_details and sink is not None:
-                sink.upstream_command_tag(bytes(buf[pos + 5 : end - 1]))
-            pos = end
-            if entry.kind != K_SYNC and mtype in _END[entry.kind]:
-                if sink is not None and pos > out_start and entry.action == FORWARD:
-                    sink.upstream_data(memoryview(buf)[out_start:pos])
-                    out_start = pos
                 expect.popleft()
                 if entry.on_done is not None:
                     entry.on_done(True)
-                self._emit_synth()
-        if sink is not None and pos > out_start:
-            sink.upstream_data(memoryview(buf)[out_start:pos])
+                if expect and expect[0].kind == K_SYNTH:
+                    run = self._take_synth(out, view, run, pos)
+                if entry.action == FORWARD:
+                    sink = self.sink
+                    if sink is not None:
+                        if pos > run:
+                            out.append(view[run:pos])
+                        run = pos
+                        _flush(sink, out)
+                        sink.upstream_ready(self.status)
+                continue
+            if mtype == _E:
+                if self._track_details and entry.action == FORWARD and self.sink is not None:
+                    self.sink.upstream_error_seen(bytes(buf[pos + 5 : end]))
+                pos = end
+                if entry.kind != K_SYNC:
+                    # Extended protocol: the server now skips everything up to the next Sync.
+                    self._skip_to_sync(entry)
+                    if expect and expect[0].kind == K_SYNTH:
+                        run = self._take_synth(out, view, run, pos)
+                continue
+            if mtype == _S:
+                self._parameter_status(buf, pos, end)
+            elif mtype == _C:
+                if self._track_details and entry.action == FORWARD and self.sink is not None:
+                    self.sink.upstream_command_tag(bytes(buf[pos + 5 : end - 1]))
+            elif mtype == _G and entry.extended_copy():
+                self._copy_in_started()
+                entry = expect[0]
+            pos = end
+            if entry.kind != K_SYNC and mtype in _END[entry.kind]:
+                expect.popleft()
+                if entry.on_done is not None:
+                    entry.on_done(True)
+                if expect and expect[0].kind == K_SYNTH:
+                    run = self._take_synth(out, view, run, pos)
+        if pos > run:
+            out.append(view[run:pos])
+        if out:
+            sink = self.sink
+            if sink is not None:
+                _flush(sink, out)
         return pos
+
+    def _take_synth(self, out: list[bytes | memoryview], view: memoryview, run: int, pos: int) -> int:
+        """Emit synthesized replies now at the head of the queue, after the bytes forwarded so far."""
+        if pos > run:
+            out.append(view[run:pos])
+        expect = self.expect
+        while expect and expect[0].kind == K_SYNTH:
+            out.append(expect.popleft().data)
+        return pos
+
+    def _copy_in_started(self) -> None:
+        """COPY FROM STDIN started by an extended-protocol Execute: the server ignores the Sync already
+        sent after it, so that Sync's ReadyForQuery never comes; the Execute's unit now ends at
+        CommandComplete (or an error), and the client's next Sync gets the ReadyForQuery."""
+        expect = self.expect
+        head = expect[0]
+        if head.kind == K_SYNC:
+            head.kind = K_EXECUTE
+            return
+        for i, entry in enumerate(expect):
+            if entry.kind == K_SYNC:
+                del expect[i]
+                return
 
     def _skip_to_sync(self, failed: Expect) -> None:
         """After an error the server ignores messages up to Sync: drop their expectations too."""
@@ -339,18 +385,11 @@ class ServerConnection(asyncio.Protocol):
             if dropped.on_done is not None:
                 dropped.on_done(False)
 
-    def _emit_synth(self) -> None:
-        expect = self.expect
-        while expect and expect[0].kind == K_SYNTH:
-            entry = expect.popleft()
-            if self.sink is not None:
-                self.sink.upstream_data(entry.data)
-
-    def _parameter_status(self, buf: bytearray, pos: int, end: int) -> None:
+    def _parameter_status(self, buf: bytes, pos: int, end: int) -> None:
         name, value = m.decode_parameter_status(memoryview(buf)[pos + 5 : end])
         self.parameters[name] = value
 
-    def _handshake_messages(self, buf: bytearray) -> int:
+    def _handshake_messages(self, buf: bytes) -> int:
         pos = 0
         n = len(buf)
         handshake = self._handshake
@@ -414,7 +453,7 @@ class ServerConnection(asyncio.Protocol):
             self.transport.close()
 
 
-def _message(buf: bytearray, pos: int, end: int) -> str:
+def _message(buf: bytes, pos: int, end: int) -> str:
     try:
         fields = m.parse_fields(bytes(buf[pos + 5 : end]))
     except ProxyError:

@@ -59,30 +59,38 @@ _HEADER = struct.Struct("!BI")
 _P, _B, _D, _E, _C, _S, _H, _Q, _X, _F = b"PBDECSHQXF"
 _COPY = frozenset(b"dcf")
 _TERMINATORS = frozenset(b"SHQF")
+_BATCHED = frozenset(b"PBDECSHQF")
+MAX_BATCH_BYTES = 256 * 1024
+MAX_AUTH_MESSAGE = 8192
 _IDLE = ord("I")
 
 # Connection phases.
 STARTUP, AUTH, LOGIN, READY, CLOSED = range(5)
 
 _ids = itertools.count(1)
+Piece = bytes | memoryview
 
 
 class Batch:
-    """Client messages up to a terminator, kept as raw bytes until an upstream connection is known."""
+    """Client messages up to a terminator: offsets into the (immutable) bytes they arrived in."""
 
-    __slots__ = ("messages", "terminator")
+    __slots__ = ("buf", "end", "msgs", "start", "terminator")
 
-    def __init__(self) -> None:
-        self.messages: list[tuple[int, bytes]] = []
-        self.terminator = 0
+    def __init__(self, buf: bytes, msgs: list[tuple[int, int, int]], start: int, end: int, term: int) -> None:
+        self.buf = buf
+        self.msgs = msgs  # (type, start, end) of each message, offsets into ``buf``
+        self.start = start
+        self.end = end
+        self.terminator = term  # Sync, Query, Flush or FunctionCall; 0 for a part of an oversized batch
 
     def queries(self) -> Iterator[str]:
         """The SQL texts in this batch (Query and Parse), for the router."""
-        for mtype, raw in self.messages:
+        buf = self.buf
+        for mtype, start, end in self.msgs:
             if mtype == _Q:
-                yield m.decode_query(raw[5:])
+                yield m.decode_query(buf[start + 5 : end])
             elif mtype == _P:
-                yield m.decode_parse(raw[5:])[1]
+                yield m.decode_parse(buf[start + 5 : end])[1]
 
 
 class ClientConnection(asyncio.Protocol):
@@ -102,12 +110,12 @@ class ClientConnection(asyncio.Protocol):
         self.server: ServerConnection | None = None
         self.server_role = ""
         self.pinned: str | None = None
-        self.buf = bytearray()
-        self.cur = Batch()
+        self.buf = b""
         self.waiting: Batch | None = None  # the batch waiting for an upstream connection
         self.skip_until_sync = False
         self._auth: ServerAuth | None = None
         self._paused_by: set[str] = set()
+        self._write_paused = False
         # Outcome tracking for session changes and DISCARD while a batch is in flight.
         self._error_seen = False
         self._last_tag = b""
@@ -139,17 +147,19 @@ class ClientConnection(asyncio.Protocol):
 
     def pause_writing(self) -> None:
         # The client reads slowly: stop reading from its upstream until it catches up.
-        if self.server is not None and self.server.transport is not None:
-            self.server.transport.pause_reading()
+        self._write_paused = True
+        if self.server is not None:
+            self.server.pause_reading(True)
 
     def resume_writing(self) -> None:
-        if self.server is not None and self.server.transport is not None:
-            self.server.transport.resume_reading()
+        self._write_paused = False
+        if self.server is not None:
+            self.server.pause_reading(False)
 
     def data_received(self, data: bytes) -> None:
         if self.phase == CLOSED:
             return
-        self.buf += data
+        self.buf = self.buf + data if self.buf else data
         try:
             self._process()
         except ProxyError as exc:
@@ -164,51 +174,70 @@ class ClientConnection(asyncio.Protocol):
             if self.phase == STARTUP:
                 if not self._startup_packet():
                     return
-                continue
-            if self.phase == LOGIN:
+            elif self.phase == AUTH:
+                if not self._auth_message():
+                    return
+            elif self.phase == READY:
+                self._messages()
                 return
-            buf = self.buf
-            if len(buf) < 5:
-                return
-            mtype, length = _HEADER.unpack_from(buf, 0)
-            if length < 4 or length > self.app.max_message_length:
-                raise ProxyError(PROTOCOL_VIOLATION, f"invalid message length {length}", severity="FATAL")
-            end = 1 + length
-            if len(buf) < end:
-                return
-            raw = bytes(buf[:end])
-            del buf[:end]
-            if self.phase == AUTH:
-                self._auth_message(mtype, raw)
             else:
-                self._message(mtype, raw)
+                return  # LOGIN: the greeting resumes processing
 
-    def _message(self, mtype: int, raw: bytes) -> None:
-        if mtype == _X:
-            self._shutdown()
-            return
+    def _messages(self) -> None:
+        """Cut the buffered input into batches and dispatch them, until it runs out or one must wait."""
+        buf = self.buf
+        n = len(buf)
+        pos = bstart = 0
+        msgs: list[tuple[int, int, int]] = []
+        limit = self.app.max_message_length
+        unpack = _HEADER.unpack_from
+        while pos + 5 <= n and self.waiting is None and self.phase == READY:
+            mtype, length = unpack(buf, pos)
+            if length < 4 or length > limit:
+                raise ProxyError(PROTOCOL_VIOLATION, f"invalid message length {length}", severity="FATAL")
+            end = pos + 1 + length
+            if end > n:
+                break
+            if mtype in _BATCHED:
+                msgs.append((mtype, pos, end))
+                pos = end
+                if mtype in _TERMINATORS:
+                    batch = Batch(buf, msgs, bstart, pos, mtype)
+                elif pos - bstart > MAX_BATCH_BYTES:
+                    batch = Batch(buf, msgs, bstart, pos, 0)  # send a huge pipeline in parts
+                else:
+                    continue
+                msgs = []
+                bstart = pos
+                self._dispatch(batch)
+                continue
+            if msgs:
+                raise ProxyError(
+                    PROTOCOL_VIOLATION,
+                    f"unexpected message type {chr(mtype)!r} inside a batch",
+                    severity="FATAL",
+                )
+            pos = bstart = end
+            if mtype in _COPY:
+                # COPY data goes straight to the upstream connection running the COPY.
+                if self.server is not None and not self.skip_until_sync:
+                    self.server.send(buf[end - 1 - length : end])
+            elif mtype == _X:
+                self._shutdown()
+                return
+            else:
+                raise ProxyError(
+                    PROTOCOL_VIOLATION, f"invalid frontend message type {mtype}", severity="FATAL"
+                )
+        self.buf = buf[bstart:] if bstart < n else b""
+
+    def _dispatch(self, batch: Batch) -> None:
         if self.skip_until_sync:
-            if mtype == _S:
+            # After an error the proxy reported itself, PostgreSQL's rule: ignore everything up to Sync.
+            if batch.terminator == _S:
                 self.skip_until_sync = False
                 self.write(m.ready_for_query(b"I" if self.server is None else bytes([self.server.status])))
             return
-        cur = self.cur
-        if mtype in _COPY:
-            if cur.messages:
-                raise ProxyError(PROTOCOL_VIOLATION, "COPY data inside an unfinished batch", severity="FATAL")
-            if self.server is None:
-                return  # stray COPY data outside COPY: PostgreSQL ignores it too
-            self.server.send(raw)
-            return
-        if mtype not in b"PBDECSHQF":
-            raise ProxyError(PROTOCOL_VIOLATION, f"invalid frontend message type {mtype}", severity="FATAL")
-        cur.messages.append((mtype, raw))
-        if mtype in _TERMINATORS:
-            cur.terminator = mtype
-            self.cur = Batch()
-            self._dispatch(cur)
-
-    def _dispatch(self, batch: Batch) -> None:
         server = self.server
         if server is not None:
             self._send(batch, server)
@@ -264,126 +293,170 @@ class ClientConnection(asyncio.Protocol):
             self.write(m.ready_for_query(b"I"))
 
     # -- sending a batch upstream ---------------------------------------------------------------------------
-    def _send(self, batch: Batch, server: ServerConnection) -> None:  # noqa: PLR0915  (one dispatch loop)
-        """Rewrite statement names, inject re-prepares and session replay, register expectations, send."""
-        out = bytearray()
-        push = server.push
+    def _send(self, batch: Batch, server: ServerConnection) -> None:  # noqa: PLR0915  (one loop)
+        """Rewrite statement names, inject re-prepares and session replay, register expectations, send.
+
+        The bytes go out unchanged unless a message must be renamed, dropped or preceded by an injected
+        one. A batch that needs none of that is tracked with one expectation (its Sync or Query).
+        """
+        buf = batch.buf
+        view = memoryview(buf)
+        out: list[Piece] = []
+        run = batch.start  # start of the run of unchanged client bytes not yet in ``out``
+        ents: list[Expect | int] = []  # plain kinds stand for Expect(kind); built only when needed
+        special = False  # an expectation other than "forward the responses" is in the batch
+        details = False
         sync_sql = self.session.sync_sql(server.applied)
         if sync_sql:
-            out += m.query(sync_sql)
-            push(Expect(K_SYNC, SWALLOW))
+            out.append(m.query(sync_sql))
+            server.push(Expect(K_SYNC, SWALLOW))
             server.applied = dict(self.session.settings)
             server.unnamed_owner = None
-        details = False
-        for mtype, raw in batch.messages:
+        for mtype, start, end in batch.msgs:
             if mtype == _B:
-                portal, name, _ = m.decode_bind_names(raw[5:])
-                if name:
-                    stmt = self.session.statements.get(name)
+                if buf[start + 5] == 0 and buf[start + 6] == 0:  # unnamed portal, unnamed statement
+                    if self._unnamed is not None and server.unnamed_owner is not self._unnamed_token:
+                        out.append(view[run:start])
+                        run = start
+                        out.append(self._unnamed)
+                        ents.append(Expect(K_PARSE, SWALLOW_OK))
+                        special = True
+                        server.unnamed_owner = self._unnamed_token
+                    portal, name = "", ""
+                else:
+                    portal, name, _ = m.decode_bind_names(buf[start + 5 : end])
+                    stmt = self.session.statements.get(name) if name else None
                     if stmt is not None:
-                        self._ensure_prepared(server, stmt, out)
-                        raw = m.rewrite_bind(raw[5:], stmt.upstream_name)  # noqa: PLW2901
-                elif self._unnamed is not None and server.unnamed_owner is not self._unnamed_token:
-                    out += self._unnamed
-                    push(Expect(K_PARSE, SWALLOW_OK))
-                    server.unnamed_owner = self._unnamed_token
-                if self._portal_changes or self._unnamed_changes:
+                        out.append(view[run:start])
+                        run = end
+                        if self._ensure_prepared(server, stmt, out, ents):
+                            special = True
+                        out.append(m.rewrite_bind(buf[start + 5 : end], stmt.upstream_name))
+                if self._stmt_changes or self._unnamed_changes:
                     self._bind_changes(portal, name)
-                out += raw
-                push(Expect(K_BIND))
+                ents.append(K_BIND)
             elif mtype == _E:
-                out += raw
-                push(Expect(K_EXECUTE))
+                ents.append(K_EXECUTE)
                 if self._portal_changes:
-                    self._execute_changes(raw)
+                    self._execute_changes(buf, start)
             elif mtype == _S:
-                out += raw
-                push(Expect(K_SYNC))
+                ents.append(_SYNC_EXT)
             elif mtype == _P:
-                details |= self._send_parse(server, raw, out)
+                name_end = buf.index(0, start + 5)
+                sql_end = buf.index(0, name_end + 1)
+                details |= self._note_sql(buf[name_end + 1 : sql_end], server, buf[start + 5 : name_end])
+                if name_end == start + 5:  # unnamed statement
+                    self._unnamed = buf[start:end]
+                    self._unnamed_token = object()
+                    server.unnamed_owner = self._unnamed_token
+                    ents.append(K_PARSE)
+                else:
+                    out.append(view[run:start])
+                    run = end
+                    self._send_parse(server, buf[start + 5 : end], out, ents)
+                    special = True
             elif mtype == _D:
-                kind, name = m.decode_describe_close(raw[5:])
-                if kind == b"S" and name:
+                if buf[start + 5] == 83 and buf[start + 6] != 0:  # 'S' and a named statement
+                    _, name = m.decode_describe_close(buf[start + 5 : end])
                     stmt = self.session.statements.get(name)
                     if stmt is not None:
-                        self._ensure_prepared(server, stmt, out)
-                        raw = m.describe(b"S", stmt.upstream_name)  # noqa: PLW2901
-                out += raw
-                push(Expect(K_DESCRIBE))
+                        out.append(view[run:start])
+                        run = end
+                        if self._ensure_prepared(server, stmt, out, ents):
+                            special = True
+                        out.append(m.describe(b"S", stmt.upstream_name))
+                ents.append(K_DESCRIBE)
             elif mtype == _Q:
-                details |= self._note_sql(m.decode_query(raw[5:]), server)
+                details |= self._note_sql(buf[start + 5 : end - 1], server, None)
                 server.unnamed_owner = None
-                out += raw
-                push(Expect(K_SYNC))
+                ents.append(_SYNC_Q)
             elif mtype == _C:
-                kind, name = m.decode_describe_close(raw[5:])
+                kind, name = m.decode_describe_close(buf[start + 5 : end])
                 if kind == b"S" and name:
                     # The upstream statement stays for reuse (it is content-addressed); only the name goes.
                     self.session.statements.pop(name, None)
-                    push(Expect(K_SYNTH, data=m.close_complete()))
+                    out.append(view[run:start])
+                    run = end
+                    ents.append(Expect(K_SYNTH, data=m.close_complete()))
+                    special = True
                 else:
-                    out += raw
-                    push(Expect(K_CLOSE))
-            elif mtype == _H:
-                out += raw
+                    ents.append(K_CLOSE)
             elif mtype == _F:
-                out += raw
-                push(Expect(K_SYNC))
+                ents.append(_SYNC_Q)
+            # Flush (H) has no reply of its own.
         if batch.terminator in (_S, _Q):
             self._portal_changes.clear()
+        push = server.push
+        if special or batch.terminator not in (_S, _Q, _F):
+            for entry in ents:
+                if isinstance(entry, int):
+                    push(Expect(entry) if entry >= 0 else _sync_entry(entry))
+                else:
+                    push(entry)
+        else:
+            push(_sync_entry(ents[-1]))  # type: ignore[arg-type]
         if details or self.session.has_staged:
             server.track_details(True)
-        server.send(out)
+        if run == batch.start and not out:
+            server.send(view[batch.start : batch.end])
+            return
+        if batch.end > run:
+            out.append(view[run : batch.end])
+        server.send(b"".join(out))
 
-    def _send_parse(self, server: ServerConnection, raw: bytes, out: bytearray) -> bool:
-        name, sql, oids = m.decode_parse(raw[5:])
-        details = self._note_sql(sql, server, extended=name)
-        if not name:
-            self._unnamed = raw
-            self._unnamed_token = object()
-            server.unnamed_owner = self._unnamed_token
-            out += raw
-            server.push(Expect(K_PARSE))
-            return details
+    def _send_parse(self, server: ServerConnection, payload: bytes, out: list[Piece],
+                    ents: list[Expect | int]) -> None:  # fmt: skip
+        """A named Parse: remember the statement under the client's name, prepare it upstream if new."""
+        name, sql, oids = m.decode_parse(payload)
         stmt = PreparedStatement.make(sql, oids)
         self.session.statements[name] = stmt
         if stmt.upstream_name in server.prepared:
-            server.push(Expect(K_SYNTH, data=m.parse_complete()))
+            ents.append(Expect(K_SYNTH, data=m.parse_complete()))
         else:
-            out += m.parse(stmt.upstream_name, sql, oids)
+            out.append(m.parse(stmt.upstream_name, sql, oids))
             server.prepared.add(stmt.upstream_name)
-            server.push(Expect(K_PARSE, FORWARD, on_done=_forget_on_failure(server, stmt.upstream_name)))
-        return details
+            ents.append(Expect(K_PARSE, FORWARD, on_done=_forget_on_failure(server, stmt.upstream_name)))
 
-    def _ensure_prepared(self, server: ServerConnection, stmt: PreparedStatement, out: bytearray) -> None:
+    def _ensure_prepared(
+        self,
+        server: ServerConnection,
+        stmt: PreparedStatement,
+        out: list[Piece],
+        ents: list[Expect | int],
+    ) -> bool:
         """Prepare ``stmt`` on ``server`` first if it has not seen it (its reply is not the client's)."""
         if stmt.upstream_name in server.prepared:
-            return
-        out += m.parse(stmt.upstream_name, stmt.sql, stmt.param_oids)
+            return False
+        out.append(m.parse(stmt.upstream_name, stmt.sql, stmt.param_oids))
         server.prepared.add(stmt.upstream_name)
-        server.push(Expect(K_PARSE, SWALLOW_OK, on_done=_forget_on_failure(server, stmt.upstream_name)))
+        ents.append(Expect(K_PARSE, SWALLOW_OK, on_done=_forget_on_failure(server, stmt.upstream_name)))
+        return True
 
-    def _note_sql(self, sql: str, server: ServerConnection, extended: str | None = None) -> bool:
-        """Classify ``sql`` for session tracking; returns whether outcome details must be tracked."""
-        info = self.app.classifier.classify(sql)
+    def _note_sql(self, sql: bytes, server: ServerConnection, statement: bytes | None) -> bool:
+        """Classify ``sql`` for session tracking; returns whether outcome details must be tracked.
+
+        ``statement`` is the Parse's statement name (None for a simple Query): a SET parsed there takes
+        effect when a portal made from it is executed.
+        """
+        if statement == b"" and self._unnamed_changes:
+            self._unnamed_changes = []
+        info = self.app.classifier.classify_bytes(sql)
         flags = info.flags
         if not flags:
             return False
         if flags & Flag.PIN and self.pinned is None:
             self.pinned = info.pin_reason or "session state"
             self.app.client_pinned(self)
-            log.info(
-                "client %s pinned to its %s upstream connection: %s", self.id, self.server_role, self.pinned
-            )
+            log.info("event=pinned client=%s role=%s reason=%r", self.id, self.server_role, self.pinned)
         details = False
         if flags & Flag.SESSION_SET:
-            changes = session_changes(sql)
-            if extended is None:
+            changes = session_changes(sql.decode(errors="replace"))
+            if statement is None:
                 self._stage(changes, server)
-            elif extended == "":
-                self._unnamed_changes = list(changes)
+            elif not statement:
+                self._unnamed_changes = changes
             else:
-                self._stmt_changes[extended] = list(changes)
+                self._stmt_changes[statement.decode(errors="surrogateescape")] = changes
             details = True
         if flags & Flag.FORGET_PREPARED:
             self._forget_prepared = True
@@ -395,8 +468,8 @@ class ClientConnection(asyncio.Protocol):
         if changes:
             self._portal_changes[portal] = changes
 
-    def _execute_changes(self, raw: bytes) -> None:
-        portal = raw[5 : raw.index(0, 5)].decode(errors="surrogateescape")
+    def _execute_changes(self, buf: bytes, start: int) -> None:
+        portal = buf[start + 5 : buf.index(0, start + 5)].decode(errors="surrogateescape")
         changes = self._portal_changes.get(portal)
         if changes and self.server is not None:
             self._stage(changes, self.server)
@@ -481,6 +554,8 @@ class ClientConnection(asyncio.Protocol):
         self.server = conn
         self.server_role = role
         conn.attach(self)
+        if self._write_paused:
+            conn.pause_reading(True)
 
     def _detach(self, reusable: bool) -> None:
         server, self.server = self.server, None
@@ -489,7 +564,6 @@ class ClientConnection(asyncio.Protocol):
         server.detach()
         dirty = self._server_dirty
         self._server_dirty = False
-        server.track_details(False)
         self.app.pools[self.server_role].release(server, reusable=reusable and not dirty and server.clean)
 
     def _release(self) -> None:
@@ -500,7 +574,7 @@ class ClientConnection(asyncio.Protocol):
         packet, used = read_startup(self.buf)
         if packet is None:
             return False
-        del self.buf[:used]
+        self.buf = self.buf[used:]
         if isinstance(packet, SSLRequest | GSSENCRequest):
             self.write(b"N")
             return True
@@ -530,15 +604,23 @@ class ClientConnection(asyncio.Protocol):
             self._authenticated()
         return True
 
-    def _auth_message(self, mtype: int, raw: bytes) -> None:
+    def _auth_message(self) -> bool:
+        """Feed one complete password message to the authenticator; False when more input is needed."""
         assert self._auth is not None
-        reply, done = self._auth.feed(mtype, raw[5:])
+        buf = self.buf
+        if len(buf) < 5:
+            return False
+        mtype, length = _HEADER.unpack_from(buf, 0)
+        if length < 4 or length > MAX_AUTH_MESSAGE:
+            raise ProxyError(PROTOCOL_VIOLATION, f"invalid message length {length}", severity="FATAL")
+        if len(buf) < 1 + length:
+            return False
+        self.buf = buf[1 + length :]
+        reply, done = self._auth.feed(mtype, buf[5 : 1 + length])
+        self.write(reply)  # on success it ends with AuthenticationOk
         if done:
-            # AuthenticationOk is in ``reply``; the rest of the greeting follows once parameters are known.
-            self.write(reply)
             self._authenticated()
-        else:
-            self.write(reply)
+        return True
 
     def _authenticated(self) -> None:
         self.phase = LOGIN
@@ -619,6 +701,14 @@ class ClientConnection(asyncio.Protocol):
         transport, self.transport = self.transport, None
         if transport is not None:
             transport.close()
+
+
+_SYNC_EXT = -1  # a Sync
+_SYNC_Q = -2  # a Query or FunctionCall
+
+
+def _sync_entry(code: int) -> Expect:
+    return Expect(K_SYNC, extended=code == _SYNC_EXT)
 
 
 def _forget_on_failure(server: ServerConnection, name: str) -> Callable[[bool], None]:

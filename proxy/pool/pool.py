@@ -117,7 +117,8 @@ class Pool(Generic[C]):
 
     def release(self, conn: C, *, reusable: bool = True) -> None:
         """Give a leased connection back. ``reusable=False`` closes it (dirty, broken, or unknown state)."""
-        if not reusable or conn.broken or self._closed or self._expired(conn, time.monotonic()):
+        now = time.monotonic()
+        if not reusable or conn.broken or self._closed or self._expired(conn, now):
             self._discard(conn)
             return
         while self._waiters:
@@ -125,7 +126,7 @@ class Pool(Generic[C]):
             if not fut.done():
                 fut.set_result(conn)
                 return
-        conn.idle_since = time.monotonic()
+        conn.idle_since = now
         self._idle.append(conn)
 
     def reap(self) -> int:

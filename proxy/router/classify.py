@@ -5,6 +5,7 @@ from __future__ import annotations
 from collections import OrderedDict
 from dataclasses import dataclass
 from enum import IntFlag
+from typing import Any
 
 import pglast
 from pglast import ast
@@ -150,10 +151,21 @@ class ClassificationCache:
 
     def __init__(self, size: int = 10_000) -> None:
         self.size = size
+        self._by_bytes: OrderedDict[bytes, Classification] = OrderedDict()
         self._by_text: OrderedDict[str, Classification] = OrderedDict()
         self._by_fingerprint: OrderedDict[str, Classification] = OrderedDict()
         self.hits = 0
         self.misses = 0
+
+    def classify_bytes(self, sql: bytes) -> Classification:
+        """classify() of UTF-8 text as it came off the wire: the raw bytes are the first cache key."""
+        found = self._by_bytes.get(sql)
+        if found is not None:
+            self.hits += 1
+            return found
+        found = self.classify(sql.decode("utf-8", errors="replace"))
+        self._remember(self._by_bytes, sql, found)
+        return found
 
     def classify(self, sql: str) -> Classification:
         """Cached classify(); same result as the uncached function."""
@@ -176,7 +188,7 @@ class ClassificationCache:
         self._remember(self._by_text, sql, found)
         return found
 
-    def _remember(self, table: OrderedDict[str, Classification], key: str, value: Classification) -> None:
+    def _remember(self, table: OrderedDict[Any, Classification], key: Any, value: Classification) -> None:
         table[key] = value
         if len(table) > self.size:
             table.popitem(last=False)

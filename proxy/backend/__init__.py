@@ -1,0 +1,1 @@
+"""Upstream (server-side) PostgreSQL connections."""
