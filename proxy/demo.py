@@ -2,12 +2,19 @@
 
 from __future__ import annotations
 
-import signal
+import asyncio
+import logging
+import socket
 import sys
 import time
-from types import FrameType
+from pathlib import Path
 
-from proxy.devcluster import DevClusters
+import uvloop
+import yaml
+
+from proxy.config import Config, load_config
+from proxy.devcluster import DevClusters, free_port
+from proxy.server import serve
 
 # Domain tables live in their own role's cluster; main holds every table too, so fallback to main works.
 MAIN_TABLES = """
@@ -109,28 +116,60 @@ def start_demo_clusters() -> DevClusters:
     return pg
 
 
-def _raise_exit(signum: int, frame: FrameType | None) -> None:
-    raise SystemExit(0)
+DEMO_USER = "demo"
+DEMO_PASSWORD = "demo"
+DEMO_PORT = 6432
+
+
+def demo_config(pg: DevClusters, workdir: Path, port: int) -> Config:
+    """The proxy's configuration for the demo clusters: every role, the demo domain map, a demo login."""
+    userlist = workdir / "userlist.txt"
+    userlist.write_text(f'"{DEMO_USER}" "{DEMO_PASSWORD}"\n')
+    userlist.chmod(0o600)
+    doc = {
+        "listen": {"host": "127.0.0.1", "port": port},
+        "admin": {"host": "127.0.0.1", "port": free_port()},
+        "auth": {"method": "scram-sha-256", "users_file": str(userlist)},
+        "domains": DEMO_DOMAINS,
+    }
+    path = workdir / "proxy.yaml"
+    path.write_text(yaml.safe_dump(doc, sort_keys=False))
+    return load_config(path, pg.env())
+
+
+def _port_free(port: int) -> bool:
+    with socket.socket() as s:
+        try:
+            s.bind(("127.0.0.1", port))
+        except OSError:
+            return False
+    return True
 
 
 def run_demo() -> int:
-    """Start the clusters, print how to reach them, wait for Ctrl-C, clean up."""
-    signal.signal(signal.SIGTERM, _raise_exit)
+    """Start the clusters and the proxy in front of them, print how to connect, run until Ctrl-C."""
     print("parafort-proxy demo: starting five local PostgreSQL clusters ...", flush=True)
     started = time.monotonic()
     pg = start_demo_clusters()
     try:
+        port = DEMO_PORT if _port_free(DEMO_PORT) else free_port()
+        config = demo_config(pg, pg.basedir, port)
         print(f"parafort-proxy demo: clusters up in {time.monotonic() - started:.1f}s in {pg.basedir}")
         for role, cluster in pg.clusters.items():
-            print(f"  {role:<13} {cluster.dsn}")
-        print("\nConnect directly, e.g.:")
-        print(f"  psql '{pg.main.dsn}' -c 'SELECT * FROM users'")
-        print(f"  psql '{pg.read_replica.dsn}' -c 'SELECT pg_is_in_recovery()'")
-        print("\nPress Ctrl-C to stop and delete everything.", flush=True)
-        while True:
-            time.sleep(3600)
+            print(f"  {role:<13} 127.0.0.1:{cluster.port}  (user {cluster.user})")
+        dsn = f"postgresql://{DEMO_USER}:{DEMO_PASSWORD}@127.0.0.1:{port}/demo"
+        print(f"\nThe proxy listens on 127.0.0.1:{port}. Connect with:\n\n  psql '{dsn}'\n")
+        print("Try:")
+        print(f"  psql '{dsn}' -c 'SELECT * FROM users'")
+        print(f"  psql '{dsn}' -c \"INSERT INTO user_activity (user_id, action) VALUES (1, 'login')\"")
+        print(f"  psql '{dsn}' -c 'SELECT inet_server_port(), pg_is_in_recovery()'")
+        print("\nPress Ctrl-C to stop the proxy and delete the clusters.", flush=True)
+        logging.basicConfig(level=logging.INFO, format="time=%(asctime)s level=%(levelname)s %(message)s")
+        with asyncio.Runner(loop_factory=uvloop.new_event_loop) as runner:
+            runner.run(serve(config))
     except KeyboardInterrupt:
-        print("\nparafort-proxy demo: stopping", file=sys.stderr)
+        pass
     finally:
+        print("\nparafort-proxy demo: stopping and cleaning up", file=sys.stderr)
         pg.close()
     return 0

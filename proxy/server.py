@@ -18,6 +18,7 @@ from proxy.config.model import ReadReplicaConfig, RoleConfig
 from proxy.config.values import ROLES
 from proxy.errors import SQLCLIENT_UNABLE_TO_ESTABLISH, ProxyError
 from proxy.frontend.client import Batch, ClientConnection
+from proxy.http import AdminServer
 from proxy.pool import Pool
 from proxy.protocol.auth import ServerAuth, UserlistError, load_userlist
 from proxy.protocol.framing import cancel_request
@@ -39,12 +40,14 @@ class ProxyApp:
         self.classifier = ClassificationCache()
         self.pools: dict[str, Pool[ServerConnection]] = {}
         self.upstreams: dict[str, Dsn] = {}
+        self.pool_roles: dict[str, str] = {}  # pool label (role, or replica name) -> role
         for role in ROLES:
             rc = config.roles.get(role)
             if rc is None or not rc.configured:
                 continue
             for label, dsn, size in _upstreams(role, rc):
                 self.upstreams[label] = dsn
+                self.pool_roles[label] = role
                 self.pools[label] = Pool(
                     label,
                     _connector(role, dsn, label, min(CONNECT_TIMEOUT, rc.acquire_timeout)),
@@ -61,6 +64,7 @@ class ProxyApp:
         self._server: asyncio.Server | None = None
         self._reaper: asyncio.Task[None] | None = None
         self._tasks: set[asyncio.Task[None]] = set()
+        self.admin: AdminServer | None = None
 
     def _load_users(self) -> dict[str, str]:
         auth = self.config.auth
@@ -81,6 +85,13 @@ class ProxyApp:
             lambda: ClientConnection(self), listen.host, listen.port, reuse_address=True, backlog=1024
         )
         self._reaper = loop.create_task(self._reap())
+        admin = self.config.admin
+        self.admin = AdminServer(self)
+        try:
+            await self.admin.start(admin.host, admin.port)
+        except OSError:
+            self._server.close()
+            raise
         log.info("event=listening address=%s:%d roles=%s", listen.host, self.port, ",".join(self.pools))
 
     @property
@@ -98,6 +109,8 @@ class ProxyApp:
             client.fatal(ProxyError("57P01", "terminating connection: the proxy is shutting down"))
         for pool in self.pools.values():
             pool.close()
+        if self.admin is not None:
+            await self.admin.stop()
         if self._server is not None:
             with contextlib.suppress(Exception):
                 await asyncio.wait_for(self._server.wait_closed(), 5)

@@ -8,6 +8,7 @@ import socket
 import subprocess
 import sys
 import tempfile
+import urllib.request
 from collections.abc import Mapping
 from pathlib import Path
 from typing import Any
@@ -83,6 +84,26 @@ class ProxyProcess:
     def dsn(self, user: str, password: str, database: str = "app", **params: str) -> str:
         extra = "".join(f"&{k}={v}" for k, v in params.items())
         return f"postgresql://{user}:{password}@127.0.0.1:{self.port}/{database}?sslmode=disable{extra}"
+
+    def metrics(self) -> str:
+        """The text of a live scrape of the admin listener's /metrics."""
+        url = f"http://127.0.0.1:{self.admin_port}/metrics"
+        with urllib.request.urlopen(url, timeout=10) as resp:
+            text: str = resp.read().decode()
+            return text
+
+    def metric(self, name: str, **labels: str) -> float:
+        """One sample's value from /metrics (0.0 when absent)."""
+        want = ",".join(f'{k}="{v}"' for k, v in sorted(labels.items()))
+        for line in self.metrics().splitlines():
+            if line.startswith("#") or " " not in line:
+                continue
+            key, value = line.rsplit(" ", 1)
+            sample, _, rest = key.partition("{")
+            got = ",".join(sorted(rest.rstrip("}").split(","))) if rest else ""
+            if sample == name and got == want:
+                return float(value)
+        return 0.0
 
     def log(self) -> str:
         self._log.flush()

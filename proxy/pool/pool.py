@@ -67,6 +67,7 @@ class Pool(Generic[C]):
         # A waiter's future gets a connection, or None: "a slot is free, open one yourself".
         self._waiters: deque[asyncio.Future[C | None]] = deque()
         self._closed = False
+        self.timeouts = 0  # acquire timeouts since start (a metric)
 
     @property
     def stats(self) -> PoolStats:
@@ -99,6 +100,7 @@ class Pool(Generic[C]):
             try:
                 got = await asyncio.wait_for(fut, max(deadline - loop.time(), 0))
             except TimeoutError:
+                self.timeouts += 1
                 raise ProxyError(
                     TOO_MANY_CONNECTIONS,
                     f'no connection free in pool "{self.name}" after waiting '

@@ -1,0 +1,84 @@
+"""Prometheus metrics (prefix ``parafort_proxy_``), in a registry of the proxy's own.
+
+Counters that move on the hot path are plain Python ints on the objects that own them; they are read at
+scrape time by a collector, so serving a statement costs no metric call.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Iterator
+from typing import TYPE_CHECKING
+
+from prometheus_client import CollectorRegistry, generate_latest
+from prometheus_client.core import CounterMetricFamily, GaugeMetricFamily
+from prometheus_client.registry import Collector
+
+if TYPE_CHECKING:
+    from proxy.server import ProxyApp
+
+PREFIX = "parafort_proxy_"
+
+
+class ProxyCollector(Collector):
+    """Reads the live state of one ProxyApp at scrape time."""
+
+    def __init__(self, app: ProxyApp) -> None:
+        self.app = app
+
+    def collect(self) -> Iterator[GaugeMetricFamily | CounterMetricFamily]:
+        app = self.app
+        conns = GaugeMetricFamily(
+            PREFIX + "pool_connections",
+            "Upstream connections by state.",
+            labels=["role", "upstream", "state"],
+        )
+        pool_max = GaugeMetricFamily(
+            PREFIX + "pool_max_connections", "Pool size.", labels=["role", "upstream"]
+        )
+        waiting = GaugeMetricFamily(
+            PREFIX + "pool_waiting_clients", "Clients waiting for a connection.", labels=["role", "upstream"]
+        )
+        timeouts = CounterMetricFamily(
+            PREFIX + "pool_acquire_timeouts",
+            "Acquire timeouts (SQLSTATE 53300).",
+            labels=["role", "upstream"],
+        )
+        for label, pool in app.pools.items():
+            role = app.pool_roles[label]
+            stats = pool.stats
+            conns.add_metric([role, label, "idle"], stats.idle)
+            conns.add_metric([role, label, "active"], stats.active)
+            pool_max.add_metric([role, label], stats.max)
+            waiting.add_metric([role, label], stats.waiting)
+            timeouts.add_metric([role, label], pool.timeouts)
+        yield conns
+        yield pool_max
+        yield waiting
+        yield timeouts
+        yield GaugeMetricFamily(PREFIX + "client_connections", "Connected clients.", value=len(app.clients))
+        yield GaugeMetricFamily(
+            PREFIX + "pinned_clients",
+            "Connected clients pinned to one upstream connection (LISTEN, PREPARE, WITH HOLD, temp tables, "
+            "session advisory locks).",
+            value=sum(1 for c in app.clients if c.pinned is not None),
+        )
+        yield CounterMetricFamily(
+            PREFIX + "client_pins", "Clients that became pinned, since start.", value=app.pinned_total
+        )
+        cache = app.classifier
+        yield CounterMetricFamily(
+            PREFIX + "classification_cache_hits", "Classification cache hits.", value=cache.hits
+        )
+        yield CounterMetricFamily(
+            PREFIX + "classification_cache_misses", "Classification cache misses.", value=cache.misses
+        )
+
+
+def make_registry(app: ProxyApp) -> CollectorRegistry:
+    registry = CollectorRegistry(auto_describe=True)
+    registry.register(ProxyCollector(app))
+    return registry
+
+
+def render(registry: CollectorRegistry) -> bytes:
+    return generate_latest(registry)
