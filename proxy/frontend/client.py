@@ -48,7 +48,7 @@ from proxy.protocol.framing import (
     StartupMessage,
     read_startup,
 )
-from proxy.router.classify import Flag, SessionChange, session_changes
+from proxy.router.classify import Flag, SessionChange, deallocate_target, session_changes
 
 if TYPE_CHECKING:
     from proxy.server import ProxyApp
@@ -239,6 +239,11 @@ class ClientConnection(asyncio.Protocol):
                 self.write(m.ready_for_query(b"I" if self.server is None else bytes([self.server.status])))
             return
         server = self.server
+        if len(batch.msgs) == 1 and batch.terminator == _Q and self.pinned is None:
+            reply = self._local_deallocate(batch)
+            if reply is not None and (server is None or not server.expect):
+                self.write(reply + m.ready_for_query(b"I" if server is None else bytes([server.status])))
+                return
         if server is not None:
             self._send(batch, server)
             return
@@ -252,6 +257,23 @@ class ClientConnection(asyncio.Protocol):
         self.waiting = batch
         self.pause("acquire")
         asyncio.get_running_loop().create_task(self._acquire(batch, role))
+
+    def _local_deallocate(self, batch: Batch) -> bytes | None:
+        """DEALLOCATE of a protocol-level statement (psycopg does this) is the proxy's to answer: the
+        upstream name differs and other clients may share the upstream statement."""
+        _, start, end = batch.msgs[0]
+        sql = batch.buf[start + 5 : end - 1]
+        if not self.app.classifier.classify_bytes(sql).flags & Flag.FORGET_PREPARED:
+            return None
+        target = deallocate_target(sql.decode(errors="replace"))
+        if target is None:
+            return None
+        if target == "":
+            self.session.statements.clear()
+            return m.command_complete("DEALLOCATE ALL")
+        if self.session.statements.pop(target, None) is None:
+            return None  # not one of ours: let PostgreSQL say it does not exist
+        return m.command_complete("DEALLOCATE")
 
     async def _acquire(self, batch: Batch, role: str) -> None:
         pool = self.app.pools[role]

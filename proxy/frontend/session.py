@@ -31,9 +31,12 @@ def startup_settings(params: dict[str, str]) -> dict[str, str]:
             settings[name.lower()] = f"SET {quote_ident(name.lower())} TO {quote_literal(value)}"
     options = params.get("options", "").split()
     for i, opt in enumerate(options):
-        pair = opt[2:] if opt.startswith("-c") and len(opt) > 2 else (options[i + 1] if opt == "-c" else "")
-        if pair.startswith("--"):
-            pair = pair[2:]
+        if opt == "-c":
+            pair = options[i + 1] if i + 1 < len(options) else ""
+        elif opt.startswith("--") or opt.startswith("-c"):
+            pair = opt[2:]
+        else:
+            pair = ""
         name, eq, value = pair.partition("=")
         if eq and name:
             name = name.replace("-", "_").lower()

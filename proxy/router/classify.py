@@ -133,6 +133,18 @@ def session_changes(sql: str) -> list[SessionChange]:
     return changes
 
 
+def deallocate_target(sql: str) -> str | None:
+    """For a string that is exactly one DEALLOCATE: the statement name ('' for ALL); else None."""
+    try:
+        statements = pglast.parse_sql(sql)
+    except pglast.parser.ParseError:
+        return None
+    if len(statements) != 1 or not isinstance(statements[0].stmt, ast.DeallocateStmt):
+        return None
+    stmt = statements[0].stmt
+    return "" if stmt.isall else (stmt.name or "")
+
+
 def _characteristics(stmt: ast.VariableSetStmt) -> list[SessionChange]:
     """SET SESSION CHARACTERISTICS AS TRANSACTION ... as the default_transaction_* settings it sets."""
     changes = []

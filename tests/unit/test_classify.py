@@ -1,0 +1,110 @@
+"""Session-state and pinning facts from pglast, and the classification cache."""
+
+from __future__ import annotations
+
+import pytest
+
+from proxy.router.classify import (
+    ClassificationCache,
+    Flag,
+    SessionChange,
+    classify,
+    deallocate_target,
+    session_changes,
+)
+
+
+@pytest.mark.parametrize(
+    ("sql", "reason"),
+    [
+        ("LISTEN jobs", "LISTEN"),
+        ("PREPARE q AS SELECT 1", "SQL-level PREPARE"),
+        ("DECLARE c CURSOR WITH HOLD FOR SELECT 1", "cursor WITH HOLD"),
+        ("CREATE TEMP TABLE t (x int)", "temporary table"),
+        ("CREATE TEMPORARY TABLE t AS SELECT 1", "temporary table"),
+        ("SELECT pg_advisory_lock(42)", "session advisory lock"),
+        ("SELECT pg_try_advisory_lock(1, 2)", "session advisory lock"),
+        ("SELECT set_config('search_path', 'x', false)", "set_config()"),
+        ("SELECT 1; LISTEN jobs", "LISTEN"),
+    ],
+)
+def test_pinning(sql: str, reason: str) -> None:
+    info = classify(sql)
+    assert info.pins
+    assert info.pin_reason == reason
+
+
+@pytest.mark.parametrize(
+    "sql",
+    [
+        "SELECT 1",
+        "SELECT pg_advisory_xact_lock(42)",  # transaction-scoped: released at commit, no pin
+        "DECLARE c CURSOR FOR SELECT 1",
+        "CREATE TABLE t (x int)",
+        "SET LOCAL search_path = x",
+        "UNLISTEN *",
+    ],
+)
+def test_no_pin(sql: str) -> None:
+    assert not classify(sql).pins
+
+
+def test_session_set_flags() -> None:
+    assert classify("SET search_path = a").flags & Flag.SESSION_SET
+    assert classify("RESET ALL").flags & Flag.SESSION_SET
+    assert classify("SET SESSION CHARACTERISTICS AS TRANSACTION READ ONLY").flags & Flag.SESSION_SET
+    assert not classify("SET LOCAL search_path = a").flags & Flag.SESSION_SET
+    assert not classify("SET TRANSACTION ISOLATION LEVEL SERIALIZABLE").flags & Flag.SESSION_SET
+    assert classify("DISCARD ALL").flags & Flag.FORGET_PREPARED
+    assert classify("DEALLOCATE ALL").flags & Flag.FORGET_PREPARED
+    assert classify("SELEC 1").flags == Flag.PARSE_ERROR
+
+
+def test_session_changes_replayable_text() -> None:
+    changes = session_changes(
+        "SET search_path = a, b; set local x.y = 1; RESET work_mem; SET TIME ZONE 'UTC'; RESET ALL"
+    )
+    assert changes == [
+        SessionChange("search_path", "SET search_path = a, b"),
+        SessionChange("work_mem", None),
+        SessionChange("timezone", "SET TIME ZONE 'UTC'"),
+        SessionChange(None, None),
+    ]
+
+
+def test_session_characteristics_become_settings() -> None:
+    changes = session_changes(
+        "SET SESSION CHARACTERISTICS AS TRANSACTION ISOLATION LEVEL SERIALIZABLE, READ ONLY"
+    )
+    assert changes == [
+        SessionChange("default_transaction_isolation", "SET default_transaction_isolation TO 'serializable'"),
+        SessionChange("default_transaction_read_only", "SET default_transaction_read_only TO 'on'"),
+    ]
+
+
+def test_deallocate_target() -> None:
+    assert deallocate_target("DEALLOCATE _pg3_0") == "_pg3_0"
+    assert deallocate_target('DEALLOCATE PREPARE "Mixed"') == "Mixed"
+    assert deallocate_target("DEALLOCATE ALL") == ""
+    assert deallocate_target("DEALLOCATE a; SELECT 1") is None
+    assert deallocate_target("SELECT 1") is None
+
+
+def test_cache_hits_by_text_bytes_and_fingerprint() -> None:
+    cache = ClassificationCache(size=10)
+    first = cache.classify("SELECT pg_advisory_lock(1)")
+    assert cache.misses == 1
+    assert cache.classify("SELECT pg_advisory_lock(1)") is first
+    assert cache.classify("select   pg_advisory_lock(2)") == first  # same fingerprint, other literal
+    assert cache.misses == 1
+    assert cache.classify_bytes(b"SELECT pg_advisory_lock(1)") == first
+    assert cache.classify_bytes(b"SELECT pg_advisory_lock(1)") == first
+    assert cache.hits == 4
+
+
+def test_cache_is_bounded() -> None:
+    cache = ClassificationCache(size=5)
+    for i in range(50):
+        cache.classify(f"SELECT {i} FROM t{i}")
+    assert len(cache._by_text) <= 5
+    assert len(cache._by_fingerprint) <= 5
