@@ -292,7 +292,10 @@ class ServerConnection(asyncio.Protocol):
                 if pos > run:
                     out.append(view[run:pos])
                 run = end
-                if mtype == _E:
+                if mtype == _S:
+                    # A setting the proxy replayed: the client should see the value it now has.
+                    out.append(view[pos:end])
+                elif mtype == _E:
                     if entry.action == SWALLOW_OK:
                         out.append(bytes(buf[pos:end]))
                     else:

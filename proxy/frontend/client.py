@@ -38,7 +38,7 @@ from proxy.errors import (
     PROTOCOL_VIOLATION,
     ProxyError,
 )
-from proxy.frontend.session import PreparedStatement, Session, startup_settings
+from proxy.frontend.session import PreparedStatement, Session, startup_settings, startup_values
 from proxy.protocol import messages as m
 from proxy.protocol.auth import ServerAuth
 from proxy.protocol.framing import (
@@ -433,11 +433,13 @@ class ClientConnection(asyncio.Protocol):
         stmt = PreparedStatement.make(sql, oids)
         self.session.statements[name] = stmt
         if stmt.upstream_name in server.prepared:
-            ents.append(Expect(K_SYNTH, data=m.parse_complete()))
-        else:
-            out.append(m.parse(stmt.upstream_name, sql, oids))
-            server.prepared.add(stmt.upstream_name)
-            ents.append(Expect(K_PARSE, FORWARD, on_done=_forget_on_failure(server, stmt.upstream_name)))
+            # The client asked for a fresh prepare (asyncpg does after a schema change made the old one
+            # fail with "cached plan must not change result type"): replace the connection's copy.
+            out.append(m.close(b"S", stmt.upstream_name))
+            ents.append(Expect(K_CLOSE, SWALLOW))
+        out.append(m.parse(stmt.upstream_name, sql, oids))
+        server.prepared.add(stmt.upstream_name)
+        ents.append(Expect(K_PARSE, FORWARD, on_done=_forget_on_failure(server, stmt.upstream_name)))
 
     def _ensure_prepared(
         self,
@@ -471,7 +473,7 @@ class ClientConnection(asyncio.Protocol):
             self.app.client_pinned(self)
             log.info("event=pinned client=%s role=%s reason=%r", self.id, self.server_role, self.pinned)
         details = False
-        if flags & Flag.SESSION_SET:
+        if flags & (Flag.SESSION_SET | Flag.SAVEPOINT):
             changes = session_changes(sql.decode(errors="replace"))
             if statement is None:
                 self._stage(changes, server)
@@ -526,23 +528,26 @@ class ClientConnection(asyncio.Protocol):
             self._release()
 
     def _settle(self, server: ServerConnection) -> None:
-        """A unit with session changes ended outside a transaction: did they take effect?"""
-        ok = not self._error_seen and self._last_tag != b"ROLLBACK"
+        """A unit with session changes ended outside a transaction: did they take effect?
+
+        In an explicit transaction they did if it ended in COMMIT (a failed transaction's COMMIT reports
+        ROLLBACK); savepoints were accounted for as they ran. Outside one (a single statement or an
+        implicit multi-statement transaction) they did unless an error was reported.
+        """
+        ok = self._last_tag == b"COMMIT" if self._staged_in_tx else not self._error_seen
         if self.session.has_staged:
             if ok:
                 self.session.commit_staged(server.applied)
             else:
                 self.session.discard_staged()
-                if self._staged_in_tx:
-                    # A SET in a transaction that later failed may or may not have survived (savepoints):
-                    # the connection's state is unknown, so it must not serve anyone else.
-                    self._server_dirty = True
         if self._forget_prepared:
             if ok:
                 server.prepared.clear()
                 server.unnamed_owner = None
                 self.session.statements.clear()
             else:
+                # DISCARD / DEALLOCATE ALL may have run before the failure: what the connection holds
+                # is unknown, so it must not serve anyone else.
                 self._server_dirty = True
             self._forget_prepared = False
         self._error_seen = False
@@ -660,9 +665,9 @@ class ClientConnection(asyncio.Protocol):
             return
         reported = dict(parameters)
         lower = {name.lower(): name for name in reported}
-        for name, value in self.params.items():
-            if name.lower() in lower:
-                reported[lower[name.lower()]] = value
+        for name, value in startup_values(self.params).items():
+            if name in lower:
+                reported[lower[name]] = value
         out = bytearray()
         for name, value in reported.items():
             out += m.parameter_status(name, value)

@@ -23,25 +23,32 @@ def quote_ident(name: str) -> str:
     return '"' + name.replace('"', '""') + '"'
 
 
-def startup_settings(params: dict[str, str]) -> dict[str, str]:
-    """The client's startup parameters (and ``options=-c name=value``) as replayable SET statements."""
-    settings: dict[str, str] = {}
+def startup_values(params: dict[str, str]) -> dict[str, str]:
+    """The settings a client asked for at startup (parameters and ``options=-c name=value``), by name."""
+    values: dict[str, str] = {}
     for name, value in params.items():
         if name not in NOT_SETTINGS:
-            settings[name.lower()] = f"SET {quote_ident(name.lower())} TO {quote_literal(value)}"
+            values[name.lower()] = value
     options = params.get("options", "").split()
     for i, opt in enumerate(options):
         if opt == "-c":
             pair = options[i + 1] if i + 1 < len(options) else ""
-        elif opt.startswith("--") or opt.startswith("-c"):
+        elif opt.startswith(("--", "-c")):
             pair = opt[2:]
         else:
             pair = ""
         name, eq, value = pair.partition("=")
         if eq and name:
-            name = name.replace("-", "_").lower()
-            settings[name] = f"SET {quote_ident(name)} TO {quote_literal(value.replace(chr(92) + ' ', ' '))}"
-    return settings
+            values[name.replace("-", "_").lower()] = value.replace(chr(92) + " ", " ")
+    return values
+
+
+def startup_settings(params: dict[str, str]) -> dict[str, str]:
+    """The client's startup settings as replayable SET statements, by name."""
+    return {
+        name: f"SET {quote_ident(name)} TO {quote_literal(value)}"
+        for name, value in startup_values(params).items()
+    }
 
 
 @dataclass(frozen=True, slots=True)
@@ -82,8 +89,23 @@ class Session:
         self.settings = dict(self.baseline)
 
     def stage(self, changes: list[SessionChange]) -> None:
-        """Remember changes made by a statement whose outcome is not known yet."""
-        self._pending.extend(changes)
+        """Remember changes made by a statement whose outcome is not known yet.
+
+        Savepoint operations scope them: ROLLBACK TO drops what was staged after its savepoint, RELEASE
+        folds the savepoint into its parent (so it can no longer be rolled back to).
+        """
+        pending = self._pending
+        for change in changes:
+            if change.op in ("set", "savepoint"):
+                pending.append(change)
+            else:
+                mark = _last_savepoint(pending, change.name)
+                if mark is None:
+                    continue  # a savepoint from before the proxy was tracking: nothing staged after it
+                if change.op == "rollback_to":
+                    del pending[mark + 1 :]
+                else:  # release: this savepoint and the ones nested in it go away, their changes stay
+                    pending[:] = [c for i, c in enumerate(pending) if i < mark or c.op == "set"]
 
     def discard_staged(self) -> None:
         """The statement failed or its transaction rolled back: its changes never happened."""
@@ -92,6 +114,10 @@ class Session:
     @property
     def has_staged(self) -> bool:
         return bool(self._pending)
+
+    @property
+    def has_staged_settings(self) -> bool:
+        return any(c.op == "set" for c in self._pending)
 
     def commit_staged(self, upstream: dict[str, str]) -> None:
         """The changes took effect (the statement succeeded outside, or its transaction committed).
@@ -102,6 +128,8 @@ class Session:
         if not self._pending:
             return
         for change in self._pending:
+            if change.op != "set":
+                continue
             if change.name is None:
                 self.settings = dict(self.baseline)
                 upstream.clear()
@@ -124,3 +152,10 @@ class Session:
         parts = [f"RESET {quote_ident(name)}" for name in upstream if name not in self.settings]
         parts += [sql for name, sql in self.settings.items() if upstream.get(name) != sql]
         return "; ".join(parts)
+
+
+def _last_savepoint(pending: list[SessionChange], name: str | None) -> int | None:
+    for i in range(len(pending) - 1, -1, -1):
+        if pending[i].op == "savepoint" and pending[i].name == name:
+            return i
+    return None

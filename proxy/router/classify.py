@@ -9,10 +9,15 @@ from typing import Any
 
 import pglast
 from pglast import ast
-from pglast.enums import VariableSetKind
+from pglast.enums import TransactionStmtKind, VariableSetKind
 from pglast.visitors import Visitor
 
 CURSOR_OPT_HOLD = 0x0020
+_SAVEPOINT_OPS = {
+    TransactionStmtKind.TRANS_STMT_SAVEPOINT: "savepoint",
+    TransactionStmtKind.TRANS_STMT_RELEASE: "release",
+    TransactionStmtKind.TRANS_STMT_ROLLBACK_TO: "rollback_to",
+}
 # Session-level advisory locks outlive the transaction: the client must keep its upstream connection.
 SESSION_LOCK_FUNCTIONS = frozenset(
     {"pg_advisory_lock", "pg_advisory_lock_shared", "pg_try_advisory_lock", "pg_try_advisory_lock_shared"}
@@ -27,6 +32,7 @@ class Flag(IntFlag):
     FORGET_PREPARED = 2  # DISCARD or DEALLOCATE: the upstream's prepared statements may be gone
     PIN = 4  # state the proxy cannot replay: keep the client on its upstream connection
     PARSE_ERROR = 8  # pglast could not parse it: PostgreSQL will report the error
+    SAVEPOINT = 16  # SAVEPOINT / RELEASE / ROLLBACK TO: scopes the session changes made inside
 
 
 @dataclass(frozen=True, slots=True)
@@ -38,6 +44,9 @@ class SessionChange:
 
     name: str | None
     sql: str | None
+    # "set" for a parameter change; "savepoint", "release" or "rollback_to" (``name`` = the savepoint),
+    # so that changes undone by ROLLBACK TO SAVEPOINT are undone in the proxy's books too.
+    op: str = "set"
 
 
 @dataclass(frozen=True, slots=True)
@@ -80,6 +89,8 @@ def _statement_facts(stmt: ast.Node) -> tuple[Flag, str | None]:
         return Flag.SESSION_SET, None
     if isinstance(stmt, ast.DiscardStmt):
         return Flag.SESSION_SET | Flag.FORGET_PREPARED, None
+    if isinstance(stmt, ast.TransactionStmt) and stmt.kind in _SAVEPOINT_OPS:
+        return Flag.SAVEPOINT, None
     if isinstance(stmt, ast.DeallocateStmt):
         return Flag.FORGET_PREPARED, None
     if isinstance(stmt, ast.ListenStmt):
@@ -113,6 +124,9 @@ def session_changes(sql: str) -> list[SessionChange]:
     changes: list[SessionChange] = []
     for raw in pglast.parse_sql(sql):
         stmt = raw.stmt
+        if isinstance(stmt, ast.TransactionStmt) and stmt.kind in _SAVEPOINT_OPS:
+            changes.append(SessionChange(stmt.savepoint_name, None, _SAVEPOINT_OPS[stmt.kind]))
+            continue
         if isinstance(stmt, ast.DiscardStmt):
             changes.append(SessionChange(None, None))
             continue

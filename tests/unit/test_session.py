@@ -65,3 +65,27 @@ def test_prepared_statement_names_are_content_addressed() -> None:
     assert a.upstream_name != PreparedStatement.make("SELECT $1", (25,)).upstream_name
     assert a.upstream_name != PreparedStatement.make("SELECT $1 ", (23,)).upstream_name
     assert a.upstream_name.startswith("pf_") and len(a.upstream_name) < 64
+
+
+def test_savepoints_scope_staged_changes() -> None:
+    session = Session({})
+    upstream: dict[str, str] = {}
+    session.stage(session_changes("SET search_path = a"))
+    session.stage(session_changes("SAVEPOINT s1"))
+    session.stage(session_changes("SET work_mem = '8MB'"))
+    session.stage(session_changes("ROLLBACK TO SAVEPOINT s1"))  # undoes work_mem only
+    session.stage(session_changes("SAVEPOINT s2"))
+    session.stage(session_changes("SET timezone = 'UTC'"))
+    session.stage(session_changes("RELEASE SAVEPOINT s2"))  # keeps timezone
+    session.stage(session_changes("ROLLBACK TO s1"))  # ...until the outer savepoint is rolled back to
+    session.stage(session_changes("SET statement_timeout = 5"))
+    session.commit_staged(upstream)
+    assert set(session.settings) == {"search_path", "statement_timeout"}
+    assert upstream == session.settings
+
+
+def test_rollback_to_unknown_savepoint_is_ignored() -> None:
+    session = Session({})
+    session.stage(session_changes("SET search_path = a; ROLLBACK TO SAVEPOINT before_tracking"))
+    session.commit_staged({})
+    assert "search_path" in session.settings
