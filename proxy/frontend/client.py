@@ -116,6 +116,7 @@ class ClientConnection(asyncio.Protocol):
         self._auth: ServerAuth | None = None
         self._paused_by: set[str] = set()
         self._write_paused = False
+        self._lingering = False  # between transactions, still holding the last connection (see Pool)
         # Outcome tracking for session changes and DISCARD while a batch is in flight.
         self._error_seen = False
         self._last_tag = b""
@@ -239,6 +240,10 @@ class ClientConnection(asyncio.Protocol):
                 self.write(m.ready_for_query(b"I" if self.server is None else bytes([self.server.status])))
             return
         server = self.server
+        if self._lingering and server is not None:
+            # Back from between transactions on the connection it kept (the router's choice comes here).
+            self._lingering = False
+            self.app.pools[self.server_role].unlinger(server)
         if len(batch.msgs) == 1 and batch.terminator == _Q and self.pinned is None:
             reply = self._local_deallocate(batch)
             if reply is not None and (server is None or not server.expect):
@@ -525,7 +530,10 @@ class ClientConnection(asyncio.Protocol):
         elif self.session.has_staged or self._forget_prepared:
             self._settle(server)
         if status == _IDLE and self.pinned is None and not server.expect and self.waiting is None:
-            self._release()
+            if not (self._server_dirty or self.app.pools[self.server_role].linger(server, self._reclaim)):
+                self._release()
+            else:
+                self._lingering = not self._server_dirty
 
     def _settle(self, server: ServerConnection) -> None:
         """A unit with session changes ended outside a transaction: did they take effect?
@@ -559,6 +567,11 @@ class ClientConnection(asyncio.Protocol):
         server = self.server
         if server is None:
             return
+        if self._lingering:
+            # Lost between transactions: nothing of the client's was in flight; just let it go.
+            self._detach(reusable=False)
+            self.pinned = None
+            return
         owed = sum(1 for e in server.expect if e.kind == K_SYNC and e.action == FORWARD)
         server.expect.clear()
         self._detach(reusable=False)
@@ -584,10 +597,20 @@ class ClientConnection(asyncio.Protocol):
         if self._write_paused:
             conn.pause_reading(True)
 
+    def _reclaim(self) -> None:
+        """The pool takes back the connection this client kept between transactions."""
+        server, self.server = self.server, None
+        self._lingering = False
+        if server is not None:
+            server.detach()
+
     def _detach(self, reusable: bool) -> None:
         server, self.server = self.server, None
         if server is None:
             return
+        if self._lingering:
+            self._lingering = False
+            self.app.pools[self.server_role].unlinger(server)
         server.detach()
         dirty = self._server_dirty
         self._server_dirty = False

@@ -44,6 +44,11 @@ class Pool(Generic[C]):
     ``acquire`` returns an idle connection, opens a new one while under ``size``, or waits up to
     ``acquire_timeout`` and then raises ProxyError 53300. ``release`` hands the connection to the oldest
     waiter, or keeps it idle; a broken or expired connection is closed instead, freeing its slot.
+
+    *Lingering*: a client between transactions may keep its connection (``linger``) while nobody else
+    needs it, so a client that is alone on a connection pays no hand-over per transaction. The pool takes a
+    lingering connection back (``reclaim`` tells its client) the moment another client asks and nothing is
+    idle; a client never lingers while others wait. For sizing and health, lingering counts as idle.
     """
 
     def __init__(
@@ -63,6 +68,8 @@ class Pool(Generic[C]):
         self.idle_timeout = idle_timeout
         self.max_lifetime = max_lifetime
         self._idle: list[C] = []  # LIFO: the warmest connection is reused first
+        # Idle connections still attached to their last client, oldest first, with its reclaim callback.
+        self._lingering: dict[C, Callable[[], None]] = {}
         self._total = 0  # open connections plus connects in progress
         # A waiter's future gets a connection, or None: "a slot is free, open one yourself".
         self._waiters: deque[asyncio.Future[C | None]] = deque()
@@ -71,14 +78,14 @@ class Pool(Generic[C]):
 
     @property
     def stats(self) -> PoolStats:
-        idle = len(self._idle)
+        idle = len(self._idle) + len(self._lingering)
         return PoolStats(self._total, idle, self._total - idle, len(self._waiters), self.size)
 
     def try_acquire(self) -> C | None:
         """An idle connection at once, or None (then use ``acquire``). Never jumps the waiters' queue."""
         if self._closed or self._waiters:
             return None
-        return self._take_idle()
+        return self._take_idle() or self._steal()
 
     async def acquire(self) -> C:
         """Lease a connection; raises ProxyError 53300 after the acquire timeout, or the connect error."""
@@ -89,6 +96,10 @@ class Pool(Generic[C]):
             return conn
         if self._total < self.size and not self._waiters:
             return await self._open()
+        if not self._waiters:
+            conn = self._steal()
+            if conn is not None:
+                return conn
         loop = asyncio.get_running_loop()
         started = loop.time()
         deadline = started + self.acquire_timeout
@@ -117,8 +128,24 @@ class Pool(Generic[C]):
                 return await self._open()
             retry = True
 
+    def linger(self, conn: C, reclaim: Callable[[], None]) -> bool:
+        """Let the client keep ``conn`` between transactions; False means release it now instead."""
+        if self._waiters or self._closed or conn.broken:
+            return False
+        now = time.monotonic()
+        if self._expired(conn, now):
+            return False
+        conn.idle_since = now
+        self._lingering[conn] = reclaim
+        return True
+
+    def unlinger(self, conn: C) -> None:
+        """The lingering client starts a transaction on its connection again."""
+        del self._lingering[conn]
+
     def release(self, conn: C, *, reusable: bool = True) -> None:
         """Give a leased connection back. ``reusable=False`` closes it (dirty, broken, or unknown state)."""
+        self._lingering.pop(conn, None)
         now = time.monotonic()
         if not reusable or conn.broken or self._closed or self._expired(conn, now):
             self._discard(conn)
@@ -134,6 +161,9 @@ class Pool(Generic[C]):
     def reap(self) -> int:
         """Close idle connections past idle_timeout or max_lifetime; returns how many were closed."""
         now = time.monotonic()
+        for conn in [c for c in self._lingering if self._idle_too_long(c, now) or self._expired(c, now)]:
+            self._lingering.pop(conn)()
+            self._idle.append(conn)
         keep: list[C] = []
         drop: list[C] = []
         for conn in self._idle:
@@ -147,6 +177,10 @@ class Pool(Generic[C]):
     def close(self) -> None:
         """Close idle connections now; leased ones are closed when released."""
         self._closed = True
+        while self._lingering:
+            conn, reclaim = self._lingering.popitem()
+            reclaim()
+            self._idle.append(conn)
         idle, self._idle = self._idle, []
         for conn in idle:
             self._discard(conn)
@@ -159,6 +193,18 @@ class Pool(Generic[C]):
         now = time.monotonic()
         while self._idle:
             conn = self._idle.pop()
+            if conn.broken or self._expired(conn, now):
+                self._discard(conn)
+                continue
+            return conn
+        return None
+
+    def _steal(self) -> C | None:
+        """Take back the longest-lingering connection from its client."""
+        now = time.monotonic()
+        while self._lingering:
+            conn = next(iter(self._lingering))
+            self._lingering.pop(conn)()
             if conn.broken or self._expired(conn, now):
                 self._discard(conn)
                 continue

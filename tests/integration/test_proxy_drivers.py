@@ -218,21 +218,22 @@ def test_psycopg_prepared_statements_across_pooled_connections(start_proxy: Star
     conns = [_connect(dsn) for _ in range(4)]
     holder = _connect(dsn, autocommit=False)
     try:
-        # Deterministic part: client 0 prepares while the holder keeps the other upstream connection busy,
-        # then runs its statements again until they have met the holder's connection too.
+        # Deterministic part: client 0 prepares while the holder keeps the other upstream connection busy.
+        # Then a third client's transaction takes client 0's connection (the one that has lingered longest
+        # between transactions), so client 0's next statements run on the holder's connection, which has
+        # never seen them: the proxy must prepare them there first.
         holder_pid = holder.execute("SELECT pg_backend_pid()").fetchone()
         first = {run(conns[0], q, 1) for q in range(len(queries))}
         holder.commit()
         assert holder_pid is not None and holder_pid[0] not in first
-        seen = set(first)
-        for x in range(2, 12):
-            if x % 2:
-                holder.execute("SELECT 1")  # every other round, keep whichever connection is idle busy
-            seen |= {run(conns[0], q, x) for q in range(len(queries))}
-            holder.commit()
-            if holder_pid[0] in seen:
-                break
-        assert holder_pid[0] in seen, "client 0's statements never ran on the second upstream connection"
+        third = _connect(dsn, autocommit=False)
+        try:
+            assert third.execute("SELECT pg_backend_pid()").fetchone() == (next(iter(first)),)
+            seen = {run(conns[0], q, x) for x in range(2, 6) for q in range(len(queries))}
+            third.commit()
+        finally:
+            third.close()
+        assert seen == {holder_pid[0]}, "client 0's statements did not move to the second upstream connection"
 
         # Concurrent part: every client prepares the queries in its own order; names collide across clients.
         errors: list[BaseException] = []

@@ -150,3 +150,44 @@ def test_release_of_expired_connection_closes_it() -> None:
         assert conn.closed and pool.stats.total == 0
 
     asyncio.run(run())
+
+
+def test_lingering_connection_is_kept_until_someone_needs_it() -> None:
+    async def run() -> None:
+        pool, opened = make_pool(size=1)
+        a = await pool.acquire()
+        reclaimed: list[Conn] = []
+        assert pool.linger(a, lambda: reclaimed.append(a))
+        assert pool.stats.idle == 1 and pool.stats.active == 0
+        pool.unlinger(a)  # the same client starts its next transaction: no hand-over at all
+        assert pool.stats.active == 1
+        assert pool.linger(a, lambda: reclaimed.append(a))
+        b = pool.try_acquire()  # another client: the lingering connection is taken back
+        assert b is a and reclaimed == [a] and len(opened) == 1
+        # Nobody lingers while others wait.
+        waiter = asyncio.ensure_future(pool.acquire())
+        await asyncio.sleep(0)
+        assert pool.stats.waiting == 1
+        assert not pool.linger(b, lambda: None)
+        pool.release(b)
+        assert await waiter is a
+
+    asyncio.run(run())
+
+
+def test_close_and_reap_take_lingering_connections_back() -> None:
+    async def run() -> None:
+        pool, _ = make_pool(size=2, idle_timeout=0.01)
+        a = await pool.acquire()
+        b = await pool.acquire()
+        gone: list[str] = []
+        pool.linger(a, lambda: gone.append("a"))
+        pool.linger(b, lambda: gone.append("b"))
+        await asyncio.sleep(0.02)
+        assert pool.reap() == 2 and gone == ["a", "b"] and a.closed and b.closed
+        c = await pool.acquire()
+        pool.linger(c, lambda: gone.append("c"))
+        pool.close()
+        assert gone[-1] == "c" and c.closed
+
+    asyncio.run(run())
