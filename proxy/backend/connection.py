@@ -316,7 +316,7 @@ class ServerConnection(asyncio.Protocol):
                     sink = self.sink
                     if sink is not None:
                         if pos > run:
-                            out.append(view[run:pos])
+                            out.append(buf if run == 0 and pos == n else view[run:pos])
                         run = pos
                         _flush(sink, out)
                         sink.upstream_ready(self.status)

@@ -48,7 +48,15 @@ from proxy.protocol.framing import (
     StartupMessage,
     read_startup,
 )
-from proxy.router.classify import Flag, SessionChange, deallocate_target, session_changes
+from proxy.router.classify import (
+    F_FORGET_PREPARED,
+    F_PIN,
+    F_SAVEPOINT,
+    F_SESSION_SET,
+    SessionChange,
+    deallocate_target,
+    session_changes,
+)
 
 if TYPE_CHECKING:
     from proxy.server import ProxyApp
@@ -244,7 +252,12 @@ class ClientConnection(asyncio.Protocol):
             # Back from between transactions on the connection it kept (the router's choice comes here).
             self._lingering = False
             self.app.pools[self.server_role].unlinger(server)
-        if len(batch.msgs) == 1 and batch.terminator == _Q and self.pinned is None:
+        if (
+            len(batch.msgs) == 1
+            and batch.terminator == _Q
+            and self.pinned is None
+            and self._deallocates(batch)
+        ):
             reply = self._local_deallocate(batch)
             if reply is not None and (server is None or not server.expect):
                 self.write(reply + m.ready_for_query(b"I" if server is None else bytes([server.status])))
@@ -263,13 +276,17 @@ class ClientConnection(asyncio.Protocol):
         self.pause("acquire")
         asyncio.get_running_loop().create_task(self._acquire(batch, role))
 
+    def _deallocates(self, batch: Batch) -> bool:
+        _, start, end = batch.msgs[0]
+        return bool(
+            self.app.classifier.classify_bytes(batch.buf[start + 5 : end - 1]).bits & F_FORGET_PREPARED
+        )
+
     def _local_deallocate(self, batch: Batch) -> bytes | None:
         """DEALLOCATE of a protocol-level statement (psycopg does this) is the proxy's to answer: the
         upstream name differs and other clients may share the upstream statement."""
         _, start, end = batch.msgs[0]
         sql = batch.buf[start + 5 : end - 1]
-        if not self.app.classifier.classify_bytes(sql).flags & Flag.FORGET_PREPARED:
-            return None
         target = deallocate_target(sql.decode(errors="replace"))
         if target is None:
             return None
@@ -425,7 +442,7 @@ class ClientConnection(asyncio.Protocol):
         if details or self.session.has_staged:
             server.track_details(True)
         if run == batch.start and not out:
-            server.send(view[batch.start : batch.end])
+            server.send(buf if batch.start == 0 and batch.end == len(buf) else view[batch.start : batch.end])
             return
         if batch.end > run:
             out.append(view[run : batch.end])
@@ -470,15 +487,15 @@ class ClientConnection(asyncio.Protocol):
         if statement == b"" and self._unnamed_changes:
             self._unnamed_changes = []
         info = self.app.classifier.classify_bytes(sql)
-        flags = info.flags
+        flags = info.bits
         if not flags:
             return False
-        if flags & Flag.PIN and self.pinned is None:
+        if flags & F_PIN and self.pinned is None:
             self.pinned = info.pin_reason or "session state"
             self.app.client_pinned(self)
             log.info("event=pinned client=%s role=%s reason=%r", self.id, self.server_role, self.pinned)
         details = False
-        if flags & (Flag.SESSION_SET | Flag.SAVEPOINT):
+        if flags & (F_SESSION_SET | F_SAVEPOINT):
             changes = session_changes(sql.decode(errors="replace"))
             if statement is None:
                 self._stage(changes, server)
@@ -487,7 +504,7 @@ class ClientConnection(asyncio.Protocol):
             else:
                 self._stmt_changes[statement.decode(errors="surrogateescape")] = changes
             details = True
-        if flags & Flag.FORGET_PREPARED:
+        if flags & F_FORGET_PREPARED:
             self._forget_prepared = True
             details = True
         return details

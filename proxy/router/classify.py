@@ -3,7 +3,7 @@
 from __future__ import annotations
 
 from collections import OrderedDict
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from enum import IntFlag
 from typing import Any
 
@@ -55,6 +55,10 @@ class Classification:
 
     flags: Flag
     pin_reason: str | None = None
+    bits: int = field(init=False)  # ``flags`` as a plain int: enum operators are slow on the hot path
+
+    def __post_init__(self) -> None:
+        object.__setattr__(self, "bits", int(self.flags))
 
     @property
     def pins(self) -> bool:
@@ -170,6 +174,13 @@ def _characteristics(stmt: ast.VariableSetStmt) -> list[SessionChange]:
         value = val.sval if isinstance(val, ast.String) else ("on" if getattr(val, "ival", 0) else "off")
         changes.append(SessionChange(name, f"SET {name} TO '{value}'"))
     return changes
+
+
+# The flags as plain ints, for the data path.
+F_SESSION_SET = int(Flag.SESSION_SET)
+F_FORGET_PREPARED = int(Flag.FORGET_PREPARED)
+F_PIN = int(Flag.PIN)
+F_SAVEPOINT = int(Flag.SAVEPOINT)
 
 
 class ClassificationCache:
