@@ -380,6 +380,18 @@ def test_listening_connection_is_not_reused(start_proxy: StartProxy) -> None:
 def test_listen_logs_pinned_event(proxy: ProxyProcess) -> None:
     _listen_notify(proxy)
     wait_until(lambda: "event=pinned" in proxy.log(), 5, "an event=pinned log line")
+    assert proxy.metric("parafort_proxy_client_pins_total") >= 1
+
+
+def test_pinned_clients_gauge(proxy: ProxyProcess) -> None:
+    assert proxy.metric("parafort_proxy_pinned_clients") == 0
+    with psycopg.connect(proxy.dsn(APP_USER, APP_PASSWORD), autocommit=True) as listener:
+        listener.execute("LISTEN gauge_check")
+        assert proxy.metric("parafort_proxy_pinned_clients") == 1
+        with psycopg.connect(proxy.dsn(APP_USER, APP_PASSWORD), autocommit=True) as other:
+            other.execute("SELECT 1")
+            assert proxy.metric("parafort_proxy_pinned_clients") == 1
+    wait_until(lambda: proxy.metric("parafort_proxy_pinned_clients") == 0, 5, "the pinned client to leave")
 
 
 # -- authentication ------------------------------------------------------------------------------------------
