@@ -3,11 +3,13 @@
 from __future__ import annotations
 
 import asyncio
+import signal
 import logging
 import socket
 import sys
 import time
 from pathlib import Path
+from types import FrameType
 
 import uvloop
 import yaml
@@ -146,8 +148,14 @@ def _port_free(port: int) -> bool:
     return True
 
 
+def _interrupt(signum: int, frame: FrameType | None) -> None:
+    raise KeyboardInterrupt
+
+
 def run_demo() -> int:
     """Start the clusters and the proxy in front of them, print how to connect, run until Ctrl-C."""
+    # SIGTERM before the proxy runs (it handles SIGTERM itself) still cleans up, like Ctrl-C.
+    signal.signal(signal.SIGTERM, _interrupt)
     print("parafort-proxy demo: starting five local PostgreSQL clusters ...", flush=True)
     started = time.monotonic()
     pg = start_demo_clusters()
