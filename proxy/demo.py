@@ -3,8 +3,8 @@
 from __future__ import annotations
 
 import asyncio
-import signal
 import logging
+import signal
 import socket
 import sys
 import time
