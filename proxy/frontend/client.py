@@ -663,6 +663,12 @@ class ClientConnection(asyncio.Protocol):
                 INVALID_AUTHORIZATION, "no PostgreSQL user name specified in startup packet", severity="FATAL"
             )
         self.database = self.params.get("database") or self.user
+        if self.params.get("replication", "false").lower() not in ("false", "off", "no", "0"):
+            raise ProxyError(
+                FEATURE_NOT_SUPPORTED,
+                "replication connections are not supported through parafort-proxy; connect to the server",
+                severity="FATAL",
+            )
         self._auth = self.app.server_auth(self.user)
         self.phase = AUTH
         first = self._auth.start()
