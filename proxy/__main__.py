@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import argparse
+import json
 import logging
 import os
 import sys
@@ -30,6 +31,17 @@ def _parser() -> argparse.ArgumentParser:
         "--log-level", default=os.environ.get("PARAFORT_LOG_LEVEL", "info"),
         choices=["debug", "info", "warning", "error"], help="log level (default: info)",
     )  # fmt: skip
+    explain = sub.add_parser(
+        "explain", help="show where a statement would be routed, and why (no database needed)"
+    )
+    explain.add_argument("--config", type=Path, help="YAML configuration file (default: environment only)")
+    explain.add_argument("--json", action="store_true", help="print JSON: kind, domains, role, reason")
+    explain.add_argument(
+        "--transaction",
+        choices=["read_write", "read_only"],
+        help="as the first statement of such a transaction",
+    )
+    explain.add_argument("sql", help="the SQL text")
     sub.add_parser(
         "demo", help="start throwaway local PostgreSQL clusters with a ParaFort schema; Ctrl-C cleans up"
     )
@@ -83,6 +95,29 @@ def setup_logging(level: str) -> None:
     )
 
 
+def cmd_explain(args: argparse.Namespace) -> int:
+    """Routing decision for one SQL string, as configured (every configured role assumed healthy)."""
+    config = _load(args.config)
+    if config is None:
+        return 1
+    from proxy.router.classify import classify  # noqa: PLC0415
+    from proxy.router.policy import Router, route_override  # noqa: PLC0415
+
+    decision = Router(config).decide(
+        classify(args.sql), override=route_override(args.sql), tx=args.transaction
+    )
+    if args.json:
+        print(json.dumps(decision.as_json()))
+    else:
+        print(f"kind:    {decision.kind}")
+        print(f"domains: {', '.join(decision.domains) or '(no tables)'}")
+        print(f"role:    {decision.role or 'refused'}")
+        print(f"reason:  {decision.reason}")
+        if decision.sqlstate:
+            print(f"error:   {decision.sqlstate} {decision.message}")
+    return 0
+
+
 def cmd_demo(args: argparse.Namespace) -> int:
     from proxy.demo import run_demo  # noqa: PLC0415  (the demo's imports are not needed by the daemon)
 
@@ -92,7 +127,7 @@ def cmd_demo(args: argparse.Namespace) -> int:
 def main(argv: Sequence[str] | None = None) -> int:
     """Entry point of the console script and ``python -m proxy``; returns the exit code."""
     args = _parser().parse_args(argv)
-    commands = {"check": cmd_check, "run": cmd_run, "demo": cmd_demo}
+    commands = {"check": cmd_check, "run": cmd_run, "explain": cmd_explain, "demo": cmd_demo}
     return commands[args.command](args)
 
 

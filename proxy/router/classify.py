@@ -9,8 +9,10 @@ from typing import Any
 
 import pglast
 from pglast import ast
-from pglast.enums import TransactionStmtKind, VariableSetKind
+from pglast.enums import ObjectType, TransactionStmtKind, VariableSetKind
 from pglast.visitors import Visitor
+
+from proxy.router.functions import BUILTIN_READ_ONLY, WRITE_FUNCTIONS
 
 CURSOR_OPT_HOLD = 0x0020
 _SAVEPOINT_OPS = {
@@ -49,12 +51,34 @@ class SessionChange:
     op: str = "set"
 
 
+# Transaction control, as the data path needs to know it.
+TX_BEGIN = "begin"
+TX_BEGIN_READ_ONLY = "begin read only"
+TX_COMMIT = "commit"
+TX_ROLLBACK = "rollback"
+
+TableName = tuple[str, str]  # (schema as written, '' when unqualified; table)
+
+
 @dataclass(frozen=True, slots=True)
 class Classification:
-    """The facts about one SQL string (possibly several statements)."""
+    """The facts about one SQL string (possibly several statements), independent of configuration.
+
+    ``write`` says whether it must run on a primary for reasons in the SQL itself; functions that are
+    neither known read-only built-ins nor known writers are listed in ``functions`` so the policy can
+    consult the configuration's ``read_only_functions``. ``tables`` are the relations referenced
+    (CTE names excluded). ``tx`` is set when the whole string is one transaction-control statement.
+    """
 
     flags: Flag
     pin_reason: str | None = None
+    write: bool = False
+    write_reason: str | None = None
+    tables: frozenset[TableName] = frozenset()
+    functions: frozenset[str] = frozenset()
+    tx: str | None = None
+    primary_only: bool = False  # LISTEN/NOTIFY, EXECUTE, DO, CALL: a primary, and main for no tables
+    statements: int = 1
     bits: int = field(init=False)  # ``flags`` as a plain int: enum operators are slow on the hot path
 
     def __post_init__(self) -> None:
@@ -64,27 +88,102 @@ class Classification:
     def pins(self) -> bool:
         return bool(self.flags & Flag.PIN)
 
+    @property
+    def parse_error(self) -> bool:
+        return bool(self.flags & Flag.PARSE_ERROR)
+
+
+# Statements that only read (or only touch session/transaction state) unless something inside writes.
+_READ_STATEMENTS = (
+    ast.SelectStmt,
+    ast.VariableSetStmt,
+    ast.VariableShowStmt,
+    ast.TransactionStmt,
+    ast.DiscardStmt,
+    ast.DeallocateStmt,
+    ast.DeclareCursorStmt,
+    ast.FetchStmt,
+    ast.ClosePortalStmt,
+    ast.CheckPointStmt,
+)
+_WRITE_NODES = (ast.InsertStmt, ast.UpdateStmt, ast.DeleteStmt, ast.MergeStmt)
+_DROPPED_RELATIONS = frozenset(
+    {
+        ObjectType.OBJECT_TABLE,
+        ObjectType.OBJECT_VIEW,
+        ObjectType.OBJECT_MATVIEW,
+        ObjectType.OBJECT_SEQUENCE,
+        ObjectType.OBJECT_FOREIGN_TABLE,
+        ObjectType.OBJECT_INDEX,
+    }
+)
+
 
 class _Scan(Visitor):
-    """Walks one statement tree collecting pinning causes hidden in expressions."""
+    """Walks one statement tree: relations, functions, nested writes, locking clauses, pin causes."""
 
     def __init__(self) -> None:
         super().__init__()
         self.pin_reason: str | None = None
+        self.write_reason: str | None = None
+        self.tables: set[TableName] = set()
+        self.ctes: set[str] = set()
+        self.functions: set[str] = set()
 
     def visit_FuncCall(self, ancestors: object, node: ast.FuncCall) -> None:
-        name = node.funcname[-1].sval if node.funcname else None
+        parts = [p.sval or "" for p in node.funcname or () if isinstance(p, ast.String)]
+        if not parts:
+            return
+        name = parts[-1]
+        schema = parts[-2] if len(parts) > 1 else ""
         if name in SESSION_LOCK_FUNCTIONS:
             self.pin_reason = "session advisory lock"
         elif name == "set_config":
             self.pin_reason = "set_config()"
+        if schema in ("", "pg_catalog"):
+            if name in WRITE_FUNCTIONS:
+                self.write_reason = self.write_reason or f"calls {name}()"
+                return
+            if name in BUILTIN_READ_ONLY:
+                return
+        self.functions.add(f"{schema}.{name}" if schema else name)
 
     def visit_RangeVar(self, ancestors: object, node: ast.RangeVar) -> None:
         if node.relpersistence == "t":
             self.pin_reason = "temporary table"
+        if node.relname:
+            self.tables.add((node.schemaname or "", node.relname))
+
+    def visit_CommonTableExpr(self, ancestors: object, node: ast.CommonTableExpr) -> None:
+        if node.ctename is not None:
+            self.ctes.add(node.ctename)
+
+    def visit_SelectStmt(self, ancestors: object, node: ast.SelectStmt) -> None:
+        if node.lockingClause:
+            self.write_reason = self.write_reason or "SELECT ... FOR UPDATE/SHARE locks rows"
+        if node.intoClause is not None:
+            self.write_reason = self.write_reason or "SELECT INTO creates a table"
+
+    def _write_node(self, ancestors: object, node: ast.Node) -> None:
+        self.write_reason = self.write_reason or f"{_verb(node)} modifies data"
+
+    visit_InsertStmt = visit_UpdateStmt = visit_DeleteStmt = visit_MergeStmt = _write_node
+
+    def relation_tables(self) -> set[TableName]:
+        return {t for t in self.tables if t[0] or t[1] not in self.ctes}
 
 
-def _statement_facts(stmt: ast.Node) -> tuple[Flag, str | None]:
+def _verb(node: ast.Node) -> str:
+    """CreateTableAsStmt -> CREATE TABLE AS."""
+    name = type(node).__name__.removesuffix("Stmt")
+    return "".join(" " + c if c.isupper() and i else c for i, c in enumerate(name)).upper()
+
+
+def _name(parts: list[str | None]) -> TableName:
+    return (parts[-2] or "" if len(parts) > 1 else "", parts[-1] or "")
+
+
+def _session_facts(stmt: ast.Node) -> tuple[Flag, str | None]:
     if isinstance(stmt, ast.VariableSetStmt):
         if stmt.is_local or (
             stmt.kind == VariableSetKind.VAR_SET_MULTI and stmt.name != "SESSION CHARACTERISTICS"
@@ -103,23 +202,143 @@ def _statement_facts(stmt: ast.Node) -> tuple[Flag, str | None]:
         return Flag.PIN, "SQL-level PREPARE"
     if isinstance(stmt, ast.DeclareCursorStmt) and (stmt.options or 0) & CURSOR_OPT_HOLD:
         return Flag.PIN, "cursor WITH HOLD"
+    return Flag.NONE, None
+
+
+class _Facts:
+    """What one statement contributes to a Classification."""
+
+    __slots__ = ("flags", "functions", "pin_reason", "primary_only", "tables", "tx", "write_reason")
+
+    def __init__(self) -> None:
+        self.flags = Flag.NONE
+        self.pin_reason: str | None = None
+        self.write_reason: str | None = None
+        self.tables: set[TableName] = set()
+        self.functions: set[str] = set()
+        self.primary_only = False
+        self.tx: str | None = None
+
+
+def _scan_into(facts: _Facts, node: ast.Node, *, count_writes: bool = True) -> None:
     scan = _Scan()
-    scan(stmt)
-    return (Flag.PIN, scan.pin_reason) if scan.pin_reason else (Flag.NONE, None)
+    scan(node)
+    facts.tables |= scan.relation_tables()
+    if count_writes:
+        facts.functions |= scan.functions
+        if scan.write_reason and not facts.write_reason:
+            facts.write_reason = scan.write_reason
+    if scan.pin_reason and count_writes:
+        facts.flags |= Flag.PIN
+        facts.pin_reason = facts.pin_reason or scan.pin_reason
+
+
+def _statement_facts(stmt: ast.Node) -> _Facts:
+    facts = _Facts()
+    flags, reason = _session_facts(stmt)
+    facts.flags |= flags
+    facts.pin_reason = reason
+    if isinstance(stmt, ast.ExplainStmt):
+        analyze = any(isinstance(o, ast.DefElem) and o.defname == "analyze" for o in stmt.options or ())
+        if stmt.query is not None:
+            _scan_into(facts, stmt.query, count_writes=analyze)
+        return facts
+    if isinstance(stmt, ast.CopyStmt):
+        if stmt.is_from:
+            facts.write_reason = "COPY FROM loads data"
+        if stmt.is_program:
+            facts.write_reason = facts.write_reason or "COPY PROGRAM runs a program on the server"
+        if stmt.relation is not None:
+            _scan_into(facts, stmt.relation)
+        if stmt.query is not None:
+            _scan_into(facts, stmt.query)
+        return facts
+    if isinstance(stmt, ast.PrepareStmt):
+        if stmt.query is not None:
+            _scan_into(facts, stmt.query)
+        return facts
+    if isinstance(stmt, ast.ListenStmt | ast.NotifyStmt | ast.UnlistenStmt):
+        facts.write_reason = "notifications live on the primary"
+        facts.primary_only = True
+        return facts
+    if isinstance(stmt, ast.ExecuteStmt | ast.DoStmt | ast.CallStmt):
+        facts.write_reason = f"{_verb(stmt)} may do anything"
+        facts.primary_only = True
+        _scan_into(facts, stmt)
+        return facts
+    if isinstance(stmt, ast.TransactionStmt):
+        facts.tx = _tx_kind(stmt)
+        return facts
+    if isinstance(stmt, ast.DropStmt) and stmt.removeType in _DROPPED_RELATIONS:
+        for obj in stmt.objects or ():
+            parts = [p.sval for p in obj if isinstance(p, ast.String)] if isinstance(obj, tuple) else []
+            if parts:
+                facts.tables.add(_name(parts))
+    elif isinstance(stmt, ast.CommentStmt) and stmt.objtype in _DROPPED_RELATIONS:
+        obj = stmt.object
+        parts = [p.sval for p in obj if isinstance(p, ast.String)] if isinstance(obj, tuple) else []
+        if parts:
+            facts.tables.add(_name(parts))
+    _scan_into(facts, stmt)
+    if not isinstance(stmt, _READ_STATEMENTS):
+        facts.write_reason = facts.write_reason or f"{_verb(stmt)} changes the database"
+    return facts
+
+
+def _tx_kind(stmt: ast.TransactionStmt) -> str | None:
+    kind = stmt.kind
+    if kind in (TransactionStmtKind.TRANS_STMT_BEGIN, TransactionStmtKind.TRANS_STMT_START):
+        for opt in stmt.options or ():
+            if (
+                isinstance(opt, ast.DefElem)
+                and opt.defname == "transaction_read_only"
+                and isinstance(opt.arg, ast.A_Const)
+                and getattr(opt.arg.val, "ival", None)
+            ):
+                return TX_BEGIN_READ_ONLY
+        return TX_BEGIN
+    if kind == TransactionStmtKind.TRANS_STMT_COMMIT:
+        return TX_COMMIT
+    if kind == TransactionStmtKind.TRANS_STMT_ROLLBACK:
+        return TX_ROLLBACK
+    return None
 
 
 def classify(sql: str) -> Classification:
-    """Classify ``sql`` (uncached). A string pglast cannot parse is flagged PARSE_ERROR, nothing else."""
+    """Classify ``sql`` (uncached). A string pglast cannot parse is flagged PARSE_ERROR and counts as a
+    write, so it goes to main and the client gets PostgreSQL's own syntax error."""
     try:
         statements = pglast.parse_sql(sql)
     except pglast.parser.ParseError:
-        return Classification(Flag.PARSE_ERROR)
-    flags, reason = Flag.NONE, None
+        return Classification(Flag.PARSE_ERROR, write=True, write_reason="syntax error: main reports it")
+    flags = Flag.NONE
+    pin_reason = write_reason = None
+    tables: set[TableName] = set()
+    functions: set[str] = set()
+    primary_only = False
+    tx = None
     for raw in statements:
-        stmt_flags, stmt_reason = _statement_facts(raw.stmt) if raw.stmt else (Flag.NONE, None)
-        flags |= stmt_flags
-        reason = reason or stmt_reason
-    return Classification(flags, reason)
+        if raw.stmt is None:
+            continue
+        facts = _statement_facts(raw.stmt)
+        flags |= facts.flags
+        pin_reason = pin_reason or facts.pin_reason
+        write_reason = write_reason or facts.write_reason
+        tables |= facts.tables
+        functions |= facts.functions
+        primary_only = primary_only or facts.primary_only
+        tx = facts.tx if len(statements) == 1 else None
+    return Classification(
+        flags,
+        pin_reason,
+        write=write_reason is not None,
+        write_reason=write_reason,
+        tables=frozenset(tables),
+        functions=frozenset(functions),
+        tx=tx,
+        primary_only=primary_only,
+        statements=len(statements),
+    )
 
 
 def session_changes(sql: str) -> list[SessionChange]:

@@ -1,0 +1,178 @@
+"""Routing policy (BRIEF §3): from a statement's classification to the role that serves it.
+
+Pure functions of the classification, the configuration and what the health interface says is usable;
+no I/O. The data path calls ``Router.decide`` once per unit (a simple query, or an extended-protocol batch
+up to Sync) when it holds no upstream connection, and ``Router.check_in_transaction`` for later units of
+an explicit transaction.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Callable, Iterable
+from dataclasses import dataclass
+
+import pglast
+
+from proxy.config import Config
+from proxy.config.values import DOMAINS, ROLES
+from proxy.errors import FEATURE_NOT_SUPPORTED
+from proxy.router.classify import Classification, Flag, TableName
+
+MAIN = "main"
+REPLICA = "read_replica"
+READ, WRITE = "read", "write"
+TX_READ_WRITE, TX_READ_ONLY = "read_write", "read_only"
+
+
+@dataclass(frozen=True, slots=True)
+class Decision:
+    """Where a unit goes and why; ``role`` None means refused with ``sqlstate`` and ``message``."""
+
+    kind: str
+    domains: tuple[str, ...]
+    role: str | None
+    reason: str
+    sqlstate: str | None = None
+    message: str | None = None
+
+    def as_json(self) -> dict[str, object]:
+        out: dict[str, object] = {
+            "kind": self.kind,
+            "domains": list(self.domains),
+            "role": self.role,
+            "reason": self.reason,
+        }
+        if self.sqlstate:
+            out["error"] = {"sqlstate": self.sqlstate, "message": self.message}
+        return out
+
+
+def route_override(sql: str) -> str | None:
+    """The role named by a leading ``/* route: ROLE */`` comment, or None.
+
+    The comment is found with PostgreSQL's own scanner (pglast), never by pattern-matching SQL.
+    """
+    if not sql.lstrip().startswith("/*"):
+        return None
+    try:
+        tokens = pglast.parser.scan(sql)
+    except pglast.parser.ParseError:
+        return None
+    if not tokens or tokens[0].name != "C_COMMENT":
+        return None
+    text = sql.encode()[tokens[0].start : tokens[0].end + 1].decode(errors="replace")
+    body = text.removeprefix("/*").removesuffix("*/").strip()
+    key, colon, value = body.partition(":")
+    if not colon or key.strip().lower() != "route":
+        return None
+    role = value.strip().lower()
+    return role if role in ROLES else None
+
+
+class Router:
+    """The policy over one configuration. ``usable(role)`` is the health interface: configured and
+    healthy (for read_replica: some replica healthy and within its lag limit)."""
+
+    def __init__(self, config: Config, usable: Callable[[str], bool] | None = None) -> None:
+        self.config = config
+        self._usable = usable or self._configured
+        self.read_only_functions = frozenset(f.lower() for f in config.routing.read_only_functions)
+        self._domains = config.domains
+
+    def _configured(self, role: str) -> bool:
+        return self.config.roles.get(role).configured
+
+    def effective(self, role: str) -> str:
+        """The role that serves ``role``'s traffic now: itself, or main when unconfigured or down."""
+        if role == MAIN or self._usable(role):
+            return role
+        return MAIN
+
+    def domain_of(self, table: TableName) -> str:
+        schema, name = table
+        return self._domains.domain_of(schema or None, name) or MAIN
+
+    def kind(self, info: Classification) -> tuple[str, str]:
+        """(read|write, why) with the configured read-only functions taken into account."""
+        if info.write:
+            return WRITE, info.write_reason or "writes"
+        unknown = sorted(f for f in info.functions if f not in self.read_only_functions)
+        if unknown:
+            return WRITE, f"calls {unknown[0]}(), not known to be read-only"
+        return READ, "reads" if info.tables else "reads no table"
+
+    def decide(self, info: Classification, *, override: str | None = None, tx: str | None = None) -> Decision:
+        """The role for a unit outside a transaction (``tx`` None) or the first of one (``tx`` set)."""
+        kind, why = self.kind(info)
+        by_domain = self._tables_by_domain(info.tables)
+        domains = tuple(sorted(by_domain))
+        if info.flags & Flag.PARSE_ERROR:
+            return Decision(WRITE, domains, MAIN, "not parsable: main reports PostgreSQL's syntax error")
+        if override is not None:
+            role = self._serving(override, kind, tx)
+            return Decision(kind, domains, role, f"/* route: {override} */ override" + _via(override, role))
+        upstreams: dict[str, list[TableName]] = {}
+        for domain, tables in by_domain.items():
+            upstreams.setdefault(self.effective(domain), []).extend(tables)
+        if len(upstreams) > 1:
+            return self._refusal(kind, domains, upstreams)
+        if upstreams and next(iter(upstreams)) != MAIN:
+            role = next(iter(upstreams))
+            return Decision(kind, domains, role, f"{_names(upstreams[role])} belong to {role}; {why}")
+        fallen = [d for d in domains if d != MAIN]
+        note = f" ({', '.join(fallen)} served by main)" if fallen else ""
+        if kind == WRITE or info.primary_only:
+            return Decision(kind, domains, MAIN, f"{why}: writes go to main{note}")
+        if tx == TX_READ_WRITE:
+            return Decision(kind, domains, MAIN, f"{why} inside a read-write transaction: main{note}")
+        if self._usable(REPLICA):
+            return Decision(kind, domains, REPLICA, f"{why}: a read of main data goes to the replica{note}")
+        return Decision(kind, domains, MAIN, f"{why}: no usable read replica, main serves reads{note}")
+
+    def _serving(self, role: str, kind: str, tx: str | None) -> str:
+        if role == REPLICA:
+            return REPLICA if self._usable(REPLICA) else MAIN
+        return self.effective(role)
+
+    def _tables_by_domain(self, tables: Iterable[TableName]) -> dict[str, list[TableName]]:
+        out: dict[str, list[TableName]] = {}
+        for table in sorted(tables):
+            out.setdefault(self.domain_of(table), []).append(table)
+        return out
+
+    def _refusal(
+        self, kind: str, domains: tuple[str, ...], upstreams: dict[str, list[TableName]]
+    ) -> Decision:
+        parts = [f"{_names(tables)} on {role}" for role, tables in sorted(upstreams.items())]
+        message = "statement needs more than one upstream: " + "; ".join(parts)
+        return Decision(kind, domains, None, message, FEATURE_NOT_SUPPORTED, message)
+
+    def check_in_transaction(self, info: Classification, holding: str) -> Decision | None:
+        """A later unit of a transaction held on ``holding``: None when it can run there, else a refusal."""
+        if info.flags & Flag.PARSE_ERROR:
+            return None  # the server reports the syntax error (and the transaction fails there)
+        by_domain = self._tables_by_domain(info.tables)
+        needs: dict[str, list[TableName]] = {}
+        for domain, tables in by_domain.items():
+            role = self.effective(domain)
+            # Main's tables can be read on the replica a read-only transaction holds.
+            serving = holding if role == MAIN and holding == REPLICA else role
+            needs.setdefault(serving, []).extend(tables)
+        others = {role: tables for role, tables in needs.items() if role != holding}
+        if not others:
+            return None
+        kind, _ = self.kind(info)
+        parts = [f"{_names(tables)} on {role}" for role, tables in sorted(others.items())]
+        message = f"this transaction runs on {holding}; the statement needs " + "; ".join(parts)
+        return Decision(kind, tuple(sorted(by_domain)), None, message, FEATURE_NOT_SUPPORTED, message)
+
+
+def _names(tables: Iterable[TableName]) -> str:
+    return ", ".join(f"{s}.{t}" if s else t for s, t in tables)
+
+
+def _via(requested: str, role: str) -> str:
+    return "" if requested == role else f" ({requested} unavailable: {role})"
+
+
+__all__ = ["DOMAINS", "Decision", "Router", "route_override"]
