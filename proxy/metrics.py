@@ -72,6 +72,42 @@ class ProxyCollector(Collector):
         yield CounterMetricFamily(
             PREFIX + "classification_cache_misses", "Classification cache misses.", value=cache.misses
         )
+        yield from _health_metrics(app)
+
+
+def _health_metrics(app: ProxyApp) -> Iterator[GaugeMetricFamily | CounterMetricFamily]:
+    """Upstream up/down, replica lag, probe duration and up/down transitions, from the health monitor."""
+    up = GaugeMetricFamily(
+        PREFIX + "upstream_up", "1 while the upstream passes its health probes.", labels=["role", "upstream"]
+    )
+    lag_seconds = GaugeMetricFamily(
+        PREFIX + "replica_lag_seconds", "Replica replay lag behind main, in seconds.", labels=["upstream"]
+    )
+    lag_bytes = GaugeMetricFamily(
+        PREFIX + "replica_lag_bytes",
+        "Replica replay position behind main's WAL, in bytes.",
+        labels=["upstream"],
+    )
+    duration = GaugeMetricFamily(
+        PREFIX + "probe_duration_seconds", "Duration of the last health probe.", labels=["role", "upstream"]
+    )
+    transitions = CounterMetricFamily(
+        PREFIX + "health_transitions", "Up/down transitions of the upstream.", labels=["role", "upstream"]
+    )
+    for label, h in app.health.snapshot().items():
+        up.add_metric([h.role, label], 1 if h.up else 0)
+        if h.lag_seconds is not None:
+            lag_seconds.add_metric([label], h.lag_seconds)
+        if h.lag_bytes is not None:
+            lag_bytes.add_metric([label], h.lag_bytes)
+        if h.last_probe_duration_seconds is not None:
+            duration.add_metric([h.role, label], h.last_probe_duration_seconds)
+        transitions.add_metric([h.role, label], h.transitions)
+    yield up
+    yield lag_seconds
+    yield lag_bytes
+    yield duration
+    yield transitions
 
 
 def make_registry(app: ProxyApp) -> CollectorRegistry:

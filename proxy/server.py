@@ -17,12 +17,14 @@ from proxy.config.dsn import Dsn
 from proxy.config.model import ReadReplicaConfig, RoleConfig
 from proxy.config.values import ROLES
 from proxy.errors import SQLCLIENT_UNABLE_TO_ESTABLISH, ProxyError
-from proxy.frontend.client import Batch, ClientConnection
+from proxy.frontend.client import ClientConnection
+from proxy.health import HealthMonitor
 from proxy.http import AdminServer
 from proxy.pool import Pool
 from proxy.protocol.auth import ServerAuth, UserlistError, load_userlist
 from proxy.protocol.framing import cancel_request
 from proxy.router.classify import ClassificationCache
+from proxy.router.policy import Router
 
 log = logging.getLogger("parafort.server")
 
@@ -56,6 +58,9 @@ class ProxyApp:
                     idle_timeout=rc.idle_timeout,
                     max_lifetime=rc.max_lifetime,
                 )
+        self.replica_pools = [label for label, role in self.pool_roles.items() if role == "read_replica"]
+        self.router = Router(config, self.usable)
+        self.refusals = 0  # statements refused for needing two upstreams (a metric)
         self.userlist = self._load_users()
         self.clients: set[ClientConnection] = set()
         self.cancel_keys: dict[tuple[int, int], ClientConnection] = {}
@@ -65,6 +70,7 @@ class ProxyApp:
         self._reaper: asyncio.Task[None] | None = None
         self._tasks: set[asyncio.Task[None]] = set()
         self.admin: AdminServer | None = None
+        self.health = HealthMonitor(config)
 
     def _load_users(self) -> dict[str, str]:
         auth = self.config.auth
@@ -92,6 +98,7 @@ class ProxyApp:
         except OSError:
             self._server.close()
             raise
+        await self.health.start()
         log.info("event=listening address=%s:%d roles=%s", listen.host, self.port, ",".join(self.pools))
 
     @property
@@ -109,6 +116,7 @@ class ProxyApp:
             client.fatal(ProxyError("57P01", "terminating connection: the proxy is shutting down"))
         for pool in self.pools.values():
             pool.close()
+        await self.health.stop()
         if self.admin is not None:
             await self.admin.stop()
         if self._server is not None:
@@ -122,12 +130,20 @@ class ProxyApp:
                 pool.reap()
 
     # -- what clients ask of the process --------------------------------------------------------------------
-    def route(self, client: ClientConnection, batch: Batch) -> str:
-        """The role that serves ``batch`` for a client holding no upstream connection.
+    def usable(self, role: str) -> bool:
+        """The health interface the router asks: is ``role`` configured (and, once probed, healthy)?"""
+        if role == "read_replica":
+            return bool(self.replica_pools)
+        return role in self.pools
 
-        This is the router's seam: until the router lands, every statement goes to main.
-        """
-        return "main"
+    def pool_for(self, role: str) -> str:
+        """The pool serving ``role``: the role's own, or for reads the replica with fewest active."""
+        if role != "read_replica":
+            return role
+        replicas = self.replica_pools
+        if len(replicas) == 1:
+            return replicas[0]
+        return min(replicas, key=lambda label: self.pools[label].stats.active)
 
     def server_auth(self, user: str) -> ServerAuth:
         return ServerAuth(self.config.auth.method, user, self.userlist.get(user))

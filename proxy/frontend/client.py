@@ -33,6 +33,7 @@ from proxy.backend.connection import (
 )
 from proxy.errors import (
     FEATURE_NOT_SUPPORTED,
+    IN_FAILED_TRANSACTION,
     INTERNAL_ERROR,
     INVALID_AUTHORIZATION,
     PROTOCOL_VIOLATION,
@@ -53,10 +54,17 @@ from proxy.router.classify import (
     F_PIN,
     F_SAVEPOINT,
     F_SESSION_SET,
+    TX_BEGIN,
+    TX_BEGIN_READ_ONLY,
+    TX_COMMIT,
+    TX_ROLLBACK,
+    Classification,
     SessionChange,
     deallocate_target,
+    merge,
     session_changes,
 )
+from proxy.router.policy import MAIN, TX_READ_ONLY, TX_READ_WRITE, Decision, route_override
 
 if TYPE_CHECKING:
     from proxy.server import ProxyApp
@@ -70,6 +78,11 @@ _TERMINATORS = frozenset(b"SHQF")
 _BATCHED = frozenset(b"PBDECSHQF")
 MAX_BATCH_BYTES = 256 * 1024
 MAX_AUTH_MESSAGE = 8192
+_OVERRIDE_START = (b"/", b" ", b"\t", b"\r", b"\n")
+_REFUSAL_HINT = (
+    "Each statement (and each transaction) runs on one upstream. Split the statement, or configure the "
+    "domain map so these tables live together."
+)
 _IDLE = ord("I")
 
 # Connection phases.
@@ -116,7 +129,13 @@ class ClientConnection(asyncio.Protocol):
         self.session = Session({})
         self.key = (0, 0)
         self.server: ServerConnection | None = None
-        self.server_role = ""
+        self.server_role = ""  # the role of the connection held (or last held)
+        self.server_pool = ""  # its pool: the role, or a replica's name
+        self.pending_begin: bytes | None = None  # a BEGIN the proxy answered; sent with the next unit
+        self.pending_begin_mode = ""
+        self.tx_failed = False  # the proxy refused a statement inside this transaction
+        self._stmt_info: dict[str, Classification] = {}
+        self._unnamed_info: Classification | None = None
         self.pinned: str | None = None
         self.buf = b""
         self.waiting: Batch | None = None  # the batch waiting for an upstream connection
@@ -245,36 +264,187 @@ class ClientConnection(asyncio.Protocol):
             # After an error the proxy reported itself, PostgreSQL's rule: ignore everything up to Sync.
             if batch.terminator == _S:
                 self.skip_until_sync = False
-                self.write(m.ready_for_query(b"I" if self.server is None else bytes([self.server.status])))
+                self.write(m.ready_for_query(self._status()))
             return
         server = self.server
-        if self._lingering and server is not None:
-            # Back from between transactions on the connection it kept (the router's choice comes here).
-            self._lingering = False
-            self.app.pools[self.server_role].unlinger(server)
-        if (
-            len(batch.msgs) == 1
-            and batch.terminator == _Q
-            and self.pinned is None
-            and self._deallocates(batch)
-        ):
+        single_query = len(batch.msgs) == 1 and batch.terminator == _Q
+        if single_query and self.pinned is None and self._deallocates(batch):
             reply = self._local_deallocate(batch)
             if reply is not None and (server is None or not server.expect):
-                self.write(reply + m.ready_for_query(b"I" if server is None else bytes([server.status])))
+                self.write(reply + m.ready_for_query(self._status()))
                 return
-        if server is not None:
-            self._send(batch, server)
+        info, override = self._unit_info(batch)
+        router = self.app.router
+        if server is not None and not self._lingering:
+            if self.pinned is not None or server.status != _IDLE or self.tx_failed:
+                # Inside a transaction (or pinned): the unit runs on the connection held, if it can.
+                if self.tx_failed and not self._failed_tx_unit(batch, info):
+                    return
+                refusal = router.check_in_transaction(info, self.server_role) if info is not None else None
+                if refusal is not None:
+                    self._refuse(batch, refusal, in_transaction=server.status != _IDLE)
+                    return
+                self._send(batch, server)
+                return
+            decision = self._decide(info, override)
+            if decision.role is None:
+                self._refuse(batch, decision, in_transaction=False)
+            elif decision.role == self.server_role or info is None:
+                self._send(batch, server)  # pipelined behind the unit in flight, same upstream
+            else:
+                self._wait(batch, decision.role)  # another upstream: once this one is done with us
             return
-        role = self.app.route(self, batch)
-        pool = self.app.pools[role]
-        conn = pool.try_acquire()
+        if (
+            single_query
+            and info is not None
+            and info.tx is not None
+            and self.pinned is None
+            and self._deferred_transaction_control(batch, info)
+        ):
+            return
+        decision = self._decide(info, override)
+        if decision.role is None:
+            self._refuse(batch, decision, in_transaction=self.pending_begin is not None)
+            return
+        role = decision.role
+        if server is not None:  # lingering between transactions
+            if role == self.server_role:
+                self._lingering = False
+                self.app.pools[self.server_pool].unlinger(server)
+                self._send(batch, server)
+                return
+            self._release()
+        label = self.app.pool_for(role)
+        conn = self.app.pools[label].try_acquire()
         if conn is not None:
-            self._attach(conn, role)
+            self._attach(conn, role, label)
             self._send(batch, conn)
             return
         self.waiting = batch
         self.pause("acquire")
-        asyncio.get_running_loop().create_task(self._acquire(batch, role))
+        asyncio.get_running_loop().create_task(self._acquire(batch, role, label))
+
+    def _status(self) -> bytes:
+        """The transaction status to report in a ReadyForQuery the proxy makes itself."""
+        if self.tx_failed:
+            return b"E"
+        if self.pending_begin is not None:
+            return b"T"
+        return b"I" if self.server is None else bytes([self.server.status])
+
+    def _unit_info(self, batch: Batch) -> tuple[Classification | None, str | None]:
+        """The classification of everything the unit executes, and a /* route: */ override if any."""
+        buf = batch.buf
+        classifier = self.app.classifier
+        infos: list[Classification] = []
+        override = None
+        parsed: set[str] = set()
+        for mtype, start, end in batch.msgs:
+            if mtype in (_Q, _P):
+                if mtype == _Q:
+                    sql = buf[start + 5 : end - 1]
+                else:
+                    name_end = buf.index(0, start + 5)
+                    sql = buf[name_end + 1 : buf.index(0, name_end + 1)]
+                    parsed.add(buf[start + 5 : name_end].decode(errors="surrogateescape"))
+                infos.append(classifier.classify_bytes(sql))
+                if sql[:1] in _OVERRIDE_START and sql.lstrip().startswith(b"/*"):
+                    override = route_override(sql.decode(errors="replace")) or override
+            elif mtype == _B:
+                if buf[start + 5] == 0 and buf[start + 6] == 0:
+                    if "" not in parsed and self._unnamed_info is not None:
+                        infos.append(self._unnamed_info)
+                    continue
+                _, name, _ = m.decode_bind_names(buf[start + 5 : end])
+                if name not in parsed:
+                    stmt = self.session.statements.get(name)
+                    if stmt is not None:
+                        infos.append(self._stmt_info.get(name) or classifier.classify(stmt.sql))
+        if not infos:
+            return None, override
+        return (infos[0] if len(infos) == 1 else merge(infos)), override
+
+    def _decide(self, info: Classification | None, override: str | None) -> Decision:
+        tx = self.pending_begin_mode if self.pending_begin is not None else None
+        if info is None:
+            # Nothing executes (Sync, Describe of a portal, Close...): wherever the client last was.
+            role = self.server_role or MAIN
+            return Decision("read", (), role, "no statement: stays where it is")
+        if info.tx in (TX_BEGIN, TX_BEGIN_READ_ONLY) and tx is None:
+            tx = TX_READ_ONLY if info.tx == TX_BEGIN_READ_ONLY else TX_READ_WRITE
+        return self.app.router.decide(info, override=override, tx=tx)
+
+    def _deferred_transaction_control(self, batch: Batch, info: Classification) -> bool:
+        """BEGIN waits for the statement that decides the upstream; COMMIT/ROLLBACK of a transaction
+        that never reached one are answered here. Returns True when the unit was answered."""
+        _, start, end = batch.msgs[0]
+        if info.tx in (TX_BEGIN, TX_BEGIN_READ_ONLY):
+            if self.pending_begin is not None:
+                self.write(
+                    m.notice_response("WARNING", "25001", "there is already a transaction in progress")
+                    + m.command_complete("BEGIN")
+                    + m.ready_for_query(b"T")
+                )
+                return True
+            self.pending_begin = batch.buf[start:end]
+            self.pending_begin_mode = TX_READ_ONLY if info.tx == TX_BEGIN_READ_ONLY else TX_READ_WRITE
+            self.write(m.command_complete("BEGIN") + m.ready_for_query(b"T"))
+            return True
+        if self.pending_begin is not None and info.tx in (TX_COMMIT, TX_ROLLBACK):
+            self.pending_begin = None
+            self.write(m.command_complete(info.tx.upper()) + m.ready_for_query(b"I"))
+            return True
+        if self.pending_begin is None and info.tx in (TX_COMMIT, TX_ROLLBACK):
+            self.write(
+                m.notice_response("WARNING", "25P01", "there is no transaction in progress")
+                + m.command_complete(info.tx.upper())
+                + m.ready_for_query(b"I")
+            )
+            return True
+        return False
+
+    def _failed_tx_unit(self, batch: Batch, info: Classification | None) -> bool:
+        """The proxy refused a statement in this transaction, so to the client it is aborted: only
+        ROLLBACK (or ROLLBACK TO SAVEPOINT) proceeds; COMMIT becomes ROLLBACK, as PostgreSQL does."""
+        tx = info.tx if info is not None else None
+        if tx == TX_ROLLBACK or (
+            info is not None and info.bits & F_SAVEPOINT and self._is_rollback_to(batch)
+        ):
+            self.tx_failed = False
+            return True
+        if tx == TX_COMMIT and self.server is not None and len(batch.msgs) == 1 and batch.terminator == _Q:
+            self.tx_failed = False
+            self.server.push(Expect(K_SYNC))
+            self.server.send(m.query("ROLLBACK"))
+            return False
+        error = ProxyError(
+            IN_FAILED_TRANSACTION,
+            "current transaction is aborted, commands ignored until end of transaction block",
+        )
+        self.write(m.error_from(error))
+        self._after_failed_batch(batch)
+        return False
+
+    def _is_rollback_to(self, batch: Batch) -> bool:
+        _, start, end = batch.msgs[0]
+        changes = session_changes(batch.buf[start + 5 : end - 1].decode(errors="replace"))
+        return any(c.op == "rollback_to" for c in changes)
+
+    def _refuse(self, batch: Batch, decision: Decision, *, in_transaction: bool) -> None:
+        """The unit needs upstreams the proxy cannot give it together: 0A000, and the client carries on."""
+        self.app.refusals += 1
+        log.info("event=refused client=%s reason=%r", self.id, decision.message)
+        self.write(
+            m.error_from(ProxyError(decision.sqlstate or FEATURE_NOT_SUPPORTED, decision.message or ""))
+        )
+        if in_transaction:
+            self.tx_failed = True
+        self._after_failed_batch(batch)
+
+    def _wait(self, batch: Batch, role: str) -> None:
+        """Hold ``batch`` until the connection in use finishes its units, then route it to ``role``."""
+        self.waiting = batch
+        self.pause("switch")
 
     def _deallocates(self, batch: Batch) -> bool:
         _, start, end = batch.msgs[0]
@@ -297,8 +467,8 @@ class ClientConnection(asyncio.Protocol):
             return None  # not one of ours: let PostgreSQL say it does not exist
         return m.command_complete("DEALLOCATE")
 
-    async def _acquire(self, batch: Batch, role: str) -> None:
-        pool = self.app.pools[role]
+    async def _acquire(self, batch: Batch, role: str, label: str) -> None:
+        pool = self.app.pools[label]
         try:
             conn = await pool.acquire()
         except ProxyError as exc:
@@ -319,7 +489,7 @@ class ClientConnection(asyncio.Protocol):
                 pool.release(conn)
                 return
             self.waiting = None
-            self._attach(conn, role)
+            self._attach(conn, role, label)
             try:
                 self._send(batch, conn)
             except ProxyError as exc:
@@ -331,10 +501,10 @@ class ClientConnection(asyncio.Protocol):
 
     def _after_failed_batch(self, batch: Batch) -> None:
         """The batch never reached an upstream: answer as PostgreSQL would after an error."""
-        if batch.terminator == _H:
-            self.skip_until_sync = True
+        if batch.terminator in (_S, _Q, _F):
+            self.write(m.ready_for_query(self._status()))
         else:
-            self.write(m.ready_for_query(b"I"))
+            self.skip_until_sync = True
 
     # -- sending a batch upstream ---------------------------------------------------------------------------
     def _send(self, batch: Batch, server: ServerConnection) -> None:  # noqa: PLR0915  (one loop)
@@ -355,6 +525,12 @@ class ClientConnection(asyncio.Protocol):
             out.append(m.query(sync_sql))
             server.push(Expect(K_SYNC, SWALLOW))
             server.applied = dict(self.session.settings)
+            server.unnamed_owner = None
+        if self.pending_begin is not None:
+            # The BEGIN the proxy answered earlier: the transaction starts here, on this upstream.
+            out.append(self.pending_begin)
+            server.push(Expect(K_SYNC, SWALLOW))
+            self.pending_begin = None
             server.unnamed_owner = None
         for mtype, start, end in batch.msgs:
             if mtype == _B:
@@ -487,6 +663,11 @@ class ClientConnection(asyncio.Protocol):
         if statement == b"" and self._unnamed_changes:
             self._unnamed_changes = []
         info = self.app.classifier.classify_bytes(sql)
+        if statement is not None:
+            if statement:
+                self._stmt_info[statement.decode(errors="surrogateescape")] = info
+            else:
+                self._unnamed_info = info
         flags = info.bits
         if not flags:
             return False
@@ -546,8 +727,20 @@ class ClientConnection(asyncio.Protocol):
                 self._staged_in_tx = True
         elif self.session.has_staged or self._forget_prepared:
             self._settle(server)
-        if status == _IDLE and self.pinned is None and not server.expect and self.waiting is None:
-            if not (self._server_dirty or self.app.pools[self.server_role].linger(server, self._reclaim)):
+        if status == _IDLE:
+            self.tx_failed = False
+        if status == _IDLE and self.pinned is None and not server.expect:
+            if self.waiting is not None:
+                if "switch" in self._paused_by:
+                    # The next unit needs another upstream: this one is done with us now.
+                    batch, self.waiting = self.waiting, None
+                    self._release()
+                    self.resume("switch")
+                    self._dispatch(batch)
+                    if self.waiting is None and self.buf:
+                        self.data_received(b"")
+                return
+            if not (self._server_dirty or self.app.pools[self.server_pool].linger(server, self._reclaim)):
                 self._release()
             else:
                 self._lingering = not self._server_dirty
@@ -607,9 +800,10 @@ class ClientConnection(asyncio.Protocol):
         (self.pause if paused else self.resume)("upstream")
 
     # -- leases ---------------------------------------------------------------------------------------------
-    def _attach(self, conn: ServerConnection, role: str) -> None:
+    def _attach(self, conn: ServerConnection, role: str, label: str) -> None:
         self.server = conn
         self.server_role = role
+        self.server_pool = label
         conn.attach(self)
         if self._write_paused:
             conn.pause_reading(True)
@@ -627,11 +821,11 @@ class ClientConnection(asyncio.Protocol):
             return
         if self._lingering:
             self._lingering = False
-            self.app.pools[self.server_role].unlinger(server)
+            self.app.pools[self.server_pool].unlinger(server)
         server.detach()
         dirty = self._server_dirty
         self._server_dirty = False
-        self.app.pools[self.server_role].release(server, reusable=reusable and not dirty and server.clean)
+        self.app.pools[self.server_pool].release(server, reusable=reusable and not dirty and server.clean)
 
     def _release(self) -> None:
         self._detach(reusable=True)

@@ -341,6 +341,25 @@ def classify(sql: str) -> Classification:
     )
 
 
+def merge(infos: list[Classification]) -> Classification:
+    """One classification for a unit made of several statements (a batch of Parses, say)."""
+    flags = Flag.NONE
+    for info in infos:
+        flags |= info.flags
+    write = next((i for i in infos if i.write), None)
+    return Classification(
+        flags,
+        next((i.pin_reason for i in infos if i.pin_reason), None),
+        write=write is not None,
+        write_reason=write.write_reason if write is not None else None,
+        tables=frozenset().union(*(i.tables for i in infos)),
+        functions=frozenset().union(*(i.functions for i in infos)),
+        tx=None,
+        primary_only=any(i.primary_only for i in infos),
+        statements=sum(i.statements for i in infos),
+    )
+
+
 def session_changes(sql: str) -> list[SessionChange]:
     """The session-parameter changes ``sql`` makes, in order, each with the text to replay it."""
     data = sql.encode()
