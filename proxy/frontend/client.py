@@ -372,7 +372,7 @@ class ClientConnection(asyncio.Protocol):
             return Decision("read", (), role, "no statement: stays where it is")
         if info.tx in (TX_BEGIN, TX_BEGIN_READ_ONLY) and tx is None:
             tx = TX_READ_ONLY if info.tx == TX_BEGIN_READ_ONLY else TX_READ_WRITE
-        return self.app.router.decide(info, override=override, tx=tx)
+        return self.app.router.decide_cached(info, override, tx)
 
     def _deferred_transaction_control(self, batch: Batch, info: Classification) -> bool:
         """BEGIN waits for the statement that decides the upstream; COMMIT/ROLLBACK of a transaction

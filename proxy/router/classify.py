@@ -60,7 +60,7 @@ TX_ROLLBACK = "rollback"
 TableName = tuple[str, str]  # (schema as written, '' when unqualified; table)
 
 
-@dataclass(frozen=True, slots=True)
+@dataclass(frozen=True, slots=True, eq=False)  # identity equality: cheap dict keys for the router
 class Classification:
     """The facts about one SQL string (possibly several statements), independent of configuration.
 

@@ -22,6 +22,7 @@ MAIN = "main"
 REPLICA = "read_replica"
 READ, WRITE = "read", "write"
 TX_READ_WRITE, TX_READ_ONLY = "read_write", "read_only"
+DECISION_CACHE_SIZE = 20_000
 
 
 @dataclass(frozen=True, slots=True)
@@ -78,6 +79,21 @@ class Router:
         self._usable = usable or self._configured
         self.read_only_functions = frozenset(f.lower() for f in config.routing.read_only_functions)
         self._domains = config.domains
+        # Decisions by (classification, override, tx): valid until what is usable changes (invalidate()).
+        self._decisions: dict[tuple[Classification, str | None, str | None], Decision] = {}
+
+    def invalidate(self) -> None:
+        """Health changed: forget cached decisions."""
+        self._decisions = {}
+
+    def decide_cached(self, info: Classification, override: str | None, tx: str | None) -> Decision:
+        key = (info, override, tx)
+        decision = self._decisions.get(key)
+        if decision is None:
+            if len(self._decisions) >= DECISION_CACHE_SIZE:
+                self._decisions = {}
+            decision = self._decisions[key] = self.decide(info, override=override, tx=tx)
+        return decision
 
     def _configured(self, role: str) -> bool:
         return self.config.roles.get(role).configured
