@@ -79,6 +79,7 @@ class Classification:
     tx: str | None = None
     primary_only: bool = False  # LISTEN/NOTIFY, EXECUTE, DO, CALL: a primary, and main for no tables
     statements: int = 1
+    begins: str | None = None  # a multi-statement string that opens a transaction: how (TX_BEGIN...)
     bits: int = field(init=False)  # ``flags`` as a plain int: enum operators are slow on the hot path
 
     def __post_init__(self) -> None:
@@ -239,7 +240,10 @@ def _statement_facts(stmt: ast.Node) -> _Facts:
     facts.flags |= flags
     facts.pin_reason = reason
     if isinstance(stmt, ast.ExplainStmt):
-        analyze = any(isinstance(o, ast.DefElem) and o.defname == "analyze" for o in stmt.options or ())
+        analyze = any(
+            isinstance(o, ast.DefElem) and o.defname == "analyze" and _truthy(o.arg)
+            for o in stmt.options or ()
+        )
         if stmt.query is not None:
             _scan_into(facts, stmt.query, count_writes=analyze)
         return facts
@@ -285,6 +289,17 @@ def _statement_facts(stmt: ast.Node) -> _Facts:
     return facts
 
 
+def _truthy(arg: object) -> bool:
+    """An option's value as PostgreSQL reads it: absent means true; false/off/no/0 mean false."""
+    if arg is None:
+        return True
+    if isinstance(arg, ast.String):
+        return (arg.sval or "").lower() not in ("false", "off", "no", "0")
+    if isinstance(arg, ast.Integer):
+        return bool(arg.ival)
+    return True
+
+
 def _tx_kind(stmt: ast.TransactionStmt) -> str | None:
     kind = stmt.kind
     if kind in (TransactionStmtKind.TRANS_STMT_BEGIN, TransactionStmtKind.TRANS_STMT_START):
@@ -316,7 +331,7 @@ def classify(sql: str) -> Classification:
     tables: set[TableName] = set()
     functions: set[str] = set()
     primary_only = False
-    tx = None
+    tx = begins = None
     for raw in statements:
         if raw.stmt is None:
             continue
@@ -328,6 +343,8 @@ def classify(sql: str) -> Classification:
         functions |= facts.functions
         primary_only = primary_only or facts.primary_only
         tx = facts.tx if len(statements) == 1 else None
+        if begins is None and len(statements) > 1 and facts.tx in (TX_BEGIN, TX_BEGIN_READ_ONLY):
+            begins = facts.tx
     return Classification(
         flags,
         pin_reason,
@@ -338,6 +355,7 @@ def classify(sql: str) -> Classification:
         tx=tx,
         primary_only=primary_only,
         statements=len(statements),
+        begins=begins,
     )
 
 

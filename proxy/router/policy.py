@@ -16,7 +16,7 @@ import pglast
 from proxy.config import Config
 from proxy.config.values import DOMAINS, ROLES
 from proxy.errors import FEATURE_NOT_SUPPORTED
-from proxy.router.classify import Classification, Flag, TableName
+from proxy.router.classify import TX_BEGIN_READ_ONLY, Classification, Flag, TableName
 
 MAIN = "main"
 REPLICA = "read_replica"
@@ -122,6 +122,8 @@ class Router:
         kind, why = self.kind(info)
         by_domain = self._tables_by_domain(info.tables)
         domains = tuple(sorted(by_domain))
+        if tx is None and info.begins is not None:
+            tx = TX_READ_ONLY if info.begins == TX_BEGIN_READ_ONLY else TX_READ_WRITE
         if info.flags & Flag.PARSE_ERROR:
             return Decision(WRITE, domains, MAIN, "not parsable: main reports PostgreSQL's syntax error")
         if override is not None:
