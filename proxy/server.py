@@ -61,6 +61,7 @@ class ProxyApp:
         self.replica_pools = [label for label, role in self.pool_roles.items() if role == "read_replica"]
         self.router = Router(config, self.usable)
         self.refusals = 0  # statements refused for needing two upstreams (a metric)
+        self.fallbacks: dict[str, int] = {}  # units moved to a fallback after a failed connect, by role
         self.userlist = self._load_users()
         self.clients: set[ClientConnection] = set()
         self.cancel_keys: dict[tuple[int, int], ClientConnection] = {}
@@ -71,6 +72,7 @@ class ProxyApp:
         self._tasks: set[asyncio.Task[None]] = set()
         self.admin: AdminServer | None = None
         self.health = HealthMonitor(config)
+        self.health.on_change(self._health_changed)
 
     def _load_users(self) -> dict[str, str]:
         auth = self.config.auth
@@ -131,19 +133,22 @@ class ProxyApp:
 
     # -- what clients ask of the process --------------------------------------------------------------------
     def usable(self, role: str) -> bool:
-        """The health interface the router asks: is ``role`` configured (and, once probed, healthy)?"""
+        """The health interface the router asks: is ``role`` configured, up, and (replicas) not lagging?"""
         if role == "read_replica":
-            return bool(self.replica_pools)
-        return role in self.pools
+            return any(self.health.usable(label) for label in self.replica_pools)
+        return role in self.pools and self.health.usable(role)
 
     def pool_for(self, role: str) -> str:
         """The pool serving ``role``: the role's own, or for reads the replica with fewest active."""
         if role != "read_replica":
             return role
-        replicas = self.replica_pools
+        replicas = [label for label in self.replica_pools if self.health.usable(label)] or self.replica_pools
         if len(replicas) == 1:
             return replicas[0]
         return min(replicas, key=lambda label: self.pools[label].stats.active)
+
+    def _health_changed(self, label: str, up: bool) -> None:
+        self.router.invalidate()  # cached decisions assumed the old health
 
     def server_auth(self, user: str) -> ServerAuth:
         return ServerAuth(self.config.auth.method, user, self.userlist.get(user))

@@ -9,6 +9,7 @@ from typing import Any
 import pytest
 
 from proxy.config.loader import ROLE_ENV
+from proxy.demo import SCHEMA
 from proxy.devcluster import DevClusters
 from proxy.testing import APP_PASSWORD, APP_USER, ProxyProcess
 
@@ -65,3 +66,16 @@ def proxy(start_proxy: Callable[..., ProxyProcess]) -> ProxyProcess:
 @pytest.fixture
 def dsn(proxy: ProxyProcess) -> str:
     return proxy.dsn(APP_USER, APP_PASSWORD)
+
+
+@pytest.fixture(scope="module")
+def schema(pg: DevClusters) -> Iterator[None]:
+    """The ParaFort demo schema on every cluster (main holds every table); dropped after the module."""
+    for role, sql in SCHEMA.items():
+        body = sql.split("INSERT INTO users")[0] if role == "main" else sql
+        pg[role].psql(body, superuser=False)
+    pg.wait_replica_caught_up()
+    yield
+    for role in SCHEMA:
+        if pg[role].running:
+            pg[role].psql("DROP SCHEMA public CASCADE; CREATE SCHEMA public", superuser=False)

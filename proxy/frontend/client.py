@@ -302,6 +302,9 @@ class ClientConnection(asyncio.Protocol):
             and self._deferred_transaction_control(batch, info)
         ):
             return
+        if self.tx_failed and self.pending_begin is not None:
+            self._failed_tx_unit(batch, info)
+            return
         decision = self._decide(info, override)
         if decision.role is None:
             self._refuse(batch, decision, in_transaction=self.pending_begin is not None)
@@ -391,8 +394,10 @@ class ClientConnection(asyncio.Protocol):
             self.write(m.command_complete("BEGIN") + m.ready_for_query(b"T"))
             return True
         if self.pending_begin is not None and info.tx in (TX_COMMIT, TX_ROLLBACK):
+            tag = "ROLLBACK" if self.tx_failed else info.tx.upper()
             self.pending_begin = None
-            self.write(m.command_complete(info.tx.upper()) + m.ready_for_query(b"I"))
+            self.tx_failed = False
+            self.write(m.command_complete(tag) + m.ready_for_query(b"I"))
             return True
         if self.pending_begin is None and info.tx in (TX_COMMIT, TX_ROLLBACK):
             self.write(
@@ -467,15 +472,27 @@ class ClientConnection(asyncio.Protocol):
             return None  # not one of ours: let PostgreSQL say it does not exist
         return m.command_complete("DEALLOCATE")
 
-    async def _acquire(self, batch: Batch, role: str, label: str) -> None:
+    async def _acquire(self, batch: Batch, role: str, label: str, *, retry: bool = True) -> None:
         pool = self.app.pools[label]
         try:
             conn = await pool.acquire()
         except ProxyError as exc:
             if self.phase == CLOSED:
                 return
+            if exc.sqlstate.startswith("08") and retry:
+                # Nothing was sent yet: mark the upstream suspect and, if that moves the unit elsewhere
+                # (its fallback, another replica), try there once.
+                self.app.health.mark_suspect(label, exc.message)
+                decision = self._decide(*self._unit_info(batch))
+                if decision.role is not None and self.app.pool_for(decision.role) != label:
+                    log.warning("event=fallback client=%s from=%s to=%s", self.id, label, decision.role)
+                    self.app.fallbacks[role] = self.app.fallbacks.get(role, 0) + 1
+                    await self._acquire(batch, decision.role, self.app.pool_for(decision.role), retry=False)
+                    return
             self.waiting = None
             self.write(m.error_from(exc))
+            if self.pending_begin is not None:
+                self.tx_failed = True
             self._after_failed_batch(batch)
         except Exception as exc:
             log.exception("client %s: acquire failed", self.id)

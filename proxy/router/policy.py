@@ -15,7 +15,7 @@ import pglast
 
 from proxy.config import Config
 from proxy.config.values import DOMAINS, ROLES
-from proxy.errors import FEATURE_NOT_SUPPORTED
+from proxy.errors import FEATURE_NOT_SUPPORTED, READ_ONLY_SQL_TRANSACTION
 from proxy.router.classify import TX_BEGIN_READ_ONLY, Classification, Flag, TableName
 
 MAIN = "main"
@@ -99,8 +99,12 @@ class Router:
         return self.config.roles.get(role).configured
 
     def effective(self, role: str) -> str:
-        """The role that serves ``role``'s traffic now: itself, or main when unconfigured or down."""
+        """The role that serves ``role``'s traffic now: itself, or its fallback (main) when unconfigured
+        or down. A configured role whose fallback is null keeps its traffic while down (it fails there)."""
         if role == MAIN or self._usable(role):
+            return role
+        rc = self.config.roles.get(role)
+        if rc.configured and rc.fallback is None:
             return role
         return MAIN
 
@@ -139,6 +143,17 @@ class Router:
             return Decision(kind, domains, role, f"{_names(upstreams[role])} belong to {role}; {why}")
         fallen = [d for d in domains if d != MAIN]
         note = f" ({', '.join(fallen)} served by main)" if fallen else ""
+        primary = kind == WRITE or info.primary_only or tx == TX_READ_WRITE
+        if primary and not self._usable(MAIN):
+            if kind == READ and not info.primary_only and self._usable(REPLICA):
+                return Decision(
+                    kind, domains, REPLICA, f"{why}: main is down, the replica serves reads{note}"
+                )
+            message = (
+                "main is unavailable: the proxy serves reads from the replica only (degraded read-only "
+                f"mode) and refuses this {'transaction' if tx == TX_READ_WRITE else 'write'}"
+            )
+            return Decision(kind, domains, None, message, READ_ONLY_SQL_TRANSACTION, message)
         if kind == WRITE or info.primary_only:
             return Decision(kind, domains, MAIN, f"{why}: writes go to main{note}")
         if tx == TX_READ_WRITE:

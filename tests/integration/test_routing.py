@@ -2,29 +2,17 @@
 
 from __future__ import annotations
 
-from collections.abc import Callable, Iterator
+from collections.abc import Callable
 
 import psycopg
 import pytest
 from psycopg import pq
 
-from proxy.demo import DEMO_DOMAINS, SCHEMA
+from proxy.demo import DEMO_DOMAINS
 from proxy.devcluster import DevClusters
 from proxy.testing import APP_PASSWORD, APP_USER, ProxyProcess
 
 ALL_ROLES = ("main", "analytics", "documents", "compliance", "read_replica")
-
-
-@pytest.fixture(scope="module")
-def schema(pg: DevClusters) -> Iterator[None]:
-    """The ParaFort demo schema on every cluster (main holds every table); dropped afterwards."""
-    for role, sql in SCHEMA.items():
-        body = sql.split("INSERT INTO users")[0] if role == "main" else sql
-        pg[role].psql(body, superuser=False)
-    pg.wait_replica_caught_up()
-    yield
-    for role in SCHEMA:
-        pg[role].psql("DROP SCHEMA public CASCADE; CREATE SCHEMA public", superuser=False)
 
 
 @pytest.fixture
