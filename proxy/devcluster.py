@@ -238,6 +238,7 @@ class DevClusters:
         self.basedir = basedir
         self.runner = runner
         self.clusters = clusters
+        self.extra: dict[str, Cluster] = {}  # more replicas, for tests of several
         self._closed = False
 
     @classmethod
@@ -321,18 +322,34 @@ class DevClusters:
                 cluster.port = free_port()
 
     def _clone_replica(self, sockdir: Path) -> None:
+        self.clusters["read_replica"] = self._new_replica("read_replica", sockdir)
+
+    def _new_replica(self, name: str, sockdir: Path) -> Cluster:
         main = self.clusters["main"]
-        datadir = self.basedir / "read_replica"
+        datadir = self.basedir / name
         self.runner.check(
             "pg_basebackup", "-D", str(datadir), "-R", "-X", "stream", "-c", "fast", "--no-sync",
             "-h", str(sockdir), "-p", str(main.port), "-U", "postgres", what="pg_basebackup of main",
         )  # fmt: skip
         replica = Cluster(
-            name="read_replica", datadir=datadir, sockdir=sockdir, port=free_port(), user=main.user,
+            name=name, datadir=datadir, sockdir=sockdir, port=free_port(), user=main.user,
             password=main.password, database=main.database, runner=self.runner,
         )  # fmt: skip
-        self.clusters["read_replica"] = replica
         self._start_on_free_port(replica)
+        return replica
+
+    def add_replica(self, name: str) -> Cluster:
+        """Another streaming replica of main (not one of the five roles: ``env()`` leaves it out)."""
+        if name in self.clusters or name in self.extra:
+            raise ValueError(f"cluster {name!r} exists")
+        replica = self._new_replica(name, self.main.sockdir)
+        self.extra[name] = replica
+        return replica
+
+    def remove_replica(self, name: str) -> None:
+        replica = self.extra.pop(name)
+        replica.stop(mode="immediate")
+        shutil.rmtree(replica.datadir, ignore_errors=True)
 
     # -- access ---------------------------------------------------------------------------------------------
     def __getitem__(self, role: str) -> Cluster:
@@ -382,7 +399,10 @@ class DevClusters:
             return
         self._closed = True
         _LIVE.discard(self)
-        order = sorted(self.clusters.values(), key=lambda c: c.name != "read_replica")
+        order = [
+            *self.extra.values(),
+            *sorted(self.clusters.values(), key=lambda c: c.name != "read_replica"),
+        ]
         for cluster in order:
             with contextlib.suppress(Exception):
                 cluster.stop(mode="immediate", timeout=20)

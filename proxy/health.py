@@ -221,6 +221,7 @@ class HealthMonitor:
         self.settings = config.health
         self._upstreams: dict[str, _Upstream] = {}
         self._callbacks: list[Callable[[str, bool], None]] = []
+        self._usable_callbacks: list[Callable[[str], None]] = []
         self._main_lsn: int | None = None
         h = self.settings
         for role in ROLES:
@@ -286,6 +287,18 @@ class HealthMonitor:
             return
         self._announce(up.state, up.state.suspect(reason))
         up.wake.set()
+
+    def on_usable_change(self, callback: Callable[[str], None]) -> None:
+        """Call ``callback(label)`` whenever ``usable(label)`` may have changed (up/down, first verdict,
+        lag over or back under the limit): the router's cached decisions are stale then."""
+        self._usable_callbacks.append(callback)
+
+    def _usable_changed(self, label: str) -> None:
+        for callback in self._usable_callbacks:
+            try:
+                callback(label)
+            except Exception:
+                log.exception("event=health_callback_error upstream=%s", label)
 
     def on_change(self, callback: Callable[[str, bool], None]) -> None:
         """Call ``callback(label, up)`` on every up/down transition."""
@@ -396,6 +409,7 @@ class HealthMonitor:
             lagging = state.up and not self._within_lag(state)
             if lagging != up.lagging:
                 up.lagging = lagging
+                self._usable_changed(state.label)
                 level = logging.WARNING if lagging else logging.INFO
                 log.log(
                     level,
@@ -420,6 +434,7 @@ class HealthMonitor:
             "true" if change.up else "false",
             change.reason,
         )
+        self._usable_changed(state.label)
         if change.initial:
             return
         for callback in self._callbacks:

@@ -72,7 +72,7 @@ class ProxyApp:
         self._tasks: set[asyncio.Task[None]] = set()
         self.admin: AdminServer | None = None
         self.health = HealthMonitor(config)
-        self.health.on_change(self._health_changed)
+        self.health.on_usable_change(self._health_changed)
 
     def _load_users(self) -> dict[str, str]:
         auth = self.config.auth
@@ -147,7 +147,7 @@ class ProxyApp:
             return replicas[0]
         return min(replicas, key=lambda label: self.pools[label].stats.active)
 
-    def _health_changed(self, label: str, up: bool) -> None:
+    def _health_changed(self, label: str) -> None:
         self.router.invalidate()  # cached decisions assumed the old health
 
     def server_auth(self, user: str) -> ServerAuth:

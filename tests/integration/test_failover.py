@@ -3,6 +3,8 @@
 from __future__ import annotations
 
 import json
+import threading
+import time
 import urllib.error
 import urllib.request
 from collections.abc import Callable, Iterator
@@ -116,3 +118,129 @@ def test_replica_down_reads_go_to_main(pg: DevClusters, proxy: ProxyProcess, res
         pg.read_replica.start()
         wait_until(lambda: databases(proxy)["readReplica"] is True, 15, "replica reported up")
         assert conn.execute("SELECT pg_is_in_recovery()").fetchone() == (True,)
+
+
+class Readers:
+    """Clients reading in a loop on their own connections, recording where each read ran and any error."""
+
+    def __init__(self, proxy: ProxyProcess, n: int, sql: str) -> None:
+        self.sql = sql
+        self.results: list[tuple[int, object]] = []
+        self.errors: list[BaseException] = []
+        self.lock = threading.Lock()
+        self.stop = threading.Event()
+        self.conns = [connect(proxy) for _ in range(n)]
+        self.threads = [threading.Thread(target=self._run, args=(c,), daemon=True) for c in self.conns]
+        for t in self.threads:
+            t.start()
+
+    def _run(self, conn: psycopg.Connection[tuple[object, ...]]) -> None:
+        while not self.stop.is_set():
+            try:
+                row = conn.execute(self.sql).fetchone()
+            except psycopg.Error as exc:
+                with self.lock:
+                    self.errors.append(exc)
+                continue
+            assert row is not None
+            with self.lock:
+                self.results.append((time.monotonic_ns(), row[0]))
+
+    def seen_since(self, mark: int) -> set[object]:
+        with self.lock:
+            return {value for t, value in self.results if t > mark}
+
+    def close(self) -> None:
+        self.stop.set()
+        for t in self.threads:
+            t.join(10)
+        for conn in self.conns:
+            conn.close()
+
+
+def test_replica_stopped_under_eight_readers(pg: DevClusters, proxy: ProxyProcess, restore: None) -> None:
+    readers = Readers(proxy, 8, "SELECT pg_is_in_recovery() FROM (SELECT count(*) FROM users) AS s")
+    try:
+        mark = time.monotonic_ns()
+        wait_until(lambda: True in readers.seen_since(mark), 10, "reads on the replica")
+        pg.read_replica.stop()
+        stopped = time.monotonic_ns()
+        # failures_before_down x interval + timeout = 0.9 s; allow scheduling slack on a busy machine.
+        wait_until(lambda: databases(proxy)["readReplica"] is False, 0.9 + 4, "the replica reported down")
+        mark = time.monotonic_ns()
+        wait_until(lambda: False in readers.seen_since(mark), 10, "reads continuing on main")
+        assert readers.seen_since(mark) == {False}
+        pg.read_replica.start()
+        wait_until(lambda: databases(proxy)["readReplica"] is True, 15, "the replica reported up")
+        mark = time.monotonic_ns()
+        wait_until(lambda: True in readers.seen_since(mark), 10, "reads back on the replica")
+    finally:
+        readers.close()
+    # Only reads in flight when the replica went away failed, each with a connection-class error.
+    assert len(readers.errors) <= 8, readers.errors
+    for exc in readers.errors:
+        assert exc.sqlstate is not None and (exc.sqlstate.startswith("08") or exc.sqlstate == "57P01"), exc
+    assert stopped > 0
+
+
+def test_replay_paused_sends_reads_to_main(
+    pg: DevClusters, start_proxy: Callable[..., ProxyProcess], schema: None, restore: None
+) -> None:
+    health = {**FAST_HEALTH, "max_replica_lag": "1s", "max_replica_lag_bytes": 1}
+    proxy = start_proxy(roles=ALL_ROLES, config={"domains": DEMO_DOMAINS, "health": health})
+    with connect(proxy) as conn:
+        assert conn.execute("SELECT pg_is_in_recovery()").fetchone() == (True,)
+        pg.read_replica.psql("SELECT pg_wal_replay_pause()")
+        try:
+
+            def lagging() -> bool:
+                pg.main.psql("INSERT INTO users (email, full_name) SELECT 'lag' || g || random(), 'Lag' "
+                             "FROM generate_series(1, 50) g", superuser=False)  # fmt: skip
+                return databases(proxy)["readReplica"] is False
+
+            wait_until(lagging, 20, "the replica reported lagging", interval=0.2)
+            assert conn.execute("SELECT pg_is_in_recovery()").fetchone() == (False,)
+        finally:
+            pg.read_replica.psql("SELECT pg_wal_replay_resume()")
+        wait_until(lambda: databases(proxy)["readReplica"] is True, 20, "the replica caught up")
+        assert conn.execute("SELECT pg_is_in_recovery()").fetchone() == (True,)
+
+
+def test_two_replicas_share_reads_and_cover_for_each_other(
+    pg: DevClusters, start_proxy: Callable[..., ProxyProcess], schema: None, restore: None
+) -> None:
+    second = pg.add_replica("replica2")
+    try:
+        main = pg.main
+        replicas = [
+            {"name": "r1", "url": pg.read_replica.dsn},
+            {"name": "r2", "url": second.dsn_for(main.user, main.password, main.database)},
+        ]
+        proxy = start_proxy(
+            roles=("main",),
+            config={"health": FAST_HEALTH, "roles": {"read_replica": {"replicas": replicas}}},
+        )
+        readers = Readers(proxy, 8, "SELECT inet_server_port() FROM pg_sleep(0.02)")
+        try:
+            mark = time.monotonic_ns()
+            both = {pg.read_replica.port, second.port}
+            wait_until(lambda: both <= readers.seen_since(mark), 15, "reads on both replicas")
+            second.stop()
+            wait_until(lambda: databases(proxy)["readReplica"] is True, 5, "r1 still usable")
+            url = f"http://127.0.0.1:{proxy.admin_port}/metrics"
+
+            def r2_down() -> bool:
+                with urllib.request.urlopen(url, timeout=5) as resp:
+                    text = resp.read().decode()
+                return 'parafort_proxy_upstream_up{role="read_replica",upstream="r2"} 0.0' in text
+
+            wait_until(r2_down, 10, "r2 reported down")
+            mark = time.monotonic_ns()
+            wait_until(lambda: len(readers.seen_since(mark)) > 0, 10, "reads continuing")
+            time.sleep(0.5)  # let a few hundred reads run: every one of them must be on r1
+            assert readers.seen_since(mark) == {pg.read_replica.port}
+        finally:
+            readers.close()
+        assert len(readers.errors) <= 8, readers.errors
+    finally:
+        pg.remove_replica("replica2")
