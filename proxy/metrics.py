@@ -65,6 +65,19 @@ class ProxyCollector(Collector):
         yield CounterMetricFamily(
             PREFIX + "client_pins", "Clients that became pinned, since start.", value=app.pinned_total
         )
+        fallbacks = CounterMetricFamily(
+            PREFIX + "fallbacks",
+            "Units served by the fallback (main) for a down or unconfigured role.",
+            labels=["role"],
+        )
+        for role, n in sorted(app.fallbacks.items()):
+            fallbacks.add_metric([role], n)
+        yield fallbacks
+        yield CounterMetricFamily(
+            PREFIX + "cross_upstream_refusals",
+            "Statements refused (0A000) because they need more than one upstream.",
+            value=app.refusals,
+        )
         cache = app.classifier
         yield CounterMetricFamily(
             PREFIX + "classification_cache_hits", "Classification cache hits.", value=cache.hits

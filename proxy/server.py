@@ -61,7 +61,7 @@ class ProxyApp:
         self.replica_pools = [label for label, role in self.pool_roles.items() if role == "read_replica"]
         self.router = Router(config, self.usable)
         self.refusals = 0  # statements refused for needing two upstreams (a metric)
-        self.fallbacks: dict[str, int] = {}  # units moved to a fallback after a failed connect, by role
+        self.fallbacks: dict[str, int] = {}  # units served by main for a down or unconfigured role, by role
         self.userlist = self._load_users()
         self.clients: set[ClientConnection] = set()
         self.cancel_keys: dict[tuple[int, int], ClientConnection] = {}

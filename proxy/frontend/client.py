@@ -310,6 +310,8 @@ class ClientConnection(asyncio.Protocol):
             self._refuse(batch, decision, in_transaction=self.pending_begin is not None)
             return
         role = decision.role
+        if decision.fallback_from:
+            self._count_fallback(decision.fallback_from)
         if server is not None:  # lingering between transactions
             if role == self.server_role:
                 self._lingering = False
@@ -326,6 +328,11 @@ class ClientConnection(asyncio.Protocol):
         self.waiting = batch
         self.pause("acquire")
         asyncio.get_running_loop().create_task(self._acquire(batch, role, label))
+
+    def _count_fallback(self, roles: tuple[str, ...]) -> None:
+        fallbacks = self.app.fallbacks
+        for role in roles:
+            fallbacks[role] = fallbacks.get(role, 0) + 1
 
     def _status(self) -> bytes:
         """The transaction status to report in a ReadyForQuery the proxy makes itself."""
@@ -486,7 +493,7 @@ class ClientConnection(asyncio.Protocol):
                 decision = self._decide(*self._unit_info(batch))
                 if decision.role is not None and self.app.pool_for(decision.role) != label:
                     log.warning("event=fallback client=%s from=%s to=%s", self.id, label, decision.role)
-                    self.app.fallbacks[role] = self.app.fallbacks.get(role, 0) + 1
+                    self._count_fallback(decision.fallback_from or (role,))
                     await self._acquire(batch, decision.role, self.app.pool_for(decision.role), retry=False)
                     return
             self.waiting = None

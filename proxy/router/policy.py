@@ -9,7 +9,7 @@ an explicit transaction.
 from __future__ import annotations
 
 from collections.abc import Callable, Iterable
-from dataclasses import dataclass
+from dataclasses import dataclass, replace
 
 import pglast
 
@@ -35,6 +35,7 @@ class Decision:
     reason: str
     sqlstate: str | None = None
     message: str | None = None
+    fallback_from: tuple[str, ...] = ()  # roles (down or unconfigured) whose tables main serves here
 
     def as_json(self) -> dict[str, object]:
         out: dict[str, object] = {
@@ -141,8 +142,22 @@ class Router:
         if upstreams and next(iter(upstreams)) != MAIN:
             role = next(iter(upstreams))
             return Decision(kind, domains, role, f"{_names(upstreams[role])} belong to {role}; {why}")
-        fallen = [d for d in domains if d != MAIN]
+        fallen = tuple(d for d in domains if d != MAIN)
         note = f" ({', '.join(fallen)} served by main)" if fallen else ""
+        decision = self._main_side(info, kind, why, domains, tx=tx, note=note)
+        return replace(decision, fallback_from=fallen) if fallen else decision
+
+    def _main_side(
+        self,
+        info: Classification,
+        kind: str,
+        why: str,
+        domains: tuple[str, ...],
+        *,
+        tx: str | None,
+        note: str,
+    ) -> Decision:
+        """Tables of main (or none, or of roles main serves now): main, or the replica for reads."""
         primary = kind == WRITE or info.primary_only or tx == TX_READ_WRITE
         if primary and not self._usable(MAIN):
             if kind == READ and not info.primary_only and self._usable(REPLICA):
