@@ -10,8 +10,11 @@ from collections.abc import Iterator
 from typing import TYPE_CHECKING
 
 from prometheus_client import CollectorRegistry, generate_latest
-from prometheus_client.core import CounterMetricFamily, GaugeMetricFamily
+from prometheus_client.core import CounterMetricFamily, GaugeMetricFamily, HistogramMetricFamily
+from prometheus_client.metrics_core import Metric
 from prometheus_client.registry import Collector
+
+from proxy.pool.pool import WAIT_BUCKETS
 
 if TYPE_CHECKING:
     from proxy.server import ProxyApp
@@ -25,7 +28,7 @@ class ProxyCollector(Collector):
     def __init__(self, app: ProxyApp) -> None:
         self.app = app
 
-    def collect(self) -> Iterator[GaugeMetricFamily | CounterMetricFamily]:
+    def collect(self) -> Iterator[Metric]:
         app = self.app
         conns = GaugeMetricFamily(
             PREFIX + "pool_connections",
@@ -43,15 +46,26 @@ class ProxyCollector(Collector):
             "Acquire timeouts (SQLSTATE 53300).",
             labels=["role", "upstream"],
         )
+        waits = HistogramMetricFamily(
+            PREFIX + "pool_acquire_wait_seconds",
+            "Time clients waited for an upstream connection.",
+            labels=["role", "upstream"],
+        )
         for label, pool in app.pools.items():
             role = app.pool_roles[label]
             stats = pool.stats
+            cumulative, buckets = 0, []
+            for bound, n in zip((*WAIT_BUCKETS, float("inf")), pool.wait_counts, strict=True):
+                cumulative += n
+                buckets.append((str(bound) if bound != float("inf") else "+Inf", cumulative))
+            waits.add_metric([role, label], buckets, pool.wait_sum)
             conns.add_metric([role, label, "idle"], stats.idle)
             conns.add_metric([role, label, "active"], stats.active)
             pool_max.add_metric([role, label], stats.max)
             waiting.add_metric([role, label], stats.waiting)
             timeouts.add_metric([role, label], pool.timeouts)
         yield conns
+        yield waits
         yield pool_max
         yield waiting
         yield timeouts
@@ -65,6 +79,14 @@ class ProxyCollector(Collector):
         yield CounterMetricFamily(
             PREFIX + "client_pins", "Clients that became pinned, since start.", value=app.pinned_total
         )
+        routed = CounterMetricFamily(
+            PREFIX + "routed_statements",
+            "Units (statements, batches) routed, by role and kind.",
+            labels=["role", "kind"],
+        )
+        for (role, kind), n in sorted(app.routed.items()):
+            routed.add_metric([role, kind], n)
+        yield routed
         fallbacks = CounterMetricFamily(
             PREFIX + "fallbacks",
             "Units served by the fallback (main) for a down or unconfigured role.",

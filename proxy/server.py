@@ -61,6 +61,7 @@ class ProxyApp:
         self.replica_pools = [label for label, role in self.pool_roles.items() if role == "read_replica"]
         self.router = Router(config, self.usable)
         self.refusals = 0  # statements refused for needing two upstreams (a metric)
+        self.routed: dict[tuple[str, str], int] = {}  # units sent upstream, by (role, read|write)
         self.fallbacks: dict[str, int] = {}  # units served by main for a down or unconfigured role, by role
         self.userlist = self._load_users()
         self.clients: set[ClientConnection] = set()

@@ -259,7 +259,7 @@ class ClientConnection(asyncio.Protocol):
                 )
         self.buf = buf[bstart:] if bstart < n else b""
 
-    def _dispatch(self, batch: Batch) -> None:
+    def _dispatch(self, batch: Batch) -> None:  # noqa: PLR0915  (the routing decision tree)
         if self.skip_until_sync:
             # After an error the proxy reported itself, PostgreSQL's rule: ignore everything up to Sync.
             if batch.terminator == _S:
@@ -284,12 +284,15 @@ class ClientConnection(asyncio.Protocol):
                 if refusal is not None:
                     self._refuse(batch, refusal, in_transaction=server.status != _IDLE)
                     return
+                if info is not None:
+                    self._count_route(self.server_role, router.kind(info)[0])
                 self._send(batch, server)
                 return
             decision = self._decide(info, override)
             if decision.role is None:
                 self._refuse(batch, decision, in_transaction=False)
             elif decision.role == self.server_role or info is None:
+                self._count_route(self.server_role, decision.kind)
                 self._send(batch, server)  # pipelined behind the unit in flight, same upstream
             else:
                 self._wait(batch, decision.role)  # another upstream: once this one is done with us
@@ -312,6 +315,7 @@ class ClientConnection(asyncio.Protocol):
         role = decision.role
         if decision.fallback_from:
             self._count_fallback(decision.fallback_from)
+        self._count_route(role, decision.kind)
         if server is not None:  # lingering between transactions
             if role == self.server_role:
                 self._lingering = False
@@ -328,6 +332,10 @@ class ClientConnection(asyncio.Protocol):
         self.waiting = batch
         self.pause("acquire")
         asyncio.get_running_loop().create_task(self._acquire(batch, role, label))
+
+    def _count_route(self, role: str, kind: str) -> None:
+        routed = self.app.routed
+        routed[role, kind] = routed.get((role, kind), 0) + 1
 
     def _count_fallback(self, roles: tuple[str, ...]) -> None:
         fallbacks = self.app.fallbacks

@@ -38,6 +38,9 @@ class PoolStats:
     max: int
 
 
+WAIT_BUCKETS = (0.001, 0.005, 0.01, 0.05, 0.1, 0.25, 0.5, 1.0, 2.5, 5.0, 10.0, 30.0, 60.0)
+
+
 class Pool(Generic[C]):
     """At most ``size`` connections; waiters served first come, first served.
 
@@ -75,6 +78,9 @@ class Pool(Generic[C]):
         self._waiters: deque[asyncio.Future[C | None]] = deque()
         self._closed = False
         self.timeouts = 0  # acquire timeouts since start (a metric)
+        # Acquire waits as a histogram (plain ints on the hot path; the metrics collector reads them).
+        self.wait_counts = [0] * (len(WAIT_BUCKETS) + 1)  # per bucket, not cumulative; last is +Inf
+        self.wait_sum = 0.0
 
     @property
     def stats(self) -> PoolStats:
@@ -85,10 +91,28 @@ class Pool(Generic[C]):
         """An idle connection at once, or None (then use ``acquire``). Never jumps the waiters' queue."""
         if self._closed or self._waiters:
             return None
-        return self._take_idle() or self._steal()
+        conn = self._take_idle() or self._steal()
+        if conn is not None:
+            self.wait_counts[0] += 1
+        return conn
 
     async def acquire(self) -> C:
         """Lease a connection; raises ProxyError 53300 after the acquire timeout, or the connect error."""
+        started = time.monotonic()
+        try:
+            return await self._acquire()
+        finally:
+            self._observe_wait(time.monotonic() - started)
+
+    def _observe_wait(self, seconds: float) -> None:
+        self.wait_sum += seconds
+        for i, bound in enumerate(WAIT_BUCKETS):
+            if seconds <= bound:
+                self.wait_counts[i] += 1
+                return
+        self.wait_counts[-1] += 1
+
+    async def _acquire(self) -> C:
         if self._closed:
             raise ProxyError(TOO_MANY_CONNECTIONS, f'pool "{self.name}" is closed')
         conn = self._take_idle()
