@@ -75,7 +75,7 @@ def cmd_run(args: argparse.Namespace) -> int:
 
     setup_logging(args.log_level)
     try:
-        return run(config)
+        return run(config, args.config)
     except OSError as exc:
         print(
             f"parafort-proxy: cannot listen on {config.listen.host}:{config.listen.port}: {exc}",

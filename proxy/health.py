@@ -19,7 +19,7 @@ import asyncpg
 
 from proxy.config import Config
 from proxy.config.dsn import Dsn
-from proxy.config.model import ReadReplicaConfig
+from proxy.config.model import HealthConfig, ReadReplicaConfig
 from proxy.config.values import ROLES
 
 log = logging.getLogger("parafort.health")
@@ -287,6 +287,16 @@ class HealthMonitor:
             return
         self._announce(up.state, up.state.suspect(reason))
         up.wake.set()
+
+    def update_settings(self, settings: HealthConfig) -> None:
+        """A reload: new interval, timeout, thresholds and lag limits apply from the next probe."""
+        self.settings = settings
+        for up in self._upstreams.values():
+            up.state.failures_before_down = settings.failures_before_down
+            up.state.successes_before_up = settings.successes_before_up
+            up.wake.set()
+        for label in self._upstreams:
+            self._usable_changed(label)
 
     def on_usable_change(self, callback: Callable[[str], None]) -> None:
         """Call ``callback(label)`` whenever ``usable(label)`` may have changed (up/down, first verdict,

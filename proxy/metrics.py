@@ -100,6 +100,14 @@ class ProxyCollector(Collector):
             "Statements refused (0A000) because they need more than one upstream.",
             value=app.refusals,
         )
+        yield CounterMetricFamily(
+            PREFIX + "config_reloads", "Successful configuration reloads.", value=app.reloads
+        )
+        yield CounterMetricFamily(
+            PREFIX + "config_reload_failures",
+            "Reloads refused (bad configuration): the previous one keeps serving.",
+            value=app.reload_failures,
+        )
         cache = app.classifier
         yield CounterMetricFamily(
             PREFIX + "classification_cache_hits", "Classification cache hits.", value=cache.hits

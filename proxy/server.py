@@ -5,14 +5,16 @@ from __future__ import annotations
 import asyncio
 import contextlib
 import logging
+import os
 import secrets
 import signal
-from collections.abc import Callable
+from collections.abc import Callable, Mapping
+from pathlib import Path
 
 import uvloop
 
 from proxy.backend.connection import ServerConnection
-from proxy.config import Config
+from proxy.config import Config, ConfigError, load_config
 from proxy.config.dsn import Dsn
 from proxy.config.model import ReadReplicaConfig, RoleConfig
 from proxy.config.values import ROLES
@@ -36,8 +38,11 @@ REAP_INTERVAL = 5.0
 class ProxyApp:
     """Everything one proxy process serves: built from a Config, started and stopped as a unit."""
 
-    def __init__(self, config: Config) -> None:
+    def __init__(self, config: Config, config_path: Path | None = None) -> None:
         self.config = config
+        self.config_path = config_path
+        self.reloads = 0  # successful SIGHUP reloads (a metric)
+        self.reload_failures = 0
         self.max_message_length = MAX_MESSAGE_LENGTH
         self.classifier = ClassificationCache()
         self.pools: dict[str, Pool[ServerConnection]] = {}
@@ -75,8 +80,8 @@ class ProxyApp:
         self.health = HealthMonitor(config)
         self.health.on_usable_change(self._health_changed)
 
-    def _load_users(self) -> dict[str, str]:
-        auth = self.config.auth
+    def _load_users(self, config: Config | None = None) -> dict[str, str]:
+        auth = (config or self.config).auth
         if auth.users_file:
             try:
                 return load_userlist(str(auth.users_file))
@@ -131,6 +136,47 @@ class ProxyApp:
             await asyncio.sleep(REAP_INTERVAL)
             for pool in self.pools.values():
                 pool.reap()
+
+    def reload(self, env: Mapping[str, str]) -> bool:
+        """SIGHUP: re-read the configuration and apply it live; a bad one keeps the old (one log line).
+
+        Applied live: pool sizes and timeouts, the domain map and routing settings, health settings, the
+        users file. Listen/admin addresses and upstream URLs need a restart (a warning says so).
+        """
+        try:
+            new = load_config(self.config_path, env)
+            userlist = self._load_users(new)
+        except ConfigError as exc:
+            return self._reload_failed("; ".join(exc.problems))
+        except UserlistError as exc:
+            return self._reload_failed(f"auth.users_file: {exc}")
+        old = self.config
+        restart = [f"roles.{role}.url" for role in ROLES if _urls(new, role) != _urls(old, role)] + [
+            key for key in ("listen", "admin") if getattr(new, key) != getattr(old, key)
+        ]
+        if restart:
+            log.warning("event=reload_needs_restart keys=%s", ",".join(restart))
+        self.config = new
+        self.userlist = userlist
+        self.router = Router(new, self.usable)
+        for label, pool in self.pools.items():
+            rc = new.roles.get(self.pool_roles[label])
+            size = rc.pool_size
+            if isinstance(rc, ReadReplicaConfig):
+                size = next((r.pool_size or rc.pool_size for r in rc.upstreams if r.name == label), size)
+            pool.resize(size)
+            pool.acquire_timeout = rc.acquire_timeout
+            pool.idle_timeout = rc.idle_timeout
+            pool.max_lifetime = rc.max_lifetime
+        self.health.update_settings(new.health)
+        self.reloads += 1
+        log.info("event=reloaded pools=%s", ",".join(f"{k}:{p.size}" for k, p in self.pools.items()))
+        return True
+
+    def _reload_failed(self, problem: str) -> bool:
+        self.reload_failures += 1
+        log.error("event=reload_failed keeping=previous_config problem=%r", problem)
+        return False
 
     # -- what clients ask of the process --------------------------------------------------------------------
     def usable(self, role: str) -> bool:
@@ -239,14 +285,17 @@ async def _send_cancel(dsn: Dsn, pid: int, secret: int) -> None:
         log.warning("event=cancel_failed upstream=%s:%d error=%s", dsn.host, dsn.port, exc)
 
 
-async def serve(config: Config, ready: Callable[[ProxyApp], None] | None = None) -> int:
-    """Run the proxy until SIGTERM or SIGINT; returns the exit code."""
-    app = ProxyApp(config)
+async def serve(
+    config: Config, ready: Callable[[ProxyApp], None] | None = None, config_path: Path | None = None
+) -> int:
+    """Run the proxy until SIGTERM or SIGINT (SIGHUP reloads); returns the exit code."""
+    app = ProxyApp(config, config_path)
     await app.start()
     stop = asyncio.Event()
     loop = asyncio.get_running_loop()
     for sig in (signal.SIGTERM, signal.SIGINT):
         loop.add_signal_handler(sig, stop.set)
+    loop.add_signal_handler(signal.SIGHUP, lambda: app.reload(os.environ))
     if ready is not None:
         ready(app)
     try:
@@ -254,12 +303,19 @@ async def serve(config: Config, ready: Callable[[ProxyApp], None] | None = None)
     finally:
         log.info("event=stopping")
         await app.stop()
-        for sig in (signal.SIGTERM, signal.SIGINT):
+        for sig in (signal.SIGTERM, signal.SIGINT, signal.SIGHUP):
             loop.remove_signal_handler(sig)
     return 0
 
 
-def run(config: Config) -> int:
+def run(config: Config, config_path: Path | None = None) -> int:
     """Blocking entry point for ``parafort-proxy run``: uvloop, then serve()."""
     with asyncio.Runner(loop_factory=uvloop.new_event_loop) as runner:
-        return runner.run(serve(config))
+        return runner.run(serve(config, config_path=config_path))
+
+
+def _urls(config: Config, role: str) -> tuple[str | None, ...]:
+    rc = config.roles.get(role)
+    if isinstance(rc, ReadReplicaConfig):
+        return tuple(r.url for r in rc.upstreams)
+    return (rc.url,)

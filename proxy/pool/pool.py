@@ -152,6 +152,15 @@ class Pool(Generic[C]):
                 return await self._open()
             retry = True
 
+    def resize(self, size: int) -> None:
+        """A reload changed the pool size: more room wakes waiters; less closes idle ones beyond it."""
+        grow = size - self.size
+        self.size = size
+        for _ in range(max(grow, 0)):
+            self._wake_one()
+        while self._total > self.size and self._idle:
+            self._discard(self._idle.pop(0))
+
     def linger(self, conn: C, reclaim: Callable[[], None]) -> bool:
         """Let the client keep ``conn`` between transactions; False means release it now instead."""
         if self._waiters or self._closed or conn.broken:
