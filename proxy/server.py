@@ -13,6 +13,7 @@ from pathlib import Path
 
 import uvloop
 
+from proxy.admin import AdminConsole
 from proxy.backend.connection import ServerConnection
 from proxy.config import Config, ConfigError, load_config
 from proxy.config.dsn import Dsn
@@ -69,6 +70,9 @@ class ProxyApp:
         self.routed: dict[tuple[str, str], int] = {}  # units sent upstream, by (role, read|write)
         self.fallbacks: dict[str, int] = {}  # units served by main for a down or unconfigured role, by role
         self.userlist = self._load_users()
+        self.paused: set[str] = set()  # roles whose new transactions wait (PAUSE); "*" = every role
+        self._resume_event = asyncio.Event()
+        self.console = AdminConsole(self)
         self.clients: set[ClientConnection] = set()
         self.cancel_keys: dict[tuple[int, int], ClientConnection] = {}
         self.pinned_total = 0
@@ -91,7 +95,7 @@ class ProxyApp:
         # No users file: clients log in with main's own user and password (one DSN for everyone).
         return {main.user: main.password} if main.user and main.password else {}
 
-    # -- lifecycle ------------------------------------------------------------------------------------------
+    # -- lifecycle ---------------------------------------------------------------------------------------
     async def start(self) -> None:
         loop = asyncio.get_running_loop()
         listen = self.config.listen
@@ -173,12 +177,38 @@ class ProxyApp:
         log.info("event=reloaded pools=%s", ",".join(f"{k}:{p.size}" for k, p in self.pools.items()))
         return True
 
+    # -- PAUSE / RESUME ----------------------------------------------------------------------------------
+    def is_paused(self, role: str) -> bool:
+        return bool(self.paused) and ("*" in self.paused or role in self.paused)
+
+    def pause(self, role: str | None) -> None:
+        self.paused.add(role or "*")
+        log.warning("event=paused role=%s", role or "*")
+
+    def resume(self, role: str | None) -> None:
+        if role is None:
+            self.paused.clear()
+        elif "*" in self.paused:
+            self.paused = set(ROLES) - {role}
+        else:
+            self.paused.discard(role)
+        log.warning("event=resumed role=%s", role or "*")
+        event, self._resume_event = self._resume_event, asyncio.Event()
+        event.set()
+
+    async def wait_resumed(self, role: str) -> None:
+        while self.is_paused(role):
+            await self._resume_event.wait()
+
+    def admin_allowed(self, user: str) -> bool:
+        return user in self.config.auth.admin_users
+
     def _reload_failed(self, problem: str) -> bool:
         self.reload_failures += 1
         log.error("event=reload_failed keeping=previous_config problem=%r", problem)
         return False
 
-    # -- what clients ask of the process --------------------------------------------------------------------
+    # -- what clients ask of the process -----------------------------------------------------------------
     def usable(self, role: str) -> bool:
         """The health interface the router asks: is ``role`` configured, up, and (replicas) not lagging?"""
         if role == "read_replica":

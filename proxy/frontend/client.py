@@ -14,9 +14,11 @@ import itertools
 import logging
 import secrets
 import struct
+import time
 from collections.abc import Callable, Iterator
 from typing import TYPE_CHECKING, cast
 
+from proxy.admin import ADMIN_DATABASE
 from proxy.backend.connection import (
     FORWARD,
     K_BIND,
@@ -144,6 +146,8 @@ class ClientConnection(asyncio.Protocol):
         self._paused_by: set[str] = set()
         self._write_paused = False
         self._lingering = False  # between transactions, still holding the last connection (see Pool)
+        self.connected_at = time.monotonic()
+        self.admin = False  # connected to the admin console (database "parafort")
         # Outcome tracking for session changes and DISCARD while a batch is in flight.
         self._error_seen = False
         self._last_tag = b""
@@ -157,6 +161,10 @@ class ClientConnection(asyncio.Protocol):
         self._stmt_changes: dict[str, list[SessionChange]] = {}
         self._unnamed_changes: list[SessionChange] = []
         self._portal_changes: dict[str, list[SessionChange]] = {}
+
+    @property
+    def lingering(self) -> bool:
+        return self._lingering
 
     # -- asyncio.Protocol -----------------------------------------------------------------------------------
     def connection_made(self, transport: asyncio.BaseTransport) -> None:
@@ -266,6 +274,9 @@ class ClientConnection(asyncio.Protocol):
                 self.skip_until_sync = False
                 self.write(m.ready_for_query(self._status()))
             return
+        if self.admin:
+            self._console(batch)
+            return
         server = self.server
         single_query = len(batch.msgs) == 1 and batch.terminator == _Q
         if single_query and self.pinned is None and self._deallocates(batch):
@@ -316,6 +327,14 @@ class ClientConnection(asyncio.Protocol):
         if decision.fallback_from:
             self._count_fallback(decision.fallback_from)
         self._count_route(role, decision.kind)
+        if self.app.is_paused(role):
+            # PAUSE: the new transaction waits (no timeout) until RESUME; nothing fails.
+            if server is not None:
+                self._release()
+            self.waiting = batch
+            self.pause("acquire")
+            asyncio.get_running_loop().create_task(self._acquire(batch, role, self.app.pool_for(role)))
+            return
         if server is not None:  # lingering between transactions
             if role == self.server_role:
                 self._lingering = False
@@ -466,6 +485,24 @@ class ClientConnection(asyncio.Protocol):
         self.waiting = batch
         self.pause("switch")
 
+    def _console(self, batch: Batch) -> None:
+        """The admin console: simple-query commands answered by the proxy itself."""
+        if batch.terminator != _Q or len(batch.msgs) != 1:
+            self.write(
+                m.error_from(
+                    ProxyError(FEATURE_NOT_SUPPORTED, "the admin console speaks the simple query protocol")
+                )
+            )
+            self._after_failed_batch(batch)
+            return
+        _, start, end = batch.msgs[0]
+        try:
+            reply = self.app.console.execute(batch.buf[start + 5 : end - 1].decode(errors="replace"))
+        except ProxyError as exc:
+            reply = m.error_from(exc)
+        log.info("event=admin_command client=%s user=%s", self.id, self.user)
+        self.write(reply + m.ready_for_query(b"I"))
+
     def _deallocates(self, batch: Batch) -> bool:
         _, start, end = batch.msgs[0]
         return bool(
@@ -488,6 +525,11 @@ class ClientConnection(asyncio.Protocol):
         return m.command_complete("DEALLOCATE")
 
     async def _acquire(self, batch: Batch, role: str, label: str, *, retry: bool = True) -> None:
+        if self.app.is_paused(role):
+            await self.app.wait_resumed(role)
+            label = self.app.pool_for(role)
+            if self.phase == CLOSED:
+                return
         pool = self.app.pools[label]
         try:
             conn = await pool.acquire()
@@ -922,6 +964,14 @@ class ClientConnection(asyncio.Protocol):
         return True
 
     def _authenticated(self) -> None:
+        if self.database == ADMIN_DATABASE:
+            if not self.app.admin_allowed(self.user):
+                raise ProxyError(
+                    INVALID_AUTHORIZATION,
+                    f'user "{self.user}" is not allowed to use the admin console (auth.admin_users)',
+                    severity="FATAL",
+                )
+            self.admin = True
         self.phase = LOGIN
         self._auth = None
         self.session = Session(startup_settings(self.params))

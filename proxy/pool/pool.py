@@ -152,6 +152,10 @@ class Pool(Generic[C]):
                 return await self._open()
             retry = True
 
+    def idle_connections(self) -> list[C]:
+        """Connections in the pool, not leased (lingering ones are their client's)."""
+        return list(self._idle)
+
     def resize(self, size: int) -> None:
         """A reload changed the pool size: more room wakes waiters; less closes idle ones beyond it."""
         grow = size - self.size

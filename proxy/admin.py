@@ -1,0 +1,185 @@
+"""The admin console, PgBouncer style: ``psql`` to the virtual database ``parafort`` as an admin user.
+
+    SHOW POOLS | CLIENTS | SERVERS | STATS | HEALTH | CONFIG | HELP
+    RELOAD
+    PAUSE [role]      new transactions for the role (or every role) wait; nothing fails
+    RESUME [role]
+
+Commands are this console's own small language (keywords and a role name), not SQL.
+"""
+
+from __future__ import annotations
+
+import os
+import time
+from collections.abc import Callable, Sequence
+from typing import TYPE_CHECKING
+
+from proxy.config.render import config_as_dict
+from proxy.config.values import ROLES
+from proxy.errors import FEATURE_NOT_SUPPORTED, ProxyError
+from proxy.protocol import messages as m
+
+if TYPE_CHECKING:
+    from proxy.server import ProxyApp
+
+ADMIN_DATABASE = "parafort"
+SYNTAX_ERROR = "42601"
+TEXT, INT8, BOOL, FLOAT8 = 25, 20, 16, 701
+Row = Sequence[object]
+
+
+def _table(columns: Sequence[tuple[str, int]], rows: Sequence[Row], tag: str = "SHOW") -> bytes:
+    out = bytearray(m.row_description(columns))
+    for row in rows:
+        out += m.data_row([None if v is None else _text(v) for v in row])
+    out += m.command_complete(f"{tag} {len(rows)}" if tag == "SHOW" else tag)
+    return bytes(out)
+
+
+def _text(value: object) -> str:
+    if isinstance(value, bool):
+        return "t" if value else "f"
+    if isinstance(value, float):
+        return f"{value:.6g}"
+    return str(value)
+
+
+class AdminConsole:
+    """Answers one console command with the protocol bytes of its result (ReadyForQuery excluded)."""
+
+    def __init__(self, app: ProxyApp) -> None:
+        self.app = app
+        self.commands: dict[str, Callable[[list[str]], bytes]] = {
+            "SHOW": self.show,
+            "RELOAD": self.reload,
+            "PAUSE": self.pause,
+            "RESUME": self.resume,
+        }
+
+    def execute(self, text: str) -> bytes:
+        words = text.replace(";", " ").split()
+        if not words:
+            return m.empty_query_response()
+        command = self.commands.get(words[0].upper())
+        if command is None:
+            raise ProxyError(SYNTAX_ERROR, f"unknown admin command {words[0]!r}", hint="try SHOW HELP")
+        return command([w.upper() for w in words[1:]] if words[0].upper() == "SHOW" else words[1:])
+
+    # -- SHOW --------------------------------------------------------------------------------------------
+    def show(self, args: list[str]) -> bytes:
+        what = args[0] if args else "HELP"
+        handler = getattr(self, f"show_{what.lower()}", None)
+        if handler is None:
+            raise ProxyError(SYNTAX_ERROR, f"unknown SHOW target {what!r}", hint="try SHOW HELP")
+        result: bytes = handler()
+        return result
+
+    def show_help(self) -> bytes:
+        rows = [(line,) for line in (__doc__ or "").strip().splitlines()[2:8] if line.strip()]
+        return _table([("command", TEXT)], rows)
+
+    def show_pools(self) -> bytes:
+        app = self.app
+        rows = []
+        for label, pool in app.pools.items():
+            role = app.pool_roles[label]
+            s = pool.stats
+            rows.append(
+                (role, label, s.max, s.total, s.active, s.idle, s.waiting, pool.timeouts, app.is_paused(role))
+            )
+        cols = [("role", TEXT), ("upstream", TEXT), ("pool_size", INT8), ("total", INT8), ("active", INT8)]
+        cols += [("idle", INT8), ("waiting", INT8), ("acquire_timeouts", INT8), ("paused", BOOL)]
+        return _table(cols, rows)
+
+    def show_clients(self) -> bytes:
+        rows = []
+        now = time.monotonic()
+        for c in sorted(self.app.clients, key=lambda c: c.id):
+            state = "waiting" if c.waiting is not None else ("active" if c.server is not None else "idle")
+            rows.append(
+                (
+                    c.id,
+                    c.user,
+                    c.database,
+                    c.peer,
+                    state,
+                    c.server_role or None,
+                    c.pinned,
+                    now - c.connected_at,
+                )
+            )
+        cols = [("id", INT8), ("user", TEXT), ("database", TEXT), ("address", TEXT), ("state", TEXT)]
+        cols += [("role", TEXT), ("pinned", TEXT), ("connected_seconds", FLOAT8)]
+        return _table(cols, rows)
+
+    def show_servers(self) -> bytes:
+        rows: list[Row] = []
+        now = time.monotonic()
+        for c in self.app.clients:
+            s = c.server
+            if s is not None:
+                state = "lingering" if c.lingering else "active"
+                rows.append((s.label, s.role, s.backend_pid, state, c.id, now - s.created_at))
+        for pool in self.app.pools.values():
+            for s in pool.idle_connections():
+                rows.append((s.label, s.role, s.backend_pid, "idle", None, now - s.created_at))
+        cols = [("upstream", TEXT), ("role", TEXT), ("backend_pid", INT8), ("state", TEXT), ("client", INT8)]
+        cols += [("age_seconds", FLOAT8)]
+        return _table(cols, sorted(rows, key=lambda r: (str(r[0]), str(r[3]))))  # by upstream, state
+
+    def show_stats(self) -> bytes:
+        app = self.app
+        rows: list[Row] = [(role, kind, n) for (role, kind), n in sorted(app.routed.items())]
+        rows += [(role, "fallback", n) for role, n in sorted(app.fallbacks.items())]
+        rows.append(("*", "cross_upstream_refusal", app.refusals))
+        rows.append(("*", "classification_cache_hit", app.classifier.hits))
+        rows.append(("*", "classification_cache_miss", app.classifier.misses))
+        return _table([("role", TEXT), ("counter", TEXT), ("value", INT8)], rows)
+
+    def show_health(self) -> bytes:
+        rows = [
+            (h.label, h.role, h.up, h.usable, h.lag_seconds, h.lag_bytes, h.last_error)
+            for h in self.app.health.snapshot().values()
+        ]
+        cols = [("upstream", TEXT), ("role", TEXT), ("up", BOOL), ("usable", BOOL)]
+        cols += [("lag_seconds", FLOAT8), ("lag_bytes", INT8), ("last_error", TEXT)]
+        return _table(cols, rows)
+
+    def show_config(self) -> bytes:
+        rows: list[Row] = []
+
+        def walk(prefix: str, value: object) -> None:
+            if isinstance(value, dict):
+                for key, sub in value.items():
+                    walk(f"{prefix}.{key}" if prefix else str(key), sub)
+            else:
+                rows.append((prefix, "" if value is None else str(value)))
+
+        walk("", config_as_dict(self.app.config))  # secrets are redacted there
+        return _table([("key", TEXT), ("value", TEXT)], rows)
+
+    # -- actions -----------------------------------------------------------------------------------------
+    def reload(self, args: list[str]) -> bytes:
+        if not self.app.reload(os.environ):
+            raise ProxyError("F0000", "reload failed: the previous configuration keeps serving (see the log)")
+        return m.command_complete("RELOAD")
+
+    def pause(self, args: list[str]) -> bytes:
+        role = self._role(args)
+        self.app.pause(role)
+        return m.command_complete("PAUSE")
+
+    def resume(self, args: list[str]) -> bytes:
+        role = self._role(args)
+        self.app.resume(role)
+        return m.command_complete("RESUME")
+
+    @staticmethod
+    def _role(args: list[str]) -> str | None:
+        if not args:
+            return None
+        role = args[0].lower()
+        if role not in ROLES:
+            raise ProxyError(FEATURE_NOT_SUPPORTED, f"unknown role {args[0]!r}: one of {', '.join(ROLES)}")
+        return role
