@@ -4,7 +4,6 @@ from __future__ import annotations
 
 import argparse
 import json
-import logging
 import os
 import sys
 from collections.abc import Sequence
@@ -13,6 +12,7 @@ from pathlib import Path
 from proxy import __version__
 from proxy.config import Config, ConfigError, load_config
 from proxy.config.render import render_config
+from proxy.logs import setup_logging
 from proxy.protocol.auth import UserlistError
 
 
@@ -28,8 +28,8 @@ def _parser() -> argparse.ArgumentParser:
     run = sub.add_parser("run", help="run the proxy (foreground; SIGTERM or Ctrl-C stops it)")
     run.add_argument("--config", type=Path, help="YAML configuration file (default: environment only)")
     run.add_argument(
-        "--log-level", default=os.environ.get("PARAFORT_LOG_LEVEL", "info"),
-        choices=["debug", "info", "warning", "error"], help="log level (default: info)",
+        "--log-level", default=os.environ.get("PARAFORT_LOG_LEVEL"),
+        choices=["debug", "info", "warning", "error"], help="log level (default: the config's log.level)",
     )  # fmt: skip
     explain = sub.add_parser(
         "explain", help="show where a statement would be routed, and why (no database needed)"
@@ -73,7 +73,7 @@ def cmd_run(args: argparse.Namespace) -> int:
         return 1
     from proxy.server import run  # noqa: PLC0415
 
-    setup_logging(args.log_level)
+    setup_logging(args.log_level or config.log.level, config.log.format)
     try:
         return run(config, args.config)
     except OSError as exc:
@@ -85,14 +85,6 @@ def cmd_run(args: argparse.Namespace) -> int:
     except UserlistError as exc:
         print(f"parafort-proxy: config error: auth.users_file: {exc}", file=sys.stderr)
         return 1
-
-
-def setup_logging(level: str) -> None:
-    logging.basicConfig(
-        level=level.upper(),
-        stream=sys.stderr,
-        format="time=%(asctime)s level=%(levelname)s logger=%(name)s %(message)s",
-    )
 
 
 def cmd_explain(args: argparse.Namespace) -> int:

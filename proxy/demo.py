@@ -3,7 +3,6 @@
 from __future__ import annotations
 
 import asyncio
-import logging
 import signal
 import socket
 import sys
@@ -16,6 +15,7 @@ import yaml
 
 from proxy.config import Config, load_config
 from proxy.devcluster import DevClusters, free_port
+from proxy.logs import setup_logging
 from proxy.server import serve
 
 # Domain tables live in their own role's cluster; main holds every table too, so fallback to main works.
@@ -172,7 +172,7 @@ def run_demo() -> int:
         print(f"  psql '{dsn}' -c \"INSERT INTO user_activity (user_id, action) VALUES (1, 'login')\"")
         print(f"  psql '{dsn}' -c 'SELECT inet_server_port(), pg_is_in_recovery()'")
         print("\nPress Ctrl-C to stop the proxy and delete the clusters.", flush=True)
-        logging.basicConfig(level=logging.INFO, format="time=%(asctime)s level=%(levelname)s %(message)s")
+        setup_logging("info")
         with asyncio.Runner(loop_factory=uvloop.new_event_loop) as runner:
             runner.run(serve(config))
     except KeyboardInterrupt:

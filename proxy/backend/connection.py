@@ -252,7 +252,7 @@ class ServerConnection(asyncio.Protocol):
         try:
             used = self._handshake_messages(buf) if self._handshake is not None else self._pump(buf)
         except ProxyError as exc:
-            log.warning("upstream %s: %s", self.label, exc.message)
+            log.warning("event=upstream_protocol_error upstream=%s error=%r", self.label, exc.message)
             self.abort()
             return
         self._buf = buf[used:] if used < len(buf) else b""
@@ -300,7 +300,9 @@ class ServerConnection(asyncio.Protocol):
                         out.append(bytes(buf[pos:end]))
                     else:
                         log.warning(
-                            "upstream %s: injected statement failed: %s", self.label, _message(buf, pos, end)
+                            "event=injected_statement_failed upstream=%s sqlstate=%s",
+                            self.label,
+                            _sqlstate(buf, pos, end),
                         )
             if mtype == _Z:
                 self.status = buf[pos + 5]
@@ -456,9 +458,10 @@ class ServerConnection(asyncio.Protocol):
             self.transport.close()
 
 
-def _message(buf: bytes, pos: int, end: int) -> str:
+def _sqlstate(buf: bytes, pos: int, end: int) -> str:
+    """An error's SQLSTATE only: its message may quote values (a replayed SET's, say)."""
     try:
         fields = m.parse_fields(bytes(buf[pos + 5 : end]))
     except ProxyError:
-        return "(unreadable error)"
-    return f"{fields.get('C', '')} {fields.get('M', '')}"
+        return "unreadable"
+    return fields.get("C", "unknown")

@@ -201,6 +201,13 @@ def default_domains() -> DomainsConfig:
     return DomainsConfig(**{d: (TableRef(d, "*"),) for d in DOMAINS})
 
 
+class LogConfig(Frozen):
+    """Logs go to stderr (journald under systemd), one line per event."""
+
+    format: Literal["keyvalue", "json"] = "keyvalue"
+    level: Literal["debug", "info", "warning", "error"] = "info"
+
+
 class HealthConfig(Frozen):
     """Health probing of every configured upstream."""
 
@@ -228,6 +235,7 @@ class Config(Frozen):
     domains: DomainsConfig = Field(default_factory=default_domains)
     routing: RoutingConfig = RoutingConfig()
     health: HealthConfig = HealthConfig()
+    log: LogConfig = LogConfig()
 
     @model_validator(mode="after")
     def _listeners_differ(self) -> Config:

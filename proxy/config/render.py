@@ -52,6 +52,7 @@ def config_as_dict(config: Config) -> dict[str, Any]:
             "max_replica_lag": format_duration(health.max_replica_lag),
             "max_replica_lag_bytes": health.max_replica_lag_bytes,
         },
+        "log": {"format": config.log.format, "level": config.log.level},
     }
 
 

@@ -177,6 +177,7 @@ class ClientConnection(asyncio.Protocol):
 
             sock.setsockopt(socket.IPPROTO_TCP, socket.TCP_NODELAY, 1)
         self.app.client_opened(self)
+        log.info("event=client_open client=%s address=%s", self.id, self.peer)
 
     def connection_lost(self, exc: Exception | None) -> None:
         self._shutdown()
@@ -201,7 +202,7 @@ class ClientConnection(asyncio.Protocol):
         except ProxyError as exc:
             self.fatal(exc)
         except Exception as exc:  # never let one client's surprise take the proxy down
-            log.exception("client %s: internal error", self.id)
+            log.exception("event=internal_error client=%s", self.id)
             self.fatal(ProxyError(INTERNAL_ERROR, f"internal proxy error: {type(exc).__name__}"))
 
     # -- input ----------------------------------------------------------------------------------------------
@@ -552,7 +553,7 @@ class ClientConnection(asyncio.Protocol):
                 self.tx_failed = True
             self._after_failed_batch(batch)
         except Exception as exc:
-            log.exception("client %s: acquire failed", self.id)
+            log.exception("event=acquire_error client=%s", self.id)
             self.waiting = None
             self.write(
                 m.error_from(ProxyError(INTERNAL_ERROR, f"internal proxy error: {type(exc).__name__}"))
@@ -998,7 +999,7 @@ class ClientConnection(asyncio.Protocol):
         out += m.ready_for_query(b"I")
         self.write(out)
         self.phase = READY
-        log.debug("client %s: %s@%s from %s logged in", self.id, self.user, self.database, self.peer)
+        log.info("event=client_login client=%s user=%s database=%s", self.id, self.user, self.database)
         if self.buf:
             self.data_received(b"")
 
@@ -1047,6 +1048,12 @@ class ClientConnection(asyncio.Protocol):
                 server.sink = None
                 self._detach(reusable=False)
         self.app.client_closed(self)
+        log.info(
+            "event=client_close client=%s user=%s seconds=%.3f",
+            self.id,
+            self.user or "-",
+            time.monotonic() - self.connected_at,
+        )
         transport, self.transport = self.transport, None
         if transport is not None:
             transport.close()
