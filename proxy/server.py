@@ -14,6 +14,7 @@ from pathlib import Path
 import uvloop
 
 from proxy.admin import AdminConsole
+from proxy.audit import AuditLog
 from proxy.backend.connection import ServerConnection
 from proxy.config import Config, ConfigError, load_config
 from proxy.config.dsn import Dsn
@@ -44,7 +45,8 @@ class ProxyApp:
         self.config_path = config_path
         self.reloads = 0  # successful SIGHUP reloads (a metric)
         self.reload_failures = 0
-        self.max_message_length = MAX_MESSAGE_LENGTH
+        self.max_message_length = config.limits.max_message_length
+        self.audit = AuditLog(config.audit.path) if config.audit.path else None
         self.classifier = ClassificationCache()
         self.pools: dict[str, Pool[ServerConnection]] = {}
         self.upstreams: dict[str, Dsn] = {}
@@ -162,6 +164,13 @@ class ProxyApp:
             log.warning("event=reload_needs_restart keys=%s", ",".join(restart))
         self.config = new
         self.userlist = userlist
+        self.max_message_length = new.limits.max_message_length
+        if self.audit is not None and new.audit.path == self.audit.path:
+            self.audit.reopen()  # logrotate moved the file away
+        else:
+            if self.audit is not None:
+                self.audit.close()
+            self.audit = AuditLog(new.audit.path) if new.audit.path else None
         self.router = Router(new, self.usable)
         for label, pool in self.pools.items():
             rc = new.roles.get(self.pool_roles[label])

@@ -201,6 +201,23 @@ def default_domains() -> DomainsConfig:
     return DomainsConfig(**{d: (TableRef(d, "*"),) for d in DOMAINS})
 
 
+class LimitsConfig(Frozen):
+    """Protection against misbehaving or hostile clients."""
+
+    # More clients than this get FATAL 53300 "too many clients" (the file-descriptor limit must allow it).
+    max_client_connections: Annotated[int, Field(ge=1)] = 10_000
+    # A frontend message longer than this closes that client with 08P01 (PostgreSQL's own limit is 1 GB).
+    max_message_length: Annotated[int, Field(ge=1024)] = 64 * 1024 * 1024
+    # Startup and authentication must finish within this, or the client is dropped.
+    login_timeout: PositiveDuration = 30.0
+
+
+class AuditConfig(Frozen):
+    """Compliance audit log: statements routed to the compliance role, as JSON lines, literals removed."""
+
+    path: Path | None = None  # unset: no audit log
+
+
 class LogConfig(Frozen):
     """Logs go to stderr (journald under systemd), one line per event."""
 
@@ -236,6 +253,8 @@ class Config(Frozen):
     routing: RoutingConfig = RoutingConfig()
     health: HealthConfig = HealthConfig()
     log: LogConfig = LogConfig()
+    limits: LimitsConfig = LimitsConfig()
+    audit: AuditConfig = AuditConfig()
 
     @model_validator(mode="after")
     def _listeners_differ(self) -> Config:

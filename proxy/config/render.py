@@ -53,6 +53,12 @@ def config_as_dict(config: Config) -> dict[str, Any]:
             "max_replica_lag_bytes": health.max_replica_lag_bytes,
         },
         "log": {"format": config.log.format, "level": config.log.level},
+        "limits": {
+            "max_client_connections": config.limits.max_client_connections,
+            "max_message_length": config.limits.max_message_length,
+            "login_timeout": format_duration(config.limits.login_timeout),
+        },
+        "audit": {"path": str(config.audit.path) if config.audit.path else None},
     }
 
 

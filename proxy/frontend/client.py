@@ -39,6 +39,7 @@ from proxy.errors import (
     INTERNAL_ERROR,
     INVALID_AUTHORIZATION,
     PROTOCOL_VIOLATION,
+    TOO_MANY_CONNECTIONS,
     ProxyError,
 )
 from proxy.frontend.session import PreparedStatement, Session, startup_settings, startup_values
@@ -147,6 +148,9 @@ class ClientConnection(asyncio.Protocol):
         self._write_paused = False
         self._lingering = False  # between transactions, still holding the last connection (see Pool)
         self.connected_at = time.monotonic()
+        self._login_timer: asyncio.TimerHandle | None = None
+        self._audit_pending: list[str] = []  # normalized statements of compliance units in flight
+        self._audit_outcome = "ok"
         self.admin = False  # connected to the admin console (database "parafort")
         # Outcome tracking for session changes and DISCARD while a batch is in flight.
         self._error_seen = False
@@ -176,8 +180,29 @@ class ClientConnection(asyncio.Protocol):
             import socket  # noqa: PLC0415
 
             sock.setsockopt(socket.IPPROTO_TCP, socket.TCP_NODELAY, 1)
+        limits = self.app.config.limits
+        if len(self.app.clients) >= limits.max_client_connections:
+            log.warning("event=client_refused reason=too_many_clients address=%s", self.peer)
+            self.write(
+                m.error_from(
+                    ProxyError(TOO_MANY_CONNECTIONS, "sorry, too many clients already", severity="FATAL")
+                )
+            )
+            self.phase = CLOSED
+            self.transport.close()
+            self.transport = None
+            return
         self.app.client_opened(self)
         log.info("event=client_open client=%s address=%s", self.id, self.peer)
+        self._login_timer = asyncio.get_running_loop().call_later(limits.login_timeout, self._login_timed_out)
+
+    def _login_timed_out(self) -> None:
+        if self.phase in (STARTUP, AUTH, LOGIN):
+            log.warning("event=login_timeout client=%s address=%s", self.id, self.peer)
+            timeout = self.app.config.limits.login_timeout
+            self.fatal(
+                ProxyError(PROTOCOL_VIOLATION, f"login not completed within {timeout:g}s", severity="FATAL")
+            )
 
     def connection_lost(self, exc: Exception | None) -> None:
         self._shutdown()
@@ -504,6 +529,43 @@ class ClientConnection(asyncio.Protocol):
         log.info("event=admin_command client=%s user=%s", self.id, self.user)
         self.write(reply + m.ready_for_query(b"I"))
 
+    def _audit_batch(self, batch: Batch) -> None:
+        """Remember the statements of a compliance unit; written when its ReadyForQuery arrives."""
+        audit = self.app.audit
+        assert audit is not None
+        buf = batch.buf
+        for mtype, start, end in batch.msgs:
+            if mtype == _Q:
+                self._audit_pending.append(audit.normalized(buf[start + 5 : end - 1]))
+            elif mtype == _P:
+                name_end = buf.index(0, start + 5)
+                self._audit_pending.append(audit.normalized(buf[name_end + 1 : buf.index(0, name_end + 1)]))
+            elif mtype == _B and not any(t == _P for t, _, _ in batch.msgs):
+                _, name, _ = m.decode_bind_names(buf[start + 5 : end])
+                stmt = self.session.statements.get(name) if name else None
+                if stmt is not None:
+                    self._audit_pending.append(audit.normalized(stmt.sql.encode()))
+                elif self._unnamed is not None:
+                    raw = self._unnamed
+                    name_end = raw.index(0, 5)
+                    self._audit_pending.append(
+                        audit.normalized(raw[name_end + 1 : raw.index(0, name_end + 1)])
+                    )
+
+    def _write_audit(self) -> None:
+        audit = self.app.audit
+        if audit is not None:
+            audit.write(
+                user=self.user,
+                address=self.peer,
+                application_name=self.params.get("application_name", ""),
+                statements=self._audit_pending,
+                role=self.server_role,
+                outcome=self._audit_outcome,
+            )
+        self._audit_pending = []
+        self._audit_outcome = "ok"
+
     def _deallocates(self, batch: Batch) -> bool:
         _, start, end = batch.msgs[0]
         return bool(
@@ -591,6 +653,9 @@ class ClientConnection(asyncio.Protocol):
         buf = batch.buf
         view = memoryview(buf)
         out: list[Piece] = []
+        if self.server_role == "compliance" and self.app.audit is not None:
+            self._audit_batch(batch)
+            server.track_details(True)
         run = batch.start  # start of the run of unchanged client bytes not yet in ``out``
         ents: list[Expect | int] = []  # plain kinds stand for Expect(kind); built only when needed
         special = False  # an expectation other than "forward the responses" is in the batch
@@ -789,6 +854,11 @@ class ClientConnection(asyncio.Protocol):
 
     def upstream_error_seen(self, fields_payload: bytes) -> None:
         self._error_seen = True
+        if self._audit_pending and self._audit_outcome == "ok":
+            try:
+                self._audit_outcome = "error " + m.parse_fields(fields_payload).get("C", "")
+            except ProxyError:
+                self._audit_outcome = "error"
 
     def upstream_command_tag(self, tag: bytes) -> None:
         self._last_tag = tag
@@ -797,6 +867,8 @@ class ClientConnection(asyncio.Protocol):
         server = self.server
         if server is None:
             return
+        if self._audit_pending:
+            self._write_audit()
         if status != _IDLE:
             if self.session.has_staged:
                 self._staged_in_tx = True
@@ -999,6 +1071,8 @@ class ClientConnection(asyncio.Protocol):
         out += m.ready_for_query(b"I")
         self.write(out)
         self.phase = READY
+        if self._login_timer is not None:
+            self._login_timer.cancel()
         log.info("event=client_login client=%s user=%s database=%s", self.id, self.user, self.database)
         if self.buf:
             self.data_received(b"")
@@ -1036,6 +1110,8 @@ class ClientConnection(asyncio.Protocol):
         if self.phase == CLOSED and self.transport is None:
             return
         self.phase = CLOSED
+        if self._login_timer is not None:
+            self._login_timer.cancel()
         server = self.server
         if server is not None:
             if server.clean and self.pinned is None:
