@@ -24,6 +24,14 @@ if ! have_pg || ! command -v psql >/dev/null || ! command -v pgbench >/dev/null;
     # Debian starts a cluster of its own on 5432; the project never uses it, so stop it to save memory.
     if command -v pg_ctlcluster >/dev/null; then $SUDO service postgresql stop >/dev/null 2>&1 || true; fi
 fi
+# promtool (from Debian's prometheus package) checks and unit-tests config/prometheus/ in the test suite.
+if ! command -v promtool >/dev/null; then
+    echo "bootstrap: installing prometheus (for promtool)"
+    apt_install prometheus
+    # The package starts a Prometheus server of its own; the project only needs promtool, so stop it.
+    $SUDO service prometheus stop >/dev/null 2>&1 || true
+    if command -v systemctl >/dev/null; then $SUDO systemctl disable prometheus >/dev/null 2>&1 || true; fi
+fi
 extra=()
 for pkg in "$@"; do
     dpkg -s "$pkg" >/dev/null 2>&1 || extra+=("$pkg")

@@ -29,6 +29,7 @@ def test_too_many_clients(start_proxy: Callable[..., ProxyProcess]) -> None:
     finally:
         for conn in conns:
             conn.close()
+    wait_until(lambda: proxy.metric("parafort_proxy_client_connections") == 0, 10, "the clients to leave")
     with psycopg.connect(dsn) as conn:  # room again
         assert conn.execute("SELECT 2").fetchone() == (2,)
 
