@@ -8,6 +8,7 @@ import logging
 import os
 import secrets
 import signal
+import ssl
 from collections.abc import Callable, Mapping
 from pathlib import Path
 
@@ -18,7 +19,7 @@ from proxy.audit import AuditLog
 from proxy.backend.connection import ServerConnection
 from proxy.config import Config, ConfigError, load_config
 from proxy.config.dsn import Dsn
-from proxy.config.model import ReadReplicaConfig, RoleConfig
+from proxy.config.model import ReadReplicaConfig, RoleConfig, TlsConfig
 from proxy.config.values import ROLES
 from proxy.errors import SQLCLIENT_UNABLE_TO_ESTABLISH, ProxyError
 from proxy.frontend.client import ClientConnection
@@ -46,6 +47,7 @@ class ProxyApp:
         self.reloads = 0  # successful SIGHUP reloads (a metric)
         self.reload_failures = 0
         self.max_message_length = config.limits.max_message_length
+        self.ssl_context = client_tls_context(config.tls)
         self.audit = AuditLog(config.audit.path) if config.audit.path else None
         self.classifier = ClassificationCache()
         self.pools: dict[str, Pool[ServerConnection]] = {}
@@ -72,6 +74,8 @@ class ProxyApp:
         self.routed: dict[tuple[str, str], int] = {}  # units sent upstream, by (role, read|write)
         self.fallbacks: dict[str, int] = {}  # units served by main for a down or unconfigured role, by role
         self.userlist = self._load_users()
+        self.draining = False
+        self._all_clients_gone = asyncio.Event()
         self.paused: set[str] = set()  # roles whose new transactions wait (PAUSE); "*" = every role
         self._resume_event = asyncio.Event()
         self.console = AdminConsole(self)
@@ -120,6 +124,21 @@ class ProxyApp:
         assert self._server is not None
         port: int = self._server.sockets[0].getsockname()[1]
         return port
+
+    async def drain(self, deadline: float) -> bool:
+        """Stop accepting; idle clients go now, the others after their transaction; True if all left."""
+        self.draining = True
+        if self._server is not None:
+            self._server.close()
+        log.info("event=draining clients=%d deadline_seconds=%g", len(self.clients), deadline)
+        for client in list(self.clients):
+            client.drain()
+        if self.clients:
+            with contextlib.suppress(TimeoutError):
+                await asyncio.wait_for(self._all_clients_gone.wait(), deadline)
+        if self.clients:
+            log.warning("event=drain_deadline clients_left=%d", len(self.clients))
+        return not self.clients
 
     async def stop(self) -> None:
         if self._server is not None:
@@ -286,6 +305,8 @@ class ProxyApp:
 
     def client_closed(self, client: ClientConnection) -> None:
         self.clients.discard(client)
+        if self.draining and not self.clients:
+            self._all_clients_gone.set()
         if self.cancel_keys.get(client.key) is client:
             del self.cancel_keys[client.key]
 
@@ -337,9 +358,16 @@ async def serve(
     loop.add_signal_handler(signal.SIGHUP, lambda: app.reload(os.environ))
     if ready is not None:
         ready(app)
+    # systemd (Type=notify): READY=1 only now, listening and stoppable; WATCHDOG=1 while the loop turns.
+    from proxy import sdnotify  # noqa: PLC0415  (kept inside serve(): the whole systemd wiring is here)
+
+    sdnotify.notify(f"READY=1\nSTATUS=serving on {config.listen.host}:{app.port}")
+    watchdog_task = loop.create_task(sdnotify.watchdog(stop))
     try:
         await stop.wait()
     finally:
+        sdnotify.notify("STOPPING=1\nSTATUS=stopping")  # systemd: stop begins now; it disarms its watchdog
+        watchdog_task.cancel()
         log.info("event=stopping")
         await app.stop()
         for sig in (signal.SIGTERM, signal.SIGINT, signal.SIGHUP):
@@ -351,6 +379,18 @@ def run(config: Config, config_path: Path | None = None) -> int:
     """Blocking entry point for ``parafort-proxy run``: uvloop, then serve()."""
     with asyncio.Runner(loop_factory=uvloop.new_event_loop) as runner:
         return runner.run(serve(config, config_path=config_path))
+
+
+def client_tls_context(tls: TlsConfig) -> ssl.SSLContext | None:
+    """The server-side TLS context for clients, or None when TLS is disabled."""
+    if tls.mode == "disable" or tls.cert_file is None or tls.key_file is None:
+        return None
+    context = ssl.SSLContext(ssl.PROTOCOL_TLS_SERVER)
+    context.minimum_version = (
+        ssl.TLSVersion.TLSv1_3 if tls.min_version == "TLSv1.3" else ssl.TLSVersion.TLSv1_2
+    )
+    context.load_cert_chain(str(tls.cert_file), str(tls.key_file))
+    return context
 
 
 def _urls(config: Config, role: str) -> tuple[str | None, ...]:

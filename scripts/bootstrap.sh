@@ -32,6 +32,11 @@ if ! command -v promtool >/dev/null; then
     $SUDO service prometheus stop >/dev/null 2>&1 || true
     if command -v systemctl >/dev/null; then $SUDO systemctl disable prometheus >/dev/null 2>&1 || true; fi
 fi
+# The TLS tests make throwaway certificates with the openssl command.
+if ! command -v openssl >/dev/null; then
+    echo "bootstrap: installing openssl"
+    apt_install openssl
+fi
 extra=()
 for pkg in "$@"; do
     dpkg -s "$pkg" >/dev/null 2>&1 || extra+=("$pkg")

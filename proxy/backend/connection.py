@@ -11,7 +11,9 @@ from __future__ import annotations
 
 import asyncio
 import contextlib
+import ipaddress
 import logging
+import ssl
 import struct
 import time
 from collections import deque
@@ -28,7 +30,7 @@ from proxy.errors import (
 )
 from proxy.protocol import messages as m
 from proxy.protocol.auth import ClientAuth
-from proxy.protocol.framing import startup_message
+from proxy.protocol.framing import ssl_request, startup_message
 
 log = logging.getLogger("parafort.backend")
 
@@ -120,6 +122,7 @@ class ServerConnection(asyncio.Protocol):
         self._auth: ClientAuth | None = None
         self._track_details = False  # the sink wants ErrorResponse fields and CommandComplete tags
         self._reading_paused = False
+        self._tls_answer: asyncio.Future[bytes] | None = None
 
     # -- lifecycle ------------------------------------------------------------------------------------------
     @classmethod
@@ -147,6 +150,9 @@ class ServerConnection(asyncio.Protocol):
 
     async def _start(self) -> None:
         assert self.transport is not None
+        sslmode = (self.dsn.param("sslmode") or "prefer").lower()
+        if sslmode in TLS_MODES and not self.dsn.host.startswith("/"):
+            await self._negotiate_tls(sslmode)
         params = {"user": self.dsn.user or "postgres", "database": self.dsn.database or self.dsn.user or ""}
         for key, value in self.dsn.params:
             if key in ("options", "application_name"):
@@ -159,6 +165,38 @@ class ServerConnection(asyncio.Protocol):
         except BaseException:
             self.close()
             raise
+
+    async def _negotiate_tls(self, sslmode: str) -> None:
+        """SSLRequest, then TLS per the DSN's sslmode (prefer, require, verify-ca, verify-full) as libpq."""
+        assert self.transport is not None
+        loop = asyncio.get_running_loop()
+        self._tls_answer = loop.create_future()
+        self.transport.write(ssl_request())
+        answer = await self._tls_answer
+        self._tls_answer = None
+        if answer != b"S":
+            if sslmode == "prefer":
+                return
+            raise ProxyError(
+                SQLCLIENT_UNABLE_TO_ESTABLISH,
+                f"{self.label} upstream does not support TLS (sslmode={sslmode})",
+            )
+        context = upstream_tls_context(self.dsn, sslmode)
+        host = self.dsn.host
+        try:
+            transport = await loop.start_tls(
+                self.transport,
+                self,
+                context,
+                server_hostname=None if _is_ip(host) and sslmode != "verify-full" else host,
+            )
+        except (ssl.SSLError, OSError) as exc:
+            raise ProxyError(
+                SQLCLIENT_UNABLE_TO_ESTABLISH, f"TLS with the {self.label} upstream failed: {exc}"
+            ) from None
+        if transport is None:
+            raise ProxyError(SQLCLIENT_UNABLE_TO_ESTABLISH, f"TLS with the {self.label} upstream failed")
+        self.transport = transport
 
     def connection_made(self, transport: asyncio.BaseTransport) -> None:
         self.transport = cast(asyncio.Transport, transport)  # uvloop's transports are not subclasses
@@ -247,6 +285,11 @@ class ServerConnection(asyncio.Protocol):
 
     # -- incoming -------------------------------------------------------------------------------------------
     def data_received(self, data: bytes) -> None:
+        if self._tls_answer is not None and not self._tls_answer.done():
+            self._tls_answer.set_result(data[:1])  # the one-byte answer to SSLRequest
+            data = data[1:]
+            if not data:
+                return
         # ``buf`` is immutable bytes, so slices of it can be handed to the client's transport as they are.
         buf = self._buf + data if self._buf else data
         try:
@@ -456,6 +499,32 @@ class ServerConnection(asyncio.Protocol):
         self._broken = True
         if self.transport is not None:
             self.transport.close()
+
+
+TLS_MODES = frozenset({"prefer", "require", "verify-ca", "verify-full"})
+
+
+def upstream_tls_context(dsn: Dsn, sslmode: str) -> ssl.SSLContext:
+    """The client-side TLS context for an upstream, per libpq's sslmode semantics."""
+    if sslmode in ("verify-ca", "verify-full"):
+        context = ssl.create_default_context(cafile=dsn.param("sslrootcert"))
+        context.check_hostname = sslmode == "verify-full"
+    else:  # prefer / require: encrypted, not verified
+        context = ssl.SSLContext(ssl.PROTOCOL_TLS_CLIENT)
+        context.check_hostname = False
+        context.verify_mode = ssl.CERT_NONE
+    cert, key = dsn.param("sslcert"), dsn.param("sslkey")
+    if cert:
+        context.load_cert_chain(cert, key)
+    return context
+
+
+def _is_ip(host: str) -> bool:
+    try:
+        ipaddress.ip_address(host)
+    except ValueError:
+        return False
+    return True
 
 
 def _sqlstate(buf: bytes, pos: int, end: int) -> str:

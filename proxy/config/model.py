@@ -201,6 +201,22 @@ def default_domains() -> DomainsConfig:
     return DomainsConfig(**{d: (TableRef(d, "*"),) for d in DOMAINS})
 
 
+class TlsConfig(Frozen):
+    """TLS towards clients. Upstream TLS comes from each URL's sslmode (and sslrootcert)."""
+
+    # disable: answer SSLRequest 'N'; allow: TLS when the client asks; require: refuse plaintext clients.
+    mode: Literal["disable", "allow", "require"] = "disable"
+    cert_file: Path | None = None
+    key_file: Path | None = None
+    min_version: Literal["TLSv1.2", "TLSv1.3"] = "TLSv1.2"
+
+    @model_validator(mode="after")
+    def _files_when_enabled(self) -> TlsConfig:
+        if self.mode != "disable" and (self.cert_file is None or self.key_file is None):
+            raise ValueError(f"tls.mode {self.mode} needs tls.cert_file and tls.key_file")
+        return self
+
+
 class LimitsConfig(Frozen):
     """Protection against misbehaving or hostile clients."""
 
@@ -210,6 +226,8 @@ class LimitsConfig(Frozen):
     max_message_length: Annotated[int, Field(ge=1024)] = 64 * 1024 * 1024
     # Startup and authentication must finish within this, or the client is dropped.
     login_timeout: PositiveDuration = 30.0
+    # SIGTERM: stop accepting, let transactions in flight finish for up to this long, then exit.
+    drain_timeout: PositiveDuration = 30.0
 
 
 class AuditConfig(Frozen):
@@ -254,6 +272,7 @@ class Config(Frozen):
     health: HealthConfig = HealthConfig()
     log: LogConfig = LogConfig()
     limits: LimitsConfig = LimitsConfig()
+    tls: TlsConfig = TlsConfig()
     audit: AuditConfig = AuditConfig()
 
     @model_validator(mode="after")

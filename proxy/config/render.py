@@ -57,8 +57,15 @@ def config_as_dict(config: Config) -> dict[str, Any]:
             "max_client_connections": config.limits.max_client_connections,
             "max_message_length": config.limits.max_message_length,
             "login_timeout": format_duration(config.limits.login_timeout),
+            "drain_timeout": format_duration(config.limits.drain_timeout),
         },
         "audit": {"path": str(config.audit.path) if config.audit.path else None},
+        "tls": {
+            "mode": config.tls.mode,
+            "cert_file": str(config.tls.cert_file) if config.tls.cert_file else None,
+            "key_file": str(config.tls.key_file) if config.tls.key_file else None,
+            "min_version": config.tls.min_version,
+        },
     }
 
 

@@ -13,6 +13,7 @@ import asyncio
 import itertools
 import logging
 import secrets
+import ssl
 import struct
 import time
 from collections.abc import Callable, Iterator
@@ -34,6 +35,7 @@ from proxy.backend.connection import (
     ServerConnection,
 )
 from proxy.errors import (
+    ADMIN_SHUTDOWN,
     FEATURE_NOT_SUPPORTED,
     IN_FAILED_TRANSACTION,
     INTERNAL_ERROR,
@@ -89,7 +91,7 @@ _REFUSAL_HINT = (
 _IDLE = ord("I")
 
 # Connection phases.
-STARTUP, AUTH, LOGIN, READY, CLOSED = range(5)
+STARTUP, AUTH, LOGIN, READY, CLOSED, TLS_HANDSHAKE = range(6)
 
 _ids = itertools.count(1)
 Piece = bytes | memoryview
@@ -152,6 +154,7 @@ class ClientConnection(asyncio.Protocol):
         self._audit_pending: list[str] = []  # normalized statements of compliance units in flight
         self._audit_outcome = "ok"
         self.admin = False  # connected to the admin console (database "parafort")
+        self.tls = False
         # Outcome tracking for session changes and DISCARD while a batch is in flight.
         self._error_seen = False
         self._last_tag = b""
@@ -196,8 +199,40 @@ class ClientConnection(asyncio.Protocol):
         log.info("event=client_open client=%s address=%s", self.id, self.peer)
         self._login_timer = asyncio.get_running_loop().call_later(limits.login_timeout, self._login_timed_out)
 
+    def drain(self) -> None:
+        """The proxy is shutting down: leave now if idle, else after the transaction in flight."""
+        if self.phase != READY or self._idle_between_units():
+            self.fatal(ProxyError(ADMIN_SHUTDOWN, "terminating connection: the proxy is shutting down"))
+
+    def _idle_between_units(self) -> bool:
+        server = self.server
+        if self.waiting is not None or self.pending_begin is not None:
+            return False
+        return server is None or (self._lingering or (server.status == _IDLE and not server.expect))
+
+    async def _start_tls(self) -> None:
+        """Upgrade this connection to TLS after answering 'S'; the startup packet follows encrypted."""
+        transport = self.transport
+        context = self.app.ssl_context
+        if transport is None or context is None:
+            return
+        try:
+            loop = asyncio.get_running_loop()
+            tls_transport = await loop.start_tls(transport, self, context, server_side=True)
+        except (OSError, ssl.SSLError, ConnectionError) as exc:
+            log.info("event=tls_handshake_failed client=%s error=%r", self.id, type(exc).__name__)
+            self._close_transport()
+            return
+        if tls_transport is None or self.phase == CLOSED:
+            return
+        self.transport = tls_transport
+        self.tls = True
+        self.phase = STARTUP
+        if self.buf:
+            self.data_received(b"")
+
     def _login_timed_out(self) -> None:
-        if self.phase in (STARTUP, AUTH, LOGIN):
+        if self.phase in (STARTUP, AUTH, LOGIN, TLS_HANDSHAKE):
             log.warning("event=login_timeout client=%s address=%s", self.id, self.peer)
             timeout = self.app.config.limits.login_timeout
             self.fatal(
@@ -887,6 +922,10 @@ class ClientConnection(asyncio.Protocol):
                     if self.waiting is None and self.buf:
                         self.data_received(b"")
                 return
+            if self.app.draining:
+                self._release()
+                self.fatal(ProxyError(ADMIN_SHUTDOWN, "terminating connection: the proxy is shutting down"))
+                return
             if not (self._server_dirty or self.app.pools[self.server_pool].linger(server, self._reclaim)):
                 self._release()
             else:
@@ -983,6 +1022,15 @@ class ClientConnection(asyncio.Protocol):
         if packet is None:
             return False
         self.buf = self.buf[used:]
+        if isinstance(packet, SSLRequest) and self.app.ssl_context is not None and not self.tls:
+            if self.buf:
+                raise ProxyError(
+                    PROTOCOL_VIOLATION, "data after SSLRequest before the handshake", severity="FATAL"
+                )
+            self.write(b"S")
+            self.phase = TLS_HANDSHAKE
+            asyncio.get_running_loop().create_task(self._start_tls())
+            return False
         if isinstance(packet, SSLRequest | GSSENCRequest):
             self.write(b"N")
             return True
@@ -991,6 +1039,12 @@ class ClientConnection(asyncio.Protocol):
             self._close_transport()
             return False
         assert isinstance(packet, StartupMessage)
+        if self.app.config.tls.mode == "require" and not self.tls:
+            raise ProxyError(
+                INVALID_AUTHORIZATION,
+                "TLS is required: connect with sslmode=require or stronger",
+                severity="FATAL",
+            )
         if not packet.is_v3:
             raise ProxyError(
                 FEATURE_NOT_SUPPORTED,
