@@ -14,6 +14,7 @@ from pathlib import Path
 
 import uvloop
 
+from proxy import sdnotify
 from proxy.admin import AdminConsole
 from proxy.audit import AuditLog
 from proxy.backend.connection import ServerConnection
@@ -348,7 +349,11 @@ async def _send_cancel(dsn: Dsn, pid: int, secret: int) -> None:
 async def serve(
     config: Config, ready: Callable[[ProxyApp], None] | None = None, config_path: Path | None = None
 ) -> int:
-    """Run the proxy until SIGTERM or SIGINT (SIGHUP reloads); returns the exit code."""
+    """Run the proxy until SIGTERM or SIGINT (SIGHUP reloads); returns the exit code.
+
+    The first SIGTERM/SIGINT drains: no new connections, transactions in flight finish (up to
+    ``limits.drain_timeout``), then exit 0. A second one exits at once.
+    """
     app = ProxyApp(config, config_path)
     await app.start()
     stop = asyncio.Event()
@@ -359,14 +364,27 @@ async def serve(
     if ready is not None:
         ready(app)
     # systemd (Type=notify): READY=1 only now, listening and stoppable; WATCHDOG=1 while the loop turns.
-    from proxy import sdnotify  # noqa: PLC0415  (kept inside serve(): the whole systemd wiring is here)
-
     sdnotify.notify(f"READY=1\nSTATUS=serving on {config.listen.host}:{app.port}")
     watchdog_task = loop.create_task(sdnotify.watchdog(stop))
+    stopping_sent = False
     try:
         await stop.wait()
+        sdnotify.notify("STOPPING=1\nSTATUS=draining")  # systemd: stop begins now; it disarms its watchdog
+        stopping_sent = True
+        watchdog_task.cancel()
+        now = asyncio.Event()
+        for sig in (signal.SIGTERM, signal.SIGINT):
+            loop.add_signal_handler(sig, now.set)
+        drain = loop.create_task(app.drain(app.config.limits.drain_timeout))
+        forced = loop.create_task(now.wait())
+        await asyncio.wait({drain, forced}, return_when=asyncio.FIRST_COMPLETED)
+        if forced.done():
+            log.warning("event=stop_now reason=second_signal")
+        drain.cancel()
+        forced.cancel()
     finally:
-        sdnotify.notify("STOPPING=1\nSTATUS=stopping")  # systemd: stop begins now; it disarms its watchdog
+        if not stopping_sent:
+            sdnotify.notify("STOPPING=1\nSTATUS=stopping")
         watchdog_task.cancel()
         log.info("event=stopping")
         await app.stop()

@@ -37,6 +37,12 @@ if ! command -v openssl >/dev/null; then
     echo "bootstrap: installing openssl"
     apt_install openssl
 fi
+# systemd-analyze (Debian's systemd package) verifies systemd/parafort-proxy.service in the test suite; it
+# works offline, without systemd running as PID 1.
+if ! command -v systemd-analyze >/dev/null; then
+    echo "bootstrap: installing systemd (for systemd-analyze)"
+    apt_install systemd
+fi
 extra=()
 for pkg in "$@"; do
     dpkg -s "$pkg" >/dev/null 2>&1 || extra+=("$pkg")
