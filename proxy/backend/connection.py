@@ -122,6 +122,9 @@ class ServerConnection(asyncio.Protocol):
         self._auth: ClientAuth | None = None
         self._track_details = False  # the sink wants ErrorResponse fields and CommandComplete tags
         self._reading_paused = False
+        # Extended-protocol messages were sent with no Sync after them: after an error the server would
+        # ignore everything up to a Sync, so the connection must not serve anyone else in this state.
+        self.needs_sync = False
         self._tls_answer: asyncio.Future[bytes] | None = None
 
     # -- lifecycle ------------------------------------------------------------------------------------------
@@ -258,7 +261,13 @@ class ServerConnection(asyncio.Protocol):
     @property
     def clean(self) -> bool:
         """Idle outside a transaction with nothing in flight: fit for another client."""
-        return not self._broken and self.status == 73 and not self.expect and not self._buf
+        return (
+            not self._broken
+            and self.status == 73
+            and not self.expect
+            and not self._buf
+            and not self.needs_sync
+        )
 
     def track_details(self, on: bool) -> None:
         self._track_details = on
@@ -355,6 +364,9 @@ class ServerConnection(asyncio.Protocol):
                 expect.popleft()
                 if entry.on_done is not None:
                     entry.on_done(True)
+                if self.needs_sync:
+                    # Cleared only when no unsynced extended messages remain behind this Sync.
+                    self.needs_sync = bool(expect) and all(e.kind != K_SYNC for e in expect)
                 if expect and expect[0].kind == K_SYNTH:
                     run = self._take_synth(out, view, run, pos)
                 if entry.action == FORWARD:

@@ -19,6 +19,8 @@ import time
 from collections.abc import Callable, Iterator
 from typing import TYPE_CHECKING, cast
 
+import pglast
+
 from proxy.admin import ADMIN_DATABASE
 from proxy.backend.connection import (
     FORWARD,
@@ -261,6 +263,9 @@ class ClientConnection(asyncio.Protocol):
             self._process()
         except ProxyError as exc:
             self.fatal(exc)
+        except (ValueError, IndexError) as exc:  # a message whose fields do not add up
+            log.info("event=protocol_violation client=%s error=%s", self.id, type(exc).__name__)
+            self.fatal(ProxyError(PROTOCOL_VIOLATION, "malformed message", severity="FATAL"))
         except Exception as exc:  # never let one client's surprise take the proxy down
             log.exception("event=internal_error client=%s", self.id)
             self.fatal(ProxyError(INTERNAL_ERROR, f"internal proxy error: {type(exc).__name__}"))
@@ -442,8 +447,8 @@ class ClientConnection(asyncio.Protocol):
                 if mtype == _Q:
                     sql = buf[start + 5 : end - 1]
                 else:
-                    name_end = buf.index(0, start + 5)
-                    sql = buf[name_end + 1 : buf.index(0, name_end + 1)]
+                    name_end = buf.index(0, start + 5, end)
+                    sql = buf[name_end + 1 : buf.index(0, name_end + 1, end)]
                     parsed.add(buf[start + 5 : name_end].decode(errors="surrogateescape"))
                 infos.append(classifier.classify_bytes(sql))
                 if sql[:1] in _OVERRIDE_START and sql.lstrip().startswith(b"/*"):
@@ -526,9 +531,14 @@ class ClientConnection(asyncio.Protocol):
         return False
 
     def _is_rollback_to(self, batch: Batch) -> bool:
-        _, start, end = batch.msgs[0]
-        changes = session_changes(batch.buf[start + 5 : end - 1].decode(errors="replace"))
-        return any(c.op == "rollback_to" for c in changes)
+        """Whether the unit rolls back to a savepoint (which makes a failed transaction usable again)."""
+        for sql in batch.queries():
+            try:
+                if any(c.op == "rollback_to" for c in session_changes(sql)):
+                    return True
+            except pglast.parser.ParseError:
+                continue
+        return False
 
     def _refuse(self, batch: Batch, decision: Decision, *, in_transaction: bool) -> None:
         """The unit needs upstreams the proxy cannot give it together: 0A000, and the client carries on."""
@@ -573,8 +583,10 @@ class ClientConnection(asyncio.Protocol):
             if mtype == _Q:
                 self._audit_pending.append(audit.normalized(buf[start + 5 : end - 1]))
             elif mtype == _P:
-                name_end = buf.index(0, start + 5)
-                self._audit_pending.append(audit.normalized(buf[name_end + 1 : buf.index(0, name_end + 1)]))
+                name_end = buf.index(0, start + 5, end)
+                self._audit_pending.append(
+                    audit.normalized(buf[name_end + 1 : buf.index(0, name_end + 1, end)])
+                )
             elif mtype == _B and not any(t == _P for t, _, _ in batch.msgs):
                 _, name, _ = m.decode_bind_names(buf[start + 5 : end])
                 stmt = self.session.statements.get(name) if name else None
@@ -737,8 +749,8 @@ class ClientConnection(asyncio.Protocol):
             elif mtype == _S:
                 ents.append(_SYNC_EXT)
             elif mtype == _P:
-                name_end = buf.index(0, start + 5)
-                sql_end = buf.index(0, name_end + 1)
+                name_end = buf.index(0, start + 5, end)
+                sql_end = buf.index(0, name_end + 1, end)
                 details |= self._note_sql(buf[name_end + 1 : sql_end], server, buf[start + 5 : name_end])
                 if name_end == start + 5:  # unnamed statement
                     self._unnamed = buf[start:end]
@@ -790,6 +802,8 @@ class ClientConnection(asyncio.Protocol):
                     push(entry)
         else:
             push(_sync_entry(ents[-1]))  # type: ignore[arg-type]
+        if batch.terminator not in (_S, _Q, _F):
+            server.needs_sync = True
         if details or self.session.has_staged:
             server.track_details(True)
         if run == batch.start and not out:
@@ -871,7 +885,7 @@ class ClientConnection(asyncio.Protocol):
             self._portal_changes[portal] = changes
 
     def _execute_changes(self, buf: bytes, start: int) -> None:
-        portal = buf[start + 5 : buf.index(0, start + 5)].decode(errors="surrogateescape")
+        portal = buf[start + 5 : buf.index(0, start + 5)].decode(errors="surrogateescape")  # checked by Bind
         changes = self._portal_changes.get(portal)
         if changes and self.server is not None:
             self._stage(changes, self.server)
