@@ -365,8 +365,8 @@ class ServerConnection(asyncio.Protocol):
                 if entry.on_done is not None:
                     entry.on_done(True)
                 if self.needs_sync:
-                    # Cleared only when no unsynced extended messages remain behind this Sync.
-                    self.needs_sync = bool(expect) and all(e.kind != K_SYNC for e in expect)
+                    # Cleared only when no extended messages without a Sync after them remain queued.
+                    self.needs_sync = bool(expect) and expect[-1].kind != K_SYNC
                 if expect and expect[0].kind == K_SYNTH:
                     run = self._take_synth(out, view, run, pos)
                 if entry.action == FORWARD:
