@@ -359,7 +359,9 @@ class ServerConnection(asyncio.Protocol):
             if mtype == _Z:
                 self.status = buf[pos + 5]
                 if entry.kind != K_SYNC:
-                    raise ProxyError(PROTOCOL_VIOLATION, "ReadyForQuery out of turn from upstream")
+                    # The server skipped these messages (it was still skipping after an earlier error,
+                    # which a Flush-terminated batch reported): their replies never come.
+                    entry = self._skip_to_next_sync()
                 pos = end
                 expect.popleft()
                 if entry.on_done is not None:
@@ -410,6 +412,16 @@ class ServerConnection(asyncio.Protocol):
             if sink is not None:
                 _flush(sink, out)
         return pos
+
+    def _skip_to_next_sync(self) -> Expect:
+        expect = self.expect
+        while expect and expect[0].kind != K_SYNC:
+            dropped = expect.popleft()
+            if dropped.on_done is not None:
+                dropped.on_done(False)
+        if not expect:
+            raise ProxyError(PROTOCOL_VIOLATION, "ReadyForQuery out of turn from upstream")
+        return expect[0]
 
     def _take_synth(self, out: list[bytes | memoryview], view: memoryview, run: int, pos: int) -> int:
         """Emit synthesized replies now at the head of the queue, after the bytes forwarded so far."""

@@ -875,8 +875,13 @@ class ClientConnection(asyncio.Protocol):
                 self._stmt_changes[statement.decode(errors="surrogateescape")] = changes
             details = True
         if flags & F_FORGET_PREPARED:
-            self._forget_prepared = True
-            details = True
+            if statement is None:
+                self._forget_prepared = True  # settled when the query's outcome is known
+                details = True
+            else:
+                # Through the extended protocol it may run later or never: whatever the connection
+                # then holds is unknown, so it serves no one else.
+                self._server_dirty = True
         return details
 
     def _bind_changes(self, portal: str, statement: str) -> None:

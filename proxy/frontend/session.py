@@ -65,7 +65,7 @@ class PreparedStatement:
 
     @classmethod
     def make(cls, sql: str, param_oids: tuple[int, ...]) -> PreparedStatement:
-        digest = hashlib.blake2b(sql.encode(), digest_size=12)
+        digest = hashlib.blake2b(sql.encode("utf-8", "surrogateescape"), digest_size=12)
         digest.update(repr(param_oids).encode())
         return cls(sql, param_oids, "pf_" + digest.hexdigest())
 
