@@ -75,10 +75,12 @@ class ProxyProcess:
     def _accepting(self) -> bool:
         if self.proc.poll() is not None:
             raise RuntimeError(f"proxy exited with {self.proc.returncode}:\n{self.log()}")
-        try:
-            socket.create_connection(("127.0.0.1", self.port), timeout=0.5).close()
-        except OSError:
-            return False
+        # The client listener opens before the admin one: ready means both accept.
+        for port in (self.port, self.admin_port):
+            try:
+                socket.create_connection(("127.0.0.1", port), timeout=0.5).close()
+            except OSError:
+                return False
         return True
 
     def dsn(self, user: str, password: str, database: str = "app", **params: str) -> str:

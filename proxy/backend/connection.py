@@ -88,6 +88,8 @@ class Sink(Protocol):
 
     def upstream_ready(self, status: int) -> None: ...
 
+    def upstream_batch_end(self) -> None: ...
+
     def upstream_error_seen(self, fields_payload: bytes) -> None: ...
 
     def upstream_command_tag(self, tag: bytes) -> None: ...
@@ -377,6 +379,9 @@ class ServerConnection(asyncio.Protocol):
                         if pos > run:
                             out.append(buf if run == 0 and pos == n else view[run:pos])
                         run = pos
+                        if self._track_details:
+                            # Before the client sees ReadyForQuery (the audit line is written first).
+                            sink.upstream_batch_end()
                         _flush(sink, out)
                         sink.upstream_ready(self.status)
                 continue

@@ -917,12 +917,14 @@ class ClientConnection(asyncio.Protocol):
     def upstream_command_tag(self, tag: bytes) -> None:
         self._last_tag = tag
 
+    def upstream_batch_end(self) -> None:
+        if self._audit_pending:
+            self._write_audit()
+
     def upstream_ready(self, status: int) -> None:
         server = self.server
         if server is None:
             return
-        if self._audit_pending:
-            self._write_audit()
         if status != _IDLE:
             if self.session.has_staged:
                 self._staged_in_tx = True
