@@ -1,10 +1,10 @@
-"""Side-by-side pgbench: PostgreSQL directly vs PgBouncer (transaction pooling) vs the ParaFort proxy.
+"""Side-by-side pgbench: PostgreSQL directly vs PgBouncer vs Pgpool-II vs the ParaFort proxy.
 
-One throwaway main cluster, ``pgbench -i`` once, then every target is started and each round runs the
-select-only built-in script (``pgbench -n -S``) once per target for every (mode, clients) cell. The order of
-the targets rotates from round to round (A B C, B C A, C A B, ...) so that drift on the machine (thermal,
-caches, noisy neighbours) spreads over all of them; ratios are taken within a round, then the median across
-rounds.
+One throwaway primary and, when a routing target (pgpool, proxy) is measured, a streaming replica of it;
+``pgbench -i`` once on the primary, a wait until the replica has replayed it, then every target is started and
+each round runs every (workload, mode, clients) cell once per target. The order of the targets rotates from
+round to round (A B C D, B C D A, ...) so that drift on the machine (thermal, caches, noisy neighbours)
+spreads over all of them; ratios are taken within a round, then the median across rounds.
 """
 
 from __future__ import annotations
@@ -13,6 +13,7 @@ import argparse
 import contextlib
 import dataclasses
 import json
+import math
 import os
 import platform
 import re
@@ -30,27 +31,39 @@ from pathlib import Path
 from types import FrameType
 from typing import Any
 
+from bench import report
 from bench.targets import (
     DEFAULT_PGBOUNCER,
+    DEFAULT_PGPOOL,
     HOST,
+    PGPOOL_CHILD_MARGIN,
+    POOL_SIZE,
     Credentials,
     DirectTarget,
     PgBouncerTarget,
+    PgpoolTarget,
     ProxyTarget,
     Target,
     TargetError,
     Tools,
     client_env,
+    pgpool_version,
 )
-from proxy.devcluster import DevClusterError, DevClusters, find_bindir
+from proxy.devcluster import Cluster, DevClusterError, DevClusters, find_bindir
 
-ALL_TARGETS = ("direct", "pgbouncer", "proxy")
+ALL_TARGETS = ("direct", "pgbouncer", "pgpool", "proxy")
+ROUTING_TARGETS = ("pgpool", "proxy")  # these need the streaming replica
 MODES = ("simple", "extended", "prepared")
-RATIOS = (("proxy", "pgbouncer"), ("proxy", "direct"), ("pgbouncer", "direct"))
+WORKLOADS = ("select-only", "tpcb-like")
+# Without --mode: select-only in both protocols, tpcb-like (mostly writes) in the extended one.
+DEFAULT_CELLS = (("select-only", "extended"), ("select-only", "simple"), ("tpcb-like", "extended"))
+DEFAULT_CLIENTS = ("16", "64")
+RATIOS = (("proxy", "pgbouncer"), ("proxy", "pgpool"), ("proxy", "direct"), ("pgbouncer", "direct"))
 RESULTS_DIR = Path(__file__).resolve().parent / "results"
+DOCS_PATH = Path(__file__).resolve().parent.parent / "docs" / "performance.md"
 JOBS = 2  # pgbench threads: sized for a 2-core machine
-# Connections the direct target must leave free: PgBouncer's and the proxy's pools stay open while it runs.
-DIRECT_RESERVE = 50
+SUPERUSER_RESERVED = 3  # PostgreSQL's superuser_reserved_connections default
+CONNECTION_SLACK = 20  # psql checks, pgbench -i, the replica's walsender, health probes
 
 TPS_RE = re.compile(r"^tps = ([0-9.]+) \(without initial connection time\)", re.M)
 LATENCY_RE = re.compile(r"^latency average = ([0-9.]+) ms", re.M)
@@ -65,18 +78,38 @@ class BenchError(RuntimeError):
 # -- options ----------------------------------------------------------------------------------------------
 
 
+@dataclass(frozen=True, order=True)
+class Cell:
+    """One line of the matrix: pgbench's built-in script, its query protocol and the client count."""
+
+    workload: str
+    mode: str
+    clients: int
+
+    @property
+    def label(self) -> str:
+        return f"{self.workload} -M {self.mode} -c {self.clients}"
+
+
 @dataclass(frozen=True)
 class Options:
     targets: tuple[str, ...]
-    modes: tuple[str, ...]
-    clients: tuple[int, ...]
+    cells: tuple[Cell, ...]
     duration: int
     rounds: int
     scale: int
     warmup: int
     json_path: Path
     require_pgbouncer: bool
+    require_pgpool: bool
     pgbouncer: Path
+    pgpool: Path
+    docs: Path | None
+    quick: bool = False
+
+    @property
+    def clients(self) -> tuple[int, ...]:
+        return tuple(sorted({c.clients for c in self.cells}))
 
 
 def _split(values: Sequence[str] | None, default: Sequence[str]) -> list[str]:
@@ -90,57 +123,87 @@ def _split(values: Sequence[str] | None, default: Sequence[str]) -> list[str]:
     return out
 
 
-def parser() -> argparse.ArgumentParser:
-    p = argparse.ArgumentParser(
-        prog="python -m bench",
-        description="pgbench select-only: PostgreSQL direct vs PgBouncer (transaction pooling) vs our proxy.",
-        epilog="--targets, --mode and --clients are repeatable and take comma lists.",
-    )
+def build_cells(
+    workloads: Sequence[str], modes: Sequence[str] | None, clients: Sequence[int]
+) -> tuple[Cell, ...]:
+    """The matrix: every workload x mode x clients; with no modes given, DEFAULT_CELLS' pairs."""
+    if modes:
+        pairs = [(w, m) for w in workloads for m in modes]
+    else:
+        pairs = [(w, m) for w, m in DEFAULT_CELLS if w in workloads]
+    return tuple(Cell(w, m, c) for w, m in pairs for c in clients)
+
+
+def add_pgbench_arguments(p: argparse.ArgumentParser) -> None:
     add = p.add_argument
-    add("--targets", action="append", metavar="LIST", help="direct,pgbouncer,proxy (default: all three)")
-    add("--mode", action="append", metavar="MODE", help="pgbench -M: simple, extended (default), prepared")
-    add("--clients", action="append", metavar="N", help="pgbench -c (default 16)")
-    add("--duration", type=int, metavar="S", help="seconds per run (default 15; --quick: 5)")
+    add("--targets", action="append", metavar="LIST", help=f"{','.join(ALL_TARGETS)} (default: all four)")
+    add("--workload", action="append", metavar="LIST",
+        help="pgbench built-in script: select-only, tpcb-like (default: both)")  # fmt: skip
+    add("--mode", action="append", metavar="MODE",
+        help="pgbench -M: simple, extended, prepared (default: select-only in extended and simple, "
+             "tpcb-like in extended)")  # fmt: skip
+    add("--clients", action="append", metavar="N", help="pgbench -c (default 16,64)")
+    add("--duration", type=int, metavar="S", help="seconds per run (default 10; --quick: 4)")
     add("--rounds", type=int, metavar="R", help="rounds (default 3; --quick: 2)")
     add("--scale", type=int, default=10, metavar="N", help="pgbench -i -s (default 10)")
     add("--warmup", type=int, metavar="S", help="unmeasured seconds per target first (default 3; --quick: 2)")
-    add("--quick", action="store_true", help="short run: --duration 5 --rounds 2")
-    add(
-        "--json",
-        type=Path,
-        metavar="PATH",
-        help="results file (default bench/results/<UTC time>-pgbench.json)",
-    )
+    add("--quick", action="store_true", help="short runs: --duration 4 --rounds 2")
+    add("--json", type=Path, metavar="PATH", help="results file (default bench/results/<UTC time>-*.json)")
+    add("--docs", type=Path, default=DOCS_PATH, metavar="PATH",
+        help="markdown file whose bench:* blocks are refreshed (default docs/performance.md)")  # fmt: skip
+    add("--no-docs", action="store_true", help="do not touch docs/performance.md")
     add("--require-pgbouncer", action="store_true", help="fail instead of skipping a missing PgBouncer")
+    add("--require-pgpool", action="store_true", help="fail instead of skipping a missing Pgpool-II")
     add("--pgbouncer", type=Path, default=DEFAULT_PGBOUNCER, metavar="PATH", help="PgBouncer binary")
+    add("--pgpool", type=Path, default=DEFAULT_PGPOOL, metavar="PATH", help="Pgpool-II binary")
+
+
+def parser() -> argparse.ArgumentParser:
+    p = argparse.ArgumentParser(
+        prog="python -m bench",
+        description="pgbench: PostgreSQL direct vs PgBouncer vs Pgpool-II vs our proxy (reads routed to a "
+        "streaming replica). Subcommands: pgbench (default), memory, classify, all.",
+        epilog="--targets, --workload, --mode and --clients are repeatable and take comma lists.",
+    )
+    add_pgbench_arguments(p)
     return p
 
 
-def parse_options(argv: Sequence[str] | None) -> Options:
-    p = parser()
-    args = p.parse_args(argv)
+def options_from(p: argparse.ArgumentParser, args: argparse.Namespace, kind: str = "pgbench") -> Options:
     targets = _split(args.targets, ALL_TARGETS)
-    modes = _split(args.mode, ["extended"])
+    workloads = _split(args.workload, WORKLOADS)
+    modes = _split(args.mode, []) if args.mode else None
     if bad := [t for t in targets if t not in ALL_TARGETS]:
         p.error(f"unknown target(s) {', '.join(bad)}; choose from {', '.join(ALL_TARGETS)}")
-    if bad := [m for m in modes if m not in MODES]:
+    if bad := [w for w in workloads if w not in WORKLOADS]:
+        p.error(f"unknown workload(s) {', '.join(bad)}; choose from {', '.join(WORKLOADS)}")
+    if bad := [m for m in modes or [] if m not in MODES]:
         p.error(f"unknown mode(s) {', '.join(bad)}; choose from {', '.join(MODES)}")
     try:
-        clients = [int(c) for c in _split(args.clients, ["16"])]
+        clients = [int(c) for c in _split(args.clients, DEFAULT_CLIENTS)]
     except ValueError:
         p.error("--clients takes whole numbers")
-    duration = args.duration if args.duration is not None else (5 if args.quick else 15)
+    duration = args.duration if args.duration is not None else (4 if args.quick else 10)
     rounds = args.rounds if args.rounds is not None else (2 if args.quick else 3)
     warmup = args.warmup if args.warmup is not None else (2 if args.quick else 3)
     if min(clients) < 1 or duration < 1 or rounds < 1 or args.scale < 1 or warmup < 0:
         p.error("--clients, --duration, --rounds and --scale must be at least 1, --warmup at least 0")
+    cells = build_cells(workloads, modes, clients)
+    if not cells:
+        p.error("no (workload, mode) pair left: give --mode with tpcb-like alone")
     stamp = datetime.now(UTC).strftime("%Y%m%dT%H%M%SZ")
     return Options(
-        targets=tuple(targets), modes=tuple(modes), clients=tuple(clients), duration=duration,
-        rounds=rounds, scale=args.scale, warmup=warmup,
-        json_path=args.json or RESULTS_DIR / f"{stamp}-pgbench.json",
-        require_pgbouncer=args.require_pgbouncer, pgbouncer=args.pgbouncer,
+        targets=tuple(targets), cells=cells, duration=duration, rounds=rounds, scale=args.scale,
+        warmup=warmup, json_path=args.json or RESULTS_DIR / f"{stamp}-{kind}.json",
+        require_pgbouncer=args.require_pgbouncer, require_pgpool=args.require_pgpool,
+        pgbouncer=args.pgbouncer, pgpool=args.pgpool, docs=None if args.no_docs else args.docs,
+        quick=args.quick,
     )  # fmt: skip
+
+
+def parse_options(argv: Sequence[str] | None) -> Options:
+    p = parser()
+    return options_from(p, p.parse_args(argv))
 
 
 # -- one pgbench run --------------------------------------------------------------------------------------
@@ -152,6 +215,7 @@ class Run:
 
     round: int
     target: str
+    workload: str
     mode: str
     clients: int
     duration: int
@@ -170,15 +234,39 @@ class Run:
     def ok(self) -> bool:
         return self.error is None
 
+    @property
+    def cell(self) -> Cell:
+        return Cell(self.workload, self.mode, self.clients)
+
 
 def pgbench_command(
-    tools: Tools, creds: Credentials, port: int, *, mode: str, clients: int, seconds: int
+    tools: Tools, creds: Credentials, port: int, *, workload: str, mode: str, clients: int, seconds: int
 ) -> list[str]:
     """The measured command line; the password travels in PGPASSWORD, never on the command line."""
     return [
-        tools.pgbench, "-h", HOST, "-p", str(port), "-U", creds.user, "-n", "-S", "-M", mode,
+        tools.pgbench, "-h", HOST, "-p", str(port), "-U", creds.user, "-n", "-b", workload, "-M", mode,
         "-c", str(clients), "-j", str(min(JOBS, clients)), "-T", str(seconds), creds.database,
     ]  # fmt: skip
+
+
+def command_template(command: Sequence[str]) -> str:
+    """A pgbench/psql command line with the binary's directory, port, user and database made generic."""
+    out: list[str] = []
+    for i, arg in enumerate(command):
+        prev = command[i - 1] if i else ""
+        if i == 0:
+            out.append(Path(arg).name)
+        elif prev == "-p":
+            out.append("$PORT")
+        elif prev == "-U":
+            out.append("$PGUSER")
+        elif prev == "-h":
+            out.append("$HOST")
+        elif i == len(command) - 1 and not arg.startswith("-") and prev not in ("-b", "-M", "-T", "-s"):
+            out.append("$PGDATABASE")
+        else:
+            out.append(arg)
+    return " ".join(out)
 
 
 def parse_output(run: Run, stdout: str, stderr: str, creds: Credentials) -> None:
@@ -230,50 +318,56 @@ def _median(values: Sequence[float]) -> float | None:
     return statistics.median(values) if values else None
 
 
-def summarize(
-    runs: Sequence[Run], opts: Options, skipped: dict[tuple[str, str, int], str]
-) -> list[dict[str, Any]]:
-    """Per (mode, clients): median TPS and latency per target, and the median of per-round paired ratios."""
+Skips = dict[tuple[str, Cell], str]
+
+
+def paired_ratios(runs: Sequence[Run], num: str, den: str, rounds: int) -> list[float]:
+    """num TPS / den TPS within each round where both runs of the cell are ok (``runs``: one cell's)."""
+    paired = []
+    for rnd in range(1, rounds + 1):
+        a = next((r for r in runs if r.round == rnd and r.target == num and r.ok), None)
+        b = next((r for r in runs if r.round == rnd and r.target == den and r.ok), None)
+        if a and b and a.tps and b.tps:
+            paired.append(a.tps / b.tps)
+    return paired
+
+
+def summarize(runs: Sequence[Run], opts: Options, skipped: Skips) -> list[dict[str, Any]]:
+    """Per cell: median TPS and latency per target, and the median of per-round paired ratios."""
     cells: list[dict[str, Any]] = []
-    for mode in opts.modes:
-        for clients in opts.clients:
-            cell_runs = [r for r in runs if r.mode == mode and r.clients == clients]
-            per_target: dict[str, Any] = {}
-            for target in opts.targets:
-                mine = [r for r in cell_runs if r.target == target]
-                good = [r for r in mine if r.ok]
-                tps = [r.tps for r in good if r.tps is not None]
-                lat = [r.latency_ms for r in good if r.latency_ms is not None]
-                per_target[target] = {
-                    "runs": len(mine),
-                    "errors": len(mine) - len(good),
-                    "skipped": skipped.get((target, mode, clients)),
-                    "median_tps": _median(tps),
-                    "min_tps": min(tps) if tps else None,
-                    "max_tps": max(tps) if tps else None,
-                    "median_latency_ms": _median(lat),
-                }
-            ratios: dict[str, Any] = {}
-            for num, den in RATIOS:
-                if num not in opts.targets or den not in opts.targets:
-                    continue
-                if skipped.get((num, mode, clients)) or skipped.get((den, mode, clients)):
-                    ratios[f"{num}/{den}"] = {"median": None, "skipped": True}
-                    continue
-                paired = []
-                for rnd in range(1, opts.rounds + 1):
-                    a = next((r for r in cell_runs if r.round == rnd and r.target == num and r.ok), None)
-                    b = next((r for r in cell_runs if r.round == rnd and r.target == den and r.ok), None)
-                    if a and b and a.tps and b.tps:
-                        paired.append(a.tps / b.tps)
-                ratios[f"{num}/{den}"] = {
-                    "median": _median(paired),
-                    "min": min(paired) if paired else None,
-                    "max": max(paired) if paired else None,
-                    "rounds": len(paired),
-                    "per_round": [round(x, 4) for x in paired],
-                }
-            cells.append({"mode": mode, "clients": clients, "targets": per_target, "ratios": ratios})
+    for cell in opts.cells:
+        cell_runs = [r for r in runs if r.cell == cell]
+        per_target: dict[str, Any] = {}
+        for target in opts.targets:
+            mine = [r for r in cell_runs if r.target == target]
+            good = [r for r in mine if r.ok]
+            tps = [r.tps for r in good if r.tps is not None]
+            lat = [r.latency_ms for r in good if r.latency_ms is not None]
+            per_target[target] = {
+                "runs": len(mine),
+                "errors": len(mine) - len(good),
+                "skipped": skipped.get((target, cell)),
+                "median_tps": _median(tps),
+                "min_tps": min(tps) if tps else None,
+                "max_tps": max(tps) if tps else None,
+                "median_latency_ms": _median(lat),
+            }
+        ratios: dict[str, Any] = {}
+        for num, den in RATIOS:
+            if num not in opts.targets or den not in opts.targets:
+                continue
+            if skipped.get((num, cell)) or skipped.get((den, cell)):
+                ratios[f"{num}/{den}"] = {"median": None, "skipped": True}
+                continue
+            paired = paired_ratios(cell_runs, num, den, opts.rounds)
+            ratios[f"{num}/{den}"] = {
+                "median": _median(paired),
+                "min": min(paired) if paired else None,
+                "max": max(paired) if paired else None,
+                "rounds": len(paired),
+                "per_round": [round(x, 4) for x in paired],
+            }
+        cells.append({**asdict(cell), "targets": per_target, "ratios": ratios})
     return cells
 
 
@@ -284,12 +378,11 @@ def _fmt(value: float | None, spec: str) -> str:
 def print_summary(cells: Sequence[dict[str, Any]], opts: Options) -> None:
     print()
     print(
-        f"== summary: {opts.rounds} round(s) x {opts.duration}s, "
-        f"pgbench -n -S -j {JOBS}, scale {opts.scale} =="
+        f"== summary: {opts.rounds} round(s) x {opts.duration}s, pgbench -n -j {JOBS}, scale {opts.scale} =="
     )
     for cell in cells:
         print()
-        print(f"mode={cell['mode']} clients={cell['clients']}")
+        print(f"workload={cell['workload']} mode={cell['mode']} clients={cell['clients']}")
         print(
             f"  {'target':<10} {'ok/runs':>7} {'median TPS':>12} {'min..max TPS':>21} {'median lat ms':>14}"
         )
@@ -327,13 +420,33 @@ def _version_line(cmd: list[str]) -> str:
     return (proc.stdout or proc.stderr).strip().splitlines()[0] if (proc.stdout or proc.stderr) else ""
 
 
-def machine_info(pg: DevClusters, tools: Tools) -> dict[str, Any]:
+def machine_facts() -> dict[str, Any]:
+    """What the machine is, independent of the clusters (also used by the memory benchmark)."""
+    model = ""
+    with contextlib.suppress(OSError):
+        for line in Path("/proc/cpuinfo").read_text().splitlines():
+            if line.startswith("model name"):
+                model = line.split(":", 1)[1].strip()
+                break
+    mem_total = None
+    with contextlib.suppress(OSError, ValueError, IndexError):
+        for line in Path("/proc/meminfo").read_text().splitlines():
+            if line.startswith("MemTotal:"):
+                mem_total = round(int(line.split()[1]) / 1024 / 1024, 1)
     return {
         "cpu_count": os.cpu_count(),
         "cpus_usable": len(os.sched_getaffinity(0)),
+        "cpu_model": model,
+        "mem_total_gib": mem_total,
         "loadavg_at_start": list(os.getloadavg()),
         "platform": platform.platform(),
         "python": sys.version.split()[0],
+    }
+
+
+def machine_info(pg: DevClusters, tools: Tools) -> dict[str, Any]:
+    return {
+        **machine_facts(),
         "postgres": pg.main.psql("SELECT version()"),
         "max_connections": int(pg.main.psql("SHOW max_connections")),
         "pgbench": _version_line([tools.pgbench, "--version"]),
@@ -355,8 +468,51 @@ def initialize(pg: DevClusters, tools: Tools, creds: Credentials, scale: int) ->
     return cmd
 
 
+def connections_needed(opts: Options) -> int:
+    """max_connections for the primary (and replica) so that every target's pool plus the largest direct
+    run fit at once: the daemons keep their server connections open while the others run."""
+    biggest = max(opts.clients)
+    need = SUPERUSER_RESERVED + CONNECTION_SLACK
+    for name in opts.targets:
+        need += {"direct": biggest, "pgbouncer": POOL_SIZE, "proxy": POOL_SIZE + 2}.get(
+            name, biggest + PGPOOL_CHILD_MARGIN
+        )
+    return max(200, math.ceil(need / 50) * 50)
+
+
+def raise_max_connections(pg: DevClusters, wanted: int) -> int:
+    """ALTER SYSTEM max_connections on main (before any replica is cloned: the copy inherits it)."""
+    current = int(pg.main.psql("SHOW max_connections"))
+    if wanted > current:
+        print(f"bench: max_connections {current} -> {wanted} on main (restart)", flush=True)
+        pg.main.psql(f"ALTER SYSTEM SET max_connections = {wanted}")
+        pg.main.restart()
+        return wanted
+    return current
+
+
+def wait_caught_up(main: Cluster, replica: Cluster, timeout: float = 300) -> float:
+    """Block until ``replica`` has replayed everything main has flushed; returns the seconds waited."""
+    start = time.monotonic()
+    lsn = main.psql(
+        "SET synchronous_commit TO on; SELECT txid_current(); SELECT pg_current_wal_flush_lsn()"
+    ).splitlines()[-1]
+    query = f"SELECT pg_last_wal_replay_lsn() >= '{lsn}'::pg_lsn"
+    while replica.psql(query) != "t":
+        if time.monotonic() - start > timeout:
+            raise BenchError(f"the replica did not replay up to {lsn} within {timeout}s")
+        time.sleep(0.1)
+    return time.monotonic() - start
+
+
 def make_targets(
-    opts: Options, pg: DevClusters, tools: Tools, creds: Credentials, workdir: Path
+    opts: Options,
+    pg: DevClusters,
+    *,
+    replica: Cluster | None,
+    tools: Tools,
+    creds: Credentials,
+    workdir: Path,
 ) -> list[Target]:
     targets: list[Target] = []
     for name in opts.targets:
@@ -370,8 +526,16 @@ def make_targets(
                 PgBouncerTarget(sub, creds, tools, binary=opts.pgbouncer, upstream_port=pg.main.port,
                                 as_postgres=pg.runner.as_postgres)
             )  # fmt: skip
+            continue
+        assert replica is not None
+        if name == "pgpool":
+            targets.append(
+                PgpoolTarget(sub, creds, tools, binary=opts.pgpool, primary_port=pg.main.port,
+                             replica_port=replica.port, max_clients=max(opts.clients),
+                             as_postgres=pg.runner.as_postgres)
+            )  # fmt: skip
         else:
-            targets.append(ProxyTarget(sub, creds, tools, main_dsn=pg.main.dsn))
+            targets.append(ProxyTarget(sub, creds, tools, main_dsn=pg.main.dsn, replica_dsn=replica.dsn))
     return targets
 
 
@@ -394,33 +558,34 @@ def running(targets: Sequence[Target]) -> Iterator[None]:
             target.stop()  # also those interrupted half-way through start()
 
 
-def plan_skips(
-    opts: Options, targets: Sequence[Target], max_connections: int
-) -> dict[tuple[str, str, int], str]:
-    """(target, mode, clients) cells that cannot run, with the reason (printed and recorded)."""
-    skipped: dict[tuple[str, str, int], str] = {}
+def plan_skips(opts: Options, targets: Sequence[Target], max_connections: int) -> Skips:
+    """(target, cell) pairs that cannot run, with the reason (printed and recorded)."""
+    skipped: Skips = {}
+    held = sum(t.server_connections() for t in targets)
+    room = max_connections - SUPERUSER_RESERVED - held - 5
     for target in targets:
-        for mode in opts.modes:
-            for clients in opts.clients:
-                reason = target.supports(mode)
-                if reason is None and target.name == "direct" and clients > max_connections - DIRECT_RESERVE:
-                    reason = (
-                        f"{clients} clients > max_connections {max_connections} - {DIRECT_RESERVE} reserved"
-                    )
-                if reason:
-                    skipped[(target.name, mode, clients)] = reason
+        for cell in opts.cells:
+            reason = target.supports(cell.mode)
+            if reason is None and target.name == "direct" and cell.clients > room:
+                reason = (
+                    f"{cell.clients} clients > max_connections {max_connections} - {SUPERUSER_RESERVED} "
+                    f"reserved - {held} held by the other targets' pools - 5"
+                )
+            if reason:
+                skipped[(target.name, cell)] = reason
     return skipped
 
 
 def measure(opts: Options, targets: Sequence[Target], tools: Tools, creds: Credentials,
-            skipped: dict[tuple[str, str, int], str]) -> list[Run]:  # fmt: skip
+            skipped: Skips) -> list[Run]:  # fmt: skip
     if opts.warmup:
         for target in targets:
             # Fills the OS cache and lets the poolers open their server connections; not recorded.
-            cmd = pgbench_command(
-                tools, creds, target.port, mode="simple", clients=max(opts.clients), seconds=opts.warmup
-            )
-            warm = run_pgbench(Run(0, target.name, "simple", max(opts.clients), opts.warmup, cmd), creds)
+            sizes = [c.clients for c in opts.cells if (target.name, c) not in skipped]
+            clients = max(sizes, default=min(opts.clients))
+            cmd = pgbench_command(tools, creds, target.port, workload="select-only", mode="simple",
+                                  clients=clients, seconds=opts.warmup)  # fmt: skip
+            warm = run_pgbench(Run(0, target.name, "select-only", "simple", clients, opts.warmup, cmd), creds)
             note = f"{warm.tps:,.0f} tps" if warm.ok and warm.tps else f"ERROR {warm.error}"
             print(f"bench: warm-up {target.name} {opts.warmup}s: {note}", flush=True)
     runs: list[Run] = []
@@ -428,22 +593,24 @@ def measure(opts: Options, targets: Sequence[Target], tools: Tools, creds: Crede
         shift = (rnd - 1) % len(targets)
         order = [*targets[shift:], *targets[:shift]]
         print(f"-- round {rnd}/{opts.rounds}: {' '.join(t.name for t in order)}", flush=True)
-        for mode in opts.modes:
-            for clients in opts.clients:
-                for target in order:
-                    if (target.name, mode, clients) in skipped:
-                        continue
-                    cmd = pgbench_command(
-                        tools, creds, target.port, mode=mode, clients=clients, seconds=opts.duration
-                    )
-                    run = run_pgbench(Run(rnd, target.name, mode, clients, opts.duration, cmd), creds)
-                    runs.append(run)
-                    print_run(run, opts.rounds)
+        for cell in opts.cells:
+            for target in order:
+                if (target.name, cell) in skipped:
+                    continue
+                cmd = pgbench_command(
+                    tools, creds, target.port, workload=cell.workload, mode=cell.mode,
+                    clients=cell.clients, seconds=opts.duration,
+                )  # fmt: skip
+                run = Run(rnd, target.name, cell.workload, cell.mode, cell.clients, opts.duration, cmd)
+                runs.append(run_pgbench(run, creds))
+                print_run(run, opts.rounds)
     return runs
 
 
 def print_run(run: Run, rounds: int) -> None:
-    head = f"[round {run.round}/{rounds}] {run.target:<10} {run.mode:<8} c={run.clients:<4}"
+    head = (
+        f"[round {run.round}/{rounds}] {run.target:<10} {run.workload:<11} {run.mode:<8} c={run.clients:<4}"
+    )
     numbers = f"tps {_fmt(run.tps, '12,.1f')}  lat {_fmt(run.latency_ms, '7.3f')} ms"
     print(f"{head} {numbers}" + (f"  ERROR: {run.error}" if run.error else ""), flush=True)
 
@@ -455,71 +622,103 @@ def write_json(path: Path, doc: dict[str, Any]) -> None:
     tmp.replace(path)
 
 
-def benchmark(opts: Options) -> int:
-    targets_wanted = list(opts.targets)
-    if "pgbouncer" in targets_wanted and not opts.pgbouncer.exists():
-        msg = (f"PgBouncer not found at {opts.pgbouncer}: run `make bench` or "
-               "`sudo apt-get install pgbouncer` to include it")  # fmt: skip
-        if opts.require_pgbouncer:
-            raise BenchError(msg)
-        print(f"bench: {msg}; skipping the pgbouncer target", flush=True)
-        targets_wanted.remove("pgbouncer")
-        if not targets_wanted:
-            raise BenchError("no target left to measure")
-        opts = dataclasses.replace(opts, targets=tuple(targets_wanted))
+def drop_missing(opts: Options) -> Options:
+    """Leave out a pooler that is not installed (or fail with --require-*)."""
+    wanted = list(opts.targets)
+    for name, binary, required, package in (
+        ("pgbouncer", opts.pgbouncer, opts.require_pgbouncer, "pgbouncer"),
+        ("pgpool", opts.pgpool, opts.require_pgpool, "pgpool2"),
+    ):
+        if name in wanted and not binary.exists():
+            msg = (f"{name} not found at {binary}: run `make bench` or "
+                   f"`sudo apt-get install {package}` to include it")  # fmt: skip
+            if required:
+                raise BenchError(msg)
+            print(f"bench: {msg}; skipping the {name} target", flush=True)
+            wanted.remove(name)
+    if not wanted:
+        raise BenchError("no target left to measure")
+    return dataclasses.replace(opts, targets=tuple(wanted))
+
+
+def run_benchmark(opts: Options) -> tuple[int, dict[str, Any], Credentials | None]:
+    """The pgbench comparison: (exit code, the results document, the credentials to redact)."""
+    opts = drop_missing(opts)
     started_at = datetime.now(UTC).isoformat(timespec="seconds")
     tools = Tools.find(find_bindir())
-    print("bench: starting a PostgreSQL main cluster ...", flush=True)
+    routing = any(t in ROUTING_TARGETS for t in opts.targets)
+    print(
+        "bench: starting a PostgreSQL primary" + (" and a streaming replica" if routing else ""), flush=True
+    )
     with DevClusters.start(("main",)) as pg, tempfile.TemporaryDirectory(prefix="parafort-bench-") as tmp:
         workdir = Path(tmp)
         if pg.runner.as_postgres:
-            workdir.chmod(0o711)  # PgBouncer runs as postgres and must reach its own subdirectory
+            workdir.chmod(
+                0o711
+            )  # PgBouncer and Pgpool-II run as postgres and must reach their subdirectories
         creds = Credentials(pg.main.user, pg.main.password, pg.main.database)
+        raise_max_connections(pg, connections_needed(opts))
+        replica = pg.add_replica("read_replica") if routing else None
         machine = machine_info(pg, tools)
+        if "pgpool" in opts.targets:
+            machine["pgpool"] = pgpool_version(opts.pgpool)
         init_cmd = initialize(pg, tools, creds, opts.scale)
-        targets = make_targets(opts, pg, tools, creds, workdir)
+        if replica is not None:
+            waited = wait_caught_up(pg.main, replica)
+            print(f"bench: replica caught up ({waited:.1f}s after pgbench -i)", flush=True)
+        targets = make_targets(opts, pg, replica=replica, tools=tools, creds=creds, workdir=workdir)
         skipped = plan_skips(opts, targets, machine["max_connections"])
-        for (name, mode, clients), reason in skipped.items():
-            print(f"bench: skipping {name} -M {mode} -c {clients}: {reason}", flush=True)
+        for (name, cell), reason in skipped.items():
+            print(f"bench: skipping {name} {cell.label}: {reason}", flush=True)
         with running(targets):
             runs = measure(opts, targets, tools, creds, skipped)
         machine["loadavg_at_end"] = list(os.getloadavg())
     cells = summarize(runs, opts, skipped)
     print_summary(cells, opts)
     doc = {
-        "benchmark": "pgbench select-only: direct vs pgbouncer vs proxy",
+        "benchmark": "pgbench: direct vs pgbouncer vs pgpool vs proxy",
         "started_at": started_at,
         "finished_at": datetime.now(UTC).isoformat(timespec="seconds"),
         "options": {
             **asdict(opts),
+            "cells": [asdict(c) for c in opts.cells],
             "json_path": str(opts.json_path),
             "pgbouncer": str(opts.pgbouncer),
+            "pgpool": str(opts.pgpool),
+            "docs": str(opts.docs) if opts.docs else None,
             "jobs": JOBS,
         },
         "machine": machine,
         "targets": {t.name: t.describe() for t in targets},
         "commands": {
-            "init": init_cmd,
-            "runs": sorted({" ".join(r.command) for r in runs}),
+            "init": command_template(init_cmd),
+            "runs": sorted({command_template(r.command) for r in runs}),
             "password": "passed in PGPASSWORD, never on a command line",
         },
-        "skipped": [
-            {"target": n, "mode": m, "clients": c, "reason": why} for (n, m, c), why in skipped.items()
-        ],
+        "skipped": [{"target": n, **asdict(c), "reason": why} for (n, c), why in skipped.items()],
         "runs": [asdict(r) for r in runs],
         "summary": cells,
     }
-    text = creds.redact(json.dumps(doc))
-    write_json(opts.json_path, json.loads(text))
-    print(f"\nbench: results written to {opts.json_path}")
+    doc = json.loads(creds.redact(json.dumps(doc)))
     failed = [r for r in runs if not r.ok]
     if failed:
         print(
             f"bench: {len(failed)} of {len(runs)} runs had errors (see the ERROR lines above)",
             file=sys.stderr,
         )
-        return 1
-    return 0
+    return (1 if failed else 0), doc, creds
+
+
+def benchmark(opts: Options) -> int:
+    code, doc, _creds = run_benchmark(opts)
+    write_json(opts.json_path, doc)
+    print(f"\nbench: results written to {opts.json_path}")
+    print()
+    print(report.pgbench_markdown(doc))
+    if opts.docs is not None:
+        report.update_docs(opts.docs, {"pgbench": report.pgbench_markdown(doc)})
+        print(f"bench: {opts.docs} refreshed")
+    return code
 
 
 class Terminated(BaseException):
@@ -530,16 +729,12 @@ def _terminate(signum: int, frame: FrameType | None) -> None:
     raise Terminated
 
 
-def main(argv: Sequence[str] | None = None) -> int:
-    opts = parse_options(argv)
+def guarded(fn: Any, *args: Any) -> int:
+    """Run ``fn(*args)`` with SIGTERM turned into an unwinding exception and errors turned into exit codes."""
     signal.signal(signal.SIGTERM, _terminate)
-    if shutil.which("pgbench") is None and not any(Path("/usr/lib/postgresql").glob("*/bin/pgbench")):
-        print(
-            "bench: pgbench not found: run `make bench` (installs PostgreSQL and PgBouncer)", file=sys.stderr
-        )
-        return 2
     try:
-        return benchmark(opts)
+        code: int = fn(*args)
+        return code
     except (BenchError, TargetError, DevClusterError) as exc:
         print(f"bench: error: {exc}", file=sys.stderr)
         return 2
@@ -549,3 +744,20 @@ def main(argv: Sequence[str] | None = None) -> int:
     except Terminated:
         print("bench: terminated; everything it started has been stopped", file=sys.stderr)
         return 143
+
+
+def have_pgbench() -> bool:
+    if shutil.which("pgbench") is None and not any(Path("/usr/lib/postgresql").glob("*/bin/pgbench")):
+        print(
+            "bench: pgbench not found: run `make bench` (installs PostgreSQL, PgBouncer and Pgpool-II)",
+            file=sys.stderr,
+        )
+        return False
+    return True
+
+
+def main(argv: Sequence[str] | None = None) -> int:
+    opts = parse_options(argv)
+    if not have_pgbench():
+        return 2
+    return guarded(benchmark, opts)

@@ -1,8 +1,9 @@
-"""Benchmark targets: what pgbench connects to — PostgreSQL itself, PgBouncer, or the ParaFort proxy.
+"""Benchmark targets: what pgbench connects to — PostgreSQL itself, PgBouncer, Pgpool-II or our proxy.
 
 Every target listens on 127.0.0.1 and accepts the main cluster's own user and password over SCRAM. The daemons
-(PgBouncer, the proxy) are started and stopped by the harness: readiness is a real ``SELECT 1`` through the
-target, shutdown is SIGTERM to the pid with a deadline, then SIGKILL.
+(PgBouncer, Pgpool-II, the proxy) are started and stopped by the harness: readiness is a real ``SELECT 1``
+through the target (and, for the routing targets, a read that lands on the replica), shutdown is a signal to
+the pid with a deadline, then SIGKILL of the daemon's process group.
 """
 
 from __future__ import annotations
@@ -10,6 +11,7 @@ from __future__ import annotations
 import contextlib
 import os
 import re
+import resource
 import shutil
 import signal
 import socket
@@ -18,7 +20,7 @@ import sys
 from abc import ABC, abstractmethod
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Any
+from typing import Any, ClassVar
 
 import yaml
 
@@ -31,6 +33,12 @@ POOL_SIZE = 20
 # PgBouncer understands protocol-level prepared statements in transaction pooling from this version on.
 PGBOUNCER_PREPARED_MIN = (1, 21)
 DEFAULT_PGBOUNCER = Path("/usr/sbin/pgbouncer")
+DEFAULT_PGPOOL = Path("/usr/sbin/pgpool")
+# Pgpool-II pre-forks one child per concurrent client: this many more children than the largest client count.
+PGPOOL_CHILD_MARGIN = 8
+# A read that lands on a hot standby answers 'on': proof that a routing target sends reads to the replica.
+# (Not pg_is_in_recovery(), volatile, nor pg_settings, a catalog view: Pgpool-II sends those to the primary.)
+ON_REPLICA_SQL = "SELECT current_setting('in_hot_standby')"
 
 
 class TargetError(RuntimeError):
@@ -87,21 +95,29 @@ def tcp_open(host: str, port: int) -> bool:
         return False
 
 
-def select_one(tools: Tools, creds: Credentials, port: int) -> str | None:
-    """Run ``SELECT 1`` through HOST:port; None on success, else psql's error (password redacted)."""
+def scalar(tools: Tools, creds: Credentials, port: int, sql: str) -> tuple[str | None, str | None]:
+    """Run one query through HOST:port with psql: (its output, None) or (None, psql's error, redacted)."""
     cmd = [
         tools.psql, "-X", "-q", "-A", "-t", "-h", HOST, "-p", str(port), "-U", creds.user,
-        "-d", creds.database, "-c", "SELECT 1",
+        "-d", creds.database, "-c", sql,
     ]  # fmt: skip
     try:
         proc = subprocess.run(
             cmd, env=client_env(creds), capture_output=True, text=True, timeout=15, check=False
         )
     except subprocess.TimeoutExpired:
-        return "psql timed out"
-    if proc.returncode == 0 and proc.stdout.strip() == "1":
-        return None
-    return creds.redact((proc.stderr or proc.stdout).strip() or f"psql exited with {proc.returncode}")
+        return None, "psql timed out"
+    if proc.returncode == 0:
+        return proc.stdout.strip(), None
+    return None, creds.redact((proc.stderr or proc.stdout).strip() or f"psql exited with {proc.returncode}")
+
+
+def select_one(tools: Tools, creds: Credentials, port: int) -> str | None:
+    """Run ``SELECT 1`` through HOST:port; None on success, else psql's error (password redacted)."""
+    out, error = scalar(tools, creds, port, "SELECT 1")
+    if error is not None:
+        return error
+    return None if out == "1" else f"SELECT 1 returned {out!r}"
 
 
 def tail(path: Path, creds: Credentials, lines: int = 20) -> str:
@@ -147,6 +163,10 @@ class Target(ABC):
         """None when pgbench ``-M mode`` is meaningful through this target, else the reason it is not."""
         return None
 
+    def server_connections(self) -> int:
+        """Connections this target may keep open to the primary while another target runs."""
+        return 0
+
     def describe(self) -> dict[str, Any]:
         return {"name": self.name, "host": HOST, "port": self.port, "version": self.version}
 
@@ -173,6 +193,9 @@ class DaemonTarget(Target):
     ready_timeout = 30.0
     stop_timeout = 10.0
     port_attempts = 3
+    stop_signal: ClassVar[signal.Signals] = signal.SIGTERM
+    # Whether reads through this target must land on the replica before it counts as ready.
+    routes_reads = False
 
     def __init__(self, workdir: Path, creds: Credentials, tools: Tools) -> None:
         self.workdir = workdir
@@ -234,18 +257,40 @@ class DaemonTarget(Target):
             raise TargetError(
                 f"{exc} (last attempt: {last[0]}); its output ends with:\n{tail(self.logfile, self.creds)}"
             ) from None
+        if self.routes_reads:
+            self._wait_reads_on_replica()
+
+    def _wait_reads_on_replica(self) -> None:
+        """Routing is on once a plain read through the target is answered by the hot standby."""
+        last: list[str | None] = [None]
+
+        def on_replica() -> bool:
+            out, error = scalar(self.tools, self.creds, self.port, ON_REPLICA_SQL)
+            last[0] = error or out
+            return out == "on"
+
+        try:
+            wait_until(
+                on_replica, self.ready_timeout, f"reads through {self.name} to reach the replica", 0.25
+            )
+        except TimeoutError as exc:
+            raise TargetError(
+                f"{exc} (in_hot_standby through it: {last[0]!r}); its output ends with:\n"
+                f"{tail(self.logfile, self.creds)}"
+            ) from None
 
     def stop(self) -> None:
         proc = self.proc
         if proc is None:
             return
         if proc.poll() is None:
-            proc.send_signal(signal.SIGTERM)
+            proc.send_signal(self.stop_signal)
             try:
                 proc.wait(timeout=self.stop_timeout)
             except subprocess.TimeoutExpired:
                 print(
-                    f"bench: {self.name} (pid {proc.pid}) ignored SIGTERM for {self.stop_timeout}s; killing"
+                    f"bench: {self.name} (pid {proc.pid}) ignored {self.stop_signal.name} for "
+                    f"{self.stop_timeout}s; killing"
                 )
                 proc.kill()
                 proc.wait(timeout=10)
@@ -357,6 +402,9 @@ class PgBouncerTarget(DaemonTarget):
             return {"user": "postgres", "group": "postgres", "extra_groups": []}
         return {}
 
+    def server_connections(self) -> int:
+        return POOL_SIZE
+
     def describe(self) -> dict[str, Any]:
         return {
             **super().describe(),
@@ -367,25 +415,242 @@ class PgBouncerTarget(DaemonTarget):
         }
 
 
+def pgpool_version(binary: Path) -> str:
+    """Pgpool-II's version, from ``pgpool --version`` ("pgpool-II version 4.3.5 (tamahomeboshi)")."""
+    proc = subprocess.run([str(binary), "--version"], capture_output=True, text=True, timeout=10, check=False)
+    match = re.search(r"version\s+(\d+(?:\.\d+)+)", proc.stdout + proc.stderr)
+    if proc.returncode != 0 or match is None:
+        raise TargetError(f"{binary} --version failed: {(proc.stdout + proc.stderr).strip()[:300]}")
+    return match.group(1)
+
+
+def quote_pgpool(value: str | int) -> str:
+    """A pgpool.conf value: integers bare, strings in single quotes with embedded quotes doubled."""
+    if isinstance(value, int):
+        return str(value)
+    return "'" + value.replace("'", "''") + "'"
+
+
+@dataclass(frozen=True)
+class PgpoolSettings:
+    """What differs between Pgpool-II runs; everything else in pgpool.conf is fixed (see pgpool_conf)."""
+
+    port: int
+    pcp_port: int
+    workdir: Path
+    primary_port: int
+    replica_port: int
+    user: str
+    database: str
+    num_init_children: int
+    # backend_weight: 0 on the primary sends every load-balanced read to the replica, as the proxy does.
+    primary_weight: int = 0
+    replica_weight: int = 1
+
+
+def pgpool_conf(s: PgpoolSettings) -> str:
+    """pgpool.conf for streaming-replication load balancing: backend0 = primary, backend1 = replica.
+
+    No watchdog, no health checks or failover (a benchmark must not detach a node), PCP only on a unix
+    socket in the work directory, the pid file, sockets and pgpool_status there too, logs on stderr. The
+    password is not here: pool_passwd holds it (pgpool needs it in clear text to do SCRAM to the backends).
+    """
+    settings: list[tuple[str, str | int]] = [
+        ("backend_clustering_mode", "streaming_replication"),
+        ("listen_addresses", HOST),
+        ("port", s.port),
+        ("socket_dir", str(s.workdir)),
+        ("pcp_listen_addresses", ""),
+        ("pcp_port", s.pcp_port),
+        ("pcp_socket_dir", str(s.workdir)),
+        ("wd_ipc_socket_dir", str(s.workdir)),
+        ("use_watchdog", "off"),
+        ("pid_file_name", str(s.workdir / "pgpool.pid")),
+        ("logdir", str(s.workdir)),
+        ("log_destination", "stderr"),
+        ("logging_collector", "off"),
+        ("log_min_messages", "warning"),
+        ("log_connections", "off"),
+        ("log_statement", "off"),
+        ("log_per_node_statement", "off"),
+        ("backend_hostname0", HOST),
+        ("backend_port0", s.primary_port),
+        ("backend_weight0", s.primary_weight),
+        ("backend_flag0", "DISALLOW_TO_FAILOVER"),
+        ("backend_application_name0", "primary"),
+        ("backend_hostname1", HOST),
+        ("backend_port1", s.replica_port),
+        ("backend_weight1", s.replica_weight),
+        ("backend_flag1", "DISALLOW_TO_FAILOVER"),
+        ("backend_application_name1", "replica"),
+        ("enable_pool_hba", "on"),
+        ("pool_passwd", str(s.workdir / "pool_passwd")),
+        ("allow_clear_text_frontend_auth", "off"),
+        ("ssl", "off"),
+        ("num_init_children", s.num_init_children),
+        ("max_pool", 1),
+        ("reserved_connections", 0),
+        ("child_life_time", 0),
+        ("child_max_connections", 0),
+        ("connection_life_time", 0),
+        ("client_idle_limit", 0),
+        ("connection_cache", "on"),
+        ("load_balance_mode", "on"),
+        ("statement_level_load_balance", "off"),
+        ("disable_load_balance_on_write", "transaction"),
+        ("sr_check_period", 0),
+        ("sr_check_user", s.user),
+        ("sr_check_password", ""),  # empty: taken from pool_passwd
+        ("sr_check_database", s.database),
+        ("delay_threshold", 0),
+        ("health_check_period", 0),
+        ("failover_on_backend_error", "off"),
+        ("failover_on_backend_shutdown", "off"),
+        ("search_primary_node_timeout", 10),
+        ("auto_failback", "off"),
+        ("memory_cache_enabled", "off"),
+        ("memqcache_oiddir", str(s.workdir / "oiddir")),
+    ]
+    return "".join(f"{key} = {quote_pgpool(value)}\n" for key, value in settings)
+
+
+# Clients log in with SCRAM (pool_passwd's clear-text entry serves as the verifier's source).
+PGPOOL_HBA = "host all all 127.0.0.1/32 scram-sha-256\n"
+
+
+class PgpoolTarget(DaemonTarget):
+    """Pgpool-II in streaming-replication load-balancing mode (as the ``postgres`` OS user when root)."""
+
+    name = "pgpool"
+    ready_timeout = 45.0
+    stop_signal = signal.SIGINT  # pgpool's fast shutdown (SIGTERM waits for clients to leave)
+    routes_reads = True
+
+    def __init__(
+        self,
+        workdir: Path,
+        creds: Credentials,
+        tools: Tools,
+        *,
+        binary: Path,
+        primary_port: int,
+        replica_port: int,
+        max_clients: int,
+        as_postgres: bool,
+    ) -> None:
+        super().__init__(workdir, creds, tools)
+        self.binary = binary
+        self.primary_port = primary_port
+        self.replica_port = replica_port
+        self.num_init_children = max_clients + PGPOOL_CHILD_MARGIN
+        self.as_postgres = as_postgres
+        self.version = pgpool_version(binary)
+        self.conf = workdir / "pgpool.conf"
+        self.hba = workdir / "pool_hba.conf"
+        self.pcp = workdir / "pcp.conf"
+        self.passwd = workdir / "pool_passwd"
+        self.settings: PgpoolSettings | None = None
+
+    def prepare(self) -> list[str]:
+        if ":" in self.creds.user or ":" in self.creds.password or "\n" in self.creds.password:
+            raise TargetError("pool_passwd cannot hold a user or password with ':' or a newline")
+        pcp_port = free_port()
+        while pcp_port == self.port:
+            pcp_port = free_port()
+        self.settings = PgpoolSettings(
+            port=self.port, pcp_port=pcp_port, workdir=self.workdir, primary_port=self.primary_port,
+            replica_port=self.replica_port, user=self.creds.user, database=self.creds.database,
+            num_init_children=self.num_init_children,
+        )  # fmt: skip
+        (self.workdir / "oiddir").mkdir(exist_ok=True)
+        for path, text in (
+            (self.conf, pgpool_conf(self.settings)),
+            (self.hba, PGPOOL_HBA),
+            (self.pcp, ""),
+            (self.passwd, f"{self.creds.user}:TEXT{self.creds.password}\n"),
+        ):
+            path.touch(mode=0o600)
+            path.chmod(0o600)
+            path.write_text(text)
+        # A pgpool_status left by an earlier attempt would mark a backend down.
+        (self.workdir / "pgpool_status").unlink(missing_ok=True)
+        if self.as_postgres:
+            for path in (self.workdir, self.workdir / "oiddir", self.conf, self.hba, self.pcp, self.passwd):
+                shutil.chown(path, "postgres", "postgres")
+        return [str(self.binary), "-n", "-f", str(self.conf), "-a", str(self.hba), "-F", str(self.pcp)]
+
+    def env(self) -> dict[str, str]:
+        env = {k: v for k, v in os.environ.items() if not k.startswith("PG")}
+        env["LC_ALL"] = "C"
+        return env
+
+    def popen_kwargs(self) -> dict[str, Any]:
+        if self.as_postgres:
+            return {"user": "postgres", "group": "postgres", "extra_groups": []}
+        return {}
+
+    def server_connections(self) -> int:
+        return self.num_init_children  # max_pool = 1: one cached connection per child and backend
+
+    def describe(self) -> dict[str, Any]:
+        return {
+            **super().describe(),
+            "mode": "streaming_replication, load_balance_mode = on",
+            "backends": {"0": "primary (weight 0: writes only)", "1": "replica (weight 1: every read)"},
+            "num_init_children": self.num_init_children,
+            "max_pool": 1,
+            "connection_cache": True,
+            "auth": "scram-sha-256 clients (pool_hba.conf), pool_passwd clear-text entry for the backends",
+            "run_as": "postgres" if self.as_postgres else "current user",
+        }
+
+
+def raise_nofile() -> None:
+    """In the child before exec: the soft open-files limit up to the hard one (10,000 idle clients)."""
+    _soft, hard = resource.getrlimit(resource.RLIMIT_NOFILE)
+    resource.setrlimit(resource.RLIMIT_NOFILE, (hard, hard))
+
+
 class ProxyTarget(DaemonTarget):
-    """Our daemon: ``python -m proxy run --config <yaml>`` with DATABASE_URL pointing at main."""
+    """Our daemon: ``python -m proxy run --config <yaml>`` with DATABASE_URL pointing at main and, when given,
+    READ_REPLICA_DATABASE_URL at the streaming replica (reads are then routed there)."""
 
     name = "proxy"
 
-    def __init__(self, workdir: Path, creds: Credentials, tools: Tools, *, main_dsn: str) -> None:
+    def __init__(
+        self,
+        workdir: Path,
+        creds: Credentials,
+        tools: Tools,
+        *,
+        main_dsn: str,
+        replica_dsn: str | None = None,
+        extra_config: dict[str, Any] | None = None,
+        nofile: bool = False,
+    ) -> None:
         super().__init__(workdir, creds, tools)
         self.main_dsn = main_dsn
+        self.replica_dsn = replica_dsn
+        self.routes_reads = replica_dsn is not None
+        self.extra_config = extra_config or {}
+        self.nofile = nofile
         self.version = proxy_version
         self.config = workdir / "proxy.yaml"
         self.userlist = workdir / "userlist.txt"
         self.admin_port = 0
 
     def config_data(self) -> dict[str, Any]:
-        return {
+        doc: dict[str, Any] = {
             "listen": {"host": HOST, "port": self.port},
             "admin": {"host": HOST, "port": self.admin_port},
             "auth": {"method": "scram-sha-256", "users_file": str(self.userlist)},
+            "roles": {"main": {"pool_size": POOL_SIZE}},
         }
+        if self.replica_dsn is not None:
+            doc["roles"]["read_replica"] = {"pool_size": POOL_SIZE}
+        for key, value in self.extra_config.items():
+            doc[key] = {**doc.get(key, {}), **value} if isinstance(value, dict) else value
+        return doc
 
     def prepare(self) -> list[str]:
         self.admin_port = free_port()
@@ -396,17 +661,32 @@ class ProxyTarget(DaemonTarget):
         return [sys.executable, "-m", "proxy", "run", "--config", str(self.config)]
 
     def env(self) -> dict[str, str]:
-        # Only main is configured: no other role URL (nor PG* setting) leaks in from our environment.
+        # Only main (and the replica) are configured: no other role URL nor PG* setting leaks in from ours.
         env = {
             k: v for k, v in os.environ.items() if not k.startswith("PG") and not k.endswith("DATABASE_URL")
         }
         env.update(DATABASE_URL=self.main_dsn, PYTHONUNBUFFERED="1")
+        if self.replica_dsn is not None:
+            env["READ_REPLICA_DATABASE_URL"] = self.replica_dsn
         return env
+
+    def popen_kwargs(self) -> dict[str, Any]:
+        return {"preexec_fn": raise_nofile} if self.nofile else {}
+
+    def server_connections(self) -> int:
+        return POOL_SIZE + 2  # the main pool and the health monitor's probe
+
+    @property
+    def pid(self) -> int | None:
+        return self.proc.pid if self.proc is not None else None
 
     def describe(self) -> dict[str, Any]:
         return {
             **super().describe(),
             "admin_port": self.admin_port,
             "main_pool_size": POOL_SIZE,
+            "read_replica_pool_size": POOL_SIZE if self.replica_dsn is not None else None,
+            "routing": "reads to the streaming replica" if self.replica_dsn is not None else "main only",
+            "config": {k: v for k, v in self.config_data().items() if k not in ("listen", "admin", "auth")},
             "command": [sys.executable, "-m", "proxy", "run", "--config", "<proxy.yaml>"],
         }

@@ -2,7 +2,8 @@
 # Make a fresh machine ready: PostgreSQL 15 server binaries (and more Debian packages when asked for),
 # a virtualenv in .venv with the project and its test extra. Safe to run again: it skips what is there.
 #   scripts/bootstrap.sh            # PostgreSQL + venv
-#   scripts/bootstrap.sh pgbouncer  # ... and extra Debian packages (e.g. for benchmarks)
+#   scripts/bootstrap.sh pgbouncer  # ... and extra Debian packages
+#   scripts/bootstrap.sh bench      # ... and what `make bench` needs: pgbouncer and pgpool2
 set -euo pipefail
 cd "$(dirname "$0")/.."
 
@@ -43,13 +44,29 @@ if ! command -v systemd-analyze >/dev/null; then
     echo "bootstrap: installing systemd (for systemd-analyze)"
     apt_install systemd
 fi
+# Extra Debian packages named on the command line; `bench` stands for what `make bench` compares against:
+# PgBouncer and Pgpool-II.
+wanted=()
+for arg in "$@"; do
+    case "$arg" in
+        bench) wanted+=(pgbouncer pgpool2) ;;
+        *) wanted+=("$arg") ;;
+    esac
+done
 extra=()
-for pkg in "$@"; do
-    dpkg -s "$pkg" >/dev/null 2>&1 || extra+=("$pkg")
+for pkg in ${wanted[@]+"${wanted[@]}"}; do
+    dpkg -s "$pkg" 2>/dev/null | grep -q '^Status: install ok installed' || extra+=("$pkg")
 done
 if [ ${#extra[@]} -gt 0 ]; then
     echo "bootstrap: installing ${extra[*]}"
     apt_install "${extra[@]}"
+    # The packages start daemons of their own (PgBouncer on 6432, Pgpool-II on 5432-ish ports): the
+    # benchmark runs private instances on ephemeral ports, so stop and disable the packaged services.
+    for svc in pgbouncer pgpool2; do
+        case " ${extra[*]} " in *" $svc "*) ;; *) continue ;; esac
+        $SUDO service "$svc" stop >/dev/null 2>&1 || true
+        if command -v systemctl >/dev/null; then $SUDO systemctl disable "$svc" >/dev/null 2>&1 || true; fi
+    done
 fi
 
 PYTHON="${PYTHON:-python3}"
