@@ -1,8 +1,30 @@
-"""``python -m bench``: the pgbench side-by-side comparison (see bench/README.md)."""
+"""``python -m bench``: the benchmarks (see bench/README.md).
+
+python -m bench [pgbench options]      the pgbench comparison (also: python -m bench pgbench ...)
+python -m bench memory [options]       proxy RSS with 10,000 idle clients
+python -m bench classify [options]     statement classification cost
+python -m bench all [pgbench options]  all three, one results file, docs/performance.md refreshed
+"""
 
 import sys
 
-from bench.pgbench_compare import main
+from bench import classify, memory, pgbench_compare, suite
+
+COMMANDS = {
+    "pgbench": pgbench_compare.main,
+    "memory": memory.main,
+    "classify": classify.main,
+    "all": suite.main,
+}
+
+
+def main(argv: list[str]) -> int:
+    if argv and argv[0] in COMMANDS:
+        return COMMANDS[argv[0]](argv[1:])
+    if argv and argv[0] in ("-h", "--help"):
+        print(__doc__)
+    return pgbench_compare.main(argv)
+
 
 if __name__ == "__main__":
-    sys.exit(main())
+    sys.exit(main(sys.argv[1:]))

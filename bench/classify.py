@@ -1,14 +1,21 @@
 """Classification cost per statement: cache hit (same bytes), fingerprint hit (other literals), miss.
 
-.venv/bin/python -m bench.classify
+.venv/bin/python -m bench.classify        (or: python -m bench classify [--json PATH] [--no-docs])
 """
 
 from __future__ import annotations
 
+import argparse
 import statistics
+import sys
 import time
 from collections.abc import Callable, Sequence
+from datetime import UTC, datetime
+from pathlib import Path
+from typing import Any
 
+from bench import report
+from bench.pgbench_compare import DOCS_PATH, RESULTS_DIR, machine_facts, write_json
 from proxy.config import load_config
 from proxy.router.classify import Classification, ClassificationCache, classify
 from proxy.router.policy import Decision, Router
@@ -20,6 +27,7 @@ STATEMENTS = [
     " WHERE u.id > {} GROUP BY 1",
     "WITH moved AS (DELETE FROM documents WHERE id = {} RETURNING *) SELECT count(*) FROM moved",
 ]
+KEYS = ("hit_us", "fingerprint_us", "miss_us", "decide_us")
 
 
 def per_call_us(fn: Callable[..., object], args: Sequence[object], repeat: int = 7) -> float:
@@ -33,7 +41,8 @@ def per_call_us(fn: Callable[..., object], args: Sequence[object], repeat: int =
     return statistics.median(runs)
 
 
-def main() -> None:
+def measure() -> list[dict[str, Any]]:
+    """One row per statement: microseconds per cache hit, fingerprint hit, miss (parse) and decision."""
     config = load_config(
         None, {"DATABASE_URL": "postgresql://u@h/db", "READ_REPLICA_DATABASE_URL": "postgresql://u@r/db"}
     )
@@ -42,9 +51,7 @@ def main() -> None:
     def decide(info: Classification) -> Decision:
         return router.decide_cached(info, None, None)
 
-    print(
-        f"{'statement':<60} {'hit (bytes)':>12} {'hit (fingerprint)':>18} {'miss (parse)':>13} {'decide':>8}"
-    )
+    rows: list[dict[str, Any]] = []
     for template in STATEMENTS:
         cache = ClassificationCache(size=100_000)
         same = [template.format(1).encode()] * 2000
@@ -56,9 +63,64 @@ def main() -> None:
         info = cache.classify_bytes(same[0])
         router.decide_cached(info, None, None)
         decided = per_call_us(decide, [info] * 2000)
-        label = template.format(1)[:58]
-        print(f"{label:<60} {hit:>10.2f}us {fp:>16.2f}us {miss:>11.1f}us {decided:>6.2f}us")
+        rows.append(
+            {
+                "statement": template.format(1),
+                "hit_us": round(hit, 3),
+                "fingerprint_us": round(fp, 3),
+                "miss_us": round(miss, 2),
+                "decide_us": round(decided, 3),
+            }
+        )
+    return rows
+
+
+def medians(rows: Sequence[dict[str, Any]]) -> dict[str, float]:
+    return {key: round(statistics.median(row[key] for row in rows), 3) for key in KEYS}
+
+
+def print_rows(rows: Sequence[dict[str, Any]]) -> None:
+    print(
+        f"{'statement':<60} {'hit (bytes)':>12} {'hit (fingerprint)':>18} {'miss (parse)':>13} {'decide':>8}"
+    )
+    for row in [*rows, {"statement": "median", **medians(rows)}]:
+        print(
+            f"{row['statement'][:58]:<60} {row['hit_us']:>10.2f}us {row['fingerprint_us']:>16.2f}us "
+            f"{row['miss_us']:>11.1f}us {row['decide_us']:>6.2f}us"
+        )
+
+
+def classify_doc() -> dict[str, Any]:
+    started_at = datetime.now(UTC).isoformat(timespec="seconds")
+    rows = measure()
+    print_rows(rows)
+    return {
+        "benchmark": "statement classification cost",
+        "started_at": started_at,
+        "finished_at": datetime.now(UTC).isoformat(timespec="seconds"),
+        "machine": machine_facts(),
+        "command": "python -m bench classify",
+        "statements": rows,
+        "medians": medians(rows),
+    }
+
+
+def main(argv: Sequence[str] | None = None) -> int:
+    p = argparse.ArgumentParser(prog="python -m bench classify", description=__doc__.split("\n")[0])
+    p.add_argument("--json", type=Path, metavar="PATH", help="results file")
+    p.add_argument("--docs", type=Path, default=DOCS_PATH, metavar="PATH", help="markdown to refresh")
+    p.add_argument("--no-docs", action="store_true", help="do not touch docs/performance.md")
+    args = p.parse_args(argv)
+    doc = classify_doc()
+    stamp = datetime.now(UTC).strftime("%Y%m%dT%H%M%SZ")
+    path = args.json or RESULTS_DIR / f"{stamp}-classify.json"
+    write_json(path, doc)
+    print(f"bench classify: results written to {path}")
+    if not args.no_docs:
+        report.update_docs(args.docs, {"classify": report.classify_markdown(doc)})
+        print(f"bench classify: {args.docs} refreshed")
+    return 0
 
 
 if __name__ == "__main__":
-    main()
+    sys.exit(main())

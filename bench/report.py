@@ -7,7 +7,7 @@ re-rendered from an old results file, and unit-tested without running anything.
 from __future__ import annotations
 
 import re
-from collections.abc import Mapping, Sequence
+from collections.abc import Mapping
 from pathlib import Path
 from typing import Any
 
@@ -183,13 +183,3 @@ def update_docs(path: Path, blocks: Mapping[str, str]) -> None:
     tmp = path.with_name(path.name + ".tmp")
     tmp.write_text(text if text.endswith("\n") else text + "\n")
     tmp.replace(path)
-
-
-def medians(rows: Sequence[Mapping[str, float]], keys: Sequence[str]) -> dict[str, float]:
-    """Per key, the median over rows (the classification summary)."""
-    out: dict[str, float] = {}
-    for key in keys:
-        values = sorted(row[key] for row in rows)
-        n = len(values)
-        out[key] = values[n // 2] if n % 2 else (values[n // 2 - 1] + values[n // 2]) / 2
-    return out

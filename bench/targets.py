@@ -138,10 +138,11 @@ def quote_libpq(value: str) -> str:
     return "'" + value.replace("\\", "\\\\").replace("'", "\\'") + "'"
 
 
-def write_userlist(path: Path, creds: Credentials) -> None:
+def write_userlist(path: Path, creds: Credentials, secret: str | None = None) -> None:
+    """userlist.txt with the password (or ``secret``: an md5 hash or SCRAM verifier of it), mode 0600."""
     path.touch(mode=0o600)
     path.chmod(0o600)
-    path.write_text(f"{quote_userlist(creds.user)} {quote_userlist(creds.password)}\n")
+    path.write_text(f"{quote_userlist(creds.user)} {quote_userlist(secret or creds.password)}\n")
 
 
 class Target(ABC):
@@ -627,6 +628,7 @@ class ProxyTarget(DaemonTarget):
         replica_dsn: str | None = None,
         extra_config: dict[str, Any] | None = None,
         nofile: bool = False,
+        userlist_secret: str | None = None,
     ) -> None:
         super().__init__(workdir, creds, tools)
         self.main_dsn = main_dsn
@@ -634,6 +636,7 @@ class ProxyTarget(DaemonTarget):
         self.routes_reads = replica_dsn is not None
         self.extra_config = extra_config or {}
         self.nofile = nofile
+        self.userlist_secret = userlist_secret
         self.version = proxy_version
         self.config = workdir / "proxy.yaml"
         self.userlist = workdir / "userlist.txt"
@@ -656,7 +659,7 @@ class ProxyTarget(DaemonTarget):
         self.admin_port = free_port()
         while self.admin_port == self.port:
             self.admin_port = free_port()
-        write_userlist(self.userlist, self.creds)
+        write_userlist(self.userlist, self.creds, self.userlist_secret)
         self.config.write_text(yaml.safe_dump(self.config_data(), sort_keys=False))
         return [sys.executable, "-m", "proxy", "run", "--config", str(self.config)]
 
