@@ -27,9 +27,12 @@ unit: setup
 integration: setup
 	$(VENV)/pytest -m integration $(PYTEST_ARGS)
 
+# The benchmarks (docs/performance.md): pgbench vs PgBouncer and Pgpool-II, idle-client memory, classification
+# cost; about 15 minutes. BENCH_ARGS=--quick for a short pass.
+BENCH_ARGS ?=
 bench: setup
-	@scripts/bootstrap.sh pgbouncer
-	$(VENV)/python -m bench
+	@scripts/bootstrap.sh bench
+	$(VENV)/python -m bench all $(BENCH_ARGS)
 
 clean:
 	rm -rf .venv .pytest_cache .mypy_cache .ruff_cache *.egg-info

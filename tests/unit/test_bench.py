@@ -1,0 +1,201 @@
+"""The benchmark harness's pure parts: the matrix, ratios, command templates, pgpool.conf, the markdown
+report, and the memory benchmark's login client against the proxy's own authenticator."""
+
+from __future__ import annotations
+
+import struct
+import sys
+from pathlib import Path
+from typing import Any
+
+import pytest
+
+# bench/ is not an installed package (only proxy is): import it from the checkout.
+sys.path.insert(0, str(Path(__file__).resolve().parents[2]))
+
+from bench import report
+from bench.memory import md5_response, scram_client_final, startup_message
+from bench.pgbench_compare import (
+    DEFAULT_CELLS,
+    Cell,
+    Options,
+    Run,
+    build_cells,
+    command_template,
+    connections_needed,
+    paired_ratios,
+    parse_options,
+    summarize,
+)
+from bench.targets import PgpoolSettings, pgpool_conf, quote_pgpool
+from proxy.protocol.auth import ServerAuth, make_scram_verifier
+
+
+def _opts(**kw: Any) -> Options:
+    base = parse_options(["--no-docs", "--json", "/tmp/x.json"])
+    return Options(**{**base.__dict__, **kw})
+
+
+def test_default_matrix_is_select_only_both_protocols_and_tpcb_extended_at_16_and_64() -> None:
+    opts = parse_options([])
+    assert opts.targets == ("direct", "pgbouncer", "pgpool", "proxy")
+    pairs = {(c.workload, c.mode) for c in opts.cells}
+    assert pairs == set(DEFAULT_CELLS)
+    assert opts.clients == (16, 64)
+    assert (opts.duration, opts.rounds) == (10, 3)
+    quick = parse_options(["--quick", "--targets", "direct,pgbouncer"])
+    assert quick.targets == ("direct", "pgbouncer")
+    assert (quick.duration, quick.rounds) == (4, 2)
+
+
+def test_explicit_modes_cross_every_workload() -> None:
+    cells = build_cells(["tpcb-like"], ["simple", "prepared"], [8])
+    assert cells == (Cell("tpcb-like", "simple", 8), Cell("tpcb-like", "prepared", 8))
+    assert build_cells(["tpcb-like"], None, [1]) == (Cell("tpcb-like", "extended", 1),)
+
+
+def test_unknown_workload_is_a_usage_error() -> None:
+    with pytest.raises(SystemExit):
+        parse_options(["--workload", "nope"])
+
+
+def _run(rnd: int, target: str, tps: float | None, error: str | None = None) -> Run:
+    return Run(rnd, target, "select-only", "extended", 16, 10, [], tps=tps, latency_ms=1.0, error=error)
+
+
+def test_ratios_are_paired_within_rounds_and_skip_failed_runs() -> None:
+    runs = [
+        _run(1, "proxy", 90.0),
+        _run(1, "pgbouncer", 100.0),
+        _run(2, "proxy", 50.0),
+        _run(2, "pgbouncer", 100.0, error="boom"),
+        _run(3, "proxy", 120.0),
+        _run(3, "pgbouncer", 100.0),
+    ]
+    assert paired_ratios(runs, "proxy", "pgbouncer", 3) == pytest.approx([0.9, 1.2])
+    opts = _opts(targets=("pgbouncer", "proxy"), cells=(Cell("select-only", "extended", 16),), rounds=3)
+    [cell] = summarize(runs, opts, {})
+    ratio = cell["ratios"]["proxy/pgbouncer"]
+    assert ratio["median"] == pytest.approx(1.05)
+    assert ratio["rounds"] == 2
+    assert cell["targets"]["pgbouncer"]["errors"] == 1
+    assert cell["targets"]["proxy"]["median_tps"] == 90.0
+    assert "proxy/pgpool" not in cell["ratios"]  # pgpool was not measured
+
+
+def test_command_template_hides_port_user_database_and_binary_path() -> None:
+    cmd = "/usr/lib/postgresql/15/bin/pgbench -h 127.0.0.1 -p 40001 -U parafort_main -n -b select-only"
+    cmd += " -M extended -c 16 -j 2 -T 10 parafort_main"
+    assert command_template(cmd.split()) == (
+        "pgbench -h $HOST -p $PORT -U $PGUSER -n -b select-only -M extended -c 16 -j 2 -T 10 $PGDATABASE"
+    )
+
+
+def test_max_connections_leave_room_for_every_pool_and_64_direct_clients() -> None:
+    need = connections_needed(_opts())
+    # direct 64 + pgbouncer 20 + proxy 22 + pgpool 72 children + reserved and slack
+    assert need >= 64 + 20 + 22 + 72 + 3
+    assert need % 50 == 0
+
+
+def test_pgpool_conf_streaming_replication_reads_on_replica_and_no_secret() -> None:
+    settings = PgpoolSettings(
+        port=5555, pcp_port=5556, workdir=Path("/tmp/it's"), primary_port=1, replica_port=2,
+        user="u", database="db", num_init_children=72,
+    )  # fmt: skip
+    text = pgpool_conf(settings)
+    conf = dict(line.split(" = ", 1) for line in text.splitlines())
+    assert conf["backend_clustering_mode"] == "'streaming_replication'"
+    assert conf["load_balance_mode"] == "'on'"
+    assert conf["connection_cache"] == "'on'"
+    assert conf["num_init_children"] == "72"
+    assert (conf["backend_port0"], conf["backend_weight0"]) == ("1", "0")
+    assert (conf["backend_port1"], conf["backend_weight1"]) == ("2", "1")
+    assert conf["use_watchdog"] == "'off'"
+    assert conf["socket_dir"] == "'/tmp/it''s'"
+    assert "password" not in text.replace("sr_check_password = ''", "")
+    assert quote_pgpool(3) == "3"
+
+
+def _doc() -> dict[str, Any]:
+    target = {"runs": 2, "errors": 0, "skipped": None, "median_tps": 1234.5, "min_tps": 1200.0,
+              "max_tps": 1300.0, "median_latency_ms": 1.5}  # fmt: skip
+    return {
+        "finished_at": "2026-01-01T00:00:00+00:00",
+        "options": {"targets": ["direct", "proxy"], "rounds": 2, "duration": 10, "scale": 10, "jobs": 2},
+        "machine": {
+            "cpus_usable": 2,
+            "platform": "Linux",
+            "python": "3.11",
+            "postgres": "PostgreSQL 15.1 on x",
+        },
+        "targets": {
+            "proxy": {
+                "version": "0.1.0",
+                "main_pool_size": 20,
+                "read_replica_pool_size": 20,
+                "routing": "reads to the streaming replica",
+            }
+        },
+        "summary": [
+            {
+                "workload": "select-only",
+                "mode": "extended",
+                "clients": 16,
+                "targets": {"direct": target, "proxy": {**target, "median_tps": 617.0}},
+                "ratios": {"proxy/direct": {"median": 0.5, "min": 0.45, "max": 0.55, "rounds": 2}},
+            }
+        ],
+        "skipped": [],
+        "commands": {"init": "pgbench -i", "runs": ["pgbench -n -b select-only"]},
+    }
+
+
+def test_pgbench_markdown_has_a_row_per_cell_with_ratios_and_commands() -> None:
+    text = report.pgbench_markdown(_doc())
+    assert "| workload | `-M` | clients | direct TPS | proxy TPS | proxy/direct |" in text
+    assert "| select-only | extended | 16 | 1,234 (1.50 ms) | 617 (1.50 ms) | **0.50** (0.45..0.55) |" in text
+    assert "pgbench -n -b select-only" in text
+    assert "PostgreSQL 15.1, parafort-proxy 0.1.0" in text
+
+
+def test_replace_block_keeps_the_prose_around_and_appends_missing_blocks() -> None:
+    text = "intro\n<!-- bench:pgbench:begin -->\nold\n<!-- bench:pgbench:end -->\noutro\n"
+    out = report.replace_block(text, "pgbench", "new $1 \\1")
+    assert out == "intro\n<!-- bench:pgbench:begin -->\nnew $1 \\1\n<!-- bench:pgbench:end -->\noutro\n"
+    out = report.replace_block(out, "memory", "mem")
+    assert out.endswith("<!-- bench:memory:begin -->\nmem\n<!-- bench:memory:end -->\n")
+    assert "new $1" in out
+
+
+def _messages(data: bytes) -> list[tuple[bytes, bytes]]:
+    out = []
+    while data:
+        length = struct.unpack("!i", data[1:5])[0]
+        out.append((data[:1], data[5 : 1 + length]))
+        data = data[1 + length :]
+    return out
+
+
+def test_memory_client_scram_login_passes_the_proxys_authenticator() -> None:
+    auth = ServerAuth("scram-sha-256", "u", make_scram_verifier("pw"))
+    [(kind, payload)] = _messages(auth.start())
+    assert kind == b"R" and struct.unpack("!i", payload[:4])[0] == 10
+    bare = "n=,r=clientnonce123"
+    first = f"n,,{bare}".encode()
+    reply, done = auth.feed(ord("p"), b"SCRAM-SHA-256\0" + struct.pack("!i", len(first)) + first)
+    [(_, payload)] = _messages(reply)
+    final = scram_client_final("pw", bare, payload[4:].decode())
+    reply, done = auth.feed(ord("p"), final.encode())
+    assert done
+    assert [struct.unpack("!i", p[:4])[0] for _, p in _messages(reply)] == [12, 0]
+
+
+def test_memory_client_md5_login_and_startup_packet() -> None:
+    auth = ServerAuth("md5", "u", "pw")
+    [(_, payload)] = _messages(auth.start())
+    _reply, done = auth.feed(ord("p"), md5_response("u", "pw", payload[4:8]))
+    assert done
+    packet = startup_message("u", "db")
+    assert struct.unpack("!ii", packet[:8]) == (len(packet), 196608)
+    assert b"user\0u\0database\0db\0" in packet
