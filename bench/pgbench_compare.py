@@ -31,6 +31,8 @@ from pathlib import Path
 from types import FrameType
 from typing import Any
 
+import yaml
+
 from bench import report
 from bench.targets import (
     DEFAULT_PGBOUNCER,
@@ -47,7 +49,9 @@ from bench.targets import (
     TargetError,
     Tools,
     client_env,
+    deep_merge,
     pgpool_version,
+    proxy_setting,
 )
 from proxy.devcluster import Cluster, DevClusterError, DevClusters, find_bindir
 
@@ -106,6 +110,7 @@ class Options:
     pgpool: Path
     docs: Path | None
     quick: bool = False
+    proxy_settings: tuple[str, ...] = ()
 
     @property
     def clients(self) -> tuple[int, ...]:
@@ -156,6 +161,8 @@ def add_pgbench_arguments(p: argparse.ArgumentParser) -> None:
     add("--require-pgpool", action="store_true", help="fail instead of skipping a missing Pgpool-II")
     add("--pgbouncer", type=Path, default=DEFAULT_PGBOUNCER, metavar="PATH", help="PgBouncer binary")
     add("--pgpool", type=Path, default=DEFAULT_PGPOOL, metavar="PATH", help="Pgpool-II binary")
+    add("--proxy-set", action="append", default=[], metavar="KEY=VALUE",
+        help="extra proxy YAML setting, e.g. statements.cache_unnamed=true (repeatable)")  # fmt: skip
 
 
 def parser() -> argparse.ArgumentParser:
@@ -188,6 +195,11 @@ def options_from(p: argparse.ArgumentParser, args: argparse.Namespace, kind: str
     warmup = args.warmup if args.warmup is not None else (2 if args.quick else 3)
     if min(clients) < 1 or duration < 1 or rounds < 1 or args.scale < 1 or warmup < 0:
         p.error("--clients, --duration, --rounds and --scale must be at least 1, --warmup at least 0")
+    for setting in args.proxy_set:
+        try:
+            proxy_setting(setting)
+        except (ValueError, yaml.YAMLError) as exc:
+            p.error(f"--proxy-set: {exc}")
     cells = build_cells(workloads, modes, clients)
     if not cells:
         p.error("no (workload, mode) pair left: give --mode with tpcb-like alone")
@@ -197,7 +209,7 @@ def options_from(p: argparse.ArgumentParser, args: argparse.Namespace, kind: str
         warmup=warmup, json_path=args.json or RESULTS_DIR / f"{stamp}-{kind}.json",
         require_pgbouncer=args.require_pgbouncer, require_pgpool=args.require_pgpool,
         pgbouncer=args.pgbouncer, pgpool=args.pgpool, docs=None if args.no_docs else args.docs,
-        quick=args.quick,
+        quick=args.quick, proxy_settings=tuple(args.proxy_set),
     )  # fmt: skip
 
 
@@ -535,7 +547,14 @@ def make_targets(
                              as_postgres=pg.runner.as_postgres)
             )  # fmt: skip
         else:
-            targets.append(ProxyTarget(sub, creds, tools, main_dsn=pg.main.dsn, replica_dsn=replica.dsn))
+            extra: dict[str, Any] = {}
+            for setting in opts.proxy_settings:
+                extra = deep_merge(extra, proxy_setting(setting))
+            targets.append(
+                ProxyTarget(
+                    sub, creds, tools, main_dsn=pg.main.dsn, replica_dsn=replica.dsn, extra_config=extra
+                )
+            )
     return targets
 
 

@@ -115,6 +115,7 @@ def pgbench_markdown(doc: Mapping[str, Any]) -> str:
             facts.append(
                 f"- proxy: transaction pooling, main pool {d.get('main_pool_size')}, read_replica pool "
                 f"{d.get('read_replica_pool_size')}, {d.get('routing')}"
+                + "".join(f", `{setting}`" for setting in opts.get("proxy_settings") or ())
             )
     if facts:
         lines += ["", *facts]

@@ -606,6 +606,29 @@ class PgpoolTarget(DaemonTarget):
         }
 
 
+def deep_merge(base: dict[str, Any], extra: dict[str, Any]) -> dict[str, Any]:
+    """``base`` with ``extra`` merged in, nested mappings key by key (``extra`` wins)."""
+    out = dict(base)
+    for key, value in extra.items():
+        if isinstance(value, dict) and isinstance(out.get(key), dict):
+            out[key] = deep_merge(out[key], value)
+        else:
+            out[key] = value
+    return out
+
+
+def proxy_setting(text: str) -> dict[str, Any]:
+    """``statements.cache_unnamed=true`` -> ``{"statements": {"cache_unnamed": True}}`` (value as YAML)."""
+    key, sep, raw = text.partition("=")
+    if not sep or not key.strip() or any(not part for part in key.strip().split(".")):
+        raise ValueError(f"expected KEY.PATH=VALUE, got {text!r}")
+    value: Any = yaml.safe_load(raw) if raw.strip() else None
+    for part in reversed(key.strip().split(".")):
+        value = {part: value}
+    assert isinstance(value, dict)
+    return value
+
+
 def raise_nofile() -> None:
     """In the child before exec: the soft open-files limit up to the hard one (10,000 idle clients)."""
     _soft, hard = resource.getrlimit(resource.RLIMIT_NOFILE)
@@ -651,9 +674,7 @@ class ProxyTarget(DaemonTarget):
         }
         if self.replica_dsn is not None:
             doc["roles"]["read_replica"] = {"pool_size": POOL_SIZE}
-        for key, value in self.extra_config.items():
-            doc[key] = {**doc.get(key, {}), **value} if isinstance(value, dict) else value
-        return doc
+        return deep_merge(doc, self.extra_config)
 
     def prepare(self) -> list[str]:
         self.admin_port = free_port()

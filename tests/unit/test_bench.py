@@ -27,7 +27,7 @@ from bench.pgbench_compare import (
     parse_options,
     summarize,
 )
-from bench.targets import PgpoolSettings, pgpool_conf, quote_pgpool
+from bench.targets import PgpoolSettings, deep_merge, pgpool_conf, proxy_setting, quote_pgpool
 from proxy.protocol.auth import ServerAuth, make_scram_verifier
 
 
@@ -199,3 +199,19 @@ def test_memory_client_md5_login_and_startup_packet() -> None:
     packet = startup_message("u", "db")
     assert struct.unpack("!ii", packet[:8]) == (len(packet), 196608)
     assert b"user\0u\0database\0db\0" in packet
+
+
+def test_proxy_settings_merge_into_the_bench_config() -> None:
+    extra = deep_merge(
+        proxy_setting("statements.cache_unnamed=true"), proxy_setting("roles.main.pool_size=30")
+    )
+    base = {"roles": {"main": {"pool_size": 20}, "read_replica": {"pool_size": 20}}}
+    merged = deep_merge(base, extra)
+    assert merged == {
+        "roles": {"main": {"pool_size": 30}, "read_replica": {"pool_size": 20}},
+        "statements": {"cache_unnamed": True},
+    }
+    with pytest.raises(ValueError):
+        proxy_setting("no-equals-sign")
+    with pytest.raises(SystemExit):
+        parse_options(["--proxy-set", "a..b=1"])
