@@ -660,8 +660,8 @@ def drop_missing(opts: Options) -> Options:
     return dataclasses.replace(opts, targets=tuple(wanted))
 
 
-def run_benchmark(opts: Options) -> tuple[int, dict[str, Any], Credentials | None]:
-    """The pgbench comparison: (exit code, the results document, the credentials to redact)."""
+def run_benchmark(opts: Options) -> tuple[int, dict[str, Any]]:
+    """The pgbench comparison: (exit code, the results document with the password redacted)."""
     opts = drop_missing(opts)
     started_at = datetime.now(UTC).isoformat(timespec="seconds")
     tools = Tools.find(find_bindir())
@@ -672,9 +672,8 @@ def run_benchmark(opts: Options) -> tuple[int, dict[str, Any], Credentials | Non
     with DevClusters.start(("main",)) as pg, tempfile.TemporaryDirectory(prefix="parafort-bench-") as tmp:
         workdir = Path(tmp)
         if pg.runner.as_postgres:
-            workdir.chmod(
-                0o711
-            )  # PgBouncer and Pgpool-II run as postgres and must reach their subdirectories
+            # PgBouncer and Pgpool-II run as postgres and must reach their subdirectories.
+            workdir.chmod(0o711)
         creds = Credentials(pg.main.user, pg.main.password, pg.main.database)
         raise_max_connections(pg, connections_needed(opts))
         replica = pg.add_replica("read_replica") if routing else None
@@ -725,11 +724,11 @@ def run_benchmark(opts: Options) -> tuple[int, dict[str, Any], Credentials | Non
             f"bench: {len(failed)} of {len(runs)} runs had errors (see the ERROR lines above)",
             file=sys.stderr,
         )
-    return (1 if failed else 0), doc, creds
+    return (1 if failed else 0), doc
 
 
 def benchmark(opts: Options) -> int:
-    code, doc, _creds = run_benchmark(opts)
+    code, doc = run_benchmark(opts)
     write_json(opts.json_path, doc)
     print(f"\nbench: results written to {opts.json_path}")
     print()

@@ -45,7 +45,7 @@ def main(argv: Sequence[str] | None = None) -> int:
             blocks["classify"] = report.classify_markdown(doc["classify"])
             print()
         print("== pgbench comparison ==", flush=True)
-        code, doc["pgbench"], _creds = run_benchmark(opts)
+        code, doc["pgbench"] = run_benchmark(opts)
         blocks["pgbench"] = report.pgbench_markdown(doc["pgbench"])
         write_json(opts.json_path, doc)  # the pgbench figures are safe even if the memory run fails
         if not args.no_memory:
