@@ -24,6 +24,7 @@ from proxy.config.model import ReadReplicaConfig, RoleConfig, TlsConfig
 from proxy.config.values import ROLES
 from proxy.errors import SQLCLIENT_UNABLE_TO_ESTABLISH, ProxyError
 from proxy.frontend.client import ClientConnection
+from proxy.frontend.session import PreparedStatement
 from proxy.health import HealthMonitor
 from proxy.http import AdminServer
 from proxy.pool import Pool
@@ -51,6 +52,10 @@ class ProxyApp:
         self.ssl_context = client_tls_context(config.tls)
         self.audit = AuditLog(config.audit.path) if config.audit.path else None
         self.classifier = ClassificationCache()
+        # Unnamed Parse payloads (SQL and parameter types) -> their content-addressed statement.
+        self.unnamed_statements: dict[bytes, PreparedStatement] = {}
+        self.cache_unnamed = config.statements.cache_unnamed
+        self.max_statements = config.statements.max_per_connection
         self.pools: dict[str, Pool[ServerConnection]] = {}
         self.upstreams: dict[str, Dsn] = {}
         self.pool_roles: dict[str, str] = {}  # pool label (role, or replica name) -> role
@@ -185,6 +190,8 @@ class ProxyApp:
         self.config = new
         self.userlist = userlist
         self.max_message_length = new.limits.max_message_length
+        self.cache_unnamed = new.statements.cache_unnamed
+        self.max_statements = new.statements.max_per_connection
         if self.audit is not None and new.audit.path == self.audit.path:
             self.audit.reopen()  # logrotate moved the file away
         else:

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import os
 from collections.abc import Callable, Iterator
 from pathlib import Path
 from typing import Any
@@ -48,6 +49,9 @@ def start_proxy(pg: DevClusters) -> Iterator[Callable[..., ProxyProcess]]:
         log_level: str = "info",
     ) -> ProxyProcess:
         env = {k: v for k, v in pg.env().items() if any(ROLE_ENV[r] == k for r in roles)}
+        if os.environ.get("PARAFORT_TEST_CACHE_UNNAMED") and "statements" not in (config or {}):
+            # The whole suite once more with unnamed statements kept upstream (statements.cache_unnamed).
+            config = {**(config or {}), "statements": {"cache_unnamed": True}}
         proc = ProxyProcess(env, config, users or {APP_USER: APP_PASSWORD}, log_level)
         started.append(proc)
         return proc

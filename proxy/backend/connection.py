@@ -113,7 +113,8 @@ class ServerConnection(asyncio.Protocol):
         self.backend_secret = 0
         self.parameters: dict[str, str] = {}
         self.applied: dict[str, str] = {}  # session settings this connection has beyond its defaults
-        self.prepared: set[str] = set()  # upstream (pf_...) statement names that exist here
+        # Upstream (pf_...) statement names that exist here, least recently used first.
+        self.prepared: dict[str, None] = {}
         self.unnamed_owner: object | None = None  # whose unnamed statement this connection holds
         self.status = ord("I")
         self.expect: deque[Expect] = deque()
@@ -340,6 +341,10 @@ class ServerConnection(asyncio.Protocol):
                 pos = end
                 continue
             entry = expect[0]
+            if mtype == _Z and entry.kind != K_SYNC:
+                # The server skipped these messages (it was still skipping after an earlier error,
+                # which a Flush-terminated batch reported): their replies never come.
+                entry = self._skip_to_next_sync()
             if entry.action != FORWARD:
                 # Injected by the proxy: close the run before this message and drop the message, except an
                 # error of a re-prepare, which the client must see (its own Bind will be skipped).
@@ -360,10 +365,6 @@ class ServerConnection(asyncio.Protocol):
                         )
             if mtype == _Z:
                 self.status = buf[pos + 5]
-                if entry.kind != K_SYNC:
-                    # The server skipped these messages (it was still skipping after an earlier error,
-                    # which a Flush-terminated batch reported): their replies never come.
-                    entry = self._skip_to_next_sync()
                 pos = end
                 expect.popleft()
                 if entry.on_done is not None:

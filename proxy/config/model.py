@@ -254,6 +254,19 @@ class HealthConfig(Frozen):
     max_replica_lag_bytes: Annotated[int, Field(ge=0)] | None = None
 
 
+class StatementsConfig(Frozen):
+    """Protocol-level prepared statements that the proxy keeps on upstream connections."""
+
+    # Keep clients' unnamed extended-protocol statements (libpq PQexecParams, psycopg, JDBC, pgbench -M
+    # extended) prepared upstream under a content-addressed name, so PostgreSQL parses and plans each once
+    # per connection instead of on every execution. Trade-off: after DDL that changes a cached query's
+    # result columns, its next use on each upstream connection fails once with 0A000 "cached plan must not
+    # change result type" (as named prepared statements always do), then it is prepared afresh.
+    cache_unnamed: bool = False
+    # Named statements kept per upstream connection; beyond it the least recently used are closed.
+    max_per_connection: Annotated[int, Field(ge=1)] = 1000
+
+
 class RoutingConfig(Frozen):
     """Statement classification knobs."""
 
@@ -269,6 +282,7 @@ class Config(Frozen):
     roles: RolesConfig
     domains: DomainsConfig = Field(default_factory=default_domains)
     routing: RoutingConfig = RoutingConfig()
+    statements: StatementsConfig = StatementsConfig()
     health: HealthConfig = HealthConfig()
     log: LogConfig = LogConfig()
     limits: LimitsConfig = LimitsConfig()

@@ -44,6 +44,7 @@ def config_as_dict(config: Config) -> dict[str, Any]:
         "roles": {name: _role(config.roles.get(name)) for name in ROLES},
         "domains": {d: [str(ref) for ref in getattr(config.domains, d)] for d in DOMAINS},
         "routing": {"read_only_functions": list(config.routing.read_only_functions)},
+        "statements": config.statements.model_dump(),
         "health": {
             "interval": format_duration(health.interval),
             "timeout": format_duration(health.timeout),

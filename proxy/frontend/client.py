@@ -91,6 +91,8 @@ _REFUSAL_HINT = (
     "domain map so these tables live together."
 )
 _IDLE = ord("I")
+_CLOSE_UNNAMED = m.close(b"S", "")
+UNNAMED_CACHE_SIZE = 10_000  # distinct unnamed Parse payloads remembered (then forgotten all at once)
 
 # Connection phases.
 STARTUP, AUTH, LOGIN, READY, CLOSED, TLS_HANDSHAKE = range(6)
@@ -165,6 +167,8 @@ class ClientConnection(asyncio.Protocol):
         self._server_dirty = False
         # The last unnamed statement this client parsed, and a token naming it on upstream connections.
         self._unnamed: bytes | None = None
+        # statements.cache_unnamed: the upstream statement that stands for the client's unnamed one.
+        self._unnamed_stmt: PreparedStatement | None = None
         self._unnamed_token: object | None = None
         # SET statements sent through the extended protocol take effect when their portal is executed.
         self._stmt_changes: dict[str, list[SessionChange]] = {}
@@ -592,6 +596,8 @@ class ClientConnection(asyncio.Protocol):
                 stmt = self.session.statements.get(name) if name else None
                 if stmt is not None:
                     self._audit_pending.append(audit.normalized(stmt.sql.encode()))
+                elif not name and self._unnamed_stmt is not None:
+                    self._audit_pending.append(audit.normalized(self._unnamed_stmt.sql.encode()))
                 elif self._unnamed is not None:
                     raw = self._unnamed
                     name_end = raw.index(0, 5)
@@ -707,6 +713,9 @@ class ClientConnection(asyncio.Protocol):
         ents: list[Expect | int] = []  # plain kinds stand for Expect(kind); built only when needed
         special = False  # an expectation other than "forward the responses" is in the batch
         details = False
+        if len(server.prepared) > self.app.max_statements and server.status == _IDLE and not server.expect:
+            # Between transactions no portal depends on a statement: close the least recently used.
+            self._evict_statements(server, out)
         sync_sql = self.session.sync_sql(server.applied)
         if sync_sql:
             out.append(m.query(sync_sql))
@@ -722,17 +731,34 @@ class ClientConnection(asyncio.Protocol):
         for mtype, start, end in batch.msgs:
             if mtype == _B:
                 if buf[start + 5] == 0 and buf[start + 6] == 0:  # unnamed portal, unnamed statement
-                    if self._unnamed is not None and server.unnamed_owner is not self._unnamed_token:
+                    stmt = self._unnamed_stmt
+                    if stmt is not None:
+                        out.append(view[run:start])
+                        run = end
+                        self._ensure_prepared(server, stmt, out, ents)
+                        name = stmt.upstream_name
+                        out.append(m.bind_raw("", name, buf[start + 7 : end]))
+                        ents.append(Expect(K_BIND, on_done=_forget_on_failure(server, name)))
+                        special = True
+                        if self._unnamed_changes:
+                            self._bind_changes("", "")
+                        continue
+                    if server.unnamed_owner is not self._unnamed_token:
                         out.append(view[run:start])
                         run = start
-                        out.append(self._unnamed)
-                        ents.append(Expect(K_PARSE, SWALLOW_OK))
+                        if self._unnamed is not None:
+                            out.append(self._unnamed)
+                            ents.append(Expect(K_PARSE, SWALLOW_OK))
+                        else:
+                            # The client never parsed one: never let it run another client's.
+                            out.append(_CLOSE_UNNAMED)
+                            ents.append(Expect(K_CLOSE, SWALLOW))
                         special = True
                         server.unnamed_owner = self._unnamed_token
                     portal, name = "", ""
                 else:
                     portal, name, _ = m.decode_bind_names(buf[start + 5 : end])
-                    stmt = self.session.statements.get(name) if name else None
+                    stmt = self.session.statements.get(name) if name else self._unnamed_stmt
                     if stmt is not None:
                         out.append(view[run:start])
                         run = end
@@ -752,7 +778,18 @@ class ClientConnection(asyncio.Protocol):
                 name_end = buf.index(0, start + 5, end)
                 sql_end = buf.index(0, name_end + 1, end)
                 details |= self._note_sql(buf[name_end + 1 : sql_end], server, buf[start + 5 : name_end])
-                if name_end == start + 5:  # unnamed statement
+                if (
+                    name_end == start + 5
+                    and self.app.cache_unnamed
+                    and self._unnamed_info is not None
+                    and self._unnamed_info.plannable
+                ):
+                    out.append(view[run:start])
+                    run = end
+                    self._parse_unnamed(server, buf[start + 5 : end], out, ents)
+                    special = True
+                elif name_end == start + 5:  # unnamed statement
+                    self._unnamed_stmt = None
                     self._unnamed = buf[start:end]
                     self._unnamed_token = object()
                     server.unnamed_owner = self._unnamed_token
@@ -763,9 +800,12 @@ class ClientConnection(asyncio.Protocol):
                     self._send_parse(server, buf[start + 5 : end], out, ents)
                     special = True
             elif mtype == _D:
-                if buf[start + 5] == 83 and buf[start + 6] != 0:  # 'S' and a named statement
-                    _, name = m.decode_describe_close(buf[start + 5 : end])
-                    stmt = self.session.statements.get(name)
+                if buf[start + 5] == 83:  # 'S': a statement
+                    if buf[start + 6] != 0:
+                        _, name = m.decode_describe_close(buf[start + 5 : end])
+                        stmt = self.session.statements.get(name)
+                    else:
+                        stmt = self._unnamed_stmt
                     if stmt is not None:
                         out.append(view[run:start])
                         run = end
@@ -779,14 +819,19 @@ class ClientConnection(asyncio.Protocol):
                 ents.append(_SYNC_Q)
             elif mtype == _C:
                 kind, name = m.decode_describe_close(buf[start + 5 : end])
-                if kind == b"S" and name:
+                if kind == b"S" and (name or self._unnamed_stmt is not None):
                     # The upstream statement stays for reuse (it is content-addressed); only the name goes.
-                    self.session.statements.pop(name, None)
+                    if name:
+                        self.session.statements.pop(name, None)
+                    else:
+                        self._unnamed_stmt = None
                     out.append(view[run:start])
                     run = end
                     ents.append(Expect(K_SYNTH, data=m.close_complete()))
                     special = True
                 else:
+                    if kind == b"S":
+                        server.unnamed_owner = None
                     ents.append(K_CLOSE)
             elif mtype == _F:
                 ents.append(_SYNC_Q)
@@ -819,14 +864,52 @@ class ClientConnection(asyncio.Protocol):
         name, sql, oids = m.decode_parse(payload)
         stmt = PreparedStatement.make(sql, oids)
         self.session.statements[name] = stmt
-        if stmt.upstream_name in server.prepared:
-            # The client asked for a fresh prepare (asyncpg does after a schema change made the old one
-            # fail with "cached plan must not change result type"): replace the connection's copy.
-            out.append(m.close(b"S", stmt.upstream_name))
-            ents.append(Expect(K_CLOSE, SWALLOW))
+        # A Close first: the client may be asking for a fresh prepare (asyncpg does after a schema change
+        # made the old one fail with "cached plan must not change result type"), or the connection may
+        # still hold a statement its books dropped after a failed Bind. Closing a missing one is no error.
+        server.prepared.pop(stmt.upstream_name, None)
+        out.append(m.close(b"S", stmt.upstream_name))
+        ents.append(Expect(K_CLOSE, SWALLOW))
         out.append(m.parse(stmt.upstream_name, sql, oids))
-        server.prepared.add(stmt.upstream_name)
+        server.prepared[stmt.upstream_name] = None
         ents.append(Expect(K_PARSE, FORWARD, on_done=_forget_on_failure(server, stmt.upstream_name)))
+
+    def _parse_unnamed(
+        self, server: ServerConnection, payload: bytes, out: list[Piece], ents: list[Expect | int]
+    ) -> None:
+        """statements.cache_unnamed: an unnamed Parse becomes a named statement kept upstream; when the
+        connection already has it, the Parse is not sent and the client gets its ParseComplete."""
+        cache = self.app.unnamed_statements
+        stmt = cache.get(payload)
+        if stmt is None:
+            _, sql, oids = m.decode_parse(payload)
+            stmt = PreparedStatement.make(sql, oids)
+            if len(cache) >= UNNAMED_CACHE_SIZE:
+                cache.clear()
+            cache[payload] = stmt
+        self._unnamed_stmt = stmt
+        self._unnamed = None
+        name = stmt.upstream_name
+        prepared = server.prepared
+        if name in prepared:
+            del prepared[name]
+            prepared[name] = None
+            ents.append(Expect(K_SYNTH, data=m.parse_complete()))
+            return
+        out.append(m.close(b"S", name))
+        ents.append(Expect(K_CLOSE, SWALLOW))
+        out.append(m.parse(name, stmt.sql, stmt.param_oids))
+        prepared[name] = None
+        ents.append(Expect(K_PARSE, FORWARD, on_done=_forget_on_failure(server, name)))
+
+    def _evict_statements(self, server: ServerConnection, out: list[Piece]) -> None:
+        prepared = server.prepared
+        keep = self.app.max_statements
+        while len(prepared) > keep:
+            name = next(iter(prepared))
+            del prepared[name]
+            out.append(m.close(b"S", name))
+            server.push(Expect(K_CLOSE, SWALLOW))
 
     def _ensure_prepared(
         self,
@@ -836,10 +919,18 @@ class ClientConnection(asyncio.Protocol):
         ents: list[Expect | int],
     ) -> bool:
         """Prepare ``stmt`` on ``server`` first if it has not seen it (its reply is not the client's)."""
-        if stmt.upstream_name in server.prepared:
+        name = stmt.upstream_name
+        prepared = server.prepared
+        if name in prepared:
+            # Most recently used last: eviction takes the oldest first.
+            del prepared[name]
+            prepared[name] = None
             return False
-        out.append(m.parse(stmt.upstream_name, stmt.sql, stmt.param_oids))
-        server.prepared.add(stmt.upstream_name)
+        # A Close first: a statement whose Bind failed may still exist (closing a missing one is no error).
+        out.append(m.close(b"S", name))
+        ents.append(Expect(K_CLOSE, SWALLOW))
+        out.append(m.parse(name, stmt.sql, stmt.param_oids))
+        prepared[name] = None
         ents.append(Expect(K_PARSE, SWALLOW_OK, on_done=_forget_on_failure(server, stmt.upstream_name)))
         return True
 
@@ -1221,7 +1312,7 @@ def _sync_entry(code: int) -> Expect:
 def _forget_on_failure(server: ServerConnection, name: str) -> Callable[[bool], None]:
     def done(ok: bool) -> None:
         if not ok:
-            server.prepared.discard(name)
+            server.prepared.pop(name, None)
 
     return done
 

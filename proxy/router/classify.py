@@ -80,6 +80,8 @@ class Classification:
     primary_only: bool = False  # LISTEN/NOTIFY, EXECUTE, DO, CALL: a primary, and main for no tables
     statements: int = 1
     begins: str | None = None  # a multi-statement string that opens a transaction: how (TX_BEGIN...)
+    # One SELECT/INSERT/UPDATE/DELETE/MERGE with no session effect: worth keeping prepared upstream.
+    plannable: bool = False
     bits: int = field(init=False)  # ``flags`` as a plain int: enum operators are slow on the hot path
 
     def __post_init__(self) -> None:
@@ -93,6 +95,13 @@ class Classification:
     def parse_error(self) -> bool:
         return bool(self.flags & Flag.PARSE_ERROR)
 
+
+# Optimizable statements: what PostgreSQL's plan cache saves work on.
+_PLANNABLE = tuple(
+    getattr(ast, name)
+    for name in ("SelectStmt", "InsertStmt", "UpdateStmt", "DeleteStmt", "MergeStmt")
+    if hasattr(ast, name)
+)
 
 # Statements that only read (or only touch session/transaction state) unless something inside writes.
 _READ_STATEMENTS = (
@@ -356,6 +365,12 @@ def classify(sql: str) -> Classification:
         primary_only=primary_only,
         statements=len(statements),
         begins=begins,
+        plannable=(
+            len(statements) == 1
+            and not flags
+            and isinstance(statements[0].stmt, _PLANNABLE)
+            and getattr(statements[0].stmt, "intoClause", None) is None
+        ),
     )
 
 
