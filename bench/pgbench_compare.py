@@ -432,6 +432,21 @@ def _version_line(cmd: list[str]) -> str:
     return (proc.stdout or proc.stderr).strip().splitlines()[0] if (proc.stdout or proc.stderr) else ""
 
 
+def proxy_source() -> str:
+    """The checkout the measured proxy runs from: commit, plus "+ uncommitted changes" under proxy/."""
+    repo = Path(__file__).resolve().parent.parent
+    try:
+        head = subprocess.run(["git", "-C", str(repo), "rev-parse", "--short", "HEAD"],
+                              capture_output=True, text=True, timeout=10, check=False)  # fmt: skip
+        dirty = subprocess.run(["git", "-C", str(repo), "status", "--porcelain", "--", "proxy"],
+                               capture_output=True, text=True, timeout=10, check=False)  # fmt: skip
+    except OSError:
+        return "unknown"
+    if head.returncode != 0:
+        return "unknown (not a git checkout)"
+    return head.stdout.strip() + (" + uncommitted changes" if dirty.stdout.strip() else "")
+
+
 def machine_facts() -> dict[str, Any]:
     """What the machine is, independent of the clusters (also used by the memory benchmark)."""
     model = ""
@@ -446,6 +461,7 @@ def machine_facts() -> dict[str, Any]:
             if line.startswith("MemTotal:"):
                 mem_total = round(int(line.split()[1]) / 1024 / 1024, 1)
     return {
+        "proxy_source": proxy_source(),
         "cpu_count": os.cpu_count(),
         "cpus_usable": len(os.sched_getaffinity(0)),
         "cpu_model": model,

@@ -52,7 +52,8 @@ def machine_line(machine: Mapping[str, Any]) -> str:
     load = machine.get("loadavg_at_start")
     load_text = f", load average at start {load[0]:.2f}" if load else ""
     platform = machine.get("platform", "?")
-    return f"{cpus} CPUs{model}{mem}, {platform}, Python {machine.get('python', '?')}{load_text}"
+    source = f"; proxy from git {machine['proxy_source']}" if machine.get("proxy_source") else ""
+    return f"{cpus} CPUs{model}{mem}, {platform}, Python {machine.get('python', '?')}{load_text}{source}"
 
 
 def pgbench_markdown(doc: Mapping[str, Any]) -> str:
