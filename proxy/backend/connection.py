@@ -280,12 +280,21 @@ class ServerConnection(asyncio.Protocol):
             self.transport.write(data)
 
     def push(self, entry: Expect) -> None:
-        """Register the response expectation of a message about to be sent (or a synthesized reply)."""
-        if entry.kind == K_SYNTH and not self.expect:
-            if self.sink is not None:
-                self.sink.upstream_data(entry.data)
-            return
+        """Register the response expectation of a message about to be sent (or a synthesized reply).
+
+        A synthesized reply at the head of the queue goes out with the first upstream reply that follows
+        it (one write to the client); ``flush_synth()`` sends it at once when no upstream reply will come.
+        """
         self.expect.append(entry)
+
+    def flush_synth(self) -> None:
+        """After a batch is sent: if only synthesized replies are queued, the client gets them now."""
+        expect = self.expect
+        if expect and expect[0].kind == K_SYNTH and all(e.kind == K_SYNTH for e in expect):
+            data = b"".join(e.data for e in expect)
+            expect.clear()
+            if self.sink is not None:
+                self.sink.upstream_data(data)
 
     def pause_writing(self) -> None:
         if self.sink is not None:
@@ -325,6 +334,9 @@ class ServerConnection(asyncio.Protocol):
         out: list[bytes | memoryview] = []
         view = memoryview(buf)
         unpack = _HEADER.unpack_from
+        if expect and expect[0].kind == K_SYNTH:
+            # Replies the proxy made for messages it did not send (a cached Parse): they come first.
+            self._take_synth(out, view, 0, 0)
         while pos + 5 <= n:
             mtype, length = unpack(buf, pos)
             end = pos + 1 + length

@@ -92,6 +92,7 @@ _REFUSAL_HINT = (
 )
 _IDLE = ord("I")
 _CLOSE_UNNAMED = m.close(b"S", "")
+_B_HEADER = struct.Struct("!BIB")  # a Bind's type, length and its (empty) portal name
 UNNAMED_CACHE_SIZE = 10_000  # distinct unnamed Parse payloads remembered (then forgotten all at once)
 
 # Connection phases.
@@ -736,9 +737,11 @@ class ClientConnection(asyncio.Protocol):
                         out.append(view[run:start])
                         run = end
                         self._ensure_prepared(server, stmt, out, ents)
-                        name = stmt.upstream_name
-                        out.append(m.bind_raw("", name, buf[start + 7 : end]))
-                        ents.append(Expect(K_BIND, on_done=_forget_on_failure(server, name)))
+                        # Bind: unnamed portal, the upstream name, the client's parameters as they are.
+                        out.append(_B_HEADER.pack(_B, end - start - 2 + len(stmt.name_field), 0))
+                        out.append(stmt.name_field)
+                        out.append(view[start + 7 : end])
+                        ents.append(Expect(K_BIND, on_done=_forget_on_failure(server, stmt.upstream_name)))
                         special = True
                         if self._unnamed_changes:
                             self._bind_changes("", "")
@@ -857,6 +860,8 @@ class ClientConnection(asyncio.Protocol):
         if batch.end > run:
             out.append(view[run : batch.end])
         server.send(b"".join(out))
+        if special:
+            server.flush_synth()
 
     def _send_parse(self, server: ServerConnection, payload: bytes, out: list[Piece],
                     ents: list[Expect | int]) -> None:  # fmt: skip

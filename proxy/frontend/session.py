@@ -62,12 +62,14 @@ class PreparedStatement:
     sql: str
     param_oids: tuple[int, ...]
     upstream_name: str
+    name_field: bytes = b""  # the upstream name as a NUL-terminated protocol string
 
     @classmethod
     def make(cls, sql: str, param_oids: tuple[int, ...]) -> PreparedStatement:
         digest = hashlib.blake2b(sql.encode("utf-8", "surrogateescape"), digest_size=12)
         digest.update(repr(param_oids).encode())
-        return cls(sql, param_oids, "pf_" + digest.hexdigest())
+        name = "pf_" + digest.hexdigest()
+        return cls(sql, param_oids, name, name.encode() + b"\0")
 
 
 @dataclass
