@@ -61,6 +61,16 @@ _END = {
 _Z, _E, _C, _S, _N, _A, _G = b"ZECSNAG"
 
 
+def _stale_plan(buf: bytes, pos: int, end: int) -> bool:
+    """Whether the ErrorResponse at ``pos`` is "cached plan must not change result type" (SQLSTATE 0A000
+    raised by RevalidateCachedQuery: the routine name, unlike the message, is never translated)."""
+    try:
+        fields = m.parse_fields(buf[pos + 5 : end])
+    except ProxyError:
+        return False
+    return fields.get("C") == "0A000" and fields.get("R") == "RevalidateCachedQuery"
+
+
 def _flush(sink: Sink, out: list[bytes | memoryview]) -> None:
     sink.upstream_data(out[0] if len(out) == 1 else b"".join(out))
     out.clear()
@@ -75,6 +85,9 @@ class Expect:
     data: bytes = b""  # K_SYNTH: the bytes to send
     on_done: Callable[[bool], None] | None = None  # called with ok=True/False when the unit ends
     extended: bool = False  # K_SYNC: a Sync (not a Query): a COPY FROM STDIN makes the server ignore it
+    # A Bind of a statement the proxy kept prepared: if PostgreSQL reports that its cached plan changed
+    # result type, this re-prepares and re-sends the rest of the batch (the client sees no error).
+    retry: Callable[[], None] | None = None
 
     def extended_copy(self) -> bool:
         """Whether a CopyInResponse under this entry comes from an extended-protocol Execute."""
@@ -399,6 +412,18 @@ class ServerConnection(asyncio.Protocol):
                         sink.upstream_ready(self.status)
                 continue
             if mtype == _E:
+                if entry.retry is not None and self._only_unit_queued() and _stale_plan(buf, pos, end):
+                    # Drop this error and the ReadyForQuery of the Sync the server now skips to; the
+                    # retry's replies are what the client gets.
+                    if pos > run:
+                        out.append(view[run:pos])
+                    run = pos = end
+                    retry = entry.retry
+                    self._skip_to_sync(entry)
+                    if expect:
+                        expect[0].action = SWALLOW
+                    retry()
+                    continue
                 if self._track_details and entry.action == FORWARD and self.sink is not None:
                     self.sink.upstream_error_seen(bytes(buf[pos + 5 : end]))
                 pos = end
@@ -430,6 +455,10 @@ class ServerConnection(asyncio.Protocol):
             if sink is not None:
                 _flush(sink, out)
         return pos
+
+    def _only_unit_queued(self) -> bool:
+        """Whether the expectations queued end at the first Sync (no later batch is in flight)."""
+        return sum(1 for e in self.expect if e.kind == K_SYNC) == 1 and self.expect[-1].kind == K_SYNC
 
     def _skip_to_next_sync(self) -> Expect:
         expect = self.expect

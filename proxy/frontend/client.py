@@ -92,6 +92,8 @@ _REFUSAL_HINT = (
 )
 _IDLE = ord("I")
 _CLOSE_UNNAMED = m.close(b"S", "")
+_DESCRIBE_EXECUTE_SYNC = frozenset(b"DES")
+_REPLY_KIND = {_D: K_DESCRIBE, _E: K_EXECUTE}
 _B_HEADER = struct.Struct("!BIB")  # a Bind's type, length and its (empty) portal name
 UNNAMED_CACHE_SIZE = 10_000  # distinct unnamed Parse payloads remembered (then forgotten all at once)
 
@@ -714,6 +716,8 @@ class ClientConnection(asyncio.Protocol):
         ents: list[Expect | int] = []  # plain kinds stand for Expect(kind); built only when needed
         special = False  # an expectation other than "forward the responses" is in the batch
         details = False
+        # Nothing in flight and no transaction open: a failed first statement can be run again unseen.
+        fresh = server.status == _IDLE and not server.expect and self.pending_begin is None
         if len(server.prepared) > self.app.max_statements and server.status == _IDLE and not server.expect:
             # Between transactions no portal depends on a statement: close the least recently used.
             self._evict_statements(server, out)
@@ -741,7 +745,10 @@ class ClientConnection(asyncio.Protocol):
                         out.append(_B_HEADER.pack(_B, end - start - 2 + len(stmt.name_field), 0))
                         out.append(stmt.name_field)
                         out.append(view[start + 7 : end])
-                        ents.append(Expect(K_BIND, on_done=_forget_on_failure(server, stmt.upstream_name)))
+                        bind = Expect(K_BIND, on_done=_forget_on_failure(server, stmt.upstream_name))
+                        if fresh and self._retryable(batch, start):
+                            bind.retry = _StalePlanRetry(server, stmt, (start, end), batch)
+                        ents.append(bind)
                         special = True
                         if self._unnamed_changes:
                             self._bind_changes("", "")
@@ -906,6 +913,22 @@ class ClientConnection(asyncio.Protocol):
         out.append(m.parse(name, stmt.sql, stmt.param_oids))
         prepared[name] = None
         ents.append(Expect(K_PARSE, FORWARD, on_done=_forget_on_failure(server, name)))
+
+    @staticmethod
+    def _retryable(batch: Batch, bind_start: int) -> bool:
+        """Whether the batch is [unnamed Parse] Bind (Describe|Execute)* Sync, this Bind its first
+        message sent upstream: then all of it from the Bind on can be sent again."""
+        msgs = batch.msgs
+        if batch.terminator != _S:
+            return False
+        i = 0
+        if msgs[0][0] == _P:
+            if batch.buf[msgs[0][1] + 5] != 0:
+                return False
+            i = 1
+        if len(msgs) <= i or msgs[i][1] != bind_start:
+            return False
+        return all(t in _DESCRIBE_EXECUTE_SYNC for t, _, _ in msgs[i + 1 :])
 
     def _evict_statements(self, server: ServerConnection, out: list[Piece]) -> None:
         prepared = server.prepared
@@ -1308,6 +1331,47 @@ class ClientConnection(asyncio.Protocol):
 
 _SYNC_EXT = -1  # a Sync
 _SYNC_Q = -2  # a Query or FunctionCall
+
+
+class _StalePlanRetry:
+    """Runs a batch again after PostgreSQL said a kept statement's cached plan changed result type (DDL
+    since it was prepared): Close and Parse it afresh, then the batch's Bind and what followed it."""
+
+    __slots__ = ("bind_end", "bind_start", "buf", "end", "msgs", "server", "stmt")
+
+    def __init__(
+        self, server: ServerConnection, stmt: PreparedStatement, bind: tuple[int, int], batch: Batch
+    ) -> None:
+        self.server = server
+        self.stmt = stmt
+        self.buf = batch.buf
+        self.bind_start, bind_end = bind
+        self.bind_end = bind_end
+        self.msgs = [t for t, start, _ in batch.msgs if start >= bind_end]
+        self.end = batch.end
+
+    def __call__(self) -> None:
+        server, stmt, buf = self.server, self.stmt, self.buf
+        name = stmt.upstream_name
+        forget = _forget_on_failure(server, name)
+        server.push(Expect(K_CLOSE, SWALLOW))
+        server.push(Expect(K_PARSE, SWALLOW_OK, on_done=forget))
+        server.push(Expect(K_BIND, on_done=forget))
+        for mtype in self.msgs:
+            server.push(_sync_entry(_SYNC_EXT) if mtype == _S else Expect(_REPLY_KIND[mtype]))
+        server.prepared[name] = None
+        log.info("event=statement_prepared_again upstream=%s reason=result_type_changed", server.label)
+        server.send(
+            b"".join(
+                (
+                    m.close(b"S", name),
+                    m.parse(name, stmt.sql, stmt.param_oids),
+                    _B_HEADER.pack(_B, self.bind_end - self.bind_start - 2 + len(stmt.name_field), 0),
+                    stmt.name_field,
+                    buf[self.bind_start + 7 : self.end],
+                )
+            )
+        )
 
 
 def _sync_entry(code: int) -> Expect:

@@ -80,20 +80,29 @@ def test_unnamed_statements_are_prepared_once_and_results_stay_right(
     ]
 
 
-def test_result_type_change_fails_once_then_recovers(
+def test_result_type_change_is_prepared_again_unseen(
     start_proxy: StartProxy, pg: DevClusters, table: str
 ) -> None:
-    """The documented trade-off: DDL that changes a cached query's columns fails its next use once."""
+    """DDL that changes a kept statement's columns: outside a transaction the proxy prepares it again and
+    runs it again (the client sees the new columns, no error); inside one the failure has already aborted
+    the transaction, so the client gets PostgreSQL's error, as with its own named statements."""
     proxy = start(start_proxy, pg)
+    query = "SELECT * FROM cached_t WHERE id = %s"
     with connect(proxy) as conn:
-        assert conn.execute("SELECT * FROM cached_t WHERE id = %s", (1,)).fetchone() == (1, "row1")
+        assert conn.execute(query, (1,)).fetchone() == (1, "row1")
         conn.pgconn.exec_(b"ALTER TABLE cached_t ADD COLUMN b int DEFAULT 7")
-        with pytest.raises(
-            psycopg.errors.FeatureNotSupported, match="cached plan must not change result type"
+        assert conn.execute(query, (1,)).fetchone() == (1, "row1", 7)
+        assert conn.execute(query, (2,)).fetchone() == (2, "row2", 7)
+        conn.pgconn.exec_(b"ALTER TABLE cached_t ADD COLUMN c int DEFAULT 8")
+        with (
+            pytest.raises(
+                psycopg.errors.FeatureNotSupported, match="cached plan must not change result type"
+            ),
+            conn.transaction(),
         ):
-            conn.execute("SELECT * FROM cached_t WHERE id = %s", (1,))
-        assert conn.execute("SELECT * FROM cached_t WHERE id = %s", (1,)).fetchone() == (1, "row1", 7)
-        assert conn.execute("SELECT * FROM cached_t WHERE id = %s", (2,)).fetchone() == (2, "row2", 7)
+            conn.execute(query, (1,))
+        assert conn.execute(query, (1,)).fetchone() == (1, "row1", 7, 8)
+    assert proxy.log().count("event=statement_prepared_again") == 1
 
 
 def test_statements_per_connection_are_capped(start_proxy: StartProxy, pg: DevClusters, table: str) -> None:
