@@ -259,12 +259,14 @@ class StatementsConfig(Frozen):
 
     # Keep clients' unnamed extended-protocol statements (libpq PQexecParams, psycopg, JDBC, pgbench -M
     # extended) prepared upstream under a content-addressed name, so PostgreSQL parses and plans each once
-    # per connection instead of on every execution. Trade-off: after DDL that changes a cached query's
-    # result columns, its next use on each upstream connection fails once with 0A000 "cached plan must not
-    # change result type" (as named prepared statements always do), then it is prepared afresh.
+    # per connection instead of on every execution. After DDL that changes a kept query's result columns
+    # the proxy prepares it again and re-runs it unseen; inside a transaction PostgreSQL's 0A000 "cached
+    # plan must not change result type" has already aborted it and reaches the client (as it does for
+    # drivers' own named statements). PostgreSQL may also choose a generic plan after five executions.
     cache_unnamed: bool = False
-    # Named statements kept per upstream connection; beyond it the least recently used are closed.
-    max_per_connection: Annotated[int, Field(ge=1)] = 1000
+    # Named statements kept per upstream connection (each holds parse trees and plans in its backend's
+    # memory); beyond it the least recently used are closed. PgBouncer's max_prepared_statements is 200 too.
+    max_per_connection: Annotated[int, Field(ge=1)] = 200
 
 
 class RoutingConfig(Frozen):
