@@ -4,6 +4,7 @@ tables of docs/performance.md refreshed."""
 
 from __future__ import annotations
 
+import dataclasses
 import sys
 from collections.abc import Sequence
 from typing import Any
@@ -12,6 +13,7 @@ from bench import report
 from bench.classify import classify_doc
 from bench.memory import add_memory_arguments, memory_doc
 from bench.pgbench_compare import (
+    Options,
     guarded,
     have_pgbench,
     options_from,
@@ -28,6 +30,11 @@ def main(argv: Sequence[str] | None = None) -> int:
     add_memory_arguments(p, prefix="memory-")
     p.add_argument("--no-memory", action="store_true", help="leave out the idle-clients benchmark")
     p.add_argument("--no-classify", action="store_true", help="leave out the classification benchmark")
+    p.add_argument(
+        "--no-cache-variant",
+        action="store_true",
+        help="leave out the second pgbench run: pgbouncer vs the proxy with statements.cache_unnamed=true",
+    )
     args = p.parse_args(argv)
     opts = options_from(p, args, kind="bench")
     if args.memory_clients < 1 or args.memory_concurrency < 1:
@@ -48,6 +55,13 @@ def main(argv: Sequence[str] | None = None) -> int:
         code, doc["pgbench"] = run_benchmark(opts)
         blocks["pgbench"] = report.pgbench_markdown(doc["pgbench"])
         write_json(opts.json_path, doc)  # the pgbench figures are safe even if the memory run fails
+        variant = cache_variant(opts)
+        if variant is not None and not args.no_cache_variant:
+            print("\n== pgbench: the proxy with statements.cache_unnamed=true ==", flush=True)
+            variant_code, doc["pgbench_cache_unnamed"] = run_benchmark(variant)
+            blocks["pgbench-cache-unnamed"] = report.pgbench_markdown(doc["pgbench_cache_unnamed"])
+            code = code or variant_code
+            write_json(opts.json_path, doc)
         if not args.no_memory:
             print("\n== idle clients (python -m bench memory) ==", flush=True)
             doc["memory"] = memory_doc(args)
@@ -65,6 +79,21 @@ def main(argv: Sequence[str] | None = None) -> int:
         return code
 
     return guarded(run)
+
+
+def cache_variant(opts: Options) -> Options | None:
+    """The extended-protocol cells again, PgBouncer vs the proxy keeping unnamed statements prepared
+    (statements.cache_unnamed, off by default): what that setting is worth, measured in the same sitting."""
+    targets = tuple(t for t in opts.targets if t in ("pgbouncer", "proxy"))
+    cells = tuple(c for c in opts.cells if c.mode == "extended")
+    if "proxy" not in targets or not cells:
+        return None
+    return dataclasses.replace(
+        opts,
+        targets=targets,
+        cells=cells,
+        proxy_settings=(*opts.proxy_settings, "statements.cache_unnamed=true"),
+    )
 
 
 if __name__ == "__main__":
