@@ -313,7 +313,24 @@ def pgbouncer_version(binary: Path) -> tuple[str, tuple[int, ...]]:
     return version, tuple(int(part) for part in version.split("."))
 
 
-class PgBouncerTarget(DaemonTarget):
+class PostgresUserDaemon(DaemonTarget):
+    """A C daemon run as the ``postgres`` OS user when we are root (neither pooler runs as root), with
+    none of our PG* settings and the C locale."""
+
+    as_postgres: bool
+
+    def env(self) -> dict[str, str]:
+        env = {k: v for k, v in os.environ.items() if not k.startswith("PG")}
+        env["LC_ALL"] = "C"
+        return env
+
+    def popen_kwargs(self) -> dict[str, Any]:
+        if self.as_postgres:
+            return {"user": "postgres", "group": "postgres", "extra_groups": []}
+        return {}
+
+
+class PgBouncerTarget(PostgresUserDaemon):
     """PgBouncer in transaction pooling mode, as the ``postgres`` OS user when we are root."""
 
     name = "pgbouncer"
@@ -392,16 +409,6 @@ class PgBouncerTarget(DaemonTarget):
             for path in (self.workdir, self.ini, self.userlist):
                 shutil.chown(path, "postgres", "postgres")
         return [str(self.binary), str(self.ini)]
-
-    def env(self) -> dict[str, str]:
-        env = {k: v for k, v in os.environ.items() if not k.startswith("PG")}
-        env["LC_ALL"] = "C"
-        return env
-
-    def popen_kwargs(self) -> dict[str, Any]:
-        if self.as_postgres:
-            return {"user": "postgres", "group": "postgres", "extra_groups": []}
-        return {}
 
     def server_connections(self) -> int:
         return POOL_SIZE
@@ -519,7 +526,7 @@ def pgpool_conf(s: PgpoolSettings) -> str:
 PGPOOL_HBA = "host all all 127.0.0.1/32 scram-sha-256\n"
 
 
-class PgpoolTarget(DaemonTarget):
+class PgpoolTarget(PostgresUserDaemon):
     """Pgpool-II in streaming-replication load-balancing mode (as the ``postgres`` OS user when root)."""
 
     name = "pgpool"
@@ -579,16 +586,6 @@ class PgpoolTarget(DaemonTarget):
             for path in (self.workdir, self.workdir / "oiddir", self.conf, self.hba, self.pcp, self.passwd):
                 shutil.chown(path, "postgres", "postgres")
         return [str(self.binary), "-n", "-f", str(self.conf), "-a", str(self.hba), "-F", str(self.pcp)]
-
-    def env(self) -> dict[str, str]:
-        env = {k: v for k, v in os.environ.items() if not k.startswith("PG")}
-        env["LC_ALL"] = "C"
-        return env
-
-    def popen_kwargs(self) -> dict[str, Any]:
-        if self.as_postgres:
-            return {"user": "postgres", "group": "postgres", "extra_groups": []}
-        return {}
 
     def server_connections(self) -> int:
         return self.num_init_children  # max_pool = 1: one cached connection per child and backend
