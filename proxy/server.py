@@ -255,6 +255,8 @@ class ProxyApp:
         """The pool serving ``role``: the role's own, or for reads the replica with fewest active."""
         if role != "read_replica":
             return role
+        if len(self.replica_pools) == 1:
+            return self.replica_pools[0]
         replicas = [label for label in self.replica_pools if self.health.usable(label)] or self.replica_pools
         if len(replicas) == 1:
             return replicas[0]

@@ -10,6 +10,7 @@ lacks them; session settings are replayed when the leased connection's differ fr
 from __future__ import annotations
 
 import asyncio
+import functools
 import itertools
 import logging
 import secrets
@@ -423,7 +424,27 @@ class ClientConnection(asyncio.Protocol):
             return
         self.waiting = batch
         self.pause("acquire")
-        asyncio.get_running_loop().create_task(self._acquire(batch, role, label))
+        if not self.app.pools[label].wait(functools.partial(self._handed, batch, role, label)):
+            asyncio.get_running_loop().create_task(self._acquire(batch, role, label))
+
+    def _handed(
+        self, batch: Batch, role: str, label: str, conn: ServerConnection | None, error: ProxyError | None
+    ) -> None:
+        """The pool's answer to ``wait``: a connection, a free slot to open one in, or the timeout."""
+        if self.phase == CLOSED:
+            if conn is not None:
+                self.app.pools[label].release(conn)
+            return
+        if error is not None:
+            self._acquire_failed(batch, error)
+        elif conn is None:
+            asyncio.get_running_loop().create_task(self._acquire(batch, role, label))
+            return
+        elif not self._acquired(batch, conn, role, label):
+            return
+        self.resume("acquire")
+        if self.phase != CLOSED and self.buf:
+            self.data_received(b"")
 
     def _count_route(self, role: str, kind: str) -> None:
         routed = self.app.routed
@@ -665,11 +686,7 @@ class ClientConnection(asyncio.Protocol):
                     self._count_fallback(decision.fallback_from or (role,))
                     await self._acquire(batch, decision.role, self.app.pool_for(decision.role), retry=False)
                     return
-            self.waiting = None
-            self.write(m.error_from(exc))
-            if self.pending_begin is not None:
-                self.tx_failed = True
-            self._after_failed_batch(batch)
+            self._acquire_failed(batch, exc)
         except Exception as exc:
             log.exception("event=acquire_error client=%s", self.id)
             self.waiting = None
@@ -681,16 +698,29 @@ class ClientConnection(asyncio.Protocol):
             if self.phase == CLOSED:
                 pool.release(conn)
                 return
-            self.waiting = None
-            self._attach(conn, role, label)
-            try:
-                self._send(batch, conn)
-            except ProxyError as exc:
-                self.fatal(exc)
+            if not self._acquired(batch, conn, role, label):
                 return
         self.resume("acquire")
         if self.phase != CLOSED and self.buf:
             self.data_received(b"")
+
+    def _acquired(self, batch: Batch, conn: ServerConnection, role: str, label: str) -> bool:
+        """Send the waiting batch on the connection just leased; False if that closed the client."""
+        self.waiting = None
+        self._attach(conn, role, label)
+        try:
+            self._send(batch, conn)
+        except ProxyError as exc:
+            self.fatal(exc)
+            return False
+        return True
+
+    def _acquire_failed(self, batch: Batch, exc: ProxyError) -> None:
+        self.waiting = None
+        self.write(m.error_from(exc))
+        if self.pending_begin is not None:
+            self.tx_failed = True
+        self._after_failed_batch(batch)
 
     def _after_failed_batch(self, batch: Batch) -> None:
         """The batch never reached an upstream: answer as PostgreSQL would after an error."""

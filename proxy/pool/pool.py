@@ -25,6 +25,61 @@ class Poolable(Protocol):
 
 
 C = TypeVar("C", bound=Poolable)
+T_contra = TypeVar("T_contra", contravariant=True)
+
+
+class _Waiter(Protocol[T_contra]):
+    """A queued acquire: an asyncio future (``acquire``) or a callback (``wait``)."""
+
+    def done(self) -> bool: ...
+
+    def set_result(self, result: T_contra, /) -> None: ...
+
+    def set_exception(self, exception: BaseException, /) -> None: ...
+
+
+# What a callback waiter is given: a connection, None ("a slot is free: open one"), or the error.
+Handoff = Callable[[C | None, ProxyError | None], None]
+
+
+class _CallbackWaiter(Generic[C]):
+    """A waiter without a task: its callback runs from the event loop when it is served or times out."""
+
+    __slots__ = ("_done", "give", "pool", "started", "timer")
+
+    def __init__(self, pool: Pool[C], give: Handoff[C]) -> None:
+        loop = asyncio.get_running_loop()
+        self.pool = pool
+        self.give = give
+        self.started = time.monotonic()
+        self._done = False
+        self.timer = loop.call_later(pool.acquire_timeout, self._timed_out)
+
+    def done(self) -> bool:
+        return self._done
+
+    def set_result(self, result: C | None, /) -> None:
+        self._finish()
+        asyncio.get_running_loop().call_soon(self.give, result, None)
+
+    def set_exception(self, exception: BaseException, /) -> None:
+        assert isinstance(exception, ProxyError)
+        self._finish()
+        asyncio.get_running_loop().call_soon(self.give, None, exception)
+
+    def _finish(self) -> None:
+        self._done = True
+        self.timer.cancel()
+        self.pool._observe_wait(time.monotonic() - self.started)
+
+    def _timed_out(self) -> None:
+        if self._done:
+            return
+        pool = self.pool
+        if self in pool._waiters:
+            pool._waiters.remove(self)
+        pool.timeouts += 1
+        self.set_exception(pool._timeout_error(time.monotonic() - self.started))
 
 
 @dataclass(frozen=True)
@@ -75,7 +130,7 @@ class Pool(Generic[C]):
         self._lingering: dict[C, Callable[[], None]] = {}
         self._total = 0  # open connections plus connects in progress
         # A waiter's future gets a connection, or None: "a slot is free, open one yourself".
-        self._waiters: deque[asyncio.Future[C | None]] = deque()
+        self._waiters: deque[_Waiter[C | None]] = deque()
         self._closed = False
         self.timeouts = 0  # acquire timeouts since start (a metric)
         # Acquire waits as a histogram (plain ints on the hot path; the metrics collector reads them).
@@ -95,6 +150,23 @@ class Pool(Generic[C]):
         if conn is not None:
             self.wait_counts[0] += 1
         return conn
+
+    def wait(self, give: Handoff[C]) -> bool:
+        """Queue ``give`` for the next connection released (first come, first served) when the pool is
+        full; False when a connection may be opened instead (use ``acquire``). No task per wait: this is
+        the hand-over path of every transaction when clients outnumber connections."""
+        if self._closed or (self._total < self.size and not self._waiters):
+            return False
+        self._waiters.append(_CallbackWaiter(self, give))
+        return True
+
+    def _timeout_error(self, waited: float) -> ProxyError:
+        return ProxyError(
+            TOO_MANY_CONNECTIONS,
+            f'no connection free in pool "{self.name}" after waiting '
+            f"{waited:.1f}s (pool_size {self.size}, acquire_timeout {self.acquire_timeout:g}s)",
+            hint="raise the pool size or shorten the transactions holding connections",
+        )
 
     async def acquire(self) -> C:
         """Lease a connection; raises ProxyError 53300 after the acquire timeout, or the connect error."""
@@ -136,13 +208,7 @@ class Pool(Generic[C]):
                 got = await asyncio.wait_for(fut, max(deadline - loop.time(), 0))
             except TimeoutError:
                 self.timeouts += 1
-                raise ProxyError(
-                    TOO_MANY_CONNECTIONS,
-                    f'no connection free in pool "{self.name}" after waiting '
-                    f"{loop.time() - started:.1f}s (pool_size {self.size}, acquire_timeout "
-                    f"{self.acquire_timeout:g}s)",
-                    hint="raise the pool size or shorten the transactions holding connections",
-                ) from None
+                raise self._timeout_error(loop.time() - started) from None
             finally:
                 if fut in self._waiters:
                     self._waiters.remove(fut)
@@ -222,9 +288,9 @@ class Pool(Generic[C]):
         for conn in idle:
             self._discard(conn)
         while self._waiters:
-            fut = self._waiters.popleft()
-            if not fut.done():
-                fut.set_exception(ProxyError(TOO_MANY_CONNECTIONS, f'pool "{self.name}" is closed'))
+            waiter = self._waiters.popleft()
+            if not waiter.done():
+                waiter.set_exception(ProxyError(TOO_MANY_CONNECTIONS, f'pool "{self.name}" is closed'))
 
     def _take_idle(self) -> C | None:
         now = time.monotonic()

@@ -191,3 +191,79 @@ def test_close_and_reap_take_lingering_connections_back() -> None:
         assert gone[-1] == "c" and c.closed
 
     asyncio.run(run())
+
+
+def test_callback_waiters_share_the_fifo_with_acquire() -> None:
+    """``wait`` queues a callback (no task) behind and before ``acquire`` callers, in arrival order."""
+
+    async def run() -> None:
+        pool, _ = make_pool(size=1)
+        assert not pool.wait(lambda conn, err: None)  # a slot is free: open one with acquire instead
+        held = await pool.acquire()
+        order: list[str] = []
+        got: list[Conn | None] = []
+
+        def give(name: str) -> object:
+            def handed(conn: Conn | None, err: ProxyError | None) -> None:
+                assert err is None
+                order.append(name)
+                got.append(conn)
+                if conn is not None:
+                    pool.release(conn)
+
+            return handed
+
+        assert pool.wait(give("cb1"))  # type: ignore[arg-type]
+        task = asyncio.create_task(pool.acquire())
+        await asyncio.sleep(0)
+        assert pool.wait(give("cb2"))  # type: ignore[arg-type]
+        assert pool.stats.waiting == 3
+        pool.release(held)
+        conn = await task
+        order.append("task")
+        pool.release(conn)
+        for _ in range(5):
+            await asyncio.sleep(0)
+        assert order == ["cb1", "task", "cb2"]
+        assert got == [held, held]
+        assert pool.stats.waiting == 0 and pool.stats.idle == 1
+        buckets = sum(pool.wait_counts)
+        assert buckets == 4  # every lease is in the wait histogram (the first acquire too)
+
+    asyncio.run(run())
+
+
+def test_callback_waiter_times_out_with_53300_and_on_close() -> None:
+    async def run() -> None:
+        pool, _ = make_pool(size=1, timeout=0.05)
+        held = await pool.acquire()
+        results: list[tuple[Conn | None, ProxyError | None]] = []
+        assert pool.wait(lambda conn, err: results.append((conn, err)))
+        await asyncio.sleep(0.2)
+        assert len(results) == 1 and results[0][0] is None
+        err = results[0][1]
+        assert err is not None and err.sqlstate == "53300" and 'pool "main"' in err.message
+        assert pool.timeouts == 1 and pool.stats.waiting == 0
+        assert pool.wait(lambda conn, err: results.append((conn, err)))
+        pool.close()
+        await asyncio.sleep(0)
+        assert results[1][0] is None and results[1][1] is not None and "closed" in results[1][1].message
+        pool.release(held)
+
+    asyncio.run(run())
+
+
+def test_callback_waiter_is_told_a_slot_is_free() -> None:
+    """A discarded connection frees a slot: the waiter gets None and opens one itself."""
+
+    async def run() -> None:
+        pool, _ = make_pool(size=1)
+        held = await pool.acquire()
+        results: list[tuple[Conn | None, ProxyError | None]] = []
+        assert pool.wait(lambda conn, err: results.append((conn, err)))
+        pool.release(held, reusable=False)
+        await asyncio.sleep(0)
+        assert results == [(None, None)]
+        assert pool.stats.total == 0
+
+    asyncio.run(run())
