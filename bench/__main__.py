@@ -3,17 +3,19 @@
 python -m bench [pgbench options]      the pgbench comparison (also: python -m bench pgbench ...)
 python -m bench memory [options]       proxy RSS with 10,000 idle clients
 python -m bench classify [options]     statement classification cost
+python -m bench hotpath [options]      the proxy's own Python per transaction (in-process, no sockets)
 python -m bench all [pgbench options]  all three, one results file, docs/performance.md refreshed
 """
 
 import sys
 
-from bench import classify, memory, pgbench_compare, suite
+from bench import classify, hotpath, memory, pgbench_compare, suite
 
 COMMANDS = {
     "pgbench": pgbench_compare.main,
     "memory": memory.main,
     "classify": classify.main,
+    "hotpath": hotpath.main,
     "all": suite.main,
 }
 

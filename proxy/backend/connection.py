@@ -87,11 +87,19 @@ class Expect:
     extended: bool = False  # K_SYNC: a Sync (not a Query): a COPY FROM STDIN makes the server ignore it
     # A Bind of a statement the proxy kept prepared: if PostgreSQL reports that its cached plan changed
     # result type, this re-prepares and re-sends the rest of the batch (the client sees no error).
-    retry: Callable[[], None] | None = None
+    retry: Retry | None = None
 
     def extended_copy(self) -> bool:
         """Whether a CopyInResponse under this entry comes from an extended-protocol Execute."""
         return self.kind != K_SYNC or self.extended
+
+
+class Retry(Protocol):
+    """Sends a batch again after its first statement failed in a way the proxy can repair unseen."""
+
+    def applies(self) -> bool: ...
+
+    def __call__(self) -> None: ...
 
 
 class Sink(Protocol):
@@ -303,7 +311,7 @@ class ServerConnection(asyncio.Protocol):
     def flush_synth(self) -> None:
         """After a batch is sent: if only synthesized replies are queued, the client gets them now."""
         expect = self.expect
-        if expect and expect[0].kind == K_SYNTH and all(e.kind == K_SYNTH for e in expect):
+        if expect and expect[-1].kind == K_SYNTH and all(e.kind == K_SYNTH for e in expect):
             data = b"".join(e.data for e in expect)
             expect.clear()
             if self.sink is not None:
@@ -412,7 +420,12 @@ class ServerConnection(asyncio.Protocol):
                         sink.upstream_ready(self.status)
                 continue
             if mtype == _E:
-                if entry.retry is not None and self._only_unit_queued() and _stale_plan(buf, pos, end):
+                if (
+                    entry.retry is not None
+                    and self._only_unit_queued()
+                    and _stale_plan(buf, pos, end)
+                    and entry.retry.applies()
+                ):
                     # Drop this error and the ReadyForQuery of the Sync the server now skips to; the
                     # retry's replies are what the client gets.
                     if pos > run:

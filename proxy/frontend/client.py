@@ -94,7 +94,6 @@ _REFUSAL_HINT = (
 _IDLE = ord("I")
 _CLOSE_UNNAMED = m.close(b"S", "")
 _DESCRIBE_EXECUTE_SYNC = frozenset(b"DES")
-_REPLY_KIND = {_D: K_DESCRIBE, _E: K_EXECUTE}
 _B_HEADER = struct.Struct("!BIB")  # a Bind's type, length and its (empty) portal name
 UNNAMED_CACHE_SIZE = 10_000  # distinct unnamed Parse payloads remembered (then forgotten all at once)
 
@@ -776,7 +775,7 @@ class ClientConnection(asyncio.Protocol):
                         out.append(stmt.name_field)
                         out.append(view[start + 7 : end])
                         bind = Expect(K_BIND, on_done=_forget_on_failure(server, stmt.upstream_name))
-                        if fresh and self._retryable(batch, start):
+                        if fresh:
                             bind.retry = _StalePlanRetry(server, stmt, (start, end), batch)
                         ents.append(bind)
                         special = True
@@ -880,6 +879,13 @@ class ClientConnection(asyncio.Protocol):
             self._portal_changes.clear()
         push = server.push
         if special or batch.terminator not in (_S, _Q, _F):
+            if batch.terminator in (_S, _Q, _F):
+                # Plain replies after the last special entry are forwarded as part of the final Sync's (or
+                # Query's) unit: no expectation of their own.
+                last = len(ents) - 1
+                while last > 0 and isinstance(ents[last - 1], int):
+                    last -= 1
+                ents[last:] = ents[-1:]
             for entry in ents:
                 if isinstance(entry, int):
                     push(Expect(entry) if entry >= 0 else _sync_entry(entry))
@@ -943,22 +949,6 @@ class ClientConnection(asyncio.Protocol):
         out.append(m.parse(name, stmt.sql, stmt.param_oids))
         prepared[name] = None
         ents.append(Expect(K_PARSE, FORWARD, on_done=_forget_on_failure(server, name)))
-
-    @staticmethod
-    def _retryable(batch: Batch, bind_start: int) -> bool:
-        """Whether the batch is [unnamed Parse] Bind (Describe|Execute)* Sync, this Bind its first
-        message sent upstream: then all of it from the Bind on can be sent again."""
-        msgs = batch.msgs
-        if batch.terminator != _S:
-            return False
-        i = 0
-        if msgs[0][0] == _P:
-            if batch.buf[msgs[0][1] + 5] != 0:
-                return False
-            i = 1
-        if len(msgs) <= i or msgs[i][1] != bind_start:
-            return False
-        return all(t in _DESCRIBE_EXECUTE_SYNC for t, _, _ in msgs[i + 1 :])
 
     def _evict_statements(self, server: ServerConnection, out: list[Piece]) -> None:
         prepared = server.prepared
@@ -1367,28 +1357,40 @@ class _StalePlanRetry:
     """Runs a batch again after PostgreSQL said a kept statement's cached plan changed result type (DDL
     since it was prepared): Close and Parse it afresh, then the batch's Bind and what followed it."""
 
-    __slots__ = ("bind_end", "bind_start", "buf", "end", "msgs", "server", "stmt")
+    __slots__ = ("batch", "bind_end", "bind_start", "server", "stmt")
 
     def __init__(
         self, server: ServerConnection, stmt: PreparedStatement, bind: tuple[int, int], batch: Batch
     ) -> None:
         self.server = server
         self.stmt = stmt
-        self.buf = batch.buf
-        self.bind_start, bind_end = bind
-        self.bind_end = bind_end
-        self.msgs = [t for t, start, _ in batch.msgs if start >= bind_end]
-        self.end = batch.end
+        self.batch = batch
+        self.bind_start, self.bind_end = bind
+
+    def applies(self) -> bool:
+        """Whether the batch is [unnamed Parse] Bind (Describe|Execute)* Sync with this Bind its first
+        message sent upstream: then all of it from the Bind on can be sent again."""
+        batch = self.batch
+        msgs = batch.msgs
+        if batch.terminator != _S:
+            return False
+        i = 0
+        if msgs[0][0] == _P:
+            if batch.buf[msgs[0][1] + 5] != 0:
+                return False
+            i = 1
+        if len(msgs) <= i or msgs[i][1] != self.bind_start:
+            return False
+        return all(t in _DESCRIBE_EXECUTE_SYNC for t, _, _ in msgs[i + 1 :])
 
     def __call__(self) -> None:
-        server, stmt, buf = self.server, self.stmt, self.buf
+        server, stmt, buf = self.server, self.stmt, self.batch.buf
         name = stmt.upstream_name
         forget = _forget_on_failure(server, name)
         server.push(Expect(K_CLOSE, SWALLOW))
         server.push(Expect(K_PARSE, SWALLOW_OK, on_done=forget))
         server.push(Expect(K_BIND, on_done=forget))
-        for mtype in self.msgs:
-            server.push(_sync_entry(_SYNC_EXT) if mtype == _S else Expect(_REPLY_KIND[mtype]))
+        server.push(_sync_entry(_SYNC_EXT))  # the replies to Describe and Execute are the Sync's unit
         server.prepared[name] = None
         log.info("event=statement_prepared_again upstream=%s reason=result_type_changed", server.label)
         server.send(
@@ -1398,7 +1400,7 @@ class _StalePlanRetry:
                     m.parse(name, stmt.sql, stmt.param_oids),
                     _B_HEADER.pack(_B, self.bind_end - self.bind_start - 2 + len(stmt.name_field), 0),
                     stmt.name_field,
-                    buf[self.bind_start + 7 : self.end],
+                    buf[self.bind_start + 7 : self.batch.end],
                 )
             )
         )

@@ -1,0 +1,194 @@
+"""``python -m bench hotpath``: the proxy's own Python cost per transaction, without sockets or PostgreSQL.
+
+A ClientConnection and a ServerConnection are driven in-process through in-memory transports: the client
+sends one pgbench select-only transaction, the upstream answers it, and only the two ``data_received`` calls
+are timed. What this leaves out (syscalls, the event loop, the kernel's loopback) is what the pgbench
+comparison adds; what it measures is what a change to the data path's Python makes cheaper or dearer.
+
+    python -m bench hotpath                 # simple, extended, extended with statements.cache_unnamed
+    python -m bench hotpath --profile       # the same under cProfile, top functions by own time
+"""
+
+from __future__ import annotations
+
+import argparse
+import asyncio
+import cProfile
+import functools
+import pstats
+import statistics
+import struct
+import tempfile
+import time
+from collections.abc import Callable, Sequence
+from pathlib import Path
+from typing import Any
+
+from proxy.backend.connection import ServerConnection
+from proxy.config import load_config
+from proxy.frontend.client import READY, ClientConnection
+from proxy.protocol import messages as m
+from proxy.protocol.framing import startup_message
+from proxy.server import ProxyApp
+
+SQL = "SELECT abalance FROM pgbench_accounts WHERE aid = $1"
+ROW = struct.pack("!hi", 1, 1) + b"0"  # DataRow: one column, "0"
+
+
+class MemoryTransport:
+    """What the connections write goes to a list; the rest of the transport API does nothing."""
+
+    def __init__(self) -> None:
+        self.writes: list[bytes] = []
+
+    def write(self, data: bytes | bytearray | memoryview) -> None:
+        self.writes.append(bytes(data))
+
+    def close(self) -> None: ...
+
+    def abort(self) -> None: ...
+
+    def is_closing(self) -> bool:
+        return False
+
+    def pause_reading(self) -> None: ...
+
+    def resume_reading(self) -> None: ...
+
+    def get_extra_info(self, name: str, default: Any = None) -> Any:
+        return ("127.0.0.1", 40000) if name == "peername" else default
+
+
+def _replies(sent: bytes) -> bytes:
+    """What PostgreSQL answers to the frontend messages in ``sent`` (one row per query)."""
+    out = bytearray()
+    pos = 0
+    row_description = m.row_description([("abalance", 23)])
+    while pos < len(sent):
+        mtype = sent[pos]
+        (length,) = struct.unpack_from("!I", sent, pos + 1)
+        if mtype == ord("P"):
+            out += m.parse_complete()
+        elif mtype == ord("B"):
+            out += m.bind_complete()
+        elif mtype == ord("C"):
+            out += m.close_complete()
+        elif mtype == ord("D"):
+            out += row_description
+        elif mtype == ord("E"):
+            out += _message(b"D", ROW) + m.command_complete("SELECT 1")
+        elif mtype == ord("S"):
+            out += m.ready_for_query(b"I")
+        elif mtype == ord("Q"):
+            out += row_description + _message(b"D", ROW) + m.command_complete("SELECT 1")
+            out += m.ready_for_query(b"I")
+        pos += 1 + length
+    return bytes(out)
+
+
+def _message(mtype: bytes, payload: bytes) -> bytes:
+    return mtype + struct.pack("!I", len(payload) + 4) + payload
+
+
+def _transaction(mode: str, aid: int) -> bytes:
+    if mode == "simple":
+        return m.query(f"SELECT abalance FROM pgbench_accounts WHERE aid = {aid};")
+    value = str(aid).encode()
+    bind_tail = struct.pack("!hhI", 0, 1, len(value)) + value + struct.pack("!h", 0)
+    return (
+        m.parse("", SQL, ())
+        + m.bind_raw("", "", bind_tail)
+        + m.describe(b"P", "")
+        + _message(b"E", b"\0" + struct.pack("!I", 0))
+        + m.sync()
+    )
+
+
+async def _pair(cache_unnamed: bool) -> tuple[ClientConnection, ServerConnection, MemoryTransport]:
+    with tempfile.TemporaryDirectory(prefix="parafort-hotpath-") as tmp:
+        path = Path(tmp) / "proxy.yaml"
+        path.write_text(
+            f"auth:\n  method: trust\nstatements:\n  cache_unnamed: {str(cache_unnamed).lower()}\n"
+        )
+        config = load_config(path, {"DATABASE_URL": "postgresql://bench@127.0.0.1:1/bench"})
+    app = ProxyApp(config)
+    app._parameters = {"server_version": "15.0", "client_encoding": "UTF8"}
+    server = ServerConnection("main", app.upstreams["main"], "main")
+    upstream = MemoryTransport()
+    server.connection_made(upstream)  # type: ignore[arg-type]
+    pool = app.pools["main"]
+    pool._total = 1
+    pool._idle.append(server)
+    client = ClientConnection(app)
+    client.connection_made(MemoryTransport())  # type: ignore[arg-type]
+    client.data_received(startup_message({"user": "bench", "database": "bench"}))
+    for _ in range(100):
+        if client.phase == READY:
+            break
+        await asyncio.sleep(0)
+    if client.phase != READY:
+        raise RuntimeError("the in-process client did not log in")
+    return client, server, upstream
+
+
+async def measure(mode: str, cache_unnamed: bool, transactions: int) -> list[float]:
+    """Microseconds of proxy Python per transaction, per block of 1,000."""
+    client, server, upstream = await _pair(cache_unnamed)
+    replies: dict[bytes, bytes] = {}
+    per_block: list[float] = []
+    spent = 0
+    clock = time.perf_counter_ns
+    for i in range(transactions):
+        request = _transaction(mode, 1 + i % 100_000)
+        t0 = clock()
+        client.data_received(request)
+        t1 = clock()
+        sent = b"".join(upstream.writes)
+        upstream.writes.clear()
+        reply = replies.get(sent)
+        if reply is None:
+            reply = replies.setdefault(sent, _replies(sent))
+        t2 = clock()
+        server.data_received(reply)
+        spent += (t1 - t0) + (clock() - t2)
+        if (i + 1) % 1000 == 0:
+            per_block.append(spent / 1000 / 1000)
+            spent = 0
+    return per_block
+
+
+CASES: Sequence[tuple[str, str, bool]] = (
+    ("simple", "simple", False),
+    ("extended", "extended", False),
+    ("extended, statements.cache_unnamed", "extended", True),
+)
+
+
+def _run_case(mode: str, cache_unnamed: bool, transactions: int) -> list[float]:
+    return asyncio.run(measure(mode, cache_unnamed, transactions))
+
+
+def run(transactions: int, profile: bool) -> list[dict[str, Any]]:
+    rows: list[dict[str, Any]] = []
+    for label, mode, cache in CASES:
+        work: Callable[[], list[float]] = functools.partial(_run_case, mode, cache, transactions)
+        if profile:
+            prof = cProfile.Profile()
+            blocks = prof.runcall(work)
+            print(f"== {label} (cProfile, top 15 by own time) ==")
+            pstats.Stats(prof).sort_stats("tottime").print_stats(15)
+        else:
+            blocks = work()
+        median = statistics.median(blocks[len(blocks) // 5 :])  # the first fifth warms the caches
+        rows.append({"case": label, "microseconds_per_transaction": round(median, 2)})
+        print(f"{label:40} {median:6.2f} µs of proxy Python per transaction", flush=True)
+    return rows
+
+
+def main(argv: Sequence[str] | None = None) -> int:
+    p = argparse.ArgumentParser(prog="python -m bench hotpath", description=__doc__.split("\n\n")[0])
+    p.add_argument("--transactions", type=int, default=50_000, help="per case (default 50,000)")
+    p.add_argument("--profile", action="store_true", help="run under cProfile and print the top functions")
+    args = p.parse_args(argv)
+    run(args.transactions, args.profile)
+    return 0
