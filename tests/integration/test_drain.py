@@ -33,6 +33,7 @@ def test_sigterm_drain(pg: DevClusters, start_proxy: Callable[..., ProxyProcess]
                     conn.execute("SELECT pg_sleep(0.01)")
                     conn.commit()
                 except psycopg.Error:
+                    conn.close()  # the proxy closed it: leaving the block must not try to commit
                     return
                 committed[n] += 1
 
