@@ -785,19 +785,17 @@ class ClientConnection(asyncio.Protocol):
                     if server.unnamed_owner is not self._unnamed_token:
                         out.append(view[run:start])
                         run = start
-                        if self._unnamed is not None:
-                            out.append(self._unnamed)
-                            ents.append(Expect(K_PARSE, SWALLOW_OK))
-                        else:
-                            # The client never parsed one: never let it run another client's.
-                            out.append(_CLOSE_UNNAMED)
-                            ents.append(Expect(K_CLOSE, SWALLOW))
+                        self._claim_unnamed(server, out, ents)
                         special = True
-                        server.unnamed_owner = self._unnamed_token
                     portal, name = "", ""
                 else:
                     portal, name, _ = m.decode_bind_names(buf[start + 5 : end])
                     stmt = self.session.statements.get(name) if name else self._unnamed_stmt
+                    if stmt is None and not name and server.unnamed_owner is not self._unnamed_token:
+                        out.append(view[run:start])
+                        run = start
+                        self._claim_unnamed(server, out, ents)
+                        special = True
                     if stmt is not None:
                         out.append(view[run:start])
                         run = end
@@ -845,6 +843,11 @@ class ClientConnection(asyncio.Protocol):
                         stmt = self.session.statements.get(name)
                     else:
                         stmt = self._unnamed_stmt
+                        if stmt is None and server.unnamed_owner is not self._unnamed_token:
+                            out.append(view[run:start])
+                            run = start
+                            self._claim_unnamed(server, out, ents)
+                            special = True
                     if stmt is not None:
                         out.append(view[run:start])
                         run = end
@@ -949,6 +952,17 @@ class ClientConnection(asyncio.Protocol):
         out.append(m.parse(name, stmt.sql, stmt.param_oids))
         prepared[name] = None
         ents.append(Expect(K_PARSE, FORWARD, on_done=_forget_on_failure(server, name)))
+
+    def _claim_unnamed(self, server: ServerConnection, out: list[Piece], ents: list[Expect | int]) -> None:
+        """Before a message that uses the connection's unnamed statement: make it this client's (its Parse
+        again), or none at all when the client never parsed one: never another client's statement."""
+        if self._unnamed is not None:
+            out.append(self._unnamed)
+            ents.append(Expect(K_PARSE, SWALLOW_OK))
+        else:
+            out.append(_CLOSE_UNNAMED)
+            ents.append(Expect(K_CLOSE, SWALLOW))
+        server.unnamed_owner = self._unnamed_token
 
     def _evict_statements(self, server: ServerConnection, out: list[Piece]) -> None:
         prepared = server.prepared

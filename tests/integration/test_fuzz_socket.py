@@ -17,7 +17,7 @@ import struct
 import sys
 import threading
 import time
-from collections.abc import Iterator
+from collections.abc import Callable, Iterator
 from contextlib import contextmanager, suppress
 from pathlib import Path
 from types import ModuleType
@@ -522,4 +522,21 @@ def test_parse_of_deallocate_all_does_not_forget_upstream_statements(proxy: Prox
         msgs = _replies(s, m.parse("b", "SELECT 1") + m.sync())
         assert not errors_in(msgs), errors_in(msgs)
         assert [t for t, _ in msgs] == [ord("1"), ord("Z")]
+    assert_clean_log(proxy)
+
+
+def test_unnamed_statement_of_another_client_is_never_used(start_proxy: Callable[..., ProxyProcess]) -> None:
+    """A client that binds or describes the unnamed statement without parsing one gets PostgreSQL's error,
+    never the unnamed statement another client left on the pooled connection (one connection: the same)."""
+    proxy = start_proxy(config={"roles": {"main": {"pool_size": 1}}})
+    with session(proxy) as first:
+        msgs = _replies(first, m.parse("", "SELECT 'secret-of-first'") + m.sync())
+        assert [t for t, _ in msgs] == [ord("1"), ord("Z")]
+    with session(proxy) as second:
+        msgs = _replies(second, m.describe(b"S", "") + m.sync())
+        assert [e.get("M") for e in errors_in(msgs)] == ["unnamed prepared statement does not exist"], msgs
+        msgs = _replies(second, m.bind_raw("", "", b"\0\0\0\0\0\0") + execute_message("") + m.sync())
+        assert [e.get("M") for e in errors_in(msgs)] == ["unnamed prepared statement does not exist"], msgs
+        assert not any(b"secret-of-first" in payload for _, payload in msgs)
+        assert _replies(second, m.query("SELECT 1"))[-1] == (m.B.READY_FOR_QUERY, b"I")
     assert_clean_log(proxy)

@@ -153,6 +153,13 @@ def test_bind_without_parse_never_runs_another_clients_statement(
         message = (results[0].error_field(psycopg.pq.DiagnosticField.MESSAGE_PRIMARY) or b"").decode()
         assert "unnamed prepared statement does not exist" in message
         assert second.execute("SELECT 1").fetchone() == (1,)
+    with connect(proxy) as first:
+        assert first.execute("SHOW application_name").fetchone() is not None
+    with psycopg.connect(proxy.dsn(APP_USER, APP_PASSWORD), autocommit=True) as third:
+        # Describe of the unnamed statement: not the other client's row shape either.
+        described = third.pgconn.describe_prepared(b"")
+        assert described.status == psycopg.pq.ExecStatus.FATAL_ERROR, described.nfields
+        assert b"unnamed prepared statement does not exist" in (described.error_message or b"")
 
 
 def test_pgbench_extended_with_the_cache(start_proxy: StartProxy, pg: DevClusters) -> None:
