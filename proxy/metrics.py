@@ -95,6 +95,15 @@ class ProxyCollector(Collector):
         for role, n in sorted(app.fallbacks.items()):
             fallbacks.add_metric([role], n)
         yield fallbacks
+        statements = CounterMetricFamily(
+            PREFIX + "upstream_statements",
+            "Server-side prepared statements the proxy manages, by role and event: prepared, reused (a "
+            "client's Parse not sent: the connection had it), evicted, prepared_again_after_ddl.",
+            labels=["role", "event"],
+        )
+        for (role, event), n in sorted(app.statement_events.items()):
+            statements.add_metric([role, event], n)
+        yield statements
         yield CounterMetricFamily(
             PREFIX + "cross_upstream_refusals",
             "Statements refused (0A000) because they need more than one upstream.",

@@ -79,6 +79,8 @@ class ProxyApp:
         self.refusals = 0  # statements refused for needing two upstreams (a metric)
         self.routed: dict[tuple[str, str], int] = {}  # units sent upstream, by (role, read|write)
         self.fallbacks: dict[str, int] = {}  # units served by main for a down or unconfigured role, by role
+        # Server-side statements, by (role, prepared | reused | evicted | prepared_again_after_ddl).
+        self.statement_events: dict[tuple[str, str], int] = {}
         self.userlist = self._load_users()
         self.draining = False
         self._all_clients_gone = asyncio.Event()

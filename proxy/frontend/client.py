@@ -776,7 +776,9 @@ class ClientConnection(asyncio.Protocol):
                         out.append(view[start + 7 : end])
                         bind = Expect(K_BIND, on_done=_forget_on_failure(server, stmt.upstream_name))
                         if fresh:
-                            bind.retry = _StalePlanRetry(server, stmt, (start, end), batch)
+                            bind.retry = _StalePlanRetry(
+                                server, stmt, (start, end), batch, self.app.statement_events
+                            )
                         ents.append(bind)
                         special = True
                         if self._unnamed_changes:
@@ -923,6 +925,7 @@ class ClientConnection(asyncio.Protocol):
         ents.append(Expect(K_CLOSE, SWALLOW))
         out.append(m.parse(stmt.upstream_name, sql, oids))
         server.prepared[stmt.upstream_name] = None
+        _count(self.app.statement_events, server.role, "prepared")
         ents.append(Expect(K_PARSE, FORWARD, on_done=_forget_on_failure(server, stmt.upstream_name)))
 
     def _parse_unnamed(
@@ -946,11 +949,13 @@ class ClientConnection(asyncio.Protocol):
             del prepared[name]
             prepared[name] = None
             ents.append(Expect(K_SYNTH, data=m.parse_complete()))
+            _count(self.app.statement_events, server.role, "reused")
             return
         out.append(m.close(b"S", name))
         ents.append(Expect(K_CLOSE, SWALLOW))
         out.append(m.parse(name, stmt.sql, stmt.param_oids))
         prepared[name] = None
+        _count(self.app.statement_events, server.role, "prepared")
         ents.append(Expect(K_PARSE, FORWARD, on_done=_forget_on_failure(server, name)))
 
     def _claim_unnamed(self, server: ServerConnection, out: list[Piece], ents: list[Expect | int]) -> None:
@@ -972,6 +977,7 @@ class ClientConnection(asyncio.Protocol):
             del prepared[name]
             out.append(m.close(b"S", name))
             server.push(Expect(K_CLOSE, SWALLOW))
+            _count(self.app.statement_events, server.role, "evicted")
 
     def _ensure_prepared(
         self,
@@ -993,6 +999,7 @@ class ClientConnection(asyncio.Protocol):
         ents.append(Expect(K_CLOSE, SWALLOW))
         out.append(m.parse(name, stmt.sql, stmt.param_oids))
         prepared[name] = None
+        _count(self.app.statement_events, server.role, "prepared")
         ents.append(Expect(K_PARSE, SWALLOW_OK, on_done=_forget_on_failure(server, stmt.upstream_name)))
         return True
 
@@ -1371,11 +1378,17 @@ class _StalePlanRetry:
     """Runs a batch again after PostgreSQL said a kept statement's cached plan changed result type (DDL
     since it was prepared): Close and Parse it afresh, then the batch's Bind and what followed it."""
 
-    __slots__ = ("batch", "bind_end", "bind_start", "server", "stmt")
+    __slots__ = ("batch", "bind_end", "bind_start", "events", "server", "stmt")
 
     def __init__(
-        self, server: ServerConnection, stmt: PreparedStatement, bind: tuple[int, int], batch: Batch
+        self,
+        server: ServerConnection,
+        stmt: PreparedStatement,
+        bind: tuple[int, int],
+        batch: Batch,
+        events: dict[tuple[str, str], int],
     ) -> None:
+        self.events = events
         self.server = server
         self.stmt = stmt
         self.batch = batch
@@ -1406,6 +1419,7 @@ class _StalePlanRetry:
         server.push(Expect(K_BIND, on_done=forget))
         server.push(_sync_entry(_SYNC_EXT))  # the replies to Describe and Execute are the Sync's unit
         server.prepared[name] = None
+        _count(self.events, server.role, "prepared_again_after_ddl")
         log.info("event=statement_prepared_again upstream=%s reason=result_type_changed", server.label)
         server.send(
             b"".join(
@@ -1418,6 +1432,11 @@ class _StalePlanRetry:
                 )
             )
         )
+
+
+def _count(events: dict[tuple[str, str], int], role: str, event: str) -> None:
+    key = (role, event)
+    events[key] = events.get(key, 0) + 1
 
 
 def _sync_entry(code: int) -> Expect:

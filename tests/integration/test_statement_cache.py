@@ -78,6 +78,9 @@ def test_unnamed_statements_are_prepared_once_and_results_stay_right(
         "SELECT a FROM cached_t WHERE id > $1 ORDER BY id",
         "SELECT id, a FROM cached_t WHERE id = $1",
     ]
+    metric = "parafort_proxy_upstream_statements_total"
+    assert proxy.metric(metric, role="main", event="prepared") == 2
+    assert proxy.metric(metric, role="main", event="reused") == 49
 
 
 def test_result_type_change_is_prepared_again_unseen(
@@ -103,6 +106,8 @@ def test_result_type_change_is_prepared_again_unseen(
             conn.execute(query, (1,))
         assert conn.execute(query, (1,)).fetchone() == (1, "row1", 7, 8)
     assert proxy.log().count("event=statement_prepared_again") == 1
+    metric = "parafort_proxy_upstream_statements_total"
+    assert proxy.metric(metric, role="main", event="prepared_again_after_ddl") == 1
 
 
 def test_statements_per_connection_are_capped(start_proxy: StartProxy, pg: DevClusters, table: str) -> None:
@@ -116,6 +121,7 @@ def test_statements_per_connection_are_capped(start_proxy: StartProxy, pg: DevCl
         assert "SELECT id + 9 FROM cached_t WHERE id = $1" in held
         # An evicted statement is prepared again when it comes back.
         assert conn.execute("SELECT id + 0 FROM cached_t WHERE id = %s", (5,)).fetchone() == (5,)
+    assert proxy.metric("parafort_proxy_upstream_statements_total", role="main", event="evicted") >= 6
 
 
 def test_session_and_utility_statements_are_not_cached(
