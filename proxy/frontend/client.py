@@ -107,7 +107,7 @@ Piece = bytes | memoryview
 class Batch:
     """Client messages up to a terminator: offsets into the (immutable) bytes they arrived in."""
 
-    __slots__ = ("buf", "end", "msgs", "start", "terminator")
+    __slots__ = ("buf", "end", "info", "msgs", "start", "terminator")
 
     def __init__(self, buf: bytes, msgs: list[tuple[int, int, int]], start: int, end: int, term: int) -> None:
         self.buf = buf
@@ -115,6 +115,7 @@ class Batch:
         self.start = start
         self.end = end
         self.terminator = term  # Sync, Query, Flush or FunctionCall; 0 for a part of an oversized batch
+        self.info: Classification | None = None  # a lone Query's classification, once the router made it
 
     def queries(self) -> Iterator[str]:
         """The SQL texts in this batch (Query and Parse), for the router."""
@@ -352,12 +353,14 @@ class ClientConnection(asyncio.Protocol):
             return
         server = self.server
         single_query = len(batch.msgs) == 1 and batch.terminator == _Q
-        if single_query and self.pinned is None and self._deallocates(batch):
-            reply = self._local_deallocate(batch)
-            if reply is not None and (server is None or not server.expect):
-                self.write(reply + m.ready_for_query(self._status()))
-                return
         info, override = self._unit_info(batch)
+        if single_query:
+            batch.info = info
+            if self.pinned is None and info is not None and info.bits & F_FORGET_PREPARED:
+                reply = self._local_deallocate(batch)
+                if reply is not None and (server is None or not server.expect):
+                    self.write(reply + m.ready_for_query(self._status()))
+                    return
         router = self.app.router
         if server is not None and not self._lingering:
             if self.pinned is not None or server.status != _IDLE or self.tx_failed:
@@ -642,12 +645,6 @@ class ClientConnection(asyncio.Protocol):
         self._audit_pending = []
         self._audit_outcome = "ok"
 
-    def _deallocates(self, batch: Batch) -> bool:
-        _, start, end = batch.msgs[0]
-        return bool(
-            self.app.classifier.classify_bytes(batch.buf[start + 5 : end - 1]).bits & F_FORGET_PREPARED
-        )
-
     def _local_deallocate(self, batch: Batch) -> bytes | None:
         """DEALLOCATE of a protocol-level statement (psycopg does this) is the proxy's to answer: the
         upstream name differs and other clients may share the upstream statement."""
@@ -858,7 +855,7 @@ class ClientConnection(asyncio.Protocol):
                         out.append(m.describe(b"S", stmt.upstream_name))
                 ents.append(K_DESCRIBE)
             elif mtype == _Q:
-                details |= self._note_sql(buf[start + 5 : end - 1], server, None)
+                details |= self._note_sql(buf[start + 5 : end - 1], server, None, batch.info)
                 server.unnamed_owner = None
                 ents.append(_SYNC_Q)
             elif mtype == _C:
@@ -1003,15 +1000,23 @@ class ClientConnection(asyncio.Protocol):
         ents.append(Expect(K_PARSE, SWALLOW_OK, on_done=_forget_on_failure(server, stmt.upstream_name)))
         return True
 
-    def _note_sql(self, sql: bytes, server: ServerConnection, statement: bytes | None) -> bool:
-        """Classify ``sql`` for session tracking; returns whether outcome details must be tracked.
+    def _note_sql(
+        self,
+        sql: bytes,
+        server: ServerConnection,
+        statement: bytes | None,
+        info: Classification | None = None,
+    ) -> bool:
+        """Classify ``sql`` for session tracking (``info``: its classification, when already made);
+        returns whether outcome details must be tracked.
 
         ``statement`` is the Parse's statement name (None for a simple Query): a SET parsed there takes
         effect when a portal made from it is executed.
         """
         if statement == b"" and self._unnamed_changes:
             self._unnamed_changes = []
-        info = self.app.classifier.classify_bytes(sql)
+        if info is None:
+            info = self.app.classifier.classify_bytes(sql)
         if statement is not None:
             if statement:
                 self._stmt_info[statement.decode(errors="surrogateescape")] = info

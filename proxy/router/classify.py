@@ -471,12 +471,13 @@ class ClassificationCache:
         if found is not None:
             self.hits += 1
             return found
-        found = self.classify(sql.decode("utf-8", errors="replace"))
+        found = self.classify(sql.decode("utf-8", errors="replace"), remember_text=False)
         self._remember(self._by_bytes, sql, found)
         return found
 
-    def classify(self, sql: str) -> Classification:
-        """Cached classify(); same result as the uncached function."""
+    def classify(self, sql: str, *, remember_text: bool = True) -> Classification:
+        """Cached classify(); same result as the uncached function. ``remember_text=False``: the caller
+        keeps the result under its own key (the bytes), so the text does not take a second entry."""
         found = self._by_text.get(sql)
         if found is not None:
             self.hits += 1
@@ -493,7 +494,8 @@ class ClassificationCache:
                 self._remember(self._by_fingerprint, key, found)
         else:
             self.hits += 1
-        self._remember(self._by_text, sql, found)
+        if remember_text:
+            self._remember(self._by_text, sql, found)
         return found
 
     def _remember(self, table: OrderedDict[Any, Classification], key: Any, value: Classification) -> None:

@@ -395,3 +395,20 @@ def test_statement_errors_leave_connection_usable(start_proxy: StartProxy, pg: D
             assert conn.execute(q).fetchone() == (1,)
     finally:
         _drop(pg, table)
+
+
+def test_deallocate_of_client_statements_is_answered_by_the_proxy(start_proxy: StartProxy) -> None:
+    """psycopg with a small prepared cache DEALLOCATEs the statements it evicts (a simple Query naming
+    its own _pg3_N): the proxy answers it (the upstream name differs, and the upstream statement may be
+    shared), then a DEALLOCATE ALL, and every statement keeps working after both."""
+    proxy = start_proxy(config={"roles": {"main": {"pool_size": 1}}})
+    with _connect(proxy.dsn(APP_USER, APP_PASSWORD)) as conn:
+        conn.prepared_max = 2
+        conn.prepare_threshold = 0
+        for x in range(1, 4):
+            for k in range(5):
+                row = conn.execute(f"SELECT %s::int * {k + 2}", (x,)).fetchone()
+                assert row == (x * (k + 2),)
+        assert conn.execute("DEALLOCATE ALL", prepare=False).statusmessage == "DEALLOCATE ALL"
+        for k in range(5):
+            assert conn.execute(f"SELECT %s::int * {k + 2}", (7,)).fetchone() == (7 * (k + 2),)
