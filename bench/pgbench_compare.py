@@ -34,6 +34,7 @@ from typing import Any
 import yaml
 
 from bench import report
+from bench.cpu import CpuSampler
 from bench.targets import (
     DEFAULT_PGBOUNCER,
     DEFAULT_PGPOOL,
@@ -241,6 +242,8 @@ class Run:
     elapsed_s: float = 0.0
     started_at: str = ""
     stderr_tail: list[str] = field(default_factory=list)
+    # Microseconds of CPU per transaction by process group (bench/cpu.py): pooler, postgres, pgbench, machine.
+    cpu_us_per_tx: dict[str, dict[str, float]] | None = None
 
     @property
     def ok(self) -> bool:
@@ -305,9 +308,11 @@ def parse_output(run: Run, stdout: str, stderr: str, creds: Credentials) -> None
         run.error = "; ".join(problems) + (f": {first}" if first else "")
 
 
-def run_pgbench(run: Run, creds: Credentials) -> Run:
+def run_pgbench(run: Run, creds: Credentials, sampler: CpuSampler | None = None) -> Run:
     run.started_at = datetime.now(UTC).isoformat(timespec="seconds")
     start = time.monotonic()
+    if sampler is not None:
+        sampler.start()
     try:
         proc = subprocess.run(
             run.command, env=client_env(creds), capture_output=True, text=True,
@@ -320,6 +325,8 @@ def run_pgbench(run: Run, creds: Credentials) -> Run:
     run.elapsed_s = round(time.monotonic() - start, 2)
     run.exit_code = proc.returncode
     parse_output(run, proc.stdout, proc.stderr, creds)
+    if sampler is not None and run.ok and run.transactions:
+        run.cpu_us_per_tx = sampler.stop(run.transactions)
     return run
 
 
@@ -344,6 +351,19 @@ def paired_ratios(runs: Sequence[Run], num: str, den: str, rounds: int) -> list[
     return paired
 
 
+def median_cpu(runs: Sequence[Run]) -> dict[str, dict[str, float]] | None:
+    """Per process group and kind (user, system, ...): the median over the runs that were sampled."""
+    sampled = [r.cpu_us_per_tx for r in runs if r.cpu_us_per_tx]
+    if not sampled:
+        return None
+    out: dict[str, dict[str, float]] = {}
+    for group, kinds in sampled[0].items():
+        out[group] = {
+            kind: round(statistics.median(s[group][kind] for s in sampled if group in s), 1) for kind in kinds
+        }
+    return out
+
+
 def summarize(runs: Sequence[Run], opts: Options, skipped: Skips) -> list[dict[str, Any]]:
     """Per cell: median TPS and latency per target, and the median of per-round paired ratios."""
     cells: list[dict[str, Any]] = []
@@ -363,6 +383,7 @@ def summarize(runs: Sequence[Run], opts: Options, skipped: Skips) -> list[dict[s
                 "min_tps": min(tps) if tps else None,
                 "max_tps": max(tps) if tps else None,
                 "median_latency_ms": _median(lat),
+                "median_cpu_us_per_tx": median_cpu(good),
             }
         ratios: dict[str, Any] = {}
         for num, den in RATIOS:
@@ -612,7 +633,7 @@ def plan_skips(opts: Options, targets: Sequence[Target], max_connections: int) -
 
 
 def measure(opts: Options, targets: Sequence[Target], tools: Tools, creds: Credentials,
-            skipped: Skips) -> list[Run]:  # fmt: skip
+            skipped: Skips, *, postmasters: Sequence[int] = ()) -> list[Run]:  # fmt: skip
     if opts.warmup:
         for target in targets:
             # Fills the OS cache and lets the poolers open their server connections; not recorded.
@@ -637,7 +658,8 @@ def measure(opts: Options, targets: Sequence[Target], tools: Tools, creds: Crede
                     clients=cell.clients, seconds=opts.duration,
                 )  # fmt: skip
                 run = Run(rnd, target.name, cell.workload, cell.mode, cell.clients, opts.duration, cmd)
-                runs.append(run_pgbench(run, creds))
+                sampler = CpuSampler({"pooler": target.pids(), "postgres": list(postmasters)})
+                runs.append(run_pgbench(run, creds, sampler))
                 print_run(run, opts.rounds)
     return runs
 
@@ -704,8 +726,9 @@ def run_benchmark(opts: Options) -> tuple[int, dict[str, Any]]:
         skipped = plan_skips(opts, targets, machine["max_connections"])
         for (name, cell), reason in skipped.items():
             print(f"bench: skipping {name} {cell.label}: {reason}", flush=True)
+        postmasters = [c.pid for c in (pg.main, replica) if c is not None and c.pid is not None]
         with running(targets):
-            runs = measure(opts, targets, tools, creds, skipped)
+            runs = measure(opts, targets, tools, creds, skipped, postmasters=postmasters)
         machine["loadavg_at_end"] = list(os.getloadavg())
     cells = summarize(runs, opts, skipped)
     print_summary(cells, opts)

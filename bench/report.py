@@ -7,7 +7,7 @@ re-rendered from an old results file, and unit-tested without running anything.
 from __future__ import annotations
 
 import re
-from collections.abc import Mapping
+from collections.abc import Mapping, Sequence
 from pathlib import Path
 from typing import Any
 
@@ -87,6 +87,7 @@ def pgbench_markdown(doc: Mapping[str, Any]) -> str:
         row += [_tps_cell(cell["targets"].get(t)) for t in targets]
         row += [_ratio_cell(cell["ratios"].get(r)) for r in ratios]
         lines.append("| " + " | ".join(row) + " |")
+    lines += cpu_markdown(doc, targets)
     if doc.get("skipped"):
         lines += ["", "Skipped:"]
         lines += [
@@ -121,6 +122,53 @@ def pgbench_markdown(doc: Mapping[str, Any]) -> str:
     if facts:
         lines += ["", *facts]
     return "\n".join(lines)
+
+
+def _us(value: float | None) -> str:
+    return "-" if value is None else f"{value:.0f}"
+
+
+def _tps(value: float | None) -> str:
+    return "-" if value is None else f"{value:,.0f}"
+
+
+def cpu_markdown(doc: Mapping[str, Any], targets: Sequence[str]) -> list[str]:
+    """Who spends the CPU of a transaction, per cell and target (empty when no run was sampled)."""
+    rows: list[str] = []
+    for cell in doc["summary"]:
+        for name in targets:
+            t = cell["targets"].get(name) or {}
+            cpu = t.get("median_cpu_us_per_tx")
+            if not cpu:
+                continue
+            pooler = cpu.get("pooler", {})
+            parts = [
+                pooler.get("user", 0) + pooler.get("system", 0),
+                sum(cpu.get("postgres", {}).values()),
+                sum(cpu.get("pgbench", {}).values()),
+                cpu.get("machine", {}).get("softirq", 0),
+            ]
+            rows.append(
+                f"| {cell['workload']} | {cell['mode']} | {cell['clients']} | {name} | "
+                f"{_tps(t.get('median_tps'))} | "
+                + (f"{_us(pooler.get('user'))} + {_us(pooler.get('system'))}" if name != "direct" else "-")
+                + f" | {_us(parts[1])} | {_us(parts[2])} | {_us(parts[3])} | {_us(sum(parts))} | "
+                f"{_us(cpu.get('machine', {}).get('idle'))} |"
+            )
+    if not rows:
+        return []
+    return [
+        "",
+        "CPU per transaction, in µs (median over rounds; `/proc` sampled around each run, "
+        "[bench/cpu.py](../bench/cpu.py)): the pooler's user + system time, all of PostgreSQL's processes "
+        "(primary and replica), pgbench's, the kernel's softirq time (loopback TCP delivery), their sum, "
+        "and the machine's idle time (all CPUs).",
+        "",
+        "| workload | `-M` | clients | target | TPS | pooler user + sys | PostgreSQL | pgbench | softirq "
+        "| busy total | idle |",
+        "|---|---|---:|---|---:|---:|---:|---:|---:|---:|---:|",
+        *rows,
+    ]
 
 
 def memory_markdown(doc: Mapping[str, Any]) -> str:

@@ -168,6 +168,11 @@ class Target(ABC):
         """Connections this target may keep open to the primary while another target runs."""
         return 0
 
+    def pids(self) -> list[int]:
+        """Root pids of the processes that do this target's work (their trees are what CPU sampling
+        counts as the pooler); none for a target that is PostgreSQL itself."""
+        return []
+
     def describe(self) -> dict[str, Any]:
         return {"name": self.name, "host": HOST, "port": self.port, "version": self.version}
 
@@ -233,6 +238,9 @@ class DaemonTarget(Target):
                 if attempt < self.port_attempts and re.search(r"already in use|Errno 98", log_text):
                     continue  # somebody took the ephemeral port between free_port() and bind()
                 raise
+
+    def pids(self) -> list[int]:
+        return [self.proc.pid] if self.proc is not None and self.proc.poll() is None else []
 
     def _wait_ready(self) -> None:
         proc = self.proc

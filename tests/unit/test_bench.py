@@ -4,6 +4,7 @@ report, and the memory benchmark's login client against the proxy's own authenti
 from __future__ import annotations
 
 import struct
+import subprocess
 import sys
 from pathlib import Path
 from typing import Any
@@ -14,6 +15,7 @@ import pytest
 sys.path.insert(0, str(Path(__file__).resolve().parents[2]))
 
 from bench import report
+from bench.cpu import CpuSampler, ProcTimes, process_table, read_proc, tree_pids
 from bench.memory import md5_response, scram_client_final, startup_message
 from bench.pgbench_compare import (
     DEFAULT_CELLS,
@@ -215,3 +217,55 @@ def test_proxy_settings_merge_into_the_bench_config() -> None:
         proxy_setting("no-equals-sign")
     with pytest.raises(SystemExit):
         parse_options(["--proxy-set", "a..b=1"])
+
+
+def test_cpu_table_shows_who_spends_each_transaction() -> None:
+    doc = _doc()
+    cell = doc["summary"][0]
+    cell["targets"]["proxy"]["median_cpu_us_per_tx"] = {
+        "pooler": {"user": 26.0, "system": 21.0},
+        "postgres": {"user": 45.0, "system": 20.0},
+        "pgbench": {"user": 4.0, "system": 11.0},
+        "machine": {"softirq": 17.0, "idle": 16.0},
+    }
+    text = report.pgbench_markdown(doc)
+    assert "| select-only | extended | 16 | proxy | 617 | 26 + 21 | 65 | 15 | 17 | 144 | 16 |" in text
+    assert "| direct |" not in text  # no sample for direct in this document: no row
+    assert "CPU per transaction" not in report.pgbench_markdown(_doc())
+
+
+def test_cpu_sampler_counts_a_process_tree_and_its_reaped_children(tmp_path: Path) -> None:
+    burn = "import time\nt = time.process_time()\nwhile time.process_time() - t < 0.3: pass\n"
+    # A parent that runs one burning child to completion (reaped: its parent's cutime), then burns itself.
+    script = tmp_path / "tree.py"
+    script.write_text(
+        "import subprocess, sys, time\n"
+        f"subprocess.run([sys.executable, '-c', {burn!r}], check=True)\n"
+        f"{burn}"
+        "sys.stdout.write('done\\n'); sys.stdout.flush()\n"
+        "time.sleep(30)\n"
+    )
+    proc = subprocess.Popen([sys.executable, str(script)], stdout=subprocess.PIPE)
+    try:
+        sampler = CpuSampler({"pooler": [proc.pid], "postgres": []}, settle_timeout=0.5)
+        sampler.start()
+        assert proc.stdout is not None and proc.stdout.readline() == b"done\n"
+        cpu = sampler.stop(1000)  # per "transaction": 0.6 s over 1,000 = about 600 µs
+    finally:
+        proc.kill()
+        proc.wait()
+    pooler = cpu["pooler"]["user"] + cpu["pooler"]["system"]
+    assert 500 <= pooler <= 2000
+    assert cpu["postgres"] == {"user": 0.0, "system": 0.0}
+    assert set(cpu["machine"]) == {"softirq", "idle"}
+    assert set(cpu["pgbench"]) == {"user", "system"}
+
+
+def test_proc_stat_parsing_survives_parentheses_and_spaces_in_the_name(tmp_path: Path) -> None:
+    (tmp_path / "42").mkdir()
+    fields = ["S", "7"] + ["0"] * 9 + ["100", "20", "3", "4"] + ["0"] * 30
+    (tmp_path / "42" / "stat").write_text("42 (evil) (name) " + " ".join(fields) + "\n")
+    assert read_proc(42, tmp_path) == ProcTimes(ppid=7, user=103, system=24)
+    assert read_proc(43, tmp_path) is None
+    table = process_table(tmp_path)
+    assert tree_pids(table, [42, 99]) == {42}
