@@ -385,7 +385,8 @@ class ClientConnection(asyncio.Protocol):
                 self._refuse(batch, decision, in_transaction=False)
             elif decision.role == self.server_role or info is None:
                 self._count_route(self.server_role, decision.kind)
-                self._count_fallback_writes(decision.fallback_writes)
+                if decision.fallback_writes:
+                    self.app.count_fallback_writes(decision.fallback_writes)
                 self._send(batch, server)  # pipelined behind the unit in flight, same upstream
             else:
                 self._wait(batch, decision.role)  # another upstream: once this one is done with us
