@@ -348,6 +348,9 @@ class ProxyApp:
         except ProxyError as exc:
             log.debug("event=main_recheck_failed error=%r", exc.message)
             return False
+        except Exception:  # never leave the clients waiting on this attempt stuck
+            log.exception("event=main_recheck_error")
+            return False
         finally:
             self._main_attempt = None
         if opened:
