@@ -132,6 +132,9 @@ class AdminConsole:
         app = self.app
         rows: list[Row] = [(role, kind, n) for (role, kind), n in sorted(app.routed.items())]
         rows += [(role, "fallback", n) for role, n in sorted(app.fallbacks.items())]
+        writes = sorted(app.fallback_writes.items())
+        rows += [(role, f"fallback_writes:{table}", n) for (role, table), n in writes]
+        rows += [(role, "down_refusal", n) for role, n in sorted(app.down_refusals.items())]
         rows.append(("*", "cross_upstream_refusal", app.refusals))
         rows.append(("*", "classification_cache_hit", app.classifier.hits))
         rows.append(("*", "classification_cache_miss", app.classifier.misses))

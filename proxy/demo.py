@@ -18,7 +18,8 @@ from proxy.devcluster import DevClusters, free_port
 from proxy.logs import setup_logging
 from proxy.server import serve
 
-# Domain tables live in their own role's cluster; main holds every table too, so fallback to main works.
+# Domain tables live in their own role's cluster; main holds every table too, so a role left unconfigured
+# (or one set to fallback: main) is served by main.
 MAIN_TABLES = """
 CREATE TABLE users (
     id bigserial PRIMARY KEY,

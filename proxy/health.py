@@ -121,7 +121,8 @@ class UpstreamState:
 
     Starts ``unknown`` (routed as up). ``failures_before_down`` consecutive failures make it down,
     ``successes_before_up`` consecutive successes make it up. A replica that is not in recovery, and a
-    data-path connect failure (``suspect``), make it down at once.
+    data-path connect failure (``suspect``), make it down at once; a data-path connect success
+    (``connected``, primaries only) makes it up at once.
     """
 
     def __init__(self, label: str, role: str, failures_before_down: int, successes_before_up: int) -> None:
@@ -173,6 +174,11 @@ class UpstreamState:
         self.consecutive_successes = 0
         self.last_error = f"suspect: {reason}"[:MAX_ERROR_LENGTH]
         return self._set("down", self.last_error)
+
+    def connected(self) -> Change | None:
+        """The data path connected (a primary): up at once, as a failed connect makes it down at once."""
+        self.consecutive_failures = 0
+        return self._set("up", "data path connected")
 
     def _failure(self, error: str) -> Change | None:
         self.consecutive_successes = 0
@@ -287,6 +293,15 @@ class HealthMonitor:
             return
         self._announce(up.state, up.state.suspect(reason))
         up.wake.set()
+
+    def mark_connected(self, label: str) -> None:
+        """The data path opened a connection to ``label``: a primary marked down is up now, without
+        waiting for ``successes_before_up`` probes (this ends main's degraded read-only mode at once).
+        A replica waits for its probes: a connection says nothing of its recovery state or lag."""
+        up = self._upstreams.get(label)
+        if up is None or up.state.status != "down" or up.state.is_replica:
+            return
+        self._announce(up.state, up.state.connected())
 
     def update_settings(self, settings: HealthConfig) -> None:
         """A reload: new interval, timeout, thresholds and lag limits apply from the next probe."""

@@ -95,6 +95,23 @@ class ProxyCollector(Collector):
         for role, n in sorted(app.fallbacks.items()):
             fallbacks.add_metric([role], n)
         yield fallbacks
+        fallback_writes = CounterMetricFamily(
+            PREFIX + "fallback_writes",
+            "Writes main took for a configured role that was down (fallback: main), by role and table: rows "
+            "in main's copy of the table that the proxy does not show once the role is back, to reconcile.",
+            labels=["role", "table"],
+        )
+        for (role, table), n in sorted(app.fallback_writes.items()):
+            fallback_writes.add_metric([role, table], n)
+        yield fallback_writes
+        down_refusals = CounterMetricFamily(
+            PREFIX + "down_refusals",
+            "Statements refused with 57P03 because their role is configured, down and has no fallback.",
+            labels=["role"],
+        )
+        for role, n in sorted(app.down_refusals.items()):
+            down_refusals.add_metric([role], n)
+        yield down_refusals
         statements = CounterMetricFamily(
             PREFIX + "upstream_statements",
             "Server-side prepared statements the proxy manages, by role and event: prepared, reused (a "

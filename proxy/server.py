@@ -68,7 +68,9 @@ class ProxyApp:
                 self.pool_roles[label] = role
                 self.pools[label] = Pool(
                     label,
-                    _connector(role, dsn, label, min(CONNECT_TIMEOUT, rc.acquire_timeout)),
+                    _connector(
+                        role, dsn, label, min(CONNECT_TIMEOUT, rc.acquire_timeout), self._data_path_connected
+                    ),
                     size=size,
                     acquire_timeout=rc.acquire_timeout,
                     idle_timeout=rc.idle_timeout,
@@ -79,6 +81,13 @@ class ProxyApp:
         self.refusals = 0  # statements refused for needing two upstreams (a metric)
         self.routed: dict[tuple[str, str], int] = {}  # units sent upstream, by (role, read|write)
         self.fallbacks: dict[str, int] = {}  # units served by main for a down or unconfigured role, by role
+        # Writes main took for a configured role that was down (fallback: main), by (role, table): rows
+        # an operator must reconcile. Per outage too, for its closing log line.
+        self.fallback_writes: dict[tuple[str, str], int] = {}
+        self._outage_writes: dict[str, dict[str, int]] = {}
+        self.down_refusals: dict[str, int] = {}  # statements refused (57P03) because their role is down
+        self._main_attempt: asyncio.Future[bool] | None = None
+        self._main_attempt_cooldown_until = 0.0
         # Server-side statements, by (role, prepared | reused | evicted | prepared_again_after_ddl).
         self.statement_events: dict[tuple[str, str], int] = {}
         self.userlist = self._load_users()
@@ -97,6 +106,7 @@ class ProxyApp:
         self.admin: AdminServer | None = None
         self.health = HealthMonitor(config)
         self.health.on_usable_change(self._health_changed)
+        self.health.on_change(self._health_transition)
 
     def _load_users(self, config: Config | None = None) -> dict[str, str]:
         auth = (config or self.config).auth
@@ -157,6 +167,8 @@ class ProxyApp:
             client.fatal(ProxyError("57P01", "terminating connection: the proxy is shutting down"))
         for pool in self.pools.values():
             pool.close()
+        for role in list(self._outage_writes):
+            self._log_outage_writes(role, "proxy stopping")
         await self.health.stop()
         if self.admin is not None:
             await self.admin.stop()
@@ -267,6 +279,84 @@ class ProxyApp:
     def _health_changed(self, label: str) -> None:
         self.router.invalidate()  # cached decisions assumed the old health
 
+    def _health_transition(self, label: str, up: bool) -> None:
+        if up and label in self._outage_writes:
+            self._log_outage_writes(label, "role is up again")
+
+    def _data_path_connected(self, label: str) -> None:
+        self.health.mark_connected(label)
+
+    # -- fallback writes (a down role with fallback: main) ------------------------------------------------
+    def count_fallback_writes(self, writes: tuple[tuple[str, str], ...]) -> None:
+        """Writes main took for a down role's tables: counted per table; the first one of each table in
+        an outage is logged, and the counts when the role is back (one line per table, not per write)."""
+        for key in writes:
+            self.fallback_writes[key] = self.fallback_writes.get(key, 0) + 1
+            role, table = key
+            tables = self._outage_writes.setdefault(role, {})
+            n = tables.get(table, 0)
+            if n == 0:
+                log.warning(
+                    "event=fallback_writes_started role=%s table=%s served_by=main note=%r",
+                    role,
+                    table,
+                    "rows written now land in main's copy and are not visible through the proxy once "
+                    f"{role} is back, until reconciled",
+                )
+            tables[table] = n + 1
+
+    def _log_outage_writes(self, role: str, why: str) -> None:
+        for table, n in sorted(self._outage_writes.pop(role, {}).items()):
+            log.warning(
+                "event=fallback_writes_summary role=%s table=%s writes=%d served_by=main reason=%r",
+                role,
+                table,
+                n,
+                f"{why}: reconcile main's copy of {table} into {role}",
+            )
+
+    def count_down_refusal(self, role: str) -> None:
+        self.down_refusals[role] = self.down_refusals.get(role, 0) + 1
+
+    # -- main coming back -----------------------------------------------------------------------------------
+    async def main_reachable(self) -> bool:
+        """A write is about to be refused because main is marked down: try one data-path connect to main
+        first. One attempt at a time, shared by every client asking meanwhile, bounded by
+        ``health.timeout``; success marks main up at once (the connection stays idle in main's pool),
+        so writes resume as soon as main accepts connections, not after ``successes_before_up``
+        probes. After an attempt that timed out (main unreachable, not refusing) writes are refused
+        without one until the next probe interval."""
+        if self.health.usable("main"):
+            return True
+        loop = asyncio.get_running_loop()
+        attempt = self._main_attempt
+        if attempt is None:
+            if loop.time() < self._main_attempt_cooldown_until:
+                return False
+            attempt = self._main_attempt = loop.create_task(self._connect_main())
+        return await asyncio.shield(attempt)
+
+    async def _connect_main(self) -> bool:
+        loop = asyncio.get_running_loop()
+        timeout = self.config.health.timeout
+        try:
+            async with asyncio.timeout(timeout):
+                opened = await self.pools["main"].open_idle()
+        except TimeoutError:
+            self._main_attempt_cooldown_until = loop.time() + self.config.health.interval
+            return False
+        except ProxyError as exc:
+            log.debug("event=main_recheck_failed error=%r", exc.message)
+            return False
+        except Exception:  # never leave the clients waiting on this attempt stuck
+            log.exception("event=main_recheck_error")
+            return False
+        finally:
+            self._main_attempt = None
+        if opened:
+            self.health.mark_connected("main")
+        return self.health.usable("main")
+
     def server_auth(self, user: str) -> ServerAuth:
         return ServerAuth(self.config.auth.method, user, self.userlist.get(user))
 
@@ -335,10 +425,17 @@ def _upstreams(role: str, rc: RoleConfig) -> list[tuple[str, Dsn, int]]:
 
 
 def _connector(
-    role: str, dsn: Dsn, label: str, timeout: float
+    role: str, dsn: Dsn, label: str, timeout: float, connected: Callable[[str], None]
 ) -> Callable[[], asyncio.Future[ServerConnection]]:
+    """The pool's way to open a connection; ``connected(label)`` after each success (health: up now)."""
+
+    async def open_one() -> ServerConnection:
+        conn = await ServerConnection.connect(role, dsn, label, timeout)
+        connected(label)
+        return conn
+
     def connect() -> asyncio.Future[ServerConnection]:
-        return asyncio.ensure_future(ServerConnection.connect(role, dsn, label, timeout))
+        return asyncio.ensure_future(open_one())
 
     return connect
 

@@ -22,9 +22,11 @@ ROLE_ENV = {
 }
 ROLE_DEFAULTS: dict[str, dict[str, Any]] = {
     "main": {"pool_size": 20, "acquire_timeout": 30, "fallback": None},
-    "analytics": {"pool_size": 15, "acquire_timeout": 45, "fallback": "main"},
-    "documents": {"pool_size": 25, "acquire_timeout": 60, "fallback": "main"},
-    "compliance": {"pool_size": 10, "acquire_timeout": 30, "fallback": "main"},
+    # A configured domain role that is down is refused (57P03) unless it sets fallback: main; an
+    # unconfigured one is always served by main, where its tables live.
+    "analytics": {"pool_size": 15, "acquire_timeout": 45, "fallback": None},
+    "documents": {"pool_size": 25, "acquire_timeout": 60, "fallback": None},
+    "compliance": {"pool_size": 10, "acquire_timeout": 30, "fallback": None},
     "read_replica": {"pool_size": 30, "acquire_timeout": 20, "fallback": "main"},
 }
 

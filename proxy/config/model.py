@@ -142,18 +142,13 @@ class RolesConfig(Frozen):
             raise ValueError("main.url: missing; set DATABASE_URL or roles.main.url")
         if self.main.fallback is not None:
             raise ValueError("main.fallback: main cannot fall back to another role")
+        # Only main holds every table (the seed's single database), so only main can stand in for a role.
         for role in ("analytics", "documents", "compliance", "read_replica"):
-            seen = [role]
-            nxt = self.get(role).fallback
-            while nxt is not None:
-                if nxt == "read_replica":
-                    raise ValueError(
-                        f"{seen[-1]}.fallback: cannot fall back to read_replica (it takes no writes)"
-                    )
-                if nxt in seen:
-                    raise ValueError(f"{role}.fallback: fallback loop {' -> '.join([*seen, nxt])}")
-                seen.append(nxt)
-                nxt = self.get(nxt).fallback
+            fallback = self.get(role).fallback
+            if fallback not in (None, "main"):
+                raise ValueError(
+                    f"{role}.fallback: must be main or null, not {fallback} (only main holds {role}'s tables)"
+                )
         return self
 
 

@@ -39,11 +39,13 @@ from proxy.backend.connection import (
 )
 from proxy.errors import (
     ADMIN_SHUTDOWN,
+    CANNOT_CONNECT_NOW,
     FEATURE_NOT_SUPPORTED,
     IN_FAILED_TRANSACTION,
     INTERNAL_ERROR,
     INVALID_AUTHORIZATION,
     PROTOCOL_VIOLATION,
+    READ_ONLY_SQL_TRANSACTION,
     TOO_MANY_CONNECTIONS,
     ProxyError,
 )
@@ -152,6 +154,7 @@ class ClientConnection(asyncio.Protocol):
         self.pinned: str | None = None
         self.buf = b""
         self.waiting: Batch | None = None  # the batch waiting for an upstream connection
+        self._main_rechecked: Batch | None = None  # the batch being decided again after main_reachable
         self.skip_until_sync = False
         self._auth: ServerAuth | None = None
         self._paused_by: set[str] = set()
@@ -373,6 +376,8 @@ class ClientConnection(asyncio.Protocol):
                     return
                 if info is not None:
                     self._count_route(self.server_role, router.kind(info)[0])
+                    if router.on_fallback:
+                        self._count_fallback_writes(router.fallback_writes(info))
                 self._send(batch, server)
                 return
             decision = self._decide(info, override)
@@ -380,6 +385,8 @@ class ClientConnection(asyncio.Protocol):
                 self._refuse(batch, decision, in_transaction=False)
             elif decision.role == self.server_role or info is None:
                 self._count_route(self.server_role, decision.kind)
+                if decision.fallback_writes:
+                    self.app.count_fallback_writes(decision.fallback_writes)
                 self._send(batch, server)  # pipelined behind the unit in flight, same upstream
             else:
                 self._wait(batch, decision.role)  # another upstream: once this one is done with us
@@ -397,11 +404,15 @@ class ClientConnection(asyncio.Protocol):
             return
         decision = self._decide(info, override)
         if decision.role is None:
+            if decision.sqlstate == READ_ONLY_SQL_TRANSACTION and batch is not self._main_rechecked:
+                self._recheck_main(batch)  # main down: unless it takes connections again
+                return
             self._refuse(batch, decision, in_transaction=self.pending_begin is not None)
             return
         role = decision.role
         if decision.fallback_from:
             self._count_fallback(decision.fallback_from)
+            self._count_fallback_writes(decision.fallback_writes)
         self._count_route(role, decision.kind)
         if self.app.is_paused(role):
             # PAUSE: the new transaction waits (no timeout) until RESUME; nothing fails.
@@ -456,6 +467,34 @@ class ClientConnection(asyncio.Protocol):
         fallbacks = self.app.fallbacks
         for role in roles:
             fallbacks[role] = fallbacks.get(role, 0) + 1
+
+    def _count_fallback_writes(self, writes: tuple[tuple[str, str], ...]) -> None:
+        if writes:
+            self.app.count_fallback_writes(writes)
+
+    def _recheck_main(self, batch: Batch) -> None:
+        """Main is marked down, so this unit would be refused (25006): first let the app try one
+        connect to main (shared by all clients asking meanwhile); if main is back, it runs there."""
+        self.waiting = batch
+        self.pause("recheck")
+        asyncio.get_running_loop().create_task(self._after_main_recheck(batch))
+
+    async def _after_main_recheck(self, batch: Batch) -> None:
+        await self.app.main_reachable()
+        if self.phase == CLOSED:
+            return
+        self.waiting = None
+        self.resume("recheck")
+        self._main_rechecked = batch  # decided again with main's new state; refused now if still down
+        try:
+            self._dispatch(batch)
+        except ProxyError as exc:
+            self.fatal(exc)
+            return
+        finally:
+            self._main_rechecked = None
+        if self.phase != CLOSED and self.waiting is None and self.buf:
+            self.data_received(b"")
 
     def _status(self) -> bytes:
         """The transaction status to report in a ReadyForQuery the proxy makes itself."""
@@ -571,9 +610,13 @@ class ClientConnection(asyncio.Protocol):
         return False
 
     def _refuse(self, batch: Batch, decision: Decision, *, in_transaction: bool) -> None:
-        """The unit needs upstreams the proxy cannot give it together: 0A000, and the client carries on."""
-        self.app.refusals += 1
-        log.info("event=refused client=%s reason=%r", self.id, decision.message)
+        """The unit cannot run (0A000: it needs two upstreams; 57P03: its role is down; 25006: main is
+        down): an error, and the client carries on."""
+        if decision.down is not None:
+            self.app.count_down_refusal(decision.down)  # counted, not logged per statement (an outage)
+        else:
+            self.app.refusals += 1
+            log.info("event=refused client=%s reason=%r", self.id, decision.message)
         self.write(
             m.error_from(ProxyError(decision.sqlstate or FEATURE_NOT_SUPPORTED, decision.message or ""))
         )
@@ -677,9 +720,13 @@ class ClientConnection(asyncio.Protocol):
                 # (its fallback, another replica), try there once.
                 self.app.health.mark_suspect(label, exc.message)
                 decision = self._decide(*self._unit_info(batch))
-                if decision.role is not None and self.app.pool_for(decision.role) != label:
+                if decision.down is not None:
+                    self.app.count_down_refusal(decision.down)
+                    exc = ProxyError(CANNOT_CONNECT_NOW, decision.message or "")
+                elif decision.role is not None and self.app.pool_for(decision.role) != label:
                     log.warning("event=fallback client=%s from=%s to=%s", self.id, label, decision.role)
                     self._count_fallback(decision.fallback_from or (role,))
+                    self._count_fallback_writes(decision.fallback_writes)
                     await self._acquire(batch, decision.role, self.app.pool_for(decision.role), retry=False)
                     return
             self._acquire_failed(batch, exc)

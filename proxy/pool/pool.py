@@ -218,6 +218,18 @@ class Pool(Generic[C]):
                 return await self._open()
             retry = True
 
+    async def open_idle(self) -> bool:
+        """Open one connection now and keep it idle (or hand it to the oldest waiter); False, without
+        trying, when the pool is full or closed. Raises the connect error."""
+        broken = [conn for conn in self._idle if conn.broken]  # e.g. the upstream restarted: free their slots
+        for conn in broken:
+            self._idle.remove(conn)
+            self._discard(conn)
+        if self._closed or self._total >= self.size:
+            return False
+        self.release(await self._open())
+        return True
+
     def idle_connections(self) -> list[C]:
         """Connections in the pool, not leased (lingering ones are their client's)."""
         return list(self._idle)

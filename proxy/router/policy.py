@@ -15,7 +15,7 @@ import pglast
 
 from proxy.config import Config
 from proxy.config.values import DOMAINS, ROLES
-from proxy.errors import FEATURE_NOT_SUPPORTED, READ_ONLY_SQL_TRANSACTION
+from proxy.errors import CANNOT_CONNECT_NOW, FEATURE_NOT_SUPPORTED, READ_ONLY_SQL_TRANSACTION
 from proxy.router.classify import TX_BEGIN_READ_ONLY, Classification, Flag, TableName
 
 MAIN = "main"
@@ -36,6 +36,10 @@ class Decision:
     sqlstate: str | None = None
     message: str | None = None
     fallback_from: tuple[str, ...] = ()  # roles (down or unconfigured) whose tables main serves here
+    # A write main takes for a configured role that is down (``fallback: main``): (role, table) pairs,
+    # counted and logged so an operator can reconcile main's copy of those tables with the role's.
+    fallback_writes: tuple[tuple[str, str], ...] = ()
+    down: str | None = None  # refused (57P03): this configured role is down and has no fallback
 
     def as_json(self) -> dict[str, object]:
         out: dict[str, object] = {
@@ -82,10 +86,33 @@ class Router:
         self._domains = config.domains
         # Decisions by (classification, override, tx): valid until what is usable changes (invalidate()).
         self._decisions: dict[tuple[Classification, str | None, str | None], Decision] = {}
+        self._on_fallback: bool | None = None
 
     def invalidate(self) -> None:
         """Health changed: forget cached decisions."""
         self._decisions = {}
+        self._on_fallback = None
+
+    @property
+    def on_fallback(self) -> bool:
+        """Whether a configured domain role is down and main serves its tables now (``fallback: main``)."""
+        value = self._on_fallback
+        if value is None:
+            value = self._on_fallback = any(
+                self._configured(d) and not self._usable(d) and self.effective(d) == MAIN for d in DOMAINS
+            )
+        return value
+
+    def fallback_writes(self, info: Classification) -> tuple[tuple[str, str], ...]:
+        """(role, table) for each table of a configured, down role that this write sends to main."""
+        if self.kind(info)[0] != WRITE:
+            return ()
+        return tuple(
+            (domain, _names([table]))
+            for domain, tables in self._tables_by_domain(info.tables).items()
+            if domain != MAIN and self._configured(domain) and self.effective(domain) == MAIN
+            for table in tables
+        )
 
     def decide_cached(self, info: Classification, override: str | None, tx: str | None) -> Decision:
         key = (info, override, tx)
@@ -100,8 +127,9 @@ class Router:
         return self.config.roles.get(role).configured
 
     def effective(self, role: str) -> str:
-        """The role that serves ``role``'s traffic now: itself, or its fallback (main) when unconfigured
-        or down. A configured role whose fallback is null keeps its traffic while down (it fails there)."""
+        """The role that serves ``role``'s traffic now: itself, or main when it is unconfigured (its
+        tables live there) or down with ``fallback: main``. A configured role without a fallback (the
+        default) keeps its traffic while down: ``decide`` refuses it with 57P03."""
         if role == MAIN or self._usable(role):
             return role
         rc = self.config.roles.get(role)
@@ -133,10 +161,15 @@ class Router:
             return Decision(WRITE, domains, MAIN, "not parsable: main reports PostgreSQL's syntax error")
         if override is not None:
             role = self._serving(override, kind, tx)
+            if self._down(role):
+                return self._down_refusal(kind, domains, role, [])
             return Decision(kind, domains, role, f"/* route: {override} */ override" + _via(override, role))
         upstreams: dict[str, list[TableName]] = {}
         for domain, tables in by_domain.items():
             upstreams.setdefault(self.effective(domain), []).extend(tables)
+        down = sorted(role for role in upstreams if self._down(role))
+        if down:
+            return self._down_refusal(kind, domains, down[0], upstreams[down[0]])
         if len(upstreams) > 1:
             return self._refusal(kind, domains, upstreams)
         if upstreams and next(iter(upstreams)) != MAIN:
@@ -145,7 +178,29 @@ class Router:
         fallen = tuple(d for d in domains if d != MAIN)
         note = f" ({', '.join(fallen)} served by main)" if fallen else ""
         decision = self._main_side(info, kind, why, domains, tx=tx, note=note)
-        return replace(decision, fallback_from=fallen) if fallen else decision
+        if not fallen:
+            return decision
+        writes = self.fallback_writes(info) if decision.role == MAIN else ()
+        return replace(decision, fallback_from=fallen, fallback_writes=writes)
+
+    def _down(self, role: str) -> bool:
+        """A configured domain role that is down and has no fallback: its statements are refused."""
+        return (
+            role in DOMAINS
+            and self._configured(role)
+            and not self._usable(role)
+            and self.config.roles.get(role).fallback is None
+        )
+
+    def _down_refusal(
+        self, kind: str, domains: tuple[str, ...], role: str, tables: list[TableName]
+    ) -> Decision:
+        what = f" ({_names(tables)})" if tables else ""
+        message = (
+            f"the {role} upstream is down: statements on its tables{what} are refused until it is back "
+            f"(roles.{role}.fallback is not main)"
+        )
+        return Decision(kind, domains, None, message, CANNOT_CONNECT_NOW, message, down=role)
 
     def _main_side(
         self,
@@ -210,6 +265,9 @@ class Router:
         if not others:
             return None
         kind, _ = self.kind(info)
+        down = sorted(role for role in others if self._down(role))
+        if down:
+            return self._down_refusal(kind, tuple(sorted(by_domain)), down[0], others[down[0]])
         parts = [f"{_names(tables)} on {role}" for role, tables in sorted(others.items())]
         message = f"this transaction runs on {holding}; the statement needs " + "; ".join(parts)
         return Decision(kind, tuple(sorted(by_domain)), None, message, FEATURE_NOT_SUPPORTED, message)

@@ -53,62 +53,220 @@ def restore(pg: DevClusters) -> Iterator[None]:
     pg.wait_replica_caught_up(timeout=60)
 
 
-def test_analytics_outage_falls_back_to_main_and_back(
+class Writers:
+    """Clients inserting into user_activity in a loop, each insert recorded under the phase it ran in.
+
+    ``pause()`` returns once no insert is in flight (each writer holds its lock for one insert), so the
+    test can stop or start a server between inserts: every insert runs wholly before or after a
+    transition, and what it may answer depends only on the phase, never on timing luck.
+    """
+
+    def __init__(self, proxy: ProxyProcess, n: int) -> None:
+        self.phase = "before"
+        self.outcomes: list[tuple[str, str, str | None]] = []  # (phase, tag, sqlstate or None if committed)
+        self.lock = threading.Lock()
+        self.open = threading.Event()
+        self.open.set()
+        self.stop = threading.Event()
+        self.paused = False
+        self.turns = [threading.Lock() for _ in range(n)]
+        self.conns = [connect(proxy) for _ in range(n)]
+        self.threads = [threading.Thread(target=self._run, args=(i,), daemon=True) for i in range(n)]
+        for t in self.threads:
+            t.start()
+
+    def _run(self, i: int) -> None:
+        conn, turn, k = self.conns[i], self.turns[i], 0
+        while not self.stop.is_set():
+            self.open.wait(1)
+            with turn:
+                if not self.open.is_set() or self.stop.is_set():
+                    continue  # paused while this writer waited for its turn
+                phase, k = self.phase, k + 1
+                tag = f"out-{phase}-{i}-{k}"
+                try:
+                    conn.execute("INSERT INTO user_activity (user_id, action) VALUES (%s, %s)", (i, tag))
+                    sqlstate = None
+                except psycopg.Error as exc:
+                    sqlstate = exc.sqlstate or "?"
+                with self.lock:
+                    self.outcomes.append((phase, tag, sqlstate))
+
+    def pause(self) -> None:
+        self.open.clear()
+        for turn in self.turns:
+            turn.acquire()
+        self.paused = True
+
+    def resume(self, phase: str) -> None:
+        self.phase = phase
+        self.paused = False
+        self.open.set()
+        for turn in self.turns:
+            turn.release()
+
+    def count(self, phase: str, committed: bool) -> int:
+        with self.lock:
+            return sum(1 for p, _, state in self.outcomes if p == phase and (state is None) == committed)
+
+    def close(self) -> None:
+        self.stop.set()
+        if self.paused:  # a test that failed between pause() and resume()
+            self.resume(self.phase)
+        self.open.set()
+        for t in self.threads:
+            t.join(20)
+        for conn in self.conns:
+            conn.close()
+
+
+def test_analytics_outage_refuses_its_writes_and_loses_none(
     pg: DevClusters, proxy: ProxyProcess, restore: None
 ) -> None:
-    """Four clients insert into user_activity while analytics goes away and comes back."""
-    phase = ["before"]
-    committed: list[str] = []
-    failed: list[BaseException] = []
-    lock = threading.Lock()
-    stop = threading.Event()
+    """Issue 13 finding 6: four clients insert into user_activity while analytics goes away and comes back.
 
-    def writer(n: int) -> None:
-        with connect(proxy) as conn:
-            while not stop.is_set():
-                tag = phase[0]
-                try:
-                    conn.execute(
-                        "INSERT INTO user_activity (user_id, action) VALUES (%s, %s)", (n, f"out-{tag}")
-                    )
-                except psycopg.Error as exc:
-                    with lock:
-                        failed.append(exc)
-                    continue
-                with lock:
-                    committed.append(tag)
-
-    threads = [threading.Thread(target=writer, args=(n,), daemon=True) for n in range(4)]
-    for t in threads:
-        t.start()
+    Down, analytics' statements are refused with 57P03 (by default a configured role has no fallback):
+    no acknowledged insert goes to main's copy of the table, where the proxy would never show it again.
+    """
+    writers = Writers(proxy, 4)
     try:
-        wait_until(lambda: len(committed) > 20, 10, "inserts before the outage")
+        wait_until(lambda: writers.count("before", True) > 20, 20, "inserts before the outage")
+        writers.pause()  # nothing in flight while analytics stops
         pg.analytics.stop()
-        phase[0] = "during"
-        wait_until(lambda: databases(proxy)["analytics"] is False, 10, "analytics reported down")
-        wait_until(lambda: committed.count("during") > 20, 10, "inserts during the outage")
+        wait_until(lambda: databases(proxy)["analytics"] is False, 20, "analytics reported down")
+        writers.resume("during")
+        wait_until(lambda: writers.count("during", False) > 20, 20, "inserts refused during the outage")
+        writers.pause()  # nothing in flight while analytics starts
         pg.analytics.start()
-        wait_until(lambda: databases(proxy)["analytics"] is True, 10, "analytics reported up")
-        phase[0] = "after"
-        wait_until(lambda: committed.count("after") > 20, 10, "inserts after the outage")
+        wait_until(lambda: databases(proxy)["analytics"] is True, 20, "analytics reported up")
+        writers.resume("after")
+        wait_until(lambda: writers.count("after", True) > 20, 20, "inserts after the outage")
     finally:
-        stop.set()
-        for t in threads:
-            t.join(10)
-    found = count(pg, "analytics", "SELECT count(*) FROM user_activity WHERE action LIKE 'out-%'") + count(
-        pg, "main", "SELECT count(*) FROM user_activity WHERE action LIKE 'out-%'"
+        writers.close()
+    states = {(phase, state) for phase, _, state in writers.outcomes}
+    assert states == {("before", None), ("during", "57P03"), ("after", None)}, states
+    committed = {tag for _, tag, state in writers.outcomes if state is None}
+    # Every acknowledged insert is where the proxy reads user_activity from, and nothing went to main.
+    with connect(proxy) as conn:
+        rows = conn.execute("SELECT action FROM user_activity WHERE action LIKE 'out-%'").fetchall()
+    assert {row[0] for row in rows} == committed
+    assert count(pg, "main", "SELECT count(*) FROM user_activity WHERE action LIKE 'out-%'") == 0
+    assert proxy.metric("parafort_proxy_down_refusals_total", role="analytics") == writers.count(
+        "during", False
     )
-    # Every insert a client saw committed is there; an insert in flight when analytics stopped may have
-    # committed without its client hearing so, never the other way round.
-    assert len(committed) <= found <= len(committed) + len(failed)
-    assert len(failed) <= 4, failed
-    for exc in failed:
-        assert exc.sqlstate is not None and (exc.sqlstate.startswith("08") or exc.sqlstate == "57P01"), exc
-    assert count(pg, "main", "SELECT count(*) FROM user_activity WHERE action = 'out-during'") > 0
-    assert count(
-        pg, "main", "SELECT count(*) FROM user_activity WHERE action = 'out-after'"
-    ) < committed.count("after")
-    assert proxy.metric("parafort_proxy_fallbacks_total", role="analytics") > 0
+    assert proxy.metric("parafort_proxy_fallbacks_total", role="analytics") == 0
+
+
+def test_analytics_down_gets_57P03_for_reads_and_writes_at_once(
+    pg: DevClusters, proxy: ProxyProcess, restore: None
+) -> None:
+    """A configured, down role: its reads and writes get 57P03 naming it, without a connect attempt;
+    other roles' statements, and the client's connection, carry on."""
+    with connect(proxy) as conn:
+        conn.execute("INSERT INTO user_activity (user_id, action) VALUES (1, 'down-before')")
+        pg.analytics.stop()
+        wait_until(lambda: databases(proxy)["analytics"] is False, 20, "analytics reported down")
+        for sql in (
+            "SELECT count(*) FROM user_activity",
+            "INSERT INTO user_activity (user_id, action) VALUES (1, 'down-refused')",
+        ):
+            with pytest.raises(psycopg.errors.CannotConnectNow) as info:
+                conn.execute(sql)
+            assert "the analytics upstream is down" in str(info.value), info.value
+        conn.execute("INSERT INTO users (email, full_name) VALUES ('down-ok@example.com', 'Down OK')")
+        assert conn.execute("SELECT count(*) FROM documents").fetchone() is not None
+        # In a transaction: refused, the transaction is aborted for the client, ROLLBACK works.
+        conn.execute("BEGIN")
+        conn.execute("INSERT INTO users (email, full_name) VALUES ('down-tx@example.com', 'Down Tx')")
+        with pytest.raises(psycopg.errors.CannotConnectNow):
+            conn.execute("INSERT INTO user_activity (user_id, action) VALUES (1, 'down-tx')")
+        conn.execute("ROLLBACK")
+        assert conn.execute("SELECT 1").fetchone() == (1,)
+    assert count(pg, "main", "SELECT count(*) FROM user_activity WHERE action LIKE 'down-%'") == 0
+    assert count(pg, "main", "SELECT count(*) FROM users WHERE email = 'down-tx@example.com'") == 0
+    assert proxy.metric("parafort_proxy_down_refusals_total", role="analytics") == 3
+
+
+def test_analytics_fallback_main_writes_are_counted_and_logged_per_table(
+    pg: DevClusters, start_proxy: Callable[..., ProxyProcess], schema: None, restore: None
+) -> None:
+    """``fallback: main`` (an explicit choice): main takes analytics' statements while it is down, and
+    each write is counted per table and logged once per table per outage, with a summary when it is back."""
+    config = {"domains": DEMO_DOMAINS, "health": FAST_HEALTH, "roles": {"analytics": {"fallback": "main"}}}
+    proxy = start_proxy(roles=ALL_ROLES, config=config)
+    with connect(proxy) as conn:
+        conn.execute("INSERT INTO user_activity (user_id, action) VALUES (1, 'fb-before')")
+        pg.analytics.stop()
+        wait_until(lambda: databases(proxy)["analytics"] is False, 20, "analytics reported down")
+        for n in range(5):
+            conn.execute("INSERT INTO user_activity (user_id, action) VALUES (1, %s)", (f"fb-during-{n}",))
+        conn.execute("INSERT INTO business_metrics (entity_id, metric, value) VALUES (1, 'fb-during', 1)")
+        conn.execute("SELECT count(*) FROM user_activity").fetchone()  # a read: not a write to reconcile
+        assert (
+            proxy.metric("parafort_proxy_fallback_writes_total", role="analytics", table="user_activity") == 5
+        )
+        assert (
+            proxy.metric("parafort_proxy_fallback_writes_total", role="analytics", table="business_metrics")
+            == 1
+        )
+        assert proxy.metric("parafort_proxy_fallbacks_total", role="analytics") == 7
+        pg.analytics.start()
+        wait_until(lambda: databases(proxy)["analytics"] is True, 20, "analytics reported up")
+        # What fallback means: the rows are in main's copy, and the proxy reads analytics' again.
+        rows = conn.execute("SELECT count(*) FROM user_activity WHERE action LIKE 'fb-during-%'").fetchone()
+        assert rows == (0,)
+    assert count(pg, "main", "SELECT count(*) FROM user_activity WHERE action LIKE 'fb-during-%'") == 5
+    log = proxy.log()
+    started = [line for line in log.splitlines() if "event=fallback_writes_started" in line]
+    assert len(started) == 2, started
+    assert any("table=user_activity" in line for line in started)
+    assert any("table=business_metrics" in line for line in started)
+    wait_until(lambda: "event=fallback_writes_summary" in proxy.log(), 10, "the outage's summary")
+    summary = [line for line in proxy.log().splitlines() if "event=fallback_writes_summary" in line]
+    assert any("role=analytics table=user_activity writes=5" in line for line in summary), summary
+    assert any("role=analytics table=business_metrics writes=1" in line for line in summary), summary
+
+
+def test_write_succeeds_as_soon_as_main_accepts_connections(
+    pg: DevClusters, start_proxy: Callable[..., ProxyProcess], schema: None, restore: None
+) -> None:
+    """Issue 13 finding 8: a data-path connection to main ends degraded read-only mode at once.
+
+    The probes are slow here (every 30 s, two successes before up), so only the data path can notice
+    main is back in time: the first write once main accepts connections must succeed.
+    """
+    health = {"interval": "30s", "timeout": "1s", "failures_before_down": 1, "successes_before_up": 2}
+    proxy = start_proxy(roles=ALL_ROLES, config={"domains": DEMO_DOMAINS, "health": health})
+    with connect(proxy) as conn:
+        conn.execute("INSERT INTO users (email, full_name) VALUES ('back-0@example.com', 'Back')")
+        pg.main.stop()
+
+        def refused() -> bool:
+            try:
+                conn.execute("INSERT INTO users (email, full_name) VALUES ('back-x@example.com', 'X')")
+            except psycopg.errors.ReadOnlySqlTransaction:
+                return True
+            except psycopg.Error as exc:  # the connection main's shutdown took, or a first failed connect
+                assert exc.sqlstate is not None and (exc.sqlstate[:2] == "08" or exc.sqlstate == "57P01"), exc
+                return False
+            raise AssertionError("a write succeeded while main is stopped")
+
+        wait_until(refused, 20, "a write refused with 25006")
+        assert databases(proxy)["main"] is False
+        pg.main.start()
+        wait_until(lambda: _accepts(pg.main.dsn), 30, "main accepting connections")
+        conn.execute("INSERT INTO users (email, full_name) VALUES ('back-1@example.com', 'Back')")
+        assert databases(proxy)["main"] is True
+    assert count(pg, "main", "SELECT count(*) FROM users WHERE email = 'back-1@example.com'") == 1
+    assert "reason='data path connected'" in proxy.log()
+
+
+def _accepts(dsn: str) -> bool:
+    try:
+        psycopg.connect(dsn, connect_timeout=2).close()
+    except psycopg.OperationalError:
+        return False
+    return True
 
 
 def test_main_down_reads_from_replica_writes_refused(

@@ -111,6 +111,9 @@ def test_unconfigured_analytics_falls_back_to_main(
         conn.execute("SELECT count(*) FROM users u JOIN user_activity a ON a.user_id = u.id").fetchone()
     assert count(pg, "main", "user_activity", "action = 'fallback-test'") == 1
     assert count(pg, "analytics", "user_activity", "action = 'fallback-test'") == 0
+    # Not a fallback write to reconcile: an unconfigured role's tables live on main.
+    writes = "parafort_proxy_fallback_writes_total"
+    assert proxy.metric(writes, role="analytics", table="user_activity") == 0
 
 
 def test_cross_domain_join_refused_and_connection_usable(pg: DevClusters, routed: ProxyProcess) -> None:

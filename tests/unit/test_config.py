@@ -39,9 +39,10 @@ def test_env_only_five_roles_with_seed_defaults() -> None:
     config = load_config(None, FIVE)
     expected = {
         "main": (20, 30.0, None),
-        "analytics": (15, 45.0, "main"),
-        "documents": (25, 60.0, "main"),
-        "compliance": (10, 30.0, "main"),
+        # A configured domain role has no fallback unless asked for: down, it is refused (57P03).
+        "analytics": (15, 45.0, None),
+        "documents": (25, 60.0, None),
+        "compliance": (10, 30.0, None),
         "read_replica": (30, 20.0, "main"),
     }
     for role, (size, timeout, fallback) in expected.items():
@@ -66,6 +67,14 @@ def test_env_only_main_leaves_optional_roles_unconfigured() -> None:
     assert config.domains.domain_of("compliance", "boir_filings") == "compliance"
     assert config.domains.domain_of(None, "users") is None
     assert config.domains.domain_of("public", "user_activity") is None
+
+
+def test_fallback_main_is_an_explicit_choice_per_role(tmp_path: Path) -> None:
+    path = write(tmp_path, "roles: {analytics: {fallback: main}, documents: {fallback: null}}\n")
+    config = load_config(path, FIVE)
+    assert config.roles.analytics.fallback == "main"
+    assert config.roles.documents.fallback is None
+    assert config.roles.compliance.fallback is None
 
 
 def test_yaml_expansion_and_env_override(tmp_path: Path) -> None:
@@ -217,14 +226,22 @@ BAD_CASES = [
     pytest.param(
         "roles: {analytics: {fallback: read_replica}}\n",
         {},
-        "roles.analytics.fallback: cannot fall back to read_replica (it takes no writes)",
+        "roles.analytics.fallback: must be main or null, not read_replica (only main holds analytics's "
+        "tables)",
         id="fallback-to-replica",
     ),
     pytest.param(
-        "roles: {analytics: {fallback: documents}, documents: {fallback: analytics}}\n",
+        "roles: {analytics: {fallback: documents}}\n",
         {},
-        "roles.analytics.fallback: fallback loop analytics -> documents -> analytics",
-        id="fallback-loop",
+        "roles.analytics.fallback: must be main or null, not documents (only main holds analytics's tables)",
+        id="fallback-to-another-domain",
+    ),
+    pytest.param(
+        "roles: {documents: {fallback: elsewhere}}\n",
+        {},
+        "roles.documents.fallback: Input should be 'main', 'analytics', 'documents', 'compliance' or "
+        "'read_replica'",
+        id="fallback-not-a-role",
     ),
     pytest.param(
         "roles: {main: {url: '${NOPE}'}}\n",

@@ -338,3 +338,18 @@ def test_probe_loop_marks_an_unreachable_upstream_down_and_stops_cleanly() -> No
         assert all(t.done() for t in asyncio.all_tasks() if t.get_name().startswith("health-"))
 
     asyncio.run(scenario())
+
+
+def test_data_path_connect_marks_a_primary_up_at_once_never_a_replica(tmp_path: Path) -> None:
+    monitor = replicas_config(tmp_path)
+    changes: list[tuple[str, bool]] = []
+    monitor.on_change(lambda label, up: changes.append((label, up)))
+    monitor.mark_suspect("main", "connection refused")
+    monitor.mark_suspect("replica-a", "connection refused")
+    assert not monitor.usable("main") and not monitor.usable("replica-a")
+    monitor.mark_connected("main")
+    monitor.mark_connected("replica-a")  # says nothing of recovery or lag: waits for its probes
+    assert monitor.usable("main") and not monitor.usable("replica-a")
+    assert changes == [("main", False), ("replica-a", False), ("main", True)]
+    monitor.mark_connected("main")  # already up: no transition
+    assert monitor.snapshot()["main"].transitions == 2

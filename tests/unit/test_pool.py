@@ -267,3 +267,17 @@ def test_callback_waiter_is_told_a_slot_is_free() -> None:
         assert pool.stats.total == 0
 
     asyncio.run(run())
+
+
+def test_open_idle_adds_one_idle_connection_only_while_there_is_room() -> None:
+    async def run() -> None:
+        pool, opened = make_pool(size=2)
+        held = await pool.acquire()
+        assert await pool.open_idle() is True
+        assert (pool.stats.total, pool.stats.idle, len(opened)) == (2, 1, 2)
+        assert await pool.open_idle() is False  # full: no connect attempted
+        assert len(opened) == 2
+        assert await pool.acquire() is opened[1]  # the idle one is leased next
+        pool.release(held)
+
+    asyncio.run(run())

@@ -25,9 +25,10 @@ routing:
 """
 
 
-def config_for(tmp: Path, unconfigured: list[str]) -> Config:
+def config_for(tmp: Path, unconfigured: list[str], fallback: list[str] | None = None) -> Config:
     path = tmp / "proxy.yaml"
-    path.write_text(CONFIG_YAML)
+    roles = "".join(f"  {role}: {{fallback: main}}\n" for role in fallback or [])
+    path.write_text(CONFIG_YAML + (f"roles:\n{roles}" if roles else ""))
     env = {var: f"postgresql://u:p@{role.replace('_', '-')}.internal/db" for role, var in ROLE_ENV.items()}
     for role in unconfigured:
         env.pop(ROLE_ENV[role])
@@ -42,7 +43,7 @@ def test_corpus_is_big_and_unique() -> None:
 
 @pytest.mark.parametrize("case", CASES, ids=[case["id"] for case in CASES])
 def test_case(case: dict[str, Any], tmp_path: Path) -> None:
-    config = config_for(tmp_path, case.get("unconfigured", []))
+    config = config_for(tmp_path, case.get("unconfigured", []), case.get("fallback"))
     down = set(case.get("down", []))
     router = Router(config, lambda role: config.roles.get(role).configured and role not in down)
     sql = case["sql"]
