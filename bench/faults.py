@@ -497,6 +497,13 @@ def _fmt(value: Any, unit: str = "") -> str:
     return f"{value}{unit}"
 
 
+def _codes(counts: dict[str, int]) -> str:
+    """`` (57P03 x 446, 08006 x 1)`` or nothing."""
+    if not counts:
+        return ""
+    return " (" + ", ".join(f"{code} x {n}" for code, n in sorted(counts.items(), key=lambda c: -c[1])) + ")"
+
+
 def _proxy_fate(part: dict[str, Any]) -> str:
     if part.get("proxy_alive_after"):
         return "proxy alive"
@@ -587,7 +594,7 @@ def table_rows(results: dict[str, dict[str, Any]]) -> list[tuple[str, str]]:
         rows.append((
             "analytics down: inserts readable after",
             f"{d['readable_after']} of {d['acknowledged']} acknowledged (main's copy {d['on_main']}, "
-            f"analytics {d['on_analytics']}); refused {d['refused']} {d['refused_sqlstates'] or ''}".rstrip(),
+            f"analytics {d['on_analytics']}); refused {d['refused']}{_codes(d['refused_sqlstates'])}",
         ))  # fmt: skip
     return rows
 

@@ -381,7 +381,16 @@ def test_faults_table_has_a_row_per_finding_and_names_what_was_not_measured() ->
     assert rows["one 64 MB message"].startswith("proxy CPU 5.7 s")
     assert rows["login flood"] == "NOT MEASURED: hang: no result within the 90 s deadline"
     assert rows["writes refused after main is back"].startswith("723.1 ms (97 x 25006")
-    assert rows["analytics down: inserts readable after"].startswith("0 of 7773 acknowledged")
+    assert rows["analytics down: inserts readable after"] == (
+        "0 of 7773 acknowledged (main's copy 7773, analytics 0); refused 0"
+    )
+    after = _faults_results()
+    after["domain_outage"].update(
+        acknowledged=0, on_main=0, refused=447, refused_sqlstates={"57P03": 446, "08006": 1}
+    )
+    assert dict(table_rows(after))["analytics down: inserts readable after"].endswith(
+        "refused 447 (57P03 x 446, 08006 x 1)"
+    )
     assert table_rows({}) == []  # nothing ran, nothing to show
     text = format_table(table_rows(_faults_results()))
     assert text.splitlines()[0].startswith("measurement ") and text.count("\n") == len(rows) + 1
