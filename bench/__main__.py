@@ -5,11 +5,12 @@ python -m bench memory [options]       proxy RSS with 10,000 idle clients
 python -m bench classify [options]     statement classification cost
 python -m bench hotpath [options]      the proxy's own Python per transaction (in-process, no sockets)
 python -m bench all [pgbench options]  all three, one results file, docs/performance.md refreshed
+python -m bench faults [--source DIR]   issue 13's fault and hostile-input measurements (before/after)
 """
 
 import sys
 
-from bench import classify, hotpath, memory, pgbench_compare, suite
+from bench import classify, faults, hotpath, memory, pgbench_compare, suite
 
 COMMANDS = {
     "pgbench": pgbench_compare.main,
@@ -17,6 +18,7 @@ COMMANDS = {
     "classify": classify.main,
     "hotpath": hotpath.main,
     "all": suite.main,
+    "faults": faults.main,
 }
 
 

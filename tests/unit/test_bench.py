@@ -9,6 +9,7 @@ import sys
 from pathlib import Path
 from typing import Any
 
+import pglast
 import pytest
 
 # bench/ is not an installed package (only proxy is): import it from the checkout.
@@ -16,6 +17,21 @@ sys.path.insert(0, str(Path(__file__).resolve().parents[2]))
 
 from bench import report
 from bench.cpu import CpuSampler, ProcTimes, process_table, read_proc, tree_pids
+from bench.faults import (
+    Reply,
+    _data_row,
+    _error_fields,
+    cte_chain,
+    describe_reply,
+    error_lines,
+    format_table,
+    long_sum,
+    long_union,
+    padded_select,
+    percentile,
+    signal_name,
+    table_rows,
+)
 from bench.memory import md5_response, scram_client_final, startup_message
 from bench.pgbench_compare import (
     DEFAULT_CELLS,
@@ -269,3 +285,112 @@ def test_proc_stat_parsing_survives_parentheses_and_spaces_in_the_name(tmp_path:
     assert read_proc(43, tmp_path) is None
     table = process_table(tmp_path)
     assert tree_pids(table, [42, 99]) == {42}
+
+
+# -- python -m bench faults: its pure parts ---------------------------------------------------------------
+
+
+def test_faults_hostile_statements_have_the_measured_sizes_and_parse() -> None:
+    assert long_sum(30_000) == b"SELECT " + b"+".join([b"1"] * 30_000)
+    assert len(long_sum(30_000)) == 60_006
+    assert long_union(3) == b"SELECT 0 UNION ALL SELECT 1 UNION ALL SELECT 2"
+    stmt, ctes = cte_chain(1_700_000)
+    assert 1_700_000 <= len(stmt) < 1_700_100
+    # c0 twice: PostgreSQL stops at the duplicate name (42712) instead of its quadratic name check.
+    assert stmt.startswith(b"WITH c0 AS (SELECT 1), c0 AS (SELECT 1), c1 AS (SELECT * FROM c0), ")
+    assert stmt.endswith(f"c{ctes - 2} AS (SELECT * FROM c{ctes - 3}) SELECT * FROM c{ctes - 2}".encode())
+    small, n = cte_chain(200)
+    [raw] = pglast.parse_sql(small.decode())
+    assert len(raw.stmt.withClause.ctes) == n
+    one, two = padded_select(1, 8_000_000), padded_select(2, 8_000_000)
+    assert len(one) == len(two) == 8_000_000 and one != two
+    assert one.startswith(b"SELECT 1 /* ") and one.endswith(b" */")
+
+
+def test_faults_reply_phrases() -> None:
+    assert describe_reply(Reply(ready=True)) == "ok"
+    assert describe_reply(Reply(errors=[("ERROR", "54001", "stack depth")], ready=True)) == "ERROR 54001"
+    assert describe_reply(Reply(closed=True)) == "connection lost"
+    fatal = Reply(errors=[("FATAL", "57P01", "terminating")], closed=True)
+    assert describe_reply(fatal) == "FATAL 57P01, connection closed"
+    assert describe_reply(Reply(hang=True)) == "hang"
+    assert describe_reply(Reply(errors=[("ERROR", "08006", "lost")], hang=True)) == "ERROR 08006, then hang"
+    assert Reply(errors=[("ERROR", "57014", "x"), ("FATAL", "57P01", "y")]).sqlstates() == ["57014", "57P01"]
+
+
+def test_faults_wire_parsing_and_exit_names() -> None:
+    payload = b"SERROR\0VFATAL\0C57P01\0Mterminating connection\0\0"
+    assert _error_fields(payload) == ("FATAL", "57P01", "terminating connection")
+    row = struct.pack("!h", 3) + struct.pack("!i", 2) + b"42" + struct.pack("!i", -1) + struct.pack("!i", 0)
+    assert _data_row(row) == ["42", None, ""]
+    assert signal_name(-11) == "SIGSEGV"
+    assert signal_name(0) == "exit 0"
+    assert signal_name(None) is None
+
+
+def test_faults_percentiles_and_psql_error_lines() -> None:
+    values = [float(v) for v in range(1, 101)]
+    assert percentile(values, 0.5) == 50.0
+    assert percentile(values, 0.99) == 99.0
+    assert percentile([3.0], 0.99) == 3.0
+    assert percentile([], 0.5) is None
+    stderr = (
+        "psql:kill.sql:3: FATAL:  terminating connection due to administrator command\n"
+        "psql:kill.sql:3: ERROR:  connection to the main upstream was lost\n"
+        "psql:kill.sql:6: WARNING:  there is no transaction in progress\n"
+        "psql:kill.sql:3: error: connection to server was lost\n"
+    )
+    assert len(error_lines(stderr)) == 3
+
+
+def _faults_results() -> dict[str, Any]:
+    died = {"proxy_alive_after": False, "proxy_exit": "SIGSEGV"}
+    alive = {"proxy_alive_after": True, "proxy_exit": None}
+    kill = {"rows": "2,3", "psql_exit": 0, "error_line_count": 2, "killed": True}
+    return {
+        "crash": {
+            "sum": {"bytes": 60006, "client": "connection lost", "direct": "ERROR 54001", **died},
+            "union": {"bytes": 448879, "client": "connection lost", "direct": "ERROR 54001", **died},
+            "cte": {"bytes": 1700046, "bystander_max_gap_ms": 10629.7, "bystander_baseline_max_ms": 12.2,
+                    "client": "ERROR 42712", "client_ms": 10703.2, **alive},
+        },
+        "kill": {"proxy": kill, "direct": {**kill, "rows": "", "psql_exit": 2, "error_line_count": 3}},
+        "idle_tx": {"proxy": {"next": "ERROR 08006, then hang"}, "direct": {"next": "connection lost"}},
+        "cancels": {"bystander_57014": 36, "bystander_statements": 3134, "bystander_other_errors": 0,
+                    "canceller_57014": 67, "canceller_statements": 67},
+        "rss": {"baseline_mb": 62.4, "after_statements_mb": 385.1, "after_disconnect_mb": 385.1,
+                "big_message_cpu_s": 5.67, "big_message_wall_s": 13.31, "big_message_reply": "ok", **alive},
+        "login_flood": {"error": "hang: no result within the 90 s deadline"},
+        "main_return": {"refused_ms": 723.1, "refused_25006": 97, "other_errors": 0},
+        "domain_outage": {"readable_after": 0, "acknowledged": 7773, "on_main": 7773, "on_analytics": 0,
+                          "refused": 0, "refused_sqlstates": {}},
+    }  # fmt: skip
+
+
+def test_faults_table_has_a_row_per_finding_and_names_what_was_not_measured() -> None:
+    rows = dict(table_rows(_faults_results()))
+    assert rows["crash: SELECT 1+1+... (60,006 B)"] == (
+        "proxy DIED (SIGSEGV); client: connection lost; direct: ERROR 54001"
+    )
+    assert "bystander max gap 10,629.7 ms" in rows["crash: CTE chain (1,700,046 B)"]
+    assert rows["rows committed after kill (proxy)"].startswith("rows 2,3; psql exit 0; 2 error lines")
+    assert rows["rows committed after kill (direct)"].startswith("rows none; psql exit 2")
+    assert rows["idle-in-tx loss: next statement"] == "proxy: ERROR 08006, then hang; direct: connection lost"
+    assert rows["bystander cancels"].startswith("bystanders 36 x 57014 in 3,134 statements")
+    assert "client gone 385.1 MB" in rows["RSS after 40 x 8 MB statements"]
+    assert rows["one 64 MB message"].startswith("proxy CPU 5.7 s")
+    assert rows["login flood"] == "NOT MEASURED: hang: no result within the 90 s deadline"
+    assert rows["writes refused after main is back"].startswith("723.1 ms (97 x 25006")
+    assert rows["analytics down: inserts readable after"] == (
+        "0 of 7773 acknowledged (main's copy 7773, analytics 0); refused 0"
+    )
+    after = _faults_results()
+    after["domain_outage"].update(
+        acknowledged=0, on_main=0, refused=447, refused_sqlstates={"57P03": 446, "08006": 1}
+    )
+    assert dict(table_rows(after))["analytics down: inserts readable after"].endswith(
+        "refused 447 (57P03 x 446, 08006 x 1)"
+    )
+    assert table_rows({}) == []  # nothing ran, nothing to show
+    text = format_table(table_rows(_faults_results()))
+    assert text.splitlines()[0].startswith("measurement ") and text.count("\n") == len(rows) + 1
