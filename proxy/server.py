@@ -24,11 +24,12 @@ from proxy.config.model import ReadReplicaConfig, RoleConfig, TlsConfig
 from proxy.config.values import ROLES
 from proxy.errors import SQLCLIENT_UNABLE_TO_ESTABLISH, ProxyError
 from proxy.frontend.client import ClientConnection
+from proxy.frontend.login_failures import LoginFailureLog
 from proxy.frontend.session import PreparedStatement
 from proxy.health import HealthMonitor
 from proxy.http import AdminServer
 from proxy.pool import Pool
-from proxy.protocol.auth import ServerAuth, UserlistError, load_userlist
+from proxy.protocol.auth import ScramKeys, ServerAuth, UserlistError, load_userlist
 from proxy.protocol.framing import cancel_request
 from proxy.router.classify import ClassificationCache
 from proxy.router.policy import Router
@@ -82,6 +83,9 @@ class ProxyApp:
         # Server-side statements, by (role, prepared | reused | evicted | prepared_again_after_ddl).
         self.statement_events: dict[tuple[str, str], int] = {}
         self.userlist = self._load_users()
+        self.scram_keys = ScramKeys()  # the userlist's derived SCRAM keys: replaced with it on reload
+        self.scram_derivations_before = 0  # PBKDF2 runs of earlier loads (the metric is a running total)
+        self.login_failures = LoginFailureLog(config.log.login_failure_interval)
         self.draining = False
         self._all_clients_gone = asyncio.Event()
         self.paused: set[str] = set()  # roles whose new transactions wait (PAUSE); "*" = every role
@@ -157,6 +161,7 @@ class ProxyApp:
             client.fatal(ProxyError("57P01", "terminating connection: the proxy is shutting down"))
         for pool in self.pools.values():
             pool.close()
+        self.login_failures.flush()  # the last window's summary, before the process goes
         await self.health.stop()
         if self.admin is not None:
             await self.admin.stop()
@@ -191,6 +196,9 @@ class ProxyApp:
             log.warning("event=reload_needs_restart keys=%s", ",".join(restart))
         self.config = new
         self.userlist = userlist
+        self.scram_derivations_before += self.scram_keys.derivations
+        self.scram_keys = ScramKeys()
+        self.login_failures.interval = new.log.login_failure_interval
         self.max_message_length = new.limits.max_message_length
         self.cache_unnamed = new.statements.cache_unnamed
         self.max_statements = new.statements.max_per_connection
@@ -268,7 +276,7 @@ class ProxyApp:
         self.router.invalidate()  # cached decisions assumed the old health
 
     def server_auth(self, user: str) -> ServerAuth:
-        return ServerAuth(self.config.auth.method, user, self.userlist.get(user))
+        return ServerAuth(self.config.auth.method, user, self.userlist.get(user), self.scram_keys)
 
     async def server_parameters(self) -> dict[str, str]:
         """The ParameterStatus set clients see at login: main's (learned from one real connection)."""
