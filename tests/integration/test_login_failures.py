@@ -6,6 +6,7 @@ from __future__ import annotations
 
 import asyncio
 import re
+import signal
 import socket
 import struct
 import threading
@@ -203,3 +204,22 @@ def test_login_flood_counted_logged_once_no_pbkdf2_per_attempt(start_proxy: Star
     # Nothing else is written per failed login: no line names one of the flood's connections.
     per_connection = [line for line in log.splitlines() if "event=client_" in line]
     assert len(per_connection) <= 2, per_connection  # the bystander's client_login and client_close
+
+
+def test_users_file_reload_derives_scram_keys_again(start_proxy: StartProxy) -> None:
+    """The derived keys live as long as the users-file load: a SIGHUP with a new password drops them."""
+    proxy = start_proxy()
+    for _ in range(5):
+        _wrong_password(proxy)
+    assert proxy.metric(DERIVATIONS) == 1
+    (proxy.dir / "userlist.txt").write_text(f'"{APP_USER}" "changed-{APP_PASSWORD}"\n')
+    proxy.signal(signal.SIGHUP)
+    wait_until(lambda: proxy.metric("parafort_proxy_config_reloads_total") == 1, 30, "the reload")
+    with pytest.raises(psycopg.OperationalError, match="password authentication failed"):
+        psycopg.connect(proxy.dsn(APP_USER, APP_PASSWORD), connect_timeout=30).close()
+    assert proxy.metric(DERIVATIONS) == 2
+    for _ in range(3):
+        with psycopg.connect(proxy.dsn(APP_USER, f"changed-{APP_PASSWORD}"), connect_timeout=30) as conn:
+            assert conn.execute("SELECT 1").fetchone() == (1,)
+    assert proxy.metric(DERIVATIONS) == 2
+    assert proxy.metric(FAILED, reason="wrong_password") == 6
