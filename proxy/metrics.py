@@ -134,6 +134,7 @@ class ProxyCollector(Collector):
             "Reloads refused (bad configuration): the previous one keeps serving.",
             value=app.reload_failures,
         )
+        yield from _login_metrics(app)
         cache = app.classifier
         yield CounterMetricFamily(
             PREFIX + "classification_cache_hits", "Classification cache hits.", value=cache.hits
@@ -142,6 +143,26 @@ class ProxyCollector(Collector):
             PREFIX + "classification_cache_misses", "Classification cache misses.", value=cache.misses
         )
         yield from _health_metrics(app)
+
+
+def _login_metrics(app: ProxyApp) -> Iterator[CounterMetricFamily]:
+    """Failed logins by reason, and the PBKDF2 runs behind plain-text users-file passwords."""
+    failures = CounterMetricFamily(
+        PREFIX + "login_failures",
+        "Failed client logins by reason (unknown_user, wrong_password, empty_password, method_mismatch, "
+        "unsupported_mechanism, malformed_auth_message, client_disconnected, login_timeout, "
+        "admin_not_allowed, upstream_unavailable, aborted).",
+        labels=["reason"],
+    )
+    for reason, n in app.login_failures.counts.items():
+        failures.add_metric([reason], n)
+    yield failures
+    yield CounterMetricFamily(
+        PREFIX + "scram_key_derivations",
+        "PBKDF2 runs deriving SCRAM keys from plain-text users-file passwords: at most one per user per "
+        "users-file load, however many logins fail.",
+        value=app.scram_derivations_before + app.scram_keys.derivations,
+    )
 
 
 def _health_metrics(app: ProxyApp) -> Iterator[GaugeMetricFamily | CounterMetricFamily]:

@@ -24,11 +24,12 @@ from proxy.config.model import ReadReplicaConfig, RoleConfig, TlsConfig
 from proxy.config.values import ROLES
 from proxy.errors import SQLCLIENT_UNABLE_TO_ESTABLISH, ProxyError
 from proxy.frontend.client import ClientConnection
+from proxy.frontend.login_failures import LoginFailureLog
 from proxy.frontend.session import PreparedStatement
 from proxy.health import HealthMonitor
 from proxy.http import AdminServer
 from proxy.pool import Pool
-from proxy.protocol.auth import ServerAuth, UserlistError, load_userlist
+from proxy.protocol.auth import ScramKeys, ServerAuth, UserlistError, load_userlist
 from proxy.protocol.framing import cancel_request
 from proxy.router.classify import ClassificationCache
 from proxy.router.policy import Router
@@ -56,6 +57,44 @@ class ProxyApp:
         self.unnamed_statements: dict[bytes, PreparedStatement] = {}
         self.cache_unnamed = config.statements.cache_unnamed
         self.max_statements = config.statements.max_per_connection
+        self._build_pools(config)
+        self.replica_pools = [label for label, role in self.pool_roles.items() if role == "read_replica"]
+        self.router = Router(config, self.usable)
+        self.refusals = 0  # statements refused for needing two upstreams (a metric)
+        self.routed: dict[tuple[str, str], int] = {}  # units sent upstream, by (role, read|write)
+        self.fallbacks: dict[str, int] = {}  # units served by main for a down or unconfigured role, by role
+        # Writes main took for a configured role that was down (fallback: main), by (role, table): rows
+        # an operator must reconcile. Per outage too, for its closing log line.
+        self.fallback_writes: dict[tuple[str, str], int] = {}
+        self._outage_writes: dict[str, dict[str, int]] = {}
+        self.down_refusals: dict[str, int] = {}  # statements refused (57P03) because their role is down
+        self._main_attempt: asyncio.Future[bool] | None = None
+        self._main_attempt_cooldown_until = 0.0
+        # Server-side statements, by (role, prepared | reused | evicted | prepared_again_after_ddl).
+        self.statement_events: dict[tuple[str, str], int] = {}
+        self.userlist = self._load_users()
+        self.scram_keys = ScramKeys()  # the userlist's derived SCRAM keys: replaced with it on reload
+        self.scram_derivations_before = 0  # PBKDF2 runs of earlier loads (the metric is a running total)
+        self.login_failures = LoginFailureLog(config.log.login_failure_interval)
+        self.draining = False
+        self._all_clients_gone = asyncio.Event()
+        self.paused: set[str] = set()  # roles whose new transactions wait (PAUSE); "*" = every role
+        self._resume_event = asyncio.Event()
+        self.console = AdminConsole(self)
+        self.clients: set[ClientConnection] = set()
+        self.cancel_keys: dict[tuple[int, int], ClientConnection] = {}
+        self.pinned_total = 0
+        self._parameters: dict[str, str] | None = None
+        self._server: asyncio.Server | None = None
+        self._reaper: asyncio.Task[None] | None = None
+        self._tasks: set[asyncio.Task[None]] = set()
+        self.admin: AdminServer | None = None
+        self.health = HealthMonitor(config)
+        self.health.on_usable_change(self._health_changed)
+        self.health.on_change(self._health_transition)
+
+    def _build_pools(self, config: Config) -> None:
+        """One pool per upstream server of each configured role (a replica role may have several)."""
         self.pools: dict[str, Pool[ServerConnection]] = {}
         self.upstreams: dict[str, Dsn] = {}
         self.pool_roles: dict[str, str] = {}  # pool label (role, or replica name) -> role
@@ -76,37 +115,6 @@ class ProxyApp:
                     idle_timeout=rc.idle_timeout,
                     max_lifetime=rc.max_lifetime,
                 )
-        self.replica_pools = [label for label, role in self.pool_roles.items() if role == "read_replica"]
-        self.router = Router(config, self.usable)
-        self.refusals = 0  # statements refused for needing two upstreams (a metric)
-        self.routed: dict[tuple[str, str], int] = {}  # units sent upstream, by (role, read|write)
-        self.fallbacks: dict[str, int] = {}  # units served by main for a down or unconfigured role, by role
-        # Writes main took for a configured role that was down (fallback: main), by (role, table): rows
-        # an operator must reconcile. Per outage too, for its closing log line.
-        self.fallback_writes: dict[tuple[str, str], int] = {}
-        self._outage_writes: dict[str, dict[str, int]] = {}
-        self.down_refusals: dict[str, int] = {}  # statements refused (57P03) because their role is down
-        self._main_attempt: asyncio.Future[bool] | None = None
-        self._main_attempt_cooldown_until = 0.0
-        # Server-side statements, by (role, prepared | reused | evicted | prepared_again_after_ddl).
-        self.statement_events: dict[tuple[str, str], int] = {}
-        self.userlist = self._load_users()
-        self.draining = False
-        self._all_clients_gone = asyncio.Event()
-        self.paused: set[str] = set()  # roles whose new transactions wait (PAUSE); "*" = every role
-        self._resume_event = asyncio.Event()
-        self.console = AdminConsole(self)
-        self.clients: set[ClientConnection] = set()
-        self.cancel_keys: dict[tuple[int, int], ClientConnection] = {}
-        self.pinned_total = 0
-        self._parameters: dict[str, str] | None = None
-        self._server: asyncio.Server | None = None
-        self._reaper: asyncio.Task[None] | None = None
-        self._tasks: set[asyncio.Task[None]] = set()
-        self.admin: AdminServer | None = None
-        self.health = HealthMonitor(config)
-        self.health.on_usable_change(self._health_changed)
-        self.health.on_change(self._health_transition)
 
     def _load_users(self, config: Config | None = None) -> dict[str, str]:
         auth = (config or self.config).auth
@@ -169,6 +177,7 @@ class ProxyApp:
             pool.close()
         for role in list(self._outage_writes):
             self._log_outage_writes(role, "proxy stopping")
+        self.login_failures.flush()  # the last window's summary, before the process goes
         await self.health.stop()
         if self.admin is not None:
             await self.admin.stop()
@@ -203,6 +212,9 @@ class ProxyApp:
             log.warning("event=reload_needs_restart keys=%s", ",".join(restart))
         self.config = new
         self.userlist = userlist
+        self.scram_derivations_before += self.scram_keys.derivations
+        self.scram_keys = ScramKeys()
+        self.login_failures.interval = new.log.login_failure_interval
         self.max_message_length = new.limits.max_message_length
         self.cache_unnamed = new.statements.cache_unnamed
         self.max_statements = new.statements.max_per_connection
@@ -358,7 +370,7 @@ class ProxyApp:
         return self.health.usable("main")
 
     def server_auth(self, user: str) -> ServerAuth:
-        return ServerAuth(self.config.auth.method, user, self.userlist.get(user))
+        return ServerAuth(self.config.auth.method, user, self.userlist.get(user), self.scram_keys)
 
     async def server_parameters(self) -> dict[str, str]:
         """The ParameterStatus set clients see at login: main's (learned from one real connection)."""

@@ -236,6 +236,9 @@ class LogConfig(Frozen):
 
     format: Literal["keyvalue", "json"] = "keyvalue"
     level: Literal["debug", "info", "warning", "error"] = "info"
+    # Failed logins: the first per (user, client host, reason) in this window is logged, the rest summed into
+    # one `login_failures_suppressed` line per reason when the window ends.
+    login_failure_interval: PositiveDuration = 60.0
 
 
 class HealthConfig(Frozen):

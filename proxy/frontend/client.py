@@ -49,9 +49,16 @@ from proxy.errors import (
     TOO_MANY_CONNECTIONS,
     ProxyError,
 )
+from proxy.frontend.login_failures import (
+    ABORTED,
+    ADMIN_NOT_ALLOWED,
+    CLIENT_DISCONNECTED,
+    LOGIN_TIMEOUT,
+    UPSTREAM_UNAVAILABLE,
+)
 from proxy.frontend.session import PreparedStatement, Session, startup_settings, startup_values
 from proxy.protocol import messages as m
-from proxy.protocol.auth import ServerAuth
+from proxy.protocol.auth import MALFORMED_AUTH_MESSAGE, ServerAuth
 from proxy.protocol.framing import (
     CancelRequest,
     GSSENCRequest,
@@ -157,6 +164,7 @@ class ClientConnection(asyncio.Protocol):
         self._main_rechecked: Batch | None = None  # the batch being decided again after main_reachable
         self.skip_until_sync = False
         self._auth: ServerAuth | None = None
+        self._login_failure: str | None = None  # why the login failed, when ServerAuth does not say
         self._paused_by: set[str] = set()
         self._write_paused = False
         self._lingering = False  # between transactions, still holding the last connection (see Pool)
@@ -209,7 +217,10 @@ class ClientConnection(asyncio.Protocol):
             self.transport = None
             return
         self.app.client_opened(self)
-        log.info("event=client_open client=%s address=%s", self.id, self.peer)
+        # Debug only, like client_close before a login: a flood of connections that never log in must not
+        # flood the log (failed logins are logged, rate-limited, by LoginFailureLog; client_login names the
+        # address of those that succeed).
+        log.debug("event=client_open client=%s address=%s", self.id, self.peer)
         self._login_timer = asyncio.get_running_loop().call_later(limits.login_timeout, self._login_timed_out)
 
     def drain(self) -> None:
@@ -245,14 +256,19 @@ class ClientConnection(asyncio.Protocol):
             self.data_received(b"")
 
     def _login_timed_out(self) -> None:
-        if self.phase in (STARTUP, AUTH, LOGIN, TLS_HANDSHAKE):
+        if self.phase in (AUTH, LOGIN):
+            self._login_failure = LOGIN_TIMEOUT  # logged (rate-limited) as a failed login, with the user
+        elif self.phase in (STARTUP, TLS_HANDSHAKE):
             log.warning("event=login_timeout client=%s address=%s", self.id, self.peer)
+        if self.phase in (STARTUP, AUTH, LOGIN, TLS_HANDSHAKE):
             timeout = self.app.config.limits.login_timeout
             self.fatal(
                 ProxyError(PROTOCOL_VIOLATION, f"login not completed within {timeout:g}s", severity="FATAL")
             )
 
     def connection_lost(self, exc: Exception | None) -> None:
+        if self.phase in (AUTH, LOGIN) and self._login_failure is None:
+            self._login_failure = CLIENT_DISCONNECTED
         self._shutdown()
 
     def pause_writing(self) -> None:
@@ -1313,6 +1329,7 @@ class ClientConnection(asyncio.Protocol):
             return False
         mtype, length = _HEADER.unpack_from(buf, 0)
         if length < 4 or length > MAX_AUTH_MESSAGE:
+            self._login_failure = MALFORMED_AUTH_MESSAGE
             raise ProxyError(PROTOCOL_VIOLATION, f"invalid message length {length}", severity="FATAL")
         if len(buf) < 1 + length:
             return False
@@ -1326,6 +1343,7 @@ class ClientConnection(asyncio.Protocol):
     def _authenticated(self) -> None:
         if self.database == ADMIN_DATABASE:
             if not self.app.admin_allowed(self.user):
+                self._login_failure = ADMIN_NOT_ALLOWED
                 raise ProxyError(
                     INVALID_AUTHORIZATION,
                     f'user "{self.user}" is not allowed to use the admin console (auth.admin_users)',
@@ -1341,6 +1359,7 @@ class ClientConnection(asyncio.Protocol):
         try:
             parameters = await self.app.server_parameters()
         except ProxyError as exc:
+            self._login_failure = UPSTREAM_UNAVAILABLE
             self.fatal(ProxyError(exc.sqlstate, exc.message, severity="FATAL"))
             return
         if self.phase == CLOSED:
@@ -1360,9 +1379,21 @@ class ClientConnection(asyncio.Protocol):
         self.phase = READY
         if self._login_timer is not None:
             self._login_timer.cancel()
-        log.info("event=client_login client=%s user=%s database=%s", self.id, self.user, self.database)
+        log.info(
+            "event=client_login client=%s user=%s database=%s address=%s",
+            self.id,
+            self.user,
+            self.database,
+            self.peer,
+        )
         if self.buf:
             self.data_received(b"")
+
+    def _login_failed(self) -> None:
+        """Count and (rate-limited) log a login that ends before ReadyForQuery; never with a secret."""
+        auth_failure = self._auth.failure if self._auth is not None else None
+        reason = self._login_failure or auth_failure or ABORTED
+        self.app.login_failures.failed(self.user, self.peer, reason, self.id)
 
     # -- output and teardown --------------------------------------------------------------------------------
     def write(self, data: bytes | bytearray) -> None:
@@ -1396,6 +1427,9 @@ class ClientConnection(asyncio.Protocol):
     def _shutdown(self) -> None:
         if self.phase == CLOSED and self.transport is None:
             return
+        logged_in = self.key != (0, 0)  # set with the greeting: this client reached ReadyForQuery
+        if self.phase in (AUTH, LOGIN):
+            self._login_failed()
         self.phase = CLOSED
         if self._login_timer is not None:
             self._login_timer.cancel()
@@ -1411,7 +1445,8 @@ class ClientConnection(asyncio.Protocol):
                 server.sink = None
                 self._detach(reusable=False)
         self.app.client_closed(self)
-        log.info(
+        log.log(
+            logging.INFO if logged_in else logging.DEBUG,
             "event=client_close client=%s user=%s seconds=%.3f",
             self.id,
             self.user or "-",

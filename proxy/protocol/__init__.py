@@ -7,6 +7,7 @@ message *payload* (the bytes after the 5-byte type + length header); see :mod:`.
 from proxy.protocol.auth import (
     SCRAM_SHA_256,
     ClientAuth,
+    ScramKeys,
     ScramVerifier,
     ServerAuth,
     UserlistError,
@@ -101,6 +102,7 @@ __all__ = [
     "GSSENCRequest",
     "Payload",
     "SSLRequest",
+    "ScramKeys",
     "ScramVerifier",
     "ServerAuth",
     "StartupMessage",

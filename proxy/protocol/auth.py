@@ -13,6 +13,11 @@ SCRAM-SHA-256 is done by ``scramp``. Two of its behaviours need handling here:
 * scramp only accepts iteration counts 4096..10_000_000 and salts of at least 12 bytes; PostgreSQL 15
   always writes 4096 iterations and 16-byte salts, but PostgreSQL 16's ``scram_iterations`` can go
   lower, so :func:`load_userlist` rejects such verifiers up front with a clear message.
+
+PBKDF2 (4096 rounds of HMAC-SHA-256, about 2 ms) is paid at most once per user and users-file load: a SCRAM
+verifier entry needs none, a plain-text entry's StoredKey/ServerKey are derived on its first SCRAM login and
+kept in :class:`ScramKeys` until the next load, and an unknown user gets mock keys from one HMAC (as
+PostgreSQL's ``scram_mock_salt``), so a flood of failed logins costs no key derivation at all.
 """
 
 from __future__ import annotations
@@ -37,8 +42,10 @@ from proxy.protocol import messages as m
 from proxy.protocol.messages import AuthCode
 
 __all__ = [
+    "LOGIN_FAILURE_REASONS",
     "SCRAM_SHA_256",
     "ClientAuth",
+    "ScramKeys",
     "ScramVerifier",
     "ServerAuth",
     "UserlistError",
@@ -58,9 +65,27 @@ _SCRAM_PREFIX: Final = "SCRAM-SHA-256$"
 _HEX: Final = frozenset("0123456789abcdef")
 
 _MECHANISM = scramp.ScramMechanism(SCRAM_SHA_256)
-# Key for the deterministic fake salt of unknown users: a probe sees the same salt every time, like a real
-# user's, for the lifetime of the process.
+# Key for the deterministic salt (and mock keys) of unknown users: a probe sees the same salt every time, like
+# a real user's, for the lifetime of the process.
 _MOCK_SALT_KEY: Final = secrets.token_bytes(32)
+
+# Why ServerAuth refused a client (ServerAuth.failure), for logs and metrics; never sent to the client, which
+# gets the same 28P01 message for the first four.
+UNKNOWN_USER: Final = "unknown_user"
+WRONG_PASSWORD: Final = "wrong_password"
+EMPTY_PASSWORD: Final = "empty_password"
+# The stored secret cannot serve the exchange: an md5 hash for SCRAM, or a password SASLprep refuses.
+METHOD_MISMATCH: Final = "method_mismatch"
+UNSUPPORTED_MECHANISM: Final = "unsupported_mechanism"  # a SASL mechanism other than SCRAM-SHA-256
+MALFORMED_AUTH_MESSAGE: Final = "malformed_auth_message"
+LOGIN_FAILURE_REASONS: Final = (
+    UNKNOWN_USER,
+    WRONG_PASSWORD,
+    EMPTY_PASSWORD,
+    METHOD_MISMATCH,
+    UNSUPPORTED_MECHANISM,
+    MALFORMED_AUTH_MESSAGE,
+)
 
 
 # --- password hashes and verifiers --------------------------------------------------------------------
@@ -139,6 +164,52 @@ def _scram_verifier(password: str, salt: bytes, iterations: int = SCRAM_ITERATIO
         password, iteration_count=iterations, salt=salt
     )
     return ScramVerifier(int(count), bytes(salt_out), bytes(stored_key), bytes(server_key))
+
+
+class ScramKeys:
+    """SCRAM keys of plain-text userlist passwords, derived once each: one instance per users-file load.
+
+    Keyed by (user, password), so a stale entry can never serve a changed password; a reload makes a new
+    instance and the old keys go with the old userlist. Only userlist entries reach it (unknown users get
+    mock keys without it), so it holds at most one entry per user in the file. ``derivations`` counts the
+    PBKDF2 runs (a metric: once per plain-text user per load, whatever the number of failed logins).
+    """
+
+    def __init__(self) -> None:
+        self._keys: dict[tuple[str, str], ScramVerifier | None] = {}
+        self.derivations = 0
+
+    def for_password(self, user: str, password: str) -> ScramVerifier | None:
+        """The verifier of ``password`` (salt derived from ``user``), or None if SASLprep refuses it."""
+        key = (user, password)
+        try:
+            return self._keys[key]
+        except KeyError:
+            pass
+        self.derivations += 1
+        try:
+            verifier: ScramVerifier | None = _scram_verifier(password, _mock_salt(user))
+        except scramp.ScramException:  # e.g. a password SASLprep refuses: cannot log in with SCRAM
+            verifier = None
+        self._keys[key] = verifier
+        return verifier
+
+
+def _mock_salt(user: str) -> bytes:
+    """A per-user salt, stable for the process: what a plain-text entry and an unknown user both show."""
+    return hmac.digest(_MOCK_SALT_KEY, user.encode("utf-8", "surrogateescape"), "sha256")[:_SALT_LEN]
+
+
+def _mock_verifier(user: str) -> ScramVerifier:
+    """Keys no proof can match, for a user who cannot log in: two HMACs, no PBKDF2.
+
+    Same salt length and iteration count as a plain-text entry's, so the server-first-message does not tell
+    a probe whether the user exists. The exchange runs to the proof check and fails there.
+    """
+    name = user.encode("utf-8", "surrogateescape")
+    stored_key = hmac.digest(_MOCK_SALT_KEY, b"stored-key\0" + name, "sha256")
+    server_key = hmac.digest(_MOCK_SALT_KEY, b"server-key\0" + name, "sha256")
+    return ScramVerifier(SCRAM_ITERATIONS, _mock_salt(user), stored_key, server_key)
 
 
 # --- userlist.txt -------------------------------------------------------------------------------------
@@ -228,6 +299,8 @@ def _quoted(line: str, pos: int, what: str) -> tuple[str, int]:
 
 _METHODS: Final = frozenset({"scram-sha-256", "md5", "trust"})
 
+_INVALID_PROOF: Final = scramp.core.ServerError.INVALID_PROOF
+
 _START, _MD5, _SASL_INITIAL, _SASL_FINAL, _DONE, _FAILED = range(6)
 
 
@@ -242,33 +315,48 @@ class ServerAuth:
 
     Method "md5" uses SCRAM when the stored secret is a SCRAM verifier (as PostgreSQL does); a SCRAM
     exchange with an md5-stored secret always fails (the verifier cannot be derived from the hash).
+
+    ``keys`` is the users-file load's cache of derived SCRAM keys (a fresh one when omitted): with it, a
+    plain-text password costs one PBKDF2 per load, not one per login. After a failure, ``failure`` says why
+    (one of :data:`LOGIN_FAILURE_REASONS`) for the log; the client is never told more than 28P01.
     """
 
-    def __init__(self, method: str, user: str, secret: str | None) -> None:
+    def __init__(self, method: str, user: str, secret: str | None, keys: ScramKeys | None = None) -> None:
         if method not in _METHODS:
             raise ValueError(f"unknown authentication method {method!r}")
         self.method = method
         self.user = user
         self._secret = secret
+        self._keys = keys if keys is not None else ScramKeys()
         self._state = _START
-        self._doomed = False
+        self._doomed: str | None = None  # the failure reason, when the exchange can only fail
         self._md5_salt = b""
         self._scram: scramp.ScramServer | None = None
+        self.failure: str | None = None
 
     @property
     def done(self) -> bool:
         """Whether the client has been authenticated."""
         return self._state == _DONE
 
-    def _fail(self) -> ProxyError:
+    def _fail(self, reason: str | None = None) -> ProxyError:
         self._state = _FAILED
+        self.failure = reason or self._doomed or WRONG_PASSWORD
         return ProxyError(
             INVALID_PASSWORD, f'password authentication failed for user "{self.user}"', severity="FATAL"
         )
 
-    def _violation(self, message: str) -> ProxyError:
+    def _violation(self, message: str, reason: str = MALFORMED_AUTH_MESSAGE) -> ProxyError:
         self._state = _FAILED
+        self.failure = reason
         return ProxyError(PROTOCOL_VIOLATION, message, severity="FATAL")
+
+    def _doom_reason(self) -> str:
+        """Why a secret cannot authenticate this exchange (md5 exchanges: no secret or an empty one)."""
+        secret = self._secret
+        if secret is None:
+            return UNKNOWN_USER
+        return EMPTY_PASSWORD if not secret else METHOD_MISMATCH
 
     def start(self) -> bytes:
         """The first Authentication message to send (AuthenticationOk for trust: then already done)."""
@@ -314,7 +402,7 @@ class ServerAuth:
             inner = hashlib.md5((secret + self.user).encode()).hexdigest()
         else:  # unknown user or empty password: compare against something random, then fail
             inner = secrets.token_hex(16)
-            self._doomed = True
+            self._doomed = self._doom_reason()
         expected = _md5_salted(inner, self._md5_salt).encode("ascii")
         if hmac.compare_digest(answer, expected) and not self._doomed:
             self._state = _DONE
@@ -325,23 +413,22 @@ class ServerAuth:
 
     def _auth_info(self) -> ScramVerifier:
         # A plain-text secret and an unknown user both get the same per-user salt, stable for the life of
-        # the process, and cost the same key derivation: a probing client cannot tell them apart by the
-        # salt (its value, length or stability across attempts) nor by timing.
+        # the process, and the same iteration count: a probing client cannot tell them apart by the salt
+        # (its value, length or stability across attempts). Neither costs a key derivation per attempt: a
+        # plain-text password's keys are derived once per users-file load (ScramKeys), mock keys are HMACs.
         secret = self._secret
-        salt = hmac.digest(_MOCK_SALT_KEY, self.user.encode("utf-8", "surrogateescape"), "sha256")[:_SALT_LEN]
         if secret:
             verifier = parse_scram_verifier(secret)
             if verifier is not None:
                 if _scramp_usable(verifier):
                     return verifier
             elif not secret.startswith(_SCRAM_PREFIX) and not is_md5_hash(secret):
-                try:
-                    return _scram_verifier(secret, salt)
-                except scramp.ScramException:  # e.g. a password SASLprep refuses
-                    pass
-        # Unknown user, empty password, md5-stored or unusable secret: a fake verifier; fails at the end.
-        self._doomed = True
-        return _scram_verifier(secrets.token_hex(16), salt)
+                verifier = self._keys.for_password(self.user, secret)
+                if verifier is not None:
+                    return verifier
+        # Unknown user, empty password, md5-stored or unusable secret: mock keys; fails at the proof check.
+        self._doomed = self._doom_reason()
+        return _mock_verifier(self.user)
 
     def _feed_sasl_initial(self, payload: bytes) -> tuple[bytes, bool]:
         try:
@@ -349,7 +436,9 @@ class ServerAuth:
         except ProxyError as exc:
             raise self._violation("invalid SASL initial response") from exc
         if mechanism != SCRAM_SHA_256:
-            raise self._violation("client selected an invalid SASL authentication mechanism")
+            raise self._violation(
+                "client selected an invalid SASL authentication mechanism", UNSUPPORTED_MECHANISM
+            )
         if data is None:
             raise self._violation("malformed SCRAM message: missing client-first-message")
         try:
@@ -383,8 +472,11 @@ class ServerAuth:
         try:
             server.set_client_final(client_final)
             server_final = str(server.get_server_final())
-        except scramp.ScramException:
-            raise self._fail() from None
+        except scramp.ScramException as exc:
+            # Still 28P01 to the client, as before; the log tells a bad proof from a message that does not
+            # belong to this exchange (nonce or channel binding not matching, unparsable attributes).
+            proof = exc.server_error == _INVALID_PROOF
+            raise self._fail(None if proof else MALFORMED_AUTH_MESSAGE) from None
         if self._doomed:
             raise self._fail()
         self._state = _DONE

@@ -25,9 +25,7 @@ def test_log_lines(fmt: str, pg: DevClusters, start_proxy: Callable[..., ProxyPr
         assert secret not in text
     if fmt == "json":
         events = [json.loads(line) for line in lines]
-        assert {"client_open", "client_login", "client_close", "listening"} <= {
-            e.get("event") for e in events
-        }
+        assert {"client_login", "client_close", "listening"} <= {e.get("event") for e in events}
         assert all({"time", "level", "logger"} <= set(e) for e in events)
     else:
         assert all(line.startswith("time=") and " level=" in line for line in lines)
