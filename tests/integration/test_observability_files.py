@@ -166,6 +166,22 @@ def test_live_scrape_passes_promtool_check_metrics(
     assert (out.returncode, out.stdout + out.stderr) == (0, ""), scrape
 
 
+def test_fallback_alert_tells_configured_roles_by_their_upstream_up_series(
+    start_proxy: StartProxy, schema: None
+) -> None:
+    """ParaFortProxyRoleOnFallback keeps only roles with a parafort_proxy_upstream_up series (configured
+    ones): an unconfigured role counts fallbacks but must have no such series, a configured one has one."""
+    proxy = start_proxy(roles=("main", "analytics"), config={"domains": DEMO_DOMAINS, **FAST_HEALTH})
+    traffic(proxy)  # reads compliance_records: compliance is not configured, main serves it
+    scrape = proxy.metrics()
+    assert proxy.metric("parafort_proxy_fallbacks_total", role="compliance") >= 1, scrape
+    up_roles = set(re.findall(r'^parafort_proxy_upstream_up\{[^}]*role="([a-z_]+)"', scrape, re.MULTILINE))
+    assert up_roles == {"main", "analytics"}, scrape
+    rule = next(r for g in yaml.safe_load(ALERTS.read_text())["groups"] for r in g["rules"]
+                if r["alert"] == "ParaFortProxyRoleOnFallback")  # fmt: skip
+    assert "and on (job, instance, role) (parafort_proxy_upstream_up == 0)" in rule["expr"]
+
+
 def test_dashboard_queries_are_valid_promql(tmp_path: Path) -> None:
     rules = []
     for i, query in enumerate(dashboard_queries()):
