@@ -16,7 +16,7 @@ from prometheus_client.core import CounterMetricFamily, GaugeMetricFamily, Histo
 from prometheus_client.metrics_core import Metric
 from prometheus_client.registry import Collector
 
-from proxy.config.values import DOMAINS, ROLES
+from proxy.config.values import DOMAINS, ROLES, table_label
 from proxy.pool.pool import WAIT_BUCKETS
 from proxy.router.policy import MAIN, READ, WRITE
 
@@ -55,6 +55,27 @@ def fallback_roles(app: ProxyApp) -> list[str]:
         return role != MAIN and roles.get(role).fallback is not None
 
     return [role for role in ROLES if may_fall_back(role)]
+
+
+def refusable_roles(app: ProxyApp) -> list[str]:
+    """The served domain roles without a fallback: while down, their statements get 57P03."""
+    served = set(app.pool_roles.values())
+    roles = app.config.roles
+    return [role for role in DOMAINS if role in served and roles.get(role).fallback is None]
+
+
+def fallback_write_tables(app: ProxyApp) -> list[tuple[str, str]]:
+    """(role, table) for each table named in the domain map of a served role with a fallback: the writes
+    main may take while it is down. A ``schema.*`` entry names no table: its tables appear when written."""
+    served = set(app.pool_roles.values())
+    config = app.config
+    return [
+        (role, table_label(ref.schema, ref.table))
+        for role in DOMAINS
+        if role in served and config.roles.get(role).fallback is not None
+        for ref in getattr(config.domains, role)
+        if not ref.is_wildcard
+    ]
 
 
 class ProxyCollector(Collector):
@@ -137,7 +158,7 @@ class ProxyCollector(Collector):
             "in main's copy of the table that the proxy does not show once the role is back, to reconcile.",
             labels=["role", "table"],
         )
-        for (role, table), n in sorted(app.fallback_writes.items()):
+        for (role, table), n in with_zeros(app.fallback_writes, fallback_write_tables(app)):
             fallback_writes.add_metric([role, table], n)
         yield fallback_writes
         down_refusals = CounterMetricFamily(
@@ -145,7 +166,7 @@ class ProxyCollector(Collector):
             "Statements refused with 57P03 because their role is configured, down and has no fallback.",
             labels=["role"],
         )
-        for role, n in sorted(app.down_refusals.items()):
+        for role, n in with_zeros(app.down_refusals, refusable_roles(app)):
             down_refusals.add_metric([role], n)
         yield down_refusals
         statements = CounterMetricFamily(

@@ -131,6 +131,10 @@ def test_labelled_counters_have_zero_series_from_start_and_after_reload(
     # Main may serve analytics (configured, fallback main) and the unconfigured documents and compliance.
     fallbacks = {("analytics",), ("documents",), ("compliance",)}
     assert zero_series(scrape, "parafort_proxy_fallbacks_total", "role") == fallbacks
+    # Writes main may take for analytics while it is down: one series per table the map names.
+    tables = {("analytics", "user_activity"), ("analytics", "business_metrics")}
+    assert zero_series(scrape, "parafort_proxy_fallback_writes_total", "role", "table") == tables
+    assert zero_series(scrape, "parafort_proxy_down_refusals_total", "role") == set()  # analytics falls back
     assert "parafort_proxy_cross_upstream_refusals_total 0.0" in scrape.splitlines()
 
     # A reload that configures documents (its URL needs a restart: main still serves it) and turns
@@ -147,3 +151,6 @@ def test_labelled_counters_have_zero_series_from_start_and_after_reload(
     assert zero_series(scrape, "parafort_proxy_routed_statements_total", "role", "kind") == routed
     assert zero_series(scrape, "parafort_proxy_upstream_statements_total", "role", "event") == events
     assert zero_series(scrape, "parafort_proxy_fallbacks_total", "role") == {("documents",), ("compliance",)}
+    # analytics without a fallback: refused with 57P03 while down, no writes for main to take.
+    assert zero_series(scrape, "parafort_proxy_down_refusals_total", "role") == {("analytics",)}
+    assert zero_series(scrape, "parafort_proxy_fallback_writes_total", "role", "table") == set()
