@@ -59,11 +59,27 @@ def _load(path: Path | None) -> Config | None:
 
 
 def cmd_check(args: argparse.Namespace) -> int:
-    """Validate and print the resolved configuration; exit 1 with one line per problem."""
+    """Validate and print the resolved configuration; exit 1 with one line per problem.
+
+    Then, when the domain map has bare entries, compare them with main's catalog (warnings on stderr; exit 0
+    either way): a table of the same name in another schema is not in the domain. If main cannot be
+    reached within a few seconds, a note says the comparison was skipped.
+    """
     config = _load(args.config)
     if config is None:
         return 1
     sys.stdout.write(render_config(config))
+    sys.stdout.flush()
+    from proxy.config.catalog import run_catalog_check  # noqa: PLC0415  (asyncpg only when checking)
+
+    report = run_catalog_check(config)
+    if report.skipped is not None:
+        print(
+            f"parafort-proxy: note: domain map not checked against main's catalog: {report.skipped}",
+            file=sys.stderr,
+        )
+    for warning in report.warnings:
+        print(f"parafort-proxy: warning: {warning}", file=sys.stderr)
     return 0
 
 

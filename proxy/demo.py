@@ -16,7 +16,7 @@ import yaml
 from proxy.config import Config, load_config
 from proxy.devcluster import DevClusters, free_port
 from proxy.logs import setup_logging
-from proxy.server import serve
+from proxy.server import ProxyApp, serve
 
 # Domain tables live in their own role's cluster; main holds every table too, so a role left unconfigured
 # (or one set to fallback: main) is served by main.
@@ -153,8 +153,33 @@ def _interrupt(signum: int, frame: FrameType | None) -> None:
     raise KeyboardInterrupt
 
 
+def serving_text(app: ProxyApp) -> str:
+    """How to use the running demo proxy: the DSN, and the health and metrics URLs of the admin listener,
+    all read from the sockets the proxy has bound (the admin port is an ephemeral one)."""
+    host, port = app.config.listen.host, app.port
+    assert app.admin is not None
+    admin_host, admin_port = app.admin.addresses[0]
+    admin = f"http://{admin_host}:{admin_port}"
+    dsn = f"postgresql://{DEMO_USER}:{DEMO_PASSWORD}@{host}:{port}/demo"
+    return "\n".join(
+        [
+            f"\nThe proxy listens on {host}:{port}. Connect with:\n\n  psql '{dsn}'\n",
+            "Try:",
+            f"  psql '{dsn}' -c 'SELECT * FROM users'",
+            f"  psql '{dsn}' -c \"INSERT INTO user_activity (user_id, action) VALUES (1, 'login')\"",
+            f"  psql '{dsn}' -c 'SELECT inet_server_port(), pg_is_in_recovery()'",
+            "\nHealth and metrics (the admin listener, on an ephemeral port):",
+            f"  curl {admin}/api/health/databases",
+            f"  curl {admin}/api/health/connections",
+            f"  curl {admin}/metrics",
+            "\nPress Ctrl-C to stop the proxy and delete the clusters.",
+        ]
+    )
+
+
 def run_demo() -> int:
-    """Start the clusters and the proxy in front of them, print how to connect, run until Ctrl-C."""
+    """Start the clusters and the proxy in front of them, print how to connect once it serves, run until
+    Ctrl-C."""
     # SIGTERM before the proxy runs (it handles SIGTERM itself) still cleans up, like Ctrl-C.
     signal.signal(signal.SIGTERM, _interrupt)
     print("parafort-proxy demo: starting five local PostgreSQL clusters ...", flush=True)
@@ -166,16 +191,9 @@ def run_demo() -> int:
         print(f"parafort-proxy demo: clusters up in {time.monotonic() - started:.1f}s in {pg.basedir}")
         for role, cluster in pg.clusters.items():
             print(f"  {role:<13} 127.0.0.1:{cluster.port}  (user {cluster.user})")
-        dsn = f"postgresql://{DEMO_USER}:{DEMO_PASSWORD}@127.0.0.1:{port}/demo"
-        print(f"\nThe proxy listens on 127.0.0.1:{port}. Connect with:\n\n  psql '{dsn}'\n")
-        print("Try:")
-        print(f"  psql '{dsn}' -c 'SELECT * FROM users'")
-        print(f"  psql '{dsn}' -c \"INSERT INTO user_activity (user_id, action) VALUES (1, 'login')\"")
-        print(f"  psql '{dsn}' -c 'SELECT inet_server_port(), pg_is_in_recovery()'")
-        print("\nPress Ctrl-C to stop the proxy and delete the clusters.", flush=True)
         setup_logging("info")
         with asyncio.Runner(loop_factory=uvloop.new_event_loop) as runner:
-            runner.run(serve(config))
+            runner.run(serve(config, ready=lambda app: print(serving_text(app), flush=True)))
     except KeyboardInterrupt:
         pass
     finally:

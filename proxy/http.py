@@ -89,6 +89,13 @@ class AdminServer:
         await site.start()
         log.info("event=admin_listening address=%s:%d", host, port)
 
+    @property
+    def addresses(self) -> list[tuple[str, int]]:
+        """The (host, port) pairs the listener is bound to (empty before start)."""
+        if self._runner is None:
+            return []
+        return [(str(a[0]), int(a[1])) for a in self._runner.addresses]
+
     async def stop(self) -> None:
         if self._runner is not None:
             await self._runner.cleanup()

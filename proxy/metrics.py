@@ -1,25 +1,81 @@
 """Prometheus metrics (prefix ``parafort_proxy_``), in a registry of the proxy's own.
 
 Counters that move on the hot path are plain Python ints on the objects that own them; they are read at
-scrape time by a collector, so serving a statement costs no metric call.
+scrape time by a collector, so serving a statement costs no metric call. Labelled counters are published
+at 0 for every label set they can take (from the roles served and the live configuration) before their
+first event, so ``rate()`` and alerts see a series from the first scrape, and again after a reload.
 """
 
 from __future__ import annotations
 
-from collections.abc import Iterator
-from typing import TYPE_CHECKING
+from collections.abc import Iterable, Iterator
+from typing import TYPE_CHECKING, TypeVar
 
 from prometheus_client import CollectorRegistry, generate_latest
 from prometheus_client.core import CounterMetricFamily, GaugeMetricFamily, HistogramMetricFamily
 from prometheus_client.metrics_core import Metric
 from prometheus_client.registry import Collector
 
+from proxy.config.values import DOMAINS, ROLES, table_label
 from proxy.pool.pool import WAIT_BUCKETS
+from proxy.router.policy import MAIN, READ, WRITE
 
 if TYPE_CHECKING:
     from proxy.server import ProxyApp
 
 PREFIX = "parafort_proxy_"
+# The events the data path counts in ProxyApp.statement_events (proxy/frontend/client.py).
+STATEMENT_EVENTS = ("prepared", "reused", "evicted", "prepared_again_after_ddl")
+
+K = TypeVar("K", str, tuple[str, str])
+
+
+def with_zeros(counts: dict[K, int], keys: Iterable[K]) -> list[tuple[K, int]]:
+    """Every key of ``keys`` at 0 unless counted, plus whatever was counted; sorted."""
+    out = dict.fromkeys(keys, 0)
+    out.update(counts)
+    return sorted(out.items())
+
+
+def served_roles(app: ProxyApp) -> list[str]:
+    """The roles this process has pools for (fixed at start: a new URL needs a restart)."""
+    served = set(app.pool_roles.values())
+    return [role for role in ROLES if role in served]
+
+
+def fallback_roles(app: ProxyApp) -> list[str]:
+    """The roles whose statements main may serve under the live configuration: a domain role with no pool
+    (not configured, so always served by main), and a served role other than main with a fallback set."""
+    served = set(app.pool_roles.values())
+    roles = app.config.roles
+
+    def may_fall_back(role: str) -> bool:
+        if role not in served:
+            return role in DOMAINS
+        return role != MAIN and roles.get(role).fallback is not None
+
+    return [role for role in ROLES if may_fall_back(role)]
+
+
+def refusable_roles(app: ProxyApp) -> list[str]:
+    """The served domain roles without a fallback: while down, their statements get 57P03."""
+    served = set(app.pool_roles.values())
+    roles = app.config.roles
+    return [role for role in DOMAINS if role in served and roles.get(role).fallback is None]
+
+
+def fallback_write_tables(app: ProxyApp) -> list[tuple[str, str]]:
+    """(role, table) for each table named in the domain map of a served role with a fallback: the writes
+    main may take while it is down. A ``schema.*`` entry names no table: its tables appear when written."""
+    served = set(app.pool_roles.values())
+    config = app.config
+    return [
+        (role, table_label(ref.schema, ref.table))
+        for role in DOMAINS
+        if role in served and config.roles.get(role).fallback is not None
+        for ref in getattr(config.domains, role)
+        if not ref.is_wildcard
+    ]
 
 
 class ProxyCollector(Collector):
@@ -84,7 +140,8 @@ class ProxyCollector(Collector):
             "Units (statements, batches) routed, by role and kind.",
             labels=["role", "kind"],
         )
-        for (role, kind), n in sorted(app.routed.items()):
+        served = served_roles(app)
+        for (role, kind), n in with_zeros(app.routed, ((r, k) for r in served for k in (READ, WRITE))):
             routed.add_metric([role, kind], n)
         yield routed
         fallbacks = CounterMetricFamily(
@@ -92,7 +149,7 @@ class ProxyCollector(Collector):
             "Units served by the fallback (main) for a down or unconfigured role.",
             labels=["role"],
         )
-        for role, n in sorted(app.fallbacks.items()):
+        for role, n in with_zeros(app.fallbacks, fallback_roles(app)):
             fallbacks.add_metric([role], n)
         yield fallbacks
         fallback_writes = CounterMetricFamily(
@@ -101,7 +158,7 @@ class ProxyCollector(Collector):
             "in main's copy of the table that the proxy does not show once the role is back, to reconcile.",
             labels=["role", "table"],
         )
-        for (role, table), n in sorted(app.fallback_writes.items()):
+        for (role, table), n in with_zeros(app.fallback_writes, fallback_write_tables(app)):
             fallback_writes.add_metric([role, table], n)
         yield fallback_writes
         down_refusals = CounterMetricFamily(
@@ -109,7 +166,7 @@ class ProxyCollector(Collector):
             "Statements refused with 57P03 because their role is configured, down and has no fallback.",
             labels=["role"],
         )
-        for role, n in sorted(app.down_refusals.items()):
+        for role, n in with_zeros(app.down_refusals, refusable_roles(app)):
             down_refusals.add_metric([role], n)
         yield down_refusals
         statements = CounterMetricFamily(
@@ -118,7 +175,8 @@ class ProxyCollector(Collector):
             "client's Parse not sent: the connection had it), evicted, prepared_again_after_ddl.",
             labels=["role", "event"],
         )
-        for (role, event), n in sorted(app.statement_events.items()):
+        events = ((r, e) for r in served for e in STATEMENT_EVENTS)
+        for (role, event), n in with_zeros(app.statement_events, events):
             statements.add_metric([role, event], n)
         yield statements
         yield CounterMetricFamily(

@@ -9,7 +9,7 @@ from typing import Annotated, Literal
 from pydantic import BaseModel, ConfigDict, Field, field_validator, model_validator
 
 from proxy.config.dsn import Dsn, parse_dsn
-from proxy.config.values import DOMAINS, Duration, RoleName, TableEntry, TableRef
+from proxy.config.values import DOMAINS, PUBLIC, Duration, RoleName, TableEntry, TableRef
 
 Port = Annotated[int, Field(ge=1, le=65535)]
 PoolSize = Annotated[int, Field(ge=1, le=10_000)]
@@ -164,31 +164,33 @@ class DomainsConfig(Frozen):
         owner: dict[TableRef, str] = {}
         for domain in DOMAINS:
             for ref in getattr(self, domain):
-                other = owner.setdefault(ref, domain)
+                other = owner.setdefault(ref.qualified, domain)  # user_activity is public.user_activity
                 if other != domain:
                     raise ValueError(f"table {str(ref)!r} is in two domains: {other} and {domain}")
         return self
 
     @cached_property
     def _index(self) -> dict[TableRef, str]:
-        return {ref: domain for domain in DOMAINS for ref in getattr(self, domain)}
+        return {ref.qualified: domain for domain in DOMAINS for ref in getattr(self, domain)}
 
     def domain_of(self, schema: str | None, table: str) -> str | None:
         """The domain a table reference belongs to, or None for main.
 
-        Precedence: ``schema.table``, then ``schema.*``, then a bare ``table`` entry. An unqualified
-        reference is looked up as itself, then as ``public.table`` and ``public.*``.
+        A bare entry ``table`` means ``public.table``, exactly as if it were written so: it does not match a
+        table of that name in another schema (list ``schema.table`` or ``schema.*`` for those). An unqualified
+        reference in SQL is taken to be ``public.table`` (the proxy does not follow search_path). Precedence:
+        ``schema.table``, then ``schema.*``.
         """
         index = self._index
-        for candidate in (
-            TableRef(schema or "public", table),
-            TableRef(schema or "public", "*"),
-            TableRef(None, table),
-        ):
-            domain = index.get(candidate)
-            if domain is not None:
-                return domain
-        return None
+        schema = schema or PUBLIC
+        return index.get(TableRef(schema, table)) or index.get(TableRef(schema, "*"))
+
+    @property
+    def bare_entries(self) -> dict[str, str]:
+        """Entries written without a schema (table name -> domain): the ones ``check`` compares with main's
+        catalog, since a table of the same name in another schema does not belong to the domain."""
+        refs = ((ref, domain) for domain in DOMAINS for ref in getattr(self, domain))
+        return {ref.table: domain for ref, domain in refs if ref.schema is None}
 
 
 def default_domains() -> DomainsConfig:

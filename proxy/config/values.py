@@ -10,6 +10,17 @@ from pydantic import BeforeValidator
 
 ROLES = ("main", "analytics", "documents", "compliance", "read_replica")
 DOMAINS = ("analytics", "documents", "compliance")
+# The schema a bare domain-map entry and an unqualified table reference in SQL stand for. The proxy does not
+# follow search_path: an unqualified name is taken to be public.<name>.
+PUBLIC = "public"
+
+
+def table_label(schema: str | None, table: str) -> str:
+    """A table's one name in metrics and log lines: ``table`` for public (how unqualified SQL names it, and
+    how a bare map entry is written), else ``schema.table``; as stored, without quotes."""
+    return table if schema in (None, "", PUBLIC) else f"{schema}.{table}"
+
+
 RoleName = Literal["main", "analytics", "documents", "compliance", "read_replica"]
 
 _UNITS = {"ms": 0.001, "s": 1.0, "m": 60.0, "h": 3600.0, "d": 86400.0}
@@ -58,6 +69,11 @@ class TableRef:
     @property
     def is_wildcard(self) -> bool:
         return self.table == "*"
+
+    @property
+    def qualified(self) -> TableRef:
+        """The entry with its schema spelled out: a bare ``table`` is ``public.table``."""
+        return self if self.schema is not None else TableRef(PUBLIC, self.table)
 
     def __str__(self) -> str:
         def show(name: str) -> str:

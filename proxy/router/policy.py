@@ -14,7 +14,7 @@ from dataclasses import dataclass, replace
 import pglast
 
 from proxy.config import Config
-from proxy.config.values import DOMAINS, ROLES
+from proxy.config.values import DOMAINS, ROLES, table_label
 from proxy.errors import CANNOT_CONNECT_NOW, FEATURE_NOT_SUPPORTED, READ_ONLY_SQL_TRANSACTION
 from proxy.router.classify import TX_BEGIN_READ_ONLY, Classification, Flag, TableName
 
@@ -104,15 +104,17 @@ class Router:
         return value
 
     def fallback_writes(self, info: Classification) -> tuple[tuple[str, str], ...]:
-        """(role, table) for each table of a configured, down role that this write sends to main."""
+        """(role, table) for each table of a configured, down role that this write sends to main; the table
+        named once however the SQL spells it (``user_activity`` and ``public.user_activity`` are one)."""
         if self.kind(info)[0] != WRITE:
             return ()
-        return tuple(
-            (domain, _names([table]))
+        writes = {
+            (domain, table_label(*table))
             for domain, tables in self._tables_by_domain(info.tables).items()
             if domain != MAIN and self._configured(domain) and self.effective(domain) == MAIN
             for table in tables
-        )
+        }
+        return tuple(sorted(writes))
 
     def decide_cached(self, info: Classification, override: str | None, tx: str | None) -> Decision:
         key = (info, override, tx)

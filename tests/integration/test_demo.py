@@ -8,9 +8,23 @@ import subprocess
 import sys
 import tempfile
 import time
+import urllib.error
+import urllib.request
 from pathlib import Path
 
 from proxy.devcluster import wait_until
+
+
+def http_status(url: str) -> int:
+    """The status of a GET of ``url`` (an HTTP error status too); 0 when nothing answers."""
+    try:
+        with urllib.request.urlopen(url, timeout=10) as resp:
+            status: int = resp.status
+            return status
+    except urllib.error.HTTPError as exc:
+        return exc.code
+    except OSError:
+        return 0
 
 
 def test_demo_end_to_end() -> None:
@@ -34,6 +48,12 @@ def test_demo_end_to_end() -> None:
             dsn = re.search(r"psql '(postgresql://[^']+)'", text)
             basedir = re.search(r"clusters up in [0-9.]+s in (\S+)", text)
             assert dsn and basedir, text
+            # The health and metrics URLs it prints are the ones the admin listener serves (issue 15).
+            urls = re.findall(r"curl (http://\S+)", text)
+            assert [u.rsplit("/", 1)[1] for u in urls] == ["databases", "connections", "metrics"], text
+            wait_until(lambda: [http_status(u) for u in urls] == [200] * 3, 30, f"{urls} to answer 200")
+            with urllib.request.urlopen(urls[-1], timeout=10) as resp:
+                assert "parafort_proxy_upstream_up{" in resp.read().decode()
             rows = subprocess.run(
                 ["psql", dsn.group(1), "-X", "-At", "-c", "SELECT email FROM users ORDER BY id"],
                 capture_output=True, text=True, timeout=30, check=True,

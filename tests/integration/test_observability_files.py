@@ -32,6 +32,10 @@ ALERTS_TEST = ROOT / "config" / "prometheus" / "alerts_test.yaml"
 DASHBOARD = ROOT / "config" / "grafana" / "dashboard.json"
 
 FIVE_ROLES = ("main", "analytics", "documents", "compliance", "read_replica")
+# Exported metric families that need neither a dashboard panel nor an alert rule, each with the reason. Keep
+# it short: a family worth exporting is worth a panel. An entry must name a family the proxy exports (a
+# stale entry fails the test too). README ("Operating it") points here.
+NEEDS_NO_PANEL: dict[str, str] = {}
 FAST_HEALTH = {"health": {"interval": "200ms", "timeout": "1s"}}
 METRIC_NAME = re.compile(r"\bparafort_proxy_[A-Za-z0-9_]+")
 HISTOGRAM_SUFFIXES = ("_bucket", "_sum", "_count")
@@ -101,10 +105,16 @@ def panels(items: list[dict[str, Any]]) -> Iterator[dict[str, Any]]:
         yield from panels(panel.get("panels", []))
 
 
+def panel_exprs() -> list[str]:
+    """Every dashboard panel target's expression."""
+    doc = json.loads(DASHBOARD.read_text())
+    return [t["expr"] for p in panels(doc["panels"]) for t in p.get("targets", []) if t.get("expr")]
+
+
 def dashboard_queries() -> list[str]:
     """Every panel target's expression, then the template variables' queries."""
     doc = json.loads(DASHBOARD.read_text())
-    exprs = [t["expr"] for p in panels(doc["panels"]) for t in p.get("targets", []) if t.get("expr")]
+    exprs = panel_exprs()
     for var in doc.get("templating", {}).get("list", []):
         if var.get("type") == "query":
             query = var["query"]
@@ -166,6 +176,22 @@ def test_live_scrape_passes_promtool_check_metrics(
     assert (out.returncode, out.stdout + out.stderr) == (0, ""), scrape
 
 
+def test_fallback_alert_tells_configured_roles_by_their_upstream_up_series(
+    start_proxy: StartProxy, schema: None
+) -> None:
+    """ParaFortProxyRoleOnFallback keeps only roles with a parafort_proxy_upstream_up series (configured
+    ones): an unconfigured role counts fallbacks but must have no such series, a configured one has one."""
+    proxy = start_proxy(roles=("main", "analytics"), config={"domains": DEMO_DOMAINS, **FAST_HEALTH})
+    traffic(proxy)  # reads compliance_records: compliance is not configured, main serves it
+    scrape = proxy.metrics()
+    assert proxy.metric("parafort_proxy_fallbacks_total", role="compliance") >= 1, scrape
+    up_roles = set(re.findall(r'^parafort_proxy_upstream_up\{[^}]*role="([a-z_]+)"', scrape, re.MULTILINE))
+    assert up_roles == {"main", "analytics"}, scrape
+    rule = next(r for g in yaml.safe_load(ALERTS.read_text())["groups"] for r in g["rules"]
+                if r["alert"] == "ParaFortProxyRoleOnFallback")  # fmt: skip
+    assert "and on (job, instance, role) (parafort_proxy_upstream_up == 0)" in rule["expr"]
+
+
 def test_dashboard_queries_are_valid_promql(tmp_path: Path) -> None:
     rules = []
     for i, query in enumerate(dashboard_queries()):
@@ -187,6 +213,30 @@ def test_dashboard_uses_only_exported_metrics(five_roles: ProxyProcess) -> None:
     names = names_in(dashboard_queries())
     assert len(names) >= 15, names
     assert not_exported(names, five_roles.metrics()) == []
+
+
+def families_without_panel_or_alert(scrape: str) -> list[str]:
+    """The families of a scrape that no panel expression and no alert rule uses (a histogram is used when
+    its _bucket, _sum or _count is)."""
+    used = names_in(panel_exprs()) | names_in(alert_exprs())
+    used |= {name.removesuffix(s) for name in used for s in HISTOGRAM_SUFFIXES if name.endswith(s)}
+    return sorted(name for name in families(scrape) if name not in used)
+
+
+def test_every_exported_family_has_a_panel_or_an_alert(five_roles: ProxyProcess) -> None:
+    """Issue 15: parafort_proxy_upstream_statements_total was exported but on no panel. Every family of a
+    live scrape is in a dashboard panel's expression or an alert rule, or on NEEDS_NO_PANEL with a reason."""
+    scrape = five_roles.metrics()
+    exported = families(scrape)
+    assert len(exported) >= 20, exported
+    assert sorted(set(NEEDS_NO_PANEL) - set(exported)) == [], "NEEDS_NO_PANEL names families not exported"
+    missing = [name for name in families_without_panel_or_alert(scrape) if name not in NEEDS_NO_PANEL]
+    assert missing == [], "\n".join(
+        f"metric family {name} is exported but in no panel of {DASHBOARD.relative_to(ROOT)} and no rule of "
+        f"{ALERTS.relative_to(ROOT)}: add a panel (or an alert), or list it in NEEDS_NO_PANEL in "
+        f"{Path(__file__).relative_to(ROOT)} with the reason"
+        for name in missing
+    )
 
 
 def test_alert_rules_use_only_exported_metrics(five_roles: ProxyProcess) -> None:

@@ -140,7 +140,8 @@ def test_domain_map_entries_and_precedence(tmp_path: Path) -> None:
         TableRef("reports", "daily"),
     )
     assert domains.domain_of(None, "user_activity") == "analytics"
-    assert domains.domain_of("sales", "user_activity") == "analytics"
+    assert domains.domain_of("public", "user_activity") == "analytics"
+    assert domains.domain_of("sales", "user_activity") is None  # a bare entry is public.user_activity only
     assert domains.domain_of("analytics", "events") == "analytics"
     assert domains.domain_of("analytics", "raw_documents") == "documents"  # schema.table beats schema.*
     assert domains.domain_of("Doc Store", "files") == "documents"
@@ -150,6 +151,36 @@ def test_domain_map_entries_and_precedence(tmp_path: Path) -> None:
     assert domains.domain_of("other", "boir_filings") is None
     # With a map, the schema-name default no longer applies.
     assert domains.domain_of("compliance", "anything") is None
+
+
+def test_bare_entry_is_the_table_in_public_only(tmp_path: Path) -> None:
+    """Issue 15: ``user_activity`` in the map sent reporting.user_activity to analytics too."""
+    path = write(
+        tmp_path,
+        """
+        domains:
+          analytics: [user_activity, "public.business_metrics"]
+          documents: [reporting.user_activity, "archive.*"]
+        """,
+    )
+    domains = load_config(path, {"DATABASE_URL": MAIN}).domains
+    assert domains.domain_of(None, "user_activity") == "analytics"  # unqualified: public (not search_path)
+    assert domains.domain_of("public", "user_activity") == "analytics"
+    assert domains.domain_of("reporting", "user_activity") == "documents"
+    assert domains.domain_of("archive", "user_activity") == "documents"
+    assert domains.domain_of("sales", "user_activity") is None
+    assert domains.domain_of(None, "business_metrics") == "analytics"
+    assert domains.domain_of("sales", "business_metrics") is None
+    assert domains.bare_entries == {"user_activity": "analytics"}
+
+
+def test_bare_entry_and_its_public_spelling_are_one_table(tmp_path: Path) -> None:
+    path = write(tmp_path, "domains: {analytics: [user_activity], documents: [public.user_activity]}\n")
+    with pytest.raises(ConfigError) as err:
+        load_config(path, {"DATABASE_URL": MAIN})
+    assert err.value.problems == [
+        "domains: table 'public.user_activity' is in two domains: analytics and documents"
+    ]
 
 
 BAD_CASES = [

@@ -59,3 +59,29 @@ def test_case(case: dict[str, Any], tmp_path: Path) -> None:
         got["role"] = decision.role
         want["role"] = case["role"]
     assert got == want, f"{sql}\n  reason: {decision.reason}"
+
+
+@pytest.mark.parametrize(
+    ("sql", "writes"),
+    [
+        ("INSERT INTO user_activity (user_id) VALUES (1)", [("analytics", "user_activity")]),
+        ("INSERT INTO public.user_activity (user_id) VALUES (1)", [("analytics", "user_activity")]),
+        (
+            "INSERT INTO user_activity SELECT * FROM public.user_activity",
+            [("analytics", "user_activity")],
+        ),
+        ("INSERT INTO analytics.events (id) VALUES (1)", [("analytics", "analytics.events")]),
+        ("INSERT INTO reporting.user_activity (user_id) VALUES (1)", []),  # main's own table (issue 15)
+    ],
+)
+def test_fallback_writes_name_a_table_once_however_sql_spells_it(
+    tmp_path: Path, sql: str, writes: list[tuple[str, str]]
+) -> None:
+    """parafort_proxy_fallback_writes_total{table} is the table's one name: an unqualified reference and
+    public.<name> are the same table (so the zero series published for a mapped table is the one counted)."""
+    path = tmp_path / "proxy.yaml"
+    path.write_text(CONFIG_YAML + "roles: {analytics: {fallback: main}}\n")
+    env = {var: f"postgresql://u:p@{role.replace('_', '-')}.internal/db" for role, var in ROLE_ENV.items()}
+    config = load_config(path, env)
+    router = Router(config, lambda role: role != "analytics")  # analytics configured and down
+    assert list(router.fallback_writes(classify(sql))) == writes
