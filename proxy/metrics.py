@@ -200,6 +200,21 @@ class ProxyCollector(Collector):
         yield CounterMetricFamily(
             PREFIX + "classification_cache_misses", "Classification cache misses.", value=cache.misses
         )
+        worker = app.classifier_worker
+        events = CounterMetricFamily(
+            PREFIX + "classifier_worker_events",
+            "Large statements classified in the classifier child process, and its starts, deaths (a "
+            "statement it crashed on goes to main unclassified) and deadlines missed.",
+            labels=["event"],
+        )
+        for event, n in (
+            ("classified", worker.requests),
+            ("started", worker.starts),
+            ("died", worker.crashes),
+            ("timeout", worker.timeouts),
+        ):
+            events.add_metric([event], n)
+        yield events
         yield from _health_metrics(app)
 
 
