@@ -17,9 +17,9 @@ from proxy.router.functions import BUILTIN_READ_ONLY, WRITE_FUNCTIONS
 
 CURSOR_OPT_HOLD = 0x0020
 # SQL up to this many bytes is classified in-process, on the event loop: at this size even the deepest
-# shapes (``1+1+...``, ``- - - 1``, ``1::a::a``, nested parentheses, CASE, ARRAY[], calls, subselects)
-# parse in well under pglast's crash depth (~25,000 levels) and in tens of milliseconds at worst.
-INLINE_BYTES = 8192
+# shapes (``1+1+...``, ``1-1-...``, ``1::a::a``, ``- - 1``, nested parentheses, CASE, ARRAY[], calls,
+# subselects) stay far below pglast's crash depth (~25,000 levels) and take at most ~50 ms (8 KB: ~100 ms).
+INLINE_BYTES = 4096
 # Larger SQL, up to this size, is classified in a child process (proxy/router/worker.py); beyond it, not
 # at all: such a statement is UNCLASSIFIABLE and PostgreSQL (on main) answers it.
 MAX_CLASSIFY_BYTES = 4 * 1024 * 1024

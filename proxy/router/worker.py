@@ -52,7 +52,7 @@ class ClassifierWorker:
         self._proc: asyncio.subprocess.Process | None = None
         self._queue: deque[tuple[bytes, bytes, asyncio.Future[Analysis]]] = deque()
         self._runner: asyncio.Task[None] | None = None
-        self._watcher: asyncio.Task[None] | None = None
+        self._current: asyncio.Future[Analysis] | None = None  # the request the child is working on
         self._results: OrderedDict[bytes, Analysis] = OrderedDict()
         self._stopped = False
         # Counters (metrics): requests answered by the child, children started, deaths, deadlines missed.
@@ -92,7 +92,9 @@ class ClassifierWorker:
             sql, key, future = self._queue.popleft()
             if future.done():
                 continue
+            self._current = future
             result = await self._one(sql)
+            self._current = None
             if result is not UNCLASSIFIED:
                 self._results[key] = result
                 if len(self._results) > RESULT_CACHE_SIZE:
@@ -133,8 +135,10 @@ class ClassifierWorker:
 
     async def _ensure(self) -> asyncio.subprocess.Process | None:
         proc = self._proc
-        if proc is not None and proc.returncode is None:
-            return proc
+        if proc is not None:
+            if proc.returncode is None:
+                return proc
+            self._forget(proc, proc.returncode)  # it died between requests (killed, say)
         if self._stopped:
             return None
         try:
@@ -152,23 +156,20 @@ class ClassifierWorker:
         self._proc = proc
         self.starts += 1
         log.info("event=classifier_started pid=%d", proc.pid)
-        self._watcher = asyncio.get_running_loop().create_task(self._watch(proc))
         return proc
 
     async def _end(self, proc: asyncio.subprocess.Process) -> None:
-        """The child failed a request: make sure it is gone and reaped (``_watch`` logs it); forget it."""
+        """The child failed a request (died, or missed the deadline): make sure it is gone and reaped."""
         if proc.returncode is None:
             with contextlib.suppress(ProcessLookupError):
                 proc.kill()
-        await proc.wait()
-        if self._proc is proc:
-            self._proc = None
+        self._forget(proc, await proc.wait())
 
-    async def _watch(self, proc: asyncio.subprocess.Process) -> None:
-        """Log the child's death once, whatever ended it (a segfault, a kill, a missed deadline)."""
-        code = await proc.wait()
-        if self._proc is proc:
-            self._proc = None
+    def _forget(self, proc: asyncio.subprocess.Process, code: int) -> None:
+        """Log the child's end once, whatever ended it (a segfault, a kill, a missed deadline)."""
+        if self._proc is not proc:
+            return
+        self._proc = None
         if not self._stopped:
             self.crashes += 1
             log.warning(
@@ -184,7 +185,9 @@ class ClassifierWorker:
                 future.set_result(UNCLASSIFIED)
         proc, self._proc = self._proc, None
         if proc is not None and proc.returncode is None:
-            if proc.stdin is not None:
+            if self._current is not None:
+                proc.kill()  # busy with a statement nobody will use now
+            elif proc.stdin is not None:
                 proc.stdin.close()  # the child exits at end of input
             try:
                 await asyncio.wait_for(proc.wait(), 2)
@@ -193,11 +196,13 @@ class ClassifierWorker:
                     proc.kill()
                 await proc.wait()
             log.info("event=classifier_stopped pid=%d", proc.pid)
-        for task in (self._runner, self._watcher):
-            if task is not None:
-                task.cancel()
-                with contextlib.suppress(asyncio.CancelledError):
-                    await task
+        current, self._current = self._current, None
+        if current is not None and not current.done():
+            current.set_result(UNCLASSIFIED)
+        if self._runner is not None:
+            self._runner.cancel()
+            with contextlib.suppress(asyncio.CancelledError):
+                await self._runner
 
 
 # -- the child --------------------------------------------------------------------------------------------

@@ -12,6 +12,7 @@ import re
 import signal
 import socket
 import threading
+import time
 from collections.abc import Callable, Iterator
 from contextlib import contextmanager
 
@@ -74,6 +75,7 @@ class Bystander:
     def __init__(self, dsn: str) -> None:
         self.dsn = dsn
         self.done = 0
+        self.longest_wait = 0.0  # the longest time one SELECT 1 took (reported, not asserted)
         self.errors: list[BaseException] = []
         self._stop = threading.Event()
         self._thread = threading.Thread(target=self._run, daemon=True)
@@ -82,7 +84,9 @@ class Bystander:
         try:
             with psycopg.connect(self.dsn, autocommit=True, connect_timeout=10) as conn:
                 while not self._stop.is_set():
+                    started = time.monotonic()
                     assert conn.execute("SELECT 1").fetchone() == (1,)
+                    self.longest_wait = max(self.longest_wait, time.monotonic() - started)
                     self.done += 1
         except BaseException as exc:
             self.errors.append(exc)
@@ -136,6 +140,7 @@ def test_a_bystander_is_served_while_a_huge_statement_is_classified(main_only: P
         sock = socket.socket(fileno=os.dup(pgconn.socket))
         local, proxy_port = sock.getsockname()[1], sock.getpeername()[1]
         sock.close()
+        sent = time.monotonic()
         pgconn.send_query(SLOW_TO_CLASSIFY.encode())  # blocking mode: returns once all of it is sent
 
         def read_by_proxy() -> bool:
@@ -151,6 +156,10 @@ def test_a_bystander_is_served_while_a_huge_statement_is_classified(main_only: P
         while (result := pgconn.get_result()) is not None:
             results.append(result)
         assert results[0].error_field(psycopg.pq.DiagnosticField.SQLSTATE) == b"42883"
+        print(
+            f"bystander: {bystander.done - seen} answers while the statement was classified "
+            f"({time.monotonic() - sent:.1f} s); the longest took {bystander.longest_wait:.3f} s"
+        )
     assert main_only.metric(routed, role="main", kind="write") == writes_before + 1
     assert main_only.metric("parafort_proxy_classifier_worker_events_total", event="classified") >= 1
 
@@ -190,6 +199,7 @@ def test_memory_comes_back_after_large_statements(main_only: ProxyProcess) -> No
     with psycopg.connect(dsn, autocommit=True) as conn:  # a client later: the proxy has settled
         assert conn.execute("SELECT 1").fetchone() == (1,)
     after = _rss_kb(pid)
+    print(f"proxy RSS {baseline} kB before 40 distinct 8 MB statements, {after} kB after")
     assert after < baseline + 100 * 1024, f"RSS {baseline} kB before, {after} kB after"
 
 
@@ -202,4 +212,9 @@ def test_a_64_mb_message_is_buffered_linearly(main_only: ProxyProcess) -> None:
         cpu = _cpu_seconds(main_only.proc.pid)
         assert conn.execute(f"SELECT length('{body}')").fetchone() == (len(body),)
         print(f"proxy CPU for one 64 MB message: {_cpu_seconds(main_only.proc.pid) - cpu:.2f} s")
+        # And one 64 MB row back from the server (the upstream side buffers the same way).
+        cpu = _cpu_seconds(main_only.proc.pid)
+        (row,) = conn.execute("SELECT repeat('y', 64 * 1024 * 1024 - 64)").fetchone()
+        assert len(row) == len(body) and row == "y" * len(body)
+        print(f"proxy CPU for one 64 MB row: {_cpu_seconds(main_only.proc.pid) - cpu:.2f} s")
         assert conn.execute("SELECT 1").fetchone() == (1,)
