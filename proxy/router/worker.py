@@ -23,6 +23,7 @@ from collections import OrderedDict, deque
 from typing import BinaryIO
 
 from proxy.router.classify import (
+    INLINE_BYTES,
     MAX_CLASSIFY_BYTES,
     UNCLASSIFIED,
     Analysis,
@@ -36,12 +37,19 @@ log = logging.getLogger("parafort.classifier")
 
 _LENGTH = struct.Struct("!I")
 CLASSIFY_TIMEOUT = 15.0  # seconds one request may take in the child (a 4 MB statement takes a few)
-RESULT_CACHE_SIZE = 1_000  # answers remembered by the SQL's digest: repeated large statements skip the child
+# Answers remembered by the SQL's digest (16 bytes, not the SQL): a repeated large statement skips the child.
+RESULT_CACHE_SIZE = 1_000
 _MAX_ANSWER = 64 * 1024 * 1024
 
 
 def _digest(sql: bytes) -> bytes:
     return hashlib.blake2b(sql, digest_size=16).digest()
+
+
+def _size(a: Analysis) -> int:
+    """What an answer holds beyond a few small sets: the text of its session changes (``SET x = '...'``
+    can be megabytes, and is not worth remembering)."""
+    return sum(len(c.sql or "") for c in a.changes)
 
 
 class ClassifierWorker:
@@ -95,7 +103,7 @@ class ClassifierWorker:
             self._current = future
             result = await self._one(sql)
             self._current = None
-            if result is not UNCLASSIFIED:
+            if result is not UNCLASSIFIED and _size(result) <= INLINE_BYTES:
                 self._results[key] = result
                 if len(self._results) > RESULT_CACHE_SIZE:
                     self._results.popitem(last=False)

@@ -106,6 +106,10 @@ def test_the_worker_survives_its_child_and_starts_another() -> None:
             assert again.info.tables == {("", "t")}
             assert worker.pid not in (None, pid)
             assert await worker.analyze(LARGE_READ) is first  # remembered by digest: no round trip
+            big_set = f"SET application_name = '{'x' * 10_000}'".encode()
+            setting = await worker.analyze(big_set)
+            assert [c.name for c in setting.changes] == ["application_name"]
+            assert await worker.analyze(big_set) is not setting  # megabytes of SET text are not kept
             assert await worker.analyze(b"x" * (MAX_CLASSIFY_BYTES + 1)) is UNCLASSIFIED  # never sent
         finally:
             last = worker.pid
