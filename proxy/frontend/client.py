@@ -608,6 +608,8 @@ class ClientConnection(asyncio.Protocol):
                 lo = buf.index(0, start + 5, end) + 1
                 hi = buf.index(0, lo, end)
             else:
+                if mtype == _B:
+                    m.decode_bind_names(buf[start + 5 : end])  # malformed: refused now, not after the wait
                 continue
             if hi - lo <= INLINE_BYTES:
                 continue
