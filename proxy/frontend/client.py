@@ -600,7 +600,7 @@ class ClientConnection(asyncio.Protocol):
         worker = self.app.classifier_worker
         buf = batch.buf
         found: dict[int, Analysis] = {}
-        pending: list[tuple[int, bytes]] = []
+        pending: list[tuple[int, bytes, bytes]] = []  # (message start, SQL, its digest)
         for mtype, start, end in batch.msgs:
             if mtype == _Q:
                 lo, hi = start + 5, end - 1
@@ -617,9 +617,9 @@ class ClientConnection(asyncio.Protocol):
                 found[start] = UNCLASSIFIED  # not parsed at all: PostgreSQL judges it
                 continue
             sql = buf[lo:hi]
-            deep = worker.cached(sql)
+            key, deep = worker.cached(sql)
             if deep is None:
-                pending.append((start, sql))
+                pending.append((start, sql, key))
             else:
                 found[start] = deep
         batch.analyses = found
@@ -631,11 +631,11 @@ class ClientConnection(asyncio.Protocol):
         return True
 
     async def _classify(
-        self, batch: Batch, found: dict[int, Analysis], pending: list[tuple[int, bytes]]
+        self, batch: Batch, found: dict[int, Analysis], pending: list[tuple[int, bytes, bytes]]
     ) -> None:
         worker = self.app.classifier_worker
-        for start, sql in pending:
-            found[start] = await worker.analyze(sql)  # cancelled if the client goes
+        for start, sql, key in pending:
+            found[start] = await worker.analyze(sql, key)  # cancelled if the client goes
         self._classifying = None
         if self.phase == CLOSED:
             return

@@ -74,23 +74,26 @@ class ClassifierWorker:
         proc = self._proc
         return proc.pid if proc is not None and proc.returncode is None else None
 
-    def cached(self, sql: bytes) -> Analysis | None:
-        """The answer for ``sql`` without waiting: remembered, or UNCLASSIFIED when it is too large."""
+    def cached(self, sql: bytes) -> tuple[bytes, Analysis | None]:
+        """``sql``'s digest, and its answer if there is one without waiting: remembered, or UNCLASSIFIED
+        when it is too large."""
         if len(sql) > MAX_CLASSIFY_BYTES or self._stopped:
-            return UNCLASSIFIED
+            return b"", UNCLASSIFIED
         key = _digest(sql)
         found = self._results.get(key)
         if found is not None:
             self._results.move_to_end(key)
-        return found
+        return key, found
 
-    async def analyze(self, sql: bytes) -> Analysis:
-        """The Analysis of ``sql`` from the child; UNCLASSIFIED if it dies or misses the deadline."""
-        found = self.cached(sql)
-        if found is not None:
-            return found
+    async def analyze(self, sql: bytes, key: bytes | None = None) -> Analysis:
+        """The Analysis of ``sql`` (whose digest ``key`` is, when the caller has it) from the child;
+        UNCLASSIFIED if the child dies or misses the deadline."""
+        if key is None:
+            key, found = self.cached(sql)
+            if found is not None:
+                return found
         future: asyncio.Future[Analysis] = asyncio.get_running_loop().create_future()
-        self._queue.append((sql, _digest(sql), future))
+        self._queue.append((sql, key, future))
         if self._runner is None or self._runner.done():
             self._runner = asyncio.get_running_loop().create_task(self._run())
         return await future  # cancelled (the client left): _run skips it
