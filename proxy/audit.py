@@ -16,6 +16,8 @@ from typing import TextIO
 
 import pglast
 
+from proxy.router.classify import INLINE_BYTES
+
 log = logging.getLogger("parafort.audit")
 CACHE_SIZE = 5_000
 
@@ -51,7 +53,10 @@ class AuditLog:
     def normalized(self, sql: bytes) -> str:
         found = self._normalized.get(sql)
         if found is None:
-            found = self._normalized[sql] = normalize(sql.decode("utf-8", errors="replace"))
+            found = normalize(sql.decode("utf-8", errors="replace"))
+            if len(sql) > INLINE_BYTES:
+                return found  # large texts are not kept: the cache stays small in bytes
+            self._normalized[sql] = found
             if len(self._normalized) > CACHE_SIZE:
                 self._normalized.popitem(last=False)
         return found

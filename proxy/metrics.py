@@ -193,14 +193,34 @@ class ProxyCollector(Collector):
             value=app.reload_failures,
         )
         yield from _login_metrics(app)
-        cache = app.classifier
-        yield CounterMetricFamily(
-            PREFIX + "classification_cache_hits", "Classification cache hits.", value=cache.hits
-        )
-        yield CounterMetricFamily(
-            PREFIX + "classification_cache_misses", "Classification cache misses.", value=cache.misses
-        )
+        yield from _classification_metrics(app)
         yield from _health_metrics(app)
+
+
+def _classification_metrics(app: ProxyApp) -> Iterator[CounterMetricFamily]:
+    """The classification cache, and the classifier child that takes statements above 4 KB."""
+    cache = app.classifier
+    yield CounterMetricFamily(
+        PREFIX + "classification_cache_hits", "Classification cache hits.", value=cache.hits
+    )
+    yield CounterMetricFamily(
+        PREFIX + "classification_cache_misses", "Classification cache misses.", value=cache.misses
+    )
+    worker = app.classifier_worker
+    events = CounterMetricFamily(
+        PREFIX + "classifier_worker_events",
+        "Large statements classified in the classifier child process, and its starts, deaths (a "
+        "statement it crashed on goes to main unclassified) and deadlines missed.",
+        labels=["event"],
+    )
+    for event, n in (
+        ("classified", worker.requests),
+        ("started", worker.starts),
+        ("died", worker.crashes),
+        ("timeout", worker.timeouts),
+    ):
+        events.add_metric([event], n)
+    yield events
 
 
 def _login_metrics(app: ProxyApp) -> Iterator[CounterMetricFamily]:

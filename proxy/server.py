@@ -33,6 +33,7 @@ from proxy.protocol.auth import ScramKeys, ServerAuth, UserlistError, load_userl
 from proxy.protocol.framing import cancel_request
 from proxy.router.classify import ClassificationCache
 from proxy.router.policy import Router
+from proxy.router.worker import ClassifierWorker
 
 log = logging.getLogger("parafort.server")
 
@@ -53,6 +54,7 @@ class ProxyApp:
         self.ssl_context = client_tls_context(config.tls)
         self.audit = AuditLog(config.audit.path) if config.audit.path else None
         self.classifier = ClassificationCache()
+        self.classifier_worker = ClassifierWorker()  # large statements: a child process, started on first use
         # Unnamed Parse payloads (SQL and parameter types) -> their content-addressed statement.
         self.unnamed_statements: dict[bytes, PreparedStatement] = {}
         self.cache_unnamed = config.statements.cache_unnamed
@@ -179,6 +181,7 @@ class ProxyApp:
             self._log_outage_writes(role, "proxy stopping")
         self.login_failures.flush()  # the last window's summary, before the process goes
         await self.health.stop()
+        await self.classifier_worker.stop()
         if self.admin is not None:
             await self.admin.stop()
         if self._server is not None:

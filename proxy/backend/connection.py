@@ -36,6 +36,7 @@ log = logging.getLogger("parafort.backend")
 
 _HEADER = struct.Struct("!BI")
 MAX_BACKEND_MESSAGE = 1 << 30
+COLLECT_FROM = 64 * 1024  # a message still missing more than this is collected in chunks, joined once
 
 # Response-unit kinds: which frontend message an expectation belongs to.
 K_SYNC = 0  # Sync, Query or FunctionCall: everything up to and including ReadyForQuery
@@ -141,6 +142,10 @@ class ServerConnection(asyncio.Protocol):
         self.expect: deque[Expect] = deque()
         self.sink: Sink | None = None
         self._buf = b""
+        # A large message being received: its chunks so far, their length, the length that completes it.
+        self._parts: list[bytes] | None = None
+        self._have = 0
+        self._need = 0
         self._broken = False
         self._handshake: asyncio.Future[None] | None = None
         self._auth: ClientAuth | None = None
@@ -290,6 +295,7 @@ class ServerConnection(asyncio.Protocol):
             and self.status == 73
             and not self.expect
             and not self._buf
+            and self._parts is None
             and not self.needs_sync
         )
 
@@ -332,6 +338,14 @@ class ServerConnection(asyncio.Protocol):
             data = data[1:]
             if not data:
                 return
+        if self._parts is not None:
+            # A large message arriving: its chunks are joined once, when it is complete (linear cost).
+            self._parts.append(data)
+            self._have += len(data)
+            if self._have < self._need:
+                return
+            data = b"".join(self._parts)
+            self._parts = None
         # ``buf`` is immutable bytes, so slices of it can be handed to the client's transport as they are.
         buf = self._buf + data if self._buf else data
         try:
@@ -340,7 +354,17 @@ class ServerConnection(asyncio.Protocol):
             log.warning("event=upstream_protocol_error upstream=%s error=%r", self.label, exc.message)
             self.abort()
             return
-        self._buf = buf[used:] if used < len(buf) else b""
+        if used >= len(buf):
+            self._buf = b""
+            return
+        self._buf = rest = buf[used:] if used else buf
+        if len(rest) >= 5:
+            need = 1 + _HEADER.unpack_from(rest)[1]
+            if need - len(rest) > COLLECT_FROM:
+                self._parts = [rest]
+                self._have = len(rest)
+                self._need = need
+                self._buf = b""
 
     def _pump(self, buf: bytes) -> int:  # noqa: PLR0915  (the hot loop, one frame on purpose)
         """Route complete messages in ``buf`` per the expectation queue; returns bytes consumed.

@@ -71,10 +71,14 @@ from proxy.router.classify import (
     F_PIN,
     F_SAVEPOINT,
     F_SESSION_SET,
+    INLINE_BYTES,
+    MAX_CLASSIFY_BYTES,
     TX_BEGIN,
     TX_BEGIN_READ_ONLY,
     TX_COMMIT,
     TX_ROLLBACK,
+    UNCLASSIFIED,
+    Analysis,
     Classification,
     SessionChange,
     deallocate_target,
@@ -105,6 +109,9 @@ _CLOSE_UNNAMED = m.close(b"S", "")
 _DESCRIBE_EXECUTE_SYNC = frozenset(b"DES")
 _B_HEADER = struct.Struct("!BIB")  # a Bind's type, length and its (empty) portal name
 UNNAMED_CACHE_SIZE = 10_000  # distinct unnamed Parse payloads remembered (then forgotten all at once)
+# A message still missing more than this is collected chunk by chunk and joined once (linear, not the
+# quadratic cost of concatenating every read onto the buffer).
+COLLECT_FROM = 64 * 1024
 
 # Connection phases.
 STARTUP, AUTH, LOGIN, READY, CLOSED, TLS_HANDSHAKE = range(6)
@@ -116,7 +123,7 @@ Piece = bytes | memoryview
 class Batch:
     """Client messages up to a terminator: offsets into the (immutable) bytes they arrived in."""
 
-    __slots__ = ("buf", "end", "info", "msgs", "start", "terminator")
+    __slots__ = ("analyses", "buf", "end", "info", "msgs", "start", "terminator")
 
     def __init__(self, buf: bytes, msgs: list[tuple[int, int, int]], start: int, end: int, term: int) -> None:
         self.buf = buf
@@ -125,6 +132,8 @@ class Batch:
         self.end = end
         self.terminator = term  # Sync, Query, Flush or FunctionCall; 0 for a part of an oversized batch
         self.info: Classification | None = None  # a lone Query's classification, once the router made it
+        # Statements above INLINE_BYTES, analysed off the event loop: by their message's start offset.
+        self.analyses: dict[int, Analysis] | None = None
 
     def queries(self) -> Iterator[str]:
         """The SQL texts in this batch (Query and Parse), for the router."""
@@ -160,8 +169,13 @@ class ClientConnection(asyncio.Protocol):
         self._unnamed_info: Classification | None = None
         self.pinned: str | None = None
         self.buf = b""
-        self.waiting: Batch | None = None  # the batch waiting for an upstream connection
+        # A large message being received: its chunks so far, their length, and the length that completes it.
+        self._parts: list[bytes] | None = None
+        self._have = 0
+        self._need = 0
+        self.waiting: Batch | None = None  # the batch waiting for an upstream connection (or classification)
         self._main_rechecked: Batch | None = None  # the batch being decided again after main_reachable
+        self._classifying: asyncio.Task[None] | None = None  # large statements of ``waiting`` being analysed
         self.skip_until_sync = False
         self._auth: ServerAuth | None = None
         self._login_failure: str | None = None  # why the login failed, when ServerAuth does not say
@@ -285,7 +299,15 @@ class ClientConnection(asyncio.Protocol):
     def data_received(self, data: bytes) -> None:
         if self.phase == CLOSED:
             return
-        self.buf = self.buf + data if self.buf else data
+        if self._parts is not None:
+            self._parts.append(data)
+            self._have += len(data)
+            if self._have < self._need:
+                return
+            self.buf = b"".join(self._parts)
+            self._parts = None
+        else:
+            self.buf = self.buf + data if self.buf else data
         try:
             self._process()
         except ProxyError as exc:
@@ -358,7 +380,18 @@ class ClientConnection(asyncio.Protocol):
                 raise ProxyError(
                     PROTOCOL_VIOLATION, f"invalid frontend message type {mtype}", severity="FATAL"
                 )
-        self.buf = buf[bstart:] if bstart < n else b""
+        if bstart >= n:
+            self.buf = b""
+            return
+        self.buf = rest = buf[bstart:] if bstart else buf
+        if pos + 5 <= n and self.waiting is None and self.phase == READY:
+            # The loop stopped at an incomplete message (its length was checked): collect the rest.
+            need = pos + 1 + unpack(buf, pos)[1] - bstart
+            if need - len(rest) > COLLECT_FROM:
+                self._parts = [rest]
+                self._have = len(rest)
+                self._need = need
+                self.buf = b""
 
     def _dispatch(self, batch: Batch) -> None:  # noqa: PLR0915  (the routing decision tree)
         if self.skip_until_sync:
@@ -369,6 +402,8 @@ class ClientConnection(asyncio.Protocol):
             return
         if self.admin:
             self._console(batch)
+            return
+        if batch.end - batch.start > INLINE_BYTES and batch.analyses is None and self._classify_later(batch):
             return
         server = self.server
         single_query = len(batch.msgs) == 1 and batch.terminator == _Q
@@ -530,11 +565,17 @@ class ClientConnection(asyncio.Protocol):
         for mtype, start, end in batch.msgs:
             if mtype in (_Q, _P):
                 if mtype == _Q:
-                    sql = buf[start + 5 : end - 1]
+                    lo, hi = start + 5, end - 1
                 else:
                     name_end = buf.index(0, start + 5, end)
-                    sql = buf[name_end + 1 : buf.index(0, name_end + 1, end)]
+                    lo, hi = name_end + 1, buf.index(0, name_end + 1, end)
                     parsed.add(buf[start + 5 : name_end].decode(errors="surrogateescape"))
+                if hi - lo > INLINE_BYTES:
+                    deep = batch.analyses.get(start, UNCLASSIFIED) if batch.analyses else UNCLASSIFIED
+                    infos.append(deep.info)
+                    override = deep.override or override
+                    continue
+                sql = buf[lo:hi]
                 infos.append(classifier.classify_bytes(sql))
                 if sql[:1] in _OVERRIDE_START and sql.lstrip().startswith(b"/*"):
                     override = route_override(sql.decode(errors="replace")) or override
@@ -551,6 +592,67 @@ class ClientConnection(asyncio.Protocol):
         if not infos:
             return None, override
         return (infos[0] if len(infos) == 1 else merge(infos)), override
+
+    def _classify_later(self, batch: Batch) -> bool:
+        """Statements above INLINE_BYTES are analysed in the classifier child (proxy/router/worker.py), never
+        on the event loop. True when the batch must wait for that; reading from the client is paused
+        meanwhile (as for a pool) and everyone else is served. ``batch.analyses`` is set either way."""
+        worker = self.app.classifier_worker
+        buf = batch.buf
+        found: dict[int, Analysis] = {}
+        pending: list[tuple[int, bytes, bytes]] = []  # (message start, SQL, its digest)
+        for mtype, start, end in batch.msgs:
+            if mtype == _Q:
+                lo, hi = start + 5, end - 1
+            elif mtype == _P:
+                lo = buf.index(0, start + 5, end) + 1
+                hi = buf.index(0, lo, end)
+            else:
+                if mtype == _B:
+                    m.decode_bind_names(buf[start + 5 : end])  # malformed: refused now, not after the wait
+                continue
+            if hi - lo <= INLINE_BYTES:
+                continue
+            if hi - lo > MAX_CLASSIFY_BYTES:
+                found[start] = UNCLASSIFIED  # not parsed at all: PostgreSQL judges it
+                continue
+            sql = buf[lo:hi]
+            key, deep = worker.cached(sql)
+            if deep is None:
+                pending.append((start, sql, key))
+            else:
+                found[start] = deep
+        batch.analyses = found
+        if not pending:
+            return False
+        self.waiting = batch
+        self.pause("classify")
+        self._classifying = asyncio.get_running_loop().create_task(self._classify(batch, found, pending))
+        return True
+
+    async def _classify(
+        self, batch: Batch, found: dict[int, Analysis], pending: list[tuple[int, bytes, bytes]]
+    ) -> None:
+        worker = self.app.classifier_worker
+        for start, sql, key in pending:
+            found[start] = await worker.analyze(sql, key)  # cancelled if the client goes
+        self._classifying = None
+        if self.phase == CLOSED:
+            return
+        self.waiting = None
+        self.resume("classify")
+        try:
+            self._dispatch(batch)
+            if self.phase != CLOSED and self.waiting is None and self.buf:
+                self._process()
+        except ProxyError as exc:
+            self.fatal(exc)
+        except (ValueError, IndexError) as exc:
+            log.info("event=protocol_violation client=%s error=%s", self.id, type(exc).__name__)
+            self.fatal(ProxyError(PROTOCOL_VIOLATION, "malformed message", severity="FATAL"))
+        except Exception as exc:
+            log.exception("event=internal_error client=%s", self.id)
+            self.fatal(ProxyError(INTERNAL_ERROR, f"internal proxy error: {type(exc).__name__}"))
 
     def _decide(self, info: Classification | None, override: str | None) -> Decision:
         tx = self.pending_begin_mode if self.pending_begin is not None else None
@@ -617,7 +719,13 @@ class ClientConnection(asyncio.Protocol):
 
     def _is_rollback_to(self, batch: Batch) -> bool:
         """Whether the unit rolls back to a savepoint (which makes a failed transaction usable again)."""
+        if batch.analyses and any(
+            c.op == "rollback_to" for deep in batch.analyses.values() for c in deep.changes
+        ):
+            return True
         for sql in batch.queries():
+            if len(sql) > INLINE_BYTES:
+                continue  # analysed off the event loop (above)
             try:
                 if any(c.op == "rollback_to" for c in session_changes(sql)):
                     return True
@@ -708,8 +816,11 @@ class ClientConnection(asyncio.Protocol):
         """DEALLOCATE of a protocol-level statement (psycopg does this) is the proxy's to answer: the
         upstream name differs and other clients may share the upstream statement."""
         _, start, end = batch.msgs[0]
-        sql = batch.buf[start + 5 : end - 1]
-        target = deallocate_target(sql.decode(errors="replace"))
+        deep = batch.analyses.get(start) if batch.analyses else None
+        if deep is not None:
+            target = deep.deallocate
+        else:
+            target = deallocate_target(batch.buf[start + 5 : end - 1].decode(errors="replace"))
         if target is None:
             return None
         if target == "":
@@ -876,9 +987,13 @@ class ClientConnection(asyncio.Protocol):
             elif mtype == _P:
                 name_end = buf.index(0, start + 5, end)
                 sql_end = buf.index(0, name_end + 1, end)
-                details |= self._note_sql(buf[name_end + 1 : sql_end], server, buf[start + 5 : name_end])
+                deep = batch.analyses.get(start) if batch.analyses else None
+                details |= self._note_sql(
+                    buf[name_end + 1 : sql_end], server, buf[start + 5 : name_end], deep=deep
+                )
                 if (
                     name_end == start + 5
+                    and deep is None  # large statements are not kept in the shared unnamed cache
                     and self.app.cache_unnamed
                     and self._unnamed_info is not None
                     and self._unnamed_info.plannable
@@ -918,7 +1033,8 @@ class ClientConnection(asyncio.Protocol):
                         out.append(m.describe(b"S", stmt.upstream_name))
                 ents.append(K_DESCRIBE)
             elif mtype == _Q:
-                details |= self._note_sql(buf[start + 5 : end - 1], server, None, batch.info)
+                deep = batch.analyses.get(start) if batch.analyses else None
+                details |= self._note_sql(buf[start + 5 : end - 1], server, None, batch.info, deep=deep)
                 server.unnamed_owner = None
                 ents.append(_SYNC_Q)
             elif mtype == _C:
@@ -1069,16 +1185,21 @@ class ClientConnection(asyncio.Protocol):
         server: ServerConnection,
         statement: bytes | None,
         info: Classification | None = None,
+        *,
+        deep: Analysis | None = None,
     ) -> bool:
         """Classify ``sql`` for session tracking (``info``: its classification, when already made);
         returns whether outcome details must be tracked.
 
         ``statement`` is the Parse's statement name (None for a simple Query): a SET parsed there takes
-        effect when a portal made from it is executed.
+        effect when a portal made from it is executed. ``deep``: the analysis of a large statement, made off
+        the event loop (its SQL is never parsed here).
         """
         if statement == b"" and self._unnamed_changes:
             self._unnamed_changes = []
-        if info is None:
+        if deep is not None:
+            info = deep.info
+        elif info is None:
             info = self.app.classifier.classify_bytes(sql)
         if statement is not None:
             if statement:
@@ -1094,7 +1215,10 @@ class ClientConnection(asyncio.Protocol):
             log.info("event=pinned client=%s role=%s reason=%r", self.id, self.server_role, self.pinned)
         details = False
         if flags & (F_SESSION_SET | F_SAVEPOINT):
-            changes = session_changes(sql.decode(errors="replace"))
+            if deep is not None:
+                changes = list(deep.changes)
+            else:
+                changes = session_changes(sql.decode(errors="replace"))
             if statement is None:
                 self._stage(changes, server)
             elif not statement:
@@ -1161,7 +1285,7 @@ class ClientConnection(asyncio.Protocol):
         if status == _IDLE:
             self.tx_failed = False
         if status == _IDLE and self.pinned is None and not server.expect:
-            if self.waiting is not None:
+            if self.waiting is not None and self._classifying is None:
                 if "switch" in self._paused_by:
                     # The next unit needs another upstream: this one is done with us now.
                     batch, self.waiting = self.waiting, None
@@ -1433,6 +1557,10 @@ class ClientConnection(asyncio.Protocol):
         self.phase = CLOSED
         if self._login_timer is not None:
             self._login_timer.cancel()
+        if self._classifying is not None:
+            self._classifying.cancel()
+            self._classifying = None
+        self._parts = None
         server = self.server
         if server is not None:
             if server.clean and self.pinned is None:

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import json
 from collections import OrderedDict
 from dataclasses import dataclass, field
 from enum import IntFlag
@@ -15,6 +16,15 @@ from pglast.visitors import Visitor
 from proxy.router.functions import BUILTIN_READ_ONLY, WRITE_FUNCTIONS
 
 CURSOR_OPT_HOLD = 0x0020
+# SQL up to this many bytes is classified in-process, on the event loop: at this size even the deepest
+# shapes (``1+1+...``, ``1-1-...``, ``1::a::a``, ``- - 1``, nested parentheses, CASE, ARRAY[], calls,
+# subselects) stay far below pglast's crash depth (~25,000 levels) and take at most ~50 ms (8 KB: ~100 ms).
+INLINE_BYTES = 4096
+# Larger SQL, up to this size, is classified in a child process (proxy/router/worker.py); beyond it, not
+# at all: such a statement is UNCLASSIFIABLE and PostgreSQL (on main) answers it.
+MAX_CLASSIFY_BYTES = 4 * 1024 * 1024
+# What the exact-text caches may hold in keys, all tables together (the fingerprint table's keys are short).
+CACHE_KEY_BYTES = 32 * 1024 * 1024
 _SAVEPOINT_OPS = {
     TransactionStmtKind.TRANS_STMT_SAVEPOINT: "savepoint",
     TransactionStmtKind.TRANS_STMT_RELEASE: "release",
@@ -374,6 +384,85 @@ def classify(sql: str) -> Classification:
     )
 
 
+# A statement that was not (or could not safely be) parsed: it goes where a syntax error goes, to main, which
+# runs it or answers with PostgreSQL's own error (54001 for a statement nested too deeply, say).
+UNCLASSIFIABLE = Classification(
+    Flag.PARSE_ERROR, write=True, write_reason="too large or too deep to classify: main runs it"
+)
+
+
+@dataclass(frozen=True, slots=True)
+class Analysis:
+    """Everything the data path needs from the text of one large statement, computed away from the event
+    loop (see proxy/router/worker.py): its classification, the session changes it makes (when its flags
+    say it makes any), the DEALLOCATE target, and a ``/* route: */`` override."""
+
+    info: Classification
+    changes: tuple[SessionChange, ...] = ()
+    deallocate: str | None = None
+    override: str | None = None
+
+
+UNCLASSIFIED = Analysis(UNCLASSIFIABLE)
+
+
+def analyze(sql: str, cache: ClassificationCache | None = None) -> Analysis:
+    """The Analysis of ``sql`` (any size: the caller runs it where a crash or a long parse harms no one)."""
+    from proxy.router.policy import route_override  # noqa: PLC0415  (policy imports this module)
+
+    info = cache.classify(sql, remember_text=False, inline_only=False) if cache else classify(sql)
+    changes: tuple[SessionChange, ...] = ()
+    deallocate = None
+    if info.bits & (F_SESSION_SET | F_SAVEPOINT):
+        changes = tuple(session_changes(sql))
+    if info.bits & F_FORGET_PREPARED:
+        deallocate = deallocate_target(sql)
+    return Analysis(info, changes, deallocate, route_override(sql))
+
+
+def encode_analysis(a: Analysis) -> bytes:
+    """An explicit encoding (JSON of plain values) for the worker's answers: never pickle across processes."""
+    i = a.info
+    return json.dumps(
+        [
+            int(i.flags), i.pin_reason, i.write, i.write_reason, sorted(i.tables), sorted(i.functions), i.tx,
+            i.primary_only, i.statements, i.begins, i.plannable,
+            [[c.name, c.sql, c.op] for c in a.changes], a.deallocate, a.override,
+        ]
+    ).encode()  # fmt: skip
+
+
+def decode_analysis(data: bytes) -> Analysis:
+    """The inverse of encode_analysis; ValueError (or TypeError) for anything else."""
+    (flags, pin, write, why, tables, functions, tx, primary, statements, begins, plannable, changes,
+     deallocate, override) = json.loads(data)  # fmt: skip
+    info = Classification(
+        Flag(int(flags)),
+        _opt_str(pin),
+        write=bool(write),
+        write_reason=_opt_str(why),
+        tables=frozenset((str(s), str(t)) for s, t in tables),
+        functions=frozenset(str(f) for f in functions),
+        tx=_opt_str(tx),
+        primary_only=bool(primary),
+        statements=int(statements),
+        begins=_opt_str(begins),
+        plannable=bool(plannable),
+    )
+    return Analysis(
+        info,
+        tuple(SessionChange(_opt_str(n), _opt_str(q), str(op)) for n, q, op in changes),
+        _opt_str(deallocate),
+        _opt_str(override),
+    )
+
+
+def _opt_str(value: object) -> str | None:
+    if value is None or isinstance(value, str):
+        return value
+    raise TypeError(f"expected a string or null, got {type(value).__name__}")
+
+
 def merge(infos: list[Classification]) -> Classification:
     """One classification for a unit made of several statements (a batch of Parses, say)."""
     flags = Flag.NONE
@@ -455,10 +544,17 @@ F_SAVEPOINT = int(Flag.SAVEPOINT)
 
 
 class ClassificationCache:
-    """Bounded cache of classify(): the exact text first, then pglast's fingerprint (literals ignored)."""
+    """Bounded cache of classify(): the exact text first, then pglast's fingerprint (literals ignored).
 
-    def __init__(self, size: int = 10_000) -> None:
+    Bounded by count and by bytes: text above INLINE_BYTES is never kept (nor parsed: classify_bytes and
+    classify answer UNCLASSIFIABLE for it, so no caller can parse large SQL on the event loop by accident),
+    and the exact-text keys together stay under ``max_key_bytes``.
+    """
+
+    def __init__(self, size: int = 10_000, max_key_bytes: int = CACHE_KEY_BYTES) -> None:
         self.size = size
+        self.max_key_bytes = max_key_bytes
+        self.key_bytes = 0  # the lengths of the keys held in the exact-text tables
         self._by_bytes: OrderedDict[bytes, Classification] = OrderedDict()
         self._by_text: OrderedDict[str, Classification] = OrderedDict()
         self._by_fingerprint: OrderedDict[str, Classification] = OrderedDict()
@@ -471,17 +567,24 @@ class ClassificationCache:
         if found is not None:
             self.hits += 1
             return found
+        if len(sql) > INLINE_BYTES:
+            return UNCLASSIFIABLE  # the data path has this classified off the loop (proxy/router/worker.py)
         found = self.classify(sql.decode("utf-8", errors="replace"), remember_text=False)
         self._remember(self._by_bytes, sql, found)
         return found
 
-    def classify(self, sql: str, *, remember_text: bool = True) -> Classification:
+    def classify(self, sql: str, *, remember_text: bool = True, inline_only: bool = True) -> Classification:
         """Cached classify(); same result as the uncached function. ``remember_text=False``: the caller
-        keeps the result under its own key (the bytes), so the text does not take a second entry."""
+        keeps the result under its own key (the bytes), so the text does not take a second entry.
+        ``inline_only=False`` (the worker process only): classify text of any size, keeping none of it."""
         found = self._by_text.get(sql)
         if found is not None:
             self.hits += 1
             return found
+        if len(sql) * 4 > INLINE_BYTES and len(sql.encode("utf-8", "surrogateescape")) > INLINE_BYTES:
+            if inline_only:
+                return UNCLASSIFIABLE
+            remember_text = False
         try:
             key = pglast.parser.fingerprint(sql)
         except pglast.parser.ParseError:
@@ -499,6 +602,18 @@ class ClassificationCache:
         return found
 
     def _remember(self, table: OrderedDict[Any, Classification], key: Any, value: Classification) -> None:
+        sized = table is not self._by_fingerprint
+        if sized:
+            self.key_bytes += len(key)
         table[key] = value
         if len(table) > self.size:
-            table.popitem(last=False)
+            old, _ = table.popitem(last=False)
+            if sized:
+                self.key_bytes -= len(old)
+        while self.key_bytes > self.max_key_bytes:
+            # Over the byte budget: the oldest entry of the larger exact-text table goes.
+            big = self._by_bytes if len(self._by_bytes) >= len(self._by_text) else self._by_text
+            if not big:
+                break
+            old, _ = big.popitem(last=False)
+            self.key_bytes -= len(old)
