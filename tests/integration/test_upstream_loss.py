@@ -1,0 +1,296 @@
+"""An upstream backend that goes away under a client, and cancels that race the end of a statement.
+
+PostgreSQL's own behaviour is the reference: a client whose backend dies gets one error (the server's
+FATAL, or a lost connection) and loses its connection, so nothing it sends afterwards can run outside the
+transaction it believes is open. A client that had nothing on the lost backend loses nothing. And a
+CancelRequest only ever cancels the statements of the client that sent it.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import os
+import re
+import signal
+import subprocess
+import threading
+from collections.abc import Awaitable, Callable, Iterator
+from pathlib import Path
+
+import asyncpg
+import psycopg
+import pytest
+
+from proxy.devcluster import DevClusters, wait_until
+from proxy.testing import APP_PASSWORD, APP_USER, ProxyProcess
+
+StartProxy = Callable[..., ProxyProcess]
+Conn = psycopg.Connection[tuple[object, ...]]
+
+POOL = "parafort_proxy_pool_connections"
+
+
+def _pool_connections(proxy: ProxyProcess) -> float:
+    return sum(proxy.metric(POOL, role="main", upstream="main", state=s) for s in ("idle", "active"))
+
+
+def _backends(pg: DevClusters, where: str) -> list[int]:
+    """Pids of main's client backends matching ``where`` (the querying session excluded)."""
+    out = pg.main.psql(
+        f"SELECT pid FROM pg_stat_activity WHERE backend_type = 'client backend' "
+        f"AND pid <> pg_backend_pid() AND {where}"
+    )
+    return [int(line) for line in out.split()]
+
+
+def _backend_running(pg: DevClusters, query: str, state: str) -> int:
+    q = query.replace("'", "''")
+    found: list[int] = []
+
+    def one() -> bool:
+        found[:] = _backends(pg, f"query = '{q}' AND state = '{state}'")
+        return len(found) == 1
+
+    wait_until(one, 20, f"one backend {state}: {query}")
+    return found[0]
+
+
+def _terminate(pg: DevClusters, pid: int) -> None:
+    assert pg.main.psql(f"SELECT pg_terminate_backend({pid})") == "t"
+    wait_until(lambda: not _backends(pg, f"pid = {pid}"), 20, f"backend {pid} to exit")
+
+
+@pytest.fixture
+def table(pg: DevClusters) -> Iterator[str]:
+    name = "upstream_loss_rows"
+    pg.main.psql(f"DROP TABLE IF EXISTS {name}; CREATE TABLE {name} (id int PRIMARY KEY)")
+    pg.main.psql(f"GRANT ALL ON {name} TO {pg.main.user}")
+    yield name
+    pg.main.psql(f"DROP TABLE IF EXISTS {name}")
+
+
+# -- finding 2: half a transaction must not commit -----------------------------------------------------------
+
+
+def _psql_script_with_kill(pg: DevClusters, dsn: str, script: Path) -> tuple[int, str]:
+    """Run ``script`` in psql; terminate its backend while it sleeps; psql's exit code and stderr."""
+    env = {k: v for k, v in os.environ.items() if not k.startswith("PG")}
+    proc = subprocess.Popen(
+        ["psql", dsn, "-X", "-q", "-f", str(script)],
+        stdin=subprocess.DEVNULL,
+        stdout=subprocess.DEVNULL,
+        stderr=subprocess.PIPE,
+        text=True,
+        env=env,
+    )
+    try:
+        pid = _backend_running(pg, "SELECT pg_sleep(60);", "active")
+        assert pg.main.psql(f"SELECT pg_terminate_backend({pid})") == "t"
+        _, err = proc.communicate(timeout=60)
+    finally:
+        if proc.poll() is None:
+            proc.kill()
+            proc.wait(10)
+    return proc.returncode, err
+
+
+def test_backend_terminated_mid_transaction_commits_nothing(
+    proxy: ProxyProcess, pg: DevClusters, table: str, tmp_path: Path
+) -> None:
+    """BEGIN; INSERT 1; sleep (backend terminated here); INSERT 2; INSERT 3; COMMIT: nothing commits,
+    psql reports one error and fails, through the proxy exactly as directly."""
+    script = tmp_path / "tx.sql"
+    script.write_text(
+        f"BEGIN;\nINSERT INTO {table} VALUES (1);\nSELECT pg_sleep(60);\n"
+        f"INSERT INTO {table} VALUES (2);\nINSERT INTO {table} VALUES (3);\nCOMMIT;\n"
+    )
+    results = {}
+    for name, dsn in (("direct", pg.main.dsn), ("proxy", proxy.dsn(APP_USER, APP_PASSWORD))):
+        code, err = _psql_script_with_kill(pg, dsn, script)
+        rows = pg.main.psql(f"SELECT coalesce(string_agg(id::text, ',' ORDER BY id), '') FROM {table}")
+        errors = re.findall(r"^psql:[^:]+:\d+: (?:ERROR|FATAL):.*$", err, re.MULTILINE)
+        results[name] = (code, rows, errors)
+        assert rows == "", f"{name}: rows {rows} committed after the backend was terminated\n{err}"
+        assert code != 0, f"{name}: psql exited 0\n{err}"
+        assert len(errors) == 1, f"{name}: expected one error, got {errors}\n{err}"
+        assert "57P01" in err or "terminating connection" in errors[0], err
+    assert results["proxy"][0] == results["direct"][0]
+    assert "Traceback" not in proxy.log()
+
+
+def test_backend_killed_without_a_word_is_one_08006(proxy: ProxyProcess, pg: DevClusters, table: str) -> None:
+    """A backend SIGKILLed mid-statement sends nothing before its socket closes: the client gets the
+    proxy's 08006 (one error, FATAL) and its connection ends; its transaction's row is not committed."""
+    dsn = proxy.dsn(APP_USER, APP_PASSWORD)
+    sleep = "SELECT pg_sleep(60)"
+    victim = psycopg.connect(dsn, connect_timeout=10)
+    notices: list[str] = []
+    victim.add_notice_handler(lambda diag: notices.append(f"{diag.severity} {diag.sqlstate}"))
+    outcome: list[BaseException | None] = []
+
+    def transaction() -> None:
+        try:
+            victim.execute(f"INSERT INTO {table} VALUES (1)")
+            victim.execute(sleep)
+            outcome.append(None)
+        except BaseException as exc:
+            outcome.append(exc)
+
+    runner = threading.Thread(target=transaction, daemon=True)
+    try:
+        runner.start()
+        pid = _backend_running(pg, sleep, "active")
+        os.kill(pid, signal.SIGKILL)  # main restarts its backends (crash recovery) after this
+        runner.join(60)
+        assert outcome, "the statement got no answer within 60s"
+        exc = outcome[0]
+        assert isinstance(exc, psycopg.OperationalError), exc
+        assert exc.sqlstate == "08006", (exc.sqlstate, str(exc))
+        assert victim.closed
+        assert not [n for n in notices if n.startswith(("ERROR", "FATAL"))], notices
+    finally:
+        victim.pgconn.finish()
+        wait_until(_accepting(pg), 60, "main to accept connections after crash recovery")
+        pg.wait_replica_caught_up(timeout=60)
+    assert pg.main.psql(f"SELECT count(*) FROM {table}") == "0"
+
+
+def _accepting(pg: DevClusters) -> Callable[[], bool]:
+    def check() -> bool:
+        try:
+            return pg.main.psql("SELECT 1") == "1"
+        except Exception:
+            return False
+
+    return check
+
+
+# -- finding 3: a client idle in a transaction whose backend ends --------------------------------------------
+
+
+Kill = Callable[[DevClusters, int], None]
+
+
+def _kill_terminate(pg: DevClusters, pid: int) -> None:
+    _terminate(pg, pid)
+
+
+def _kill_idle_timeout(pg: DevClusters, pid: int) -> None:
+    # The transaction set idle_in_transaction_session_timeout: its backend ends itself.
+    wait_until(lambda: not _backends(pg, f"pid = {pid}"), 30, f"backend {pid} to time out")
+
+
+KILLS = {"terminate": _kill_terminate, "idle_timeout": _kill_idle_timeout}
+TIMEOUT_SQL = "SET LOCAL idle_in_transaction_session_timeout = '300ms'"
+
+
+@pytest.mark.parametrize("kill", sorted(KILLS))
+@pytest.mark.parametrize("protocol", ["simple", "extended"])
+def test_idle_in_transaction_backend_gone_asyncpg(
+    proxy: ProxyProcess, pg: DevClusters, kill: str, protocol: str
+) -> None:
+    """asyncpg idle in a transaction, its backend ends: the next statement fails promptly (no hang, no
+    stale error) and the connection is closed; a bystander in its own transaction is untouched."""
+    dsn = proxy.dsn(APP_USER, APP_PASSWORD)
+    marker = f"SELECT 'idle-tx-asyncpg-{protocol}-{kill}'"
+
+    async def main() -> None:
+        victim = await asyncpg.connect(dsn, timeout=10)
+        bystander = await asyncpg.connect(dsn, timeout=10)
+        try:
+            await bystander.execute("BEGIN")
+            assert await bystander.fetchval("SELECT 41 + 1") == 42
+            await victim.execute("BEGIN")
+            if kill == "idle_timeout":
+                await victim.execute(TIMEOUT_SQL)
+            await victim.execute(marker)  # simple protocol
+            pid = await asyncio.to_thread(_backend_running, pg, marker, "idle in transaction")
+            await asyncio.to_thread(KILLS[kill], pg, pid)
+            nxt: Awaitable[object] = (
+                victim.execute("SELECT 1") if protocol == "simple" else victim.fetchval("SELECT 1")
+            )
+            with pytest.raises((asyncpg.PostgresError, asyncpg.InterfaceError, ConnectionError)):
+                await asyncio.wait_for(nxt, 30)
+            assert victim.is_closed()
+            assert await bystander.fetchval("SELECT 6 * 7") == 42
+            await bystander.execute("COMMIT")
+            assert await bystander.fetchval("SELECT 1") == 1
+        finally:
+            victim.terminate()
+            await bystander.close(timeout=10)
+
+    asyncio.run(main())
+    assert "upstream_protocol_error" not in proxy.log()
+
+
+@pytest.mark.parametrize("kill", sorted(KILLS))
+def test_idle_in_transaction_backend_gone_psycopg(proxy: ProxyProcess, pg: DevClusters, kill: str) -> None:
+    """psycopg 3 (extended protocol), the same: an error at once and a closed connection."""
+    dsn = proxy.dsn(APP_USER, APP_PASSWORD)
+    marker = f"SELECT 'idle-tx-psycopg-{kill}'"
+    victim = psycopg.connect(dsn, connect_timeout=10)
+    try:
+        with psycopg.connect(dsn, connect_timeout=10) as other:
+            assert other.execute("SELECT 41 + 1").fetchone() == (42,)  # its own transaction, held open
+            if kill == "idle_timeout":
+                victim.execute(TIMEOUT_SQL)
+            victim.execute(marker)
+            pid = _backend_running(pg, marker, "idle in transaction")
+            KILLS[kill](pg, pid)
+            outcome: list[BaseException | None] = []
+
+            def next_statement() -> None:
+                try:
+                    victim.execute("SELECT 1")
+                    outcome.append(None)
+                except BaseException as exc:
+                    outcome.append(exc)
+
+            runner = threading.Thread(target=next_statement, daemon=True)
+            runner.start()
+            runner.join(30)
+            assert outcome, "the next statement got no answer within 30s"
+            assert isinstance(outcome[0], psycopg.Error), outcome[0]
+            assert victim.closed, f"the connection is still open after {outcome[0]!r}"
+            assert other.execute("SELECT 6 * 7").fetchone() == (42,)
+            other.commit()
+    finally:
+        victim.pgconn.finish()  # not close(): that waits for a statement still stuck in the thread
+    assert "upstream_protocol_error" not in proxy.log()
+
+
+def test_lingering_backend_terminated_costs_nothing(proxy: ProxyProcess, pg: DevClusters) -> None:
+    """A client between transactions keeps (lingers on) its upstream connection; that backend is
+    terminated: the client's next statements just work, on another connection, with no error."""
+    with psycopg.connect(proxy.dsn(APP_USER, APP_PASSWORD), autocommit=True, connect_timeout=10) as conn:
+        row = conn.execute("SELECT pg_backend_pid()").fetchone()
+        assert row is not None
+        pid = int(str(row[0]))
+        assert _pool_connections(proxy) == 1
+        _terminate(pg, pid)
+        wait_until(lambda: _pool_connections(proxy) == 0, 20, "the proxy to drop the lost connection")
+        row = conn.execute("SELECT pg_backend_pid()").fetchone()
+        assert row is not None and row[0] != pid
+        assert not conn.closed
+    log = proxy.log()
+    assert "upstream_protocol_error" not in log
+    assert "Traceback" not in log
+
+
+def test_pinned_client_loses_its_connection_with_its_backend(proxy: ProxyProcess, pg: DevClusters) -> None:
+    """A pinned client (LISTEN: state no other connection has) whose backend is terminated while it is
+    idle is told (the backend's FATAL) and disconnected, as it would be without the proxy."""
+    dsn = proxy.dsn(APP_USER, APP_PASSWORD)
+    listener = psycopg.connect(dsn, autocommit=True, connect_timeout=10)
+    try:
+        listener.execute("LISTEN loss_channel")
+        listener.execute("SELECT 'pinned-marker'")
+        pid = _backend_running(pg, "SELECT 'pinned-marker'", "idle")
+        _terminate(pg, pid)
+        with pytest.raises(psycopg.Error):
+            listener.execute("SELECT 1")
+        assert listener.closed
+    finally:
+        listener.pgconn.finish()
+    with psycopg.connect(dsn, autocommit=True, connect_timeout=10) as other:
+        assert other.execute("SELECT 1").fetchone() == (1,)
