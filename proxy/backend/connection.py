@@ -159,6 +159,10 @@ class ServerConnection(asyncio.Protocol):
         # whether the leasing client already got it as the reply to its own message.
         self.farewell: bytes | None = None
         self.farewell_forwarded = False
+        # CancelRequests sent for this backend whose cancel connection the postmaster has not closed yet:
+        # until it has, the signal may still arrive, so the connection serves no other client.
+        self.cancels = 0
+        self._cancels_done: Callable[[], None] | None = None
 
     # -- lifecycle ------------------------------------------------------------------------------------------
     @classmethod
@@ -273,6 +277,24 @@ class ServerConnection(asyncio.Protocol):
         transport, self.transport = self.transport, None
         if transport is not None:
             transport.abort()
+
+    # -- cancels --------------------------------------------------------------------------------------------
+    def cancel_sent(self) -> None:
+        self.cancels += 1
+
+    def cancel_ended(self, landed: bool) -> None:
+        """A CancelRequest's connection closed (``landed``: the postmaster had signalled the backend by
+        then), or it failed or timed out: a cancel that may still arrive later retires the connection."""
+        self.cancels -= 1
+        if not landed:
+            self._broken = True
+        if not self.cancels and self._cancels_done is not None:
+            done, self._cancels_done = self._cancels_done, None
+            done()
+
+    def when_cancels_end(self, callback: Callable[[], None]) -> None:
+        """Call ``callback`` once no cancel is in flight (the pool parks the connection until then)."""
+        self._cancels_done = callback
 
     # -- leasing --------------------------------------------------------------------------------------------
     def attach(self, sink: Sink, track_details: bool = False) -> None:

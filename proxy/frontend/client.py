@@ -1299,10 +1299,12 @@ class ClientConnection(asyncio.Protocol):
                 self._release()
                 self.fatal(ProxyError(ADMIN_SHUTDOWN, "terminating connection: the proxy is shutting down"))
                 return
-            if not (self._server_dirty or self.app.pools[self.server_pool].linger(server, self._reclaim)):
-                self._release()
+            if self._server_dirty and not server.cancels:
+                return  # what it holds is unknown: it serves this client only (and is closed after)
+            if self.app.pools[self.server_pool].linger(server, self._reclaim):
+                self._lingering = True
             else:
-                self._lingering = not self._server_dirty
+                self._release()  # a cancel still on its way parks it in the pool (Pool.release)
 
     def _settle(self, server: ServerConnection) -> None:
         """A unit with session changes ended outside a transaction: did they take effect?

@@ -10,10 +10,12 @@ from __future__ import annotations
 
 import asyncio
 import os
+import random
 import re
 import signal
 import subprocess
 import threading
+import time
 from collections.abc import Awaitable, Callable, Iterator
 from pathlib import Path
 
@@ -294,3 +296,103 @@ def test_pinned_client_loses_its_connection_with_its_backend(proxy: ProxyProcess
         listener.pgconn.finish()
     with psycopg.connect(dsn, autocommit=True, connect_timeout=10) as other:
         assert other.execute("SELECT 1").fetchone() == (1,)
+
+
+# -- finding 4: cancels land only on the cancelling client ---------------------------------------------------
+
+CANCEL_SECONDS = 10.0
+
+
+class _Canceller(threading.Thread):
+    """Runs short statements back to back on one connection while a second thread cancels them at random
+    moments: many cancels arrive just as a statement ends, the race that hit other clients."""
+
+    def __init__(self, dsn: str, stop: threading.Event) -> None:
+        super().__init__(daemon=True)
+        self.dsn = dsn
+        self.stop = stop
+        self.cancelled = self.completed = 0
+        self.error: BaseException | None = None
+        self.rng = random.Random(13)
+        self.busy = threading.Event()
+
+    def run(self) -> None:
+        try:
+            with psycopg.connect(self.dsn, autocommit=True, connect_timeout=10) as conn:
+                cancels = threading.Thread(target=self._cancel_loop, args=(conn,), daemon=True)
+                cancels.start()
+                try:
+                    self._statements(conn)
+                finally:
+                    self.stop.set()
+                    cancels.join(15)
+        except BaseException as exc:
+            self.error = exc
+            self.stop.set()
+
+    def _statements(self, conn: Conn) -> None:
+        while not self.stop.is_set():
+            self.busy.set()
+            try:
+                conn.execute(f"SELECT pg_sleep({self.rng.uniform(0.0, 0.006):.4f})")
+                self.completed += 1
+            except psycopg.errors.QueryCanceled:
+                self.cancelled += 1
+            finally:
+                self.busy.clear()
+
+    def _cancel_loop(self, conn: Conn) -> None:
+        while not self.stop.is_set():
+            if self.busy.wait(0.1):
+                time.sleep(self.rng.uniform(0.0, 0.004))
+                conn.cancel_safe(timeout=10)
+
+
+async def _bystanders(dsn: str, stop: threading.Event, clients: int) -> tuple[int, int]:
+    """``clients`` connections running short statements until ``stop``: (57014 seen, statements done)."""
+    hits = served = 0
+
+    async def one() -> None:
+        nonlocal hits, served
+        conn = await asyncpg.connect(dsn, timeout=30)
+        try:
+            while not stop.is_set():
+                try:
+                    await conn.execute("SELECT pg_sleep(0.002)")
+                    served += 1
+                except asyncpg.QueryCanceledError:
+                    hits += 1
+        finally:
+            await conn.close(timeout=30)
+
+    await asyncio.gather(*(one() for _ in range(clients)))
+    return hits, served
+
+
+def test_cancels_never_hit_bystanders(start_proxy: StartProxy) -> None:
+    """40 bystanders share a pool of 3 with a client that cancels its own statements in a loop: the
+    bystanders see no 57014 at all; the canceller sees its own."""
+    proxy = start_proxy(config={"roles": {"main": {"pool_size": 3, "acquire_timeout": 60}}})
+    dsn = proxy.dsn(APP_USER, APP_PASSWORD)
+    stop = threading.Event()
+    canceller = _Canceller(dsn, stop)
+    timer = threading.Timer(CANCEL_SECONDS, stop.set)
+
+    async def main() -> tuple[int, int]:
+        canceller.start()
+        timer.start()
+        return await _bystanders(dsn, stop, 40)
+
+    try:
+        hits, served = asyncio.run(main())
+    finally:
+        stop.set()
+        timer.cancel()
+        canceller.join(30)
+    assert canceller.error is None, canceller.error
+    own = f"canceller: {canceller.cancelled} cancelled, {canceller.completed} completed"
+    print(f"bystander 57014: {hits} of {hits + served}; {own}")
+    assert served > 0
+    assert canceller.cancelled > 0, own
+    assert hits == 0, f"{hits} bystander statements cancelled by another client's cancel ({own})"
+    assert "Traceback" not in proxy.log()
