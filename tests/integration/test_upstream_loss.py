@@ -239,7 +239,6 @@ def test_idle_in_transaction_backend_gone_asyncpg(
     """asyncpg idle in a transaction, its backend ends: the next statement fails promptly (no hang, no
     stale error) and the connection is closed; a bystander in its own transaction is untouched."""
     dsn = proxy.dsn(APP_USER, APP_PASSWORD)
-    marker = f"SELECT 'idle-tx-asyncpg-{protocol}-{kill}'"
 
     async def main() -> None:
         victim = await asyncpg.connect(dsn, timeout=10)
@@ -250,8 +249,8 @@ def test_idle_in_transaction_backend_gone_asyncpg(
             await victim.execute("BEGIN")
             if kill == "idle_timeout":
                 await victim.execute(TIMEOUT_SQL)
-            await victim.execute(marker)  # simple protocol
-            pid = await asyncio.to_thread(_backend_running, pg, marker, "idle in transaction")
+            # From here on the backend is idle in the transaction (its timeout, if set, is running).
+            pid = await victim.fetchval("SELECT pg_backend_pid()")
             await asyncio.to_thread(KILLS[kill], pg, pid)
             nxt: Awaitable[object] = (
                 victim.execute("SELECT 1") if protocol == "simple" else victim.fetchval("SELECT 1")
@@ -274,15 +273,15 @@ def test_idle_in_transaction_backend_gone_asyncpg(
 def test_idle_in_transaction_backend_gone_psycopg(proxy: ProxyProcess, pg: DevClusters, kill: str) -> None:
     """psycopg 3 (extended protocol), the same: an error at once and a closed connection."""
     dsn = proxy.dsn(APP_USER, APP_PASSWORD)
-    marker = f"SELECT 'idle-tx-psycopg-{kill}'"
     victim = psycopg.connect(dsn, connect_timeout=10)
     try:
         with psycopg.connect(dsn, connect_timeout=10) as other:
             assert other.execute("SELECT 41 + 1").fetchone() == (42,)  # its own transaction, held open
             if kill == "idle_timeout":
                 victim.execute(TIMEOUT_SQL)
-            victim.execute(marker)
-            pid = _backend_running(pg, marker, "idle in transaction")
+            row = victim.execute("SELECT pg_backend_pid()").fetchone()
+            assert row is not None
+            pid = int(str(row[0]))
             KILLS[kill](pg, pid)
             outcome: list[BaseException | None] = []
 
