@@ -40,6 +40,7 @@ log = logging.getLogger("parafort.server")
 MAX_MESSAGE_LENGTH = 256 * 1024 * 1024
 CONNECT_TIMEOUT = 10.0
 REAP_INTERVAL = 5.0
+CANCEL_TIMEOUT = 5.0  # a cancel not confirmed by then retires its connection
 
 
 class ProxyApp:
@@ -410,7 +411,8 @@ class ProxyApp:
     def cancel_upstream(self, server: ServerConnection) -> None:
         if not server.backend_pid:
             return
-        self._spawn(_send_cancel(server.dsn, server.backend_pid, server.backend_secret))
+        server.cancel_sent()
+        self._spawn(_send_cancel(server))
 
     def _spawn(self, coro: object) -> None:
         task: asyncio.Task[None] = asyncio.get_running_loop().create_task(coro)  # type: ignore[arg-type]
@@ -455,18 +457,31 @@ def _connector(
     return connect
 
 
-async def _send_cancel(dsn: Dsn, pid: int, secret: int) -> None:
+async def _send_cancel(server: ServerConnection) -> None:
+    """Send a CancelRequest for ``server``'s backend and wait for the postmaster to close the cancel
+    connection, which it does once it has signalled the backend. From then on the cancel can only hit what
+    that backend runs now, or nothing (a backend waiting for a command ignores it), so the connection may
+    serve another client again (the pool parks it until then). Not confirmed in time: it is discarded."""
+    dsn = server.dsn
+    landed = False
     try:
-        async with asyncio.timeout(5):
+        async with asyncio.timeout(CANCEL_TIMEOUT):
             if dsn.host.startswith("/"):
-                _, writer = await asyncio.open_unix_connection(f"{dsn.host}/.s.PGSQL.{dsn.port}")
+                reader, writer = await asyncio.open_unix_connection(f"{dsn.host}/.s.PGSQL.{dsn.port}")
             else:
-                _, writer = await asyncio.open_connection(dsn.host, dsn.port)
-            writer.write(cancel_request(pid, secret))
-            await writer.drain()
-            writer.close()
+                reader, writer = await asyncio.open_connection(dsn.host, dsn.port)
+            try:
+                writer.write(cancel_request(server.backend_pid, server.backend_secret))
+                await writer.drain()
+                while await reader.read(256):
+                    pass  # the postmaster sends nothing back: wait for it to close
+                landed = True
+            finally:
+                writer.close()
     except (OSError, TimeoutError) as exc:
-        log.warning("event=cancel_failed upstream=%s:%d error=%s", dsn.host, dsn.port, exc)
+        log.warning("event=cancel_failed upstream=%s:%d error=%s", dsn.host, dsn.port, exc or "timed out")
+    finally:
+        server.cancel_ended(landed)
 
 
 async def serve(

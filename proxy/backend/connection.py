@@ -155,6 +155,14 @@ class ServerConnection(asyncio.Protocol):
         # ignore everything up to a Sync, so the connection must not serve anyone else in this state.
         self.needs_sync = False
         self._tls_answer: asyncio.Future[bytes] | None = None
+        # The backend's last word: an ErrorResponse (FATAL: it is exiting) that ended this connection, and
+        # whether the leasing client already got it as the reply to its own message.
+        self.farewell: bytes | None = None
+        self.farewell_forwarded = False
+        # CancelRequests sent for this backend whose cancel connection the postmaster has not closed yet:
+        # until it has, the signal may still arrive, so the connection serves no other client.
+        self.cancels = 0
+        self._cancels_done: Callable[[], None] | None = None
 
     # -- lifecycle ------------------------------------------------------------------------------------------
     @classmethod
@@ -266,8 +274,27 @@ class ServerConnection(asyncio.Protocol):
 
     def abort(self) -> None:
         self._broken = True
-        if self.transport is not None:
-            self.transport.abort()
+        transport, self.transport = self.transport, None
+        if transport is not None:
+            transport.abort()
+
+    # -- cancels --------------------------------------------------------------------------------------------
+    def cancel_sent(self) -> None:
+        self.cancels += 1
+
+    def cancel_ended(self, landed: bool) -> None:
+        """A CancelRequest's connection closed (``landed``: the postmaster had signalled the backend by
+        then), or it failed or timed out: a cancel that may still arrive later retires the connection."""
+        self.cancels -= 1
+        if not landed:
+            self._broken = True
+        if not self.cancels and self._cancels_done is not None:
+            done, self._cancels_done = self._cancels_done, None
+            done()
+
+    def when_cancels_end(self, callback: Callable[[], None]) -> None:
+        """Call ``callback`` once no cancel is in flight (the pool parks the connection until then)."""
+        self._cancels_done = callback
 
     # -- leasing --------------------------------------------------------------------------------------------
     def attach(self, sink: Sink, track_details: bool = False) -> None:
@@ -354,6 +381,17 @@ class ServerConnection(asyncio.Protocol):
             log.warning("event=upstream_protocol_error upstream=%s error=%r", self.label, exc.message)
             self.abort()
             return
+        if self.farewell is not None:
+            # The backend is exiting; nothing it sends is useful any more (the client's side of this is
+            # ``Sink.upstream_lost``, called from connection_lost).
+            log.info(
+                "event=upstream_closed upstream=%s sqlstate=%s leased=%s",
+                self.label,
+                _sqlstate(self.farewell, 0, len(self.farewell)),
+                "yes" if self.sink is not None else "no",
+            )
+            self.abort()
+            return
         if used >= len(buf):
             self._buf = b""
             return
@@ -390,9 +428,17 @@ class ServerConnection(asyncio.Protocol):
             if end > n:
                 break
             if not expect:
-                # Nothing expected: only asynchronous messages may arrive (notices, notifications, status).
+                # Nothing expected: only asynchronous messages may arrive (notices, notifications, status),
+                # or the FATAL of a backend that ends on its own (terminated, idle-in-transaction timeout).
                 if mtype == _S:
                     self._parameter_status(buf, pos, end)
+                elif mtype == _E:
+                    # Not forwarded here: whether the client hears of it is upstream_lost's decision.
+                    if pos > run:
+                        out.append(view[run:pos])
+                    self.farewell = bytes(buf[pos:end])
+                    run = pos = end
+                    break
                 elif mtype not in (_N, _A):
                     raise ProxyError(PROTOCOL_VIOLATION, f"unexpected message {chr(mtype)!r} from upstream")
                 pos = end
@@ -444,6 +490,12 @@ class ServerConnection(asyncio.Protocol):
                         sink.upstream_ready(self.status)
                 continue
             if mtype == _E:
+                if _fatal(buf, pos, end):
+                    # The backend exits after this: the client got it (unless the message was the proxy's).
+                    self.farewell = bytes(buf[pos:end])
+                    self.farewell_forwarded = entry.action != SWALLOW and self.sink is not None
+                    pos = end
+                    break
                 if (
                     entry.retry is not None
                     and self._only_unit_queued()
@@ -633,6 +685,15 @@ def _is_ip(host: str) -> bool:
     except ValueError:
         return False
     return True
+
+
+def _fatal(buf: bytes, pos: int, end: int) -> bool:
+    """Whether the ErrorResponse at ``pos`` is FATAL or PANIC: the backend ends the connection after it."""
+    try:
+        fields = m.parse_fields(bytes(buf[pos + 5 : end]))
+    except ProxyError:
+        return False
+    return fields.get("V", fields.get("S")) in ("FATAL", "PANIC")
 
 
 def _sqlstate(buf: bytes, pos: int, end: int) -> str:

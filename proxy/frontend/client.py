@@ -1299,10 +1299,12 @@ class ClientConnection(asyncio.Protocol):
                 self._release()
                 self.fatal(ProxyError(ADMIN_SHUTDOWN, "terminating connection: the proxy is shutting down"))
                 return
-            if not (self._server_dirty or self.app.pools[self.server_pool].linger(server, self._reclaim)):
-                self._release()
+            if self._server_dirty and not server.cancels:
+                return  # what it holds is unknown: it serves this client only (and is closed after)
+            if self.app.pools[self.server_pool].linger(server, self._reclaim):
+                self._lingering = True
             else:
-                self._lingering = not self._server_dirty
+                self._release()  # a cancel still on its way parks it in the pool (Pool.release)
 
     def _settle(self, server: ServerConnection) -> None:
         """A unit with session changes ended outside a transaction: did they take effect?
@@ -1333,27 +1335,31 @@ class ClientConnection(asyncio.Protocol):
         server.track_details(False)
 
     def upstream_lost(self, exc: ProxyError) -> None:
+        """The connection held went away: its backend ended (terminated, a timeout, a crash) or the
+        network failed."""
         server = self.server
         if server is None:
             return
-        if self._lingering:
-            # Lost between transactions: nothing of the client's was in flight; just let it go.
+        if self._lingering or (self.pinned is None and server.status == _IDLE and not server.expect):
+            # Between transactions, nothing of the client's on it: the next unit just takes another.
             self._detach(reusable=False)
-            self.pinned = None
             return
-        owed = sum(1 for e in server.expect if e.kind == K_SYNC and e.action == FORWARD)
+        # A transaction open, a statement in flight, or session state that lived only there: as when
+        # its own PostgreSQL connection is lost, the client gets one error (the backend's FATAL, which it
+        # may have had already as the reply to its statement, or 08006) and its connection ends. Carrying
+        # on would run what follows outside the transaction the client believes is open.
         server.expect.clear()
         self._detach(reusable=False)
-        self.pinned = None
         self.session.discard_staged()
         if self.phase == CLOSED:
             return
-        self.write(m.error_from(exc))
-        for _ in range(owed):
-            self.write(m.ready_for_query(b"I"))
-        if not owed:
-            self.skip_until_sync = True
-        self.resume("upstream")
+        log.info("event=client_upstream_lost client=%s upstream=%s", self.id, server.label)
+        if server.farewell is None:
+            self.fatal(exc)
+            return
+        if not server.farewell_forwarded:
+            self.write(server.farewell)
+        self._shutdown()
 
     def upstream_pause(self, paused: bool) -> None:
         (self.pause if paused else self.resume)("upstream")

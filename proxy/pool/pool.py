@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import asyncio
+import functools
 import time
 from collections import deque
 from collections.abc import Awaitable, Callable
@@ -17,11 +18,14 @@ class Poolable(Protocol):
 
     created_at: float
     idle_since: float
+    cancels: int  # cancel requests for it still on their way to its server
 
     @property
     def broken(self) -> bool: ...
 
     def close(self) -> None: ...
+
+    def when_cancels_end(self, callback: Callable[[], None], /) -> None: ...
 
 
 C = TypeVar("C", bound=Poolable)
@@ -101,7 +105,8 @@ class Pool(Generic[C]):
 
     ``acquire`` returns an idle connection, opens a new one while under ``size``, or waits up to
     ``acquire_timeout`` and then raises ProxyError 53300. ``release`` hands the connection to the oldest
-    waiter, or keeps it idle; a broken or expired connection is closed instead, freeing its slot.
+    waiter, or keeps it idle; a broken or expired connection is closed instead, freeing its slot. A
+    connection with a cancel request in flight is parked until the cancel has reached its server.
 
     *Lingering*: a client between transactions may keep its connection (``linger``) while nobody else
     needs it, so a client that is alone on a connection pays no hand-over per transaction. The pool takes a
@@ -245,7 +250,7 @@ class Pool(Generic[C]):
 
     def linger(self, conn: C, reclaim: Callable[[], None]) -> bool:
         """Let the client keep ``conn`` between transactions; False means release it now instead."""
-        if self._waiters or self._closed or conn.broken:
+        if self._waiters or self._closed or conn.broken or conn.cancels:
             return False
         now = time.monotonic()
         if self._expired(conn, now):
@@ -264,6 +269,12 @@ class Pool(Generic[C]):
         now = time.monotonic()
         if not reusable or conn.broken or self._closed or self._expired(conn, now):
             self._discard(conn)
+            return
+        if conn.cancels:
+            # A cancel of its last client's statement may not have reached the server yet; landing later it
+            # would cancel the next client's. Parked (still counted, not idle) until the postmaster has
+            # signalled the backend: then released again, or discarded if that was not confirmed.
+            conn.when_cancels_end(functools.partial(self.release, conn))
             return
         while self._waiters:
             fut = self._waiters.popleft()

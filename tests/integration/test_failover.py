@@ -310,6 +310,7 @@ class Readers:
     """Clients reading in a loop on their own connections, recording where each read ran and any error."""
 
     def __init__(self, proxy: ProxyProcess, n: int, sql: str) -> None:
+        self.proxy = proxy
         self.sql = sql
         self.results: list[tuple[int, object]] = []
         self.errors: list[BaseException] = []
@@ -327,10 +328,20 @@ class Readers:
             except psycopg.Error as exc:
                 with self.lock:
                     self.errors.append(exc)
+                if conn.closed:  # its upstream went away mid-statement: so did its connection
+                    conn = self._reconnect(conn)
                 continue
             assert row is not None
             with self.lock:
                 self.results.append((time.monotonic_ns(), row[0]))
+
+    def _reconnect(
+        self, old: psycopg.Connection[tuple[object, ...]]
+    ) -> psycopg.Connection[tuple[object, ...]]:
+        conn = connect(self.proxy)
+        with self.lock:
+            self.conns[self.conns.index(old)] = conn
+        return conn
 
     def seen_since(self, mark: int) -> set[object]:
         with self.lock:

@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import asyncio
 import time
+from collections.abc import Callable
 
 import pytest
 
@@ -12,7 +13,7 @@ from proxy.pool import Pool
 
 
 class Conn:
-    """A stand-in upstream connection: the pool only needs these four members."""
+    """A stand-in upstream connection: the pool only needs these members."""
 
     def __init__(self, n: int) -> None:
         self.n = n
@@ -20,9 +21,14 @@ class Conn:
         self.idle_since = self.created_at
         self.broken = False
         self.closed = False
+        self.cancels = 0
+        self.cancels_done: Callable[[], None] | None = None
 
     def close(self) -> None:
         self.closed = True
+
+    def when_cancels_end(self, callback: Callable[[], None]) -> None:
+        self.cancels_done = callback
 
 
 def make_pool(size: int = 2, timeout: float = 5.0, **kw: float) -> tuple[Pool[Conn], list[Conn]]:
@@ -101,6 +107,40 @@ def test_broken_connection_frees_its_slot_for_a_waiter() -> None:
         pool.release(held)
         fresh = await asyncio.wait_for(waiter, 1)
         assert held.closed and fresh is opened[1] and pool.stats.total == 1
+
+    asyncio.run(run())
+
+
+def test_connection_with_a_cancel_in_flight_is_parked_until_it_lands() -> None:
+    async def run() -> None:
+        pool, opened = make_pool(size=1)
+        held = await pool.acquire()
+        waiter = asyncio.create_task(pool.acquire())
+        await asyncio.sleep(0)
+        held.cancels = 1
+        assert not pool.linger(held, lambda: None)  # no lingering on it either
+        pool.release(held)
+        await asyncio.sleep(0.01)
+        assert not waiter.done() and pool.stats.idle == 0 and pool.stats.total == 1
+        held.cancels = 0
+        assert held.cancels_done is not None
+        held.cancels_done()  # the postmaster closed the cancel connection: the backend was signalled
+        assert await asyncio.wait_for(waiter, 1) is held and len(opened) == 1
+
+    asyncio.run(run())
+
+
+def test_connection_whose_cancel_was_not_confirmed_is_discarded() -> None:
+    async def run() -> None:
+        pool, opened = make_pool(size=1)
+        held = await pool.acquire()
+        held.cancels = 1
+        pool.release(held)
+        held.cancels, held.broken = 0, True  # what ServerConnection.cancel_ended(landed=False) does
+        assert held.cancels_done is not None
+        held.cancels_done()
+        assert held.closed and pool.stats.total == 0
+        assert await pool.acquire() is opened[1]
 
     asyncio.run(run())
 
