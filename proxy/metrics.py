@@ -8,7 +8,7 @@ first event, so ``rate()`` and alerts see a series from the first scrape, and ag
 
 from __future__ import annotations
 
-from collections.abc import Iterable, Iterator
+from collections.abc import Iterable, Iterator, Mapping
 from typing import TYPE_CHECKING, TypeVar
 
 from prometheus_client import CollectorRegistry, generate_latest
@@ -30,11 +30,17 @@ STATEMENT_EVENTS = ("prepared", "reused", "evicted", "prepared_again_after_ddl")
 K = TypeVar("K", str, tuple[str, str])
 
 
-def with_zeros(counts: dict[K, int], keys: Iterable[K]) -> list[tuple[K, int]]:
-    """Every key of ``keys`` at 0 unless counted, plus whatever was counted; sorted."""
+def labelled_counter(
+    name: str, doc: str, labels: list[str], counts: Mapping[K, int], keys: Iterable[K]
+) -> CounterMetricFamily:
+    """A counter family with a series for every key of ``keys`` (at 0 until counted) plus whatever was
+    counted, sorted; a key is one label value or a tuple of them."""
+    family = CounterMetricFamily(PREFIX + name, doc, labels=labels)
     out = dict.fromkeys(keys, 0)
     out.update(counts)
-    return sorted(out.items())
+    for key, n in sorted(out.items()):
+        family.add_metric(list(key) if isinstance(key, tuple) else [str(key)], n)
+    return family
 
 
 def served_roles(app: ProxyApp) -> list[str]:
@@ -135,50 +141,45 @@ class ProxyCollector(Collector):
         yield CounterMetricFamily(
             PREFIX + "client_pins", "Clients that became pinned, since start.", value=app.pinned_total
         )
-        routed = CounterMetricFamily(
-            PREFIX + "routed_statements",
-            "Units (statements, batches) routed, by role and kind.",
-            labels=["role", "kind"],
-        )
         served = served_roles(app)
-        for (role, kind), n in with_zeros(app.routed, ((r, k) for r in served for k in (READ, WRITE))):
-            routed.add_metric([role, kind], n)
-        yield routed
-        fallbacks = CounterMetricFamily(
-            PREFIX + "fallbacks",
-            "Units served by the fallback (main) for a down or unconfigured role.",
-            labels=["role"],
+        yield labelled_counter(
+            "routed_statements",
+            "Units (statements, batches) routed, by role and kind.",
+            ["role", "kind"],
+            app.routed,
+            ((r, k) for r in served for k in (READ, WRITE)),
         )
-        for role, n in with_zeros(app.fallbacks, fallback_roles(app)):
-            fallbacks.add_metric([role], n)
-        yield fallbacks
-        fallback_writes = CounterMetricFamily(
-            PREFIX + "fallback_writes",
+        yield labelled_counter(
+            "fallbacks",
+            "Units served by the fallback (main) for a down or unconfigured role.",
+            ["role"],
+            app.fallbacks,
+            fallback_roles(app),
+        )
+        yield labelled_counter(
+            "fallback_writes",
             "Writes main took for a configured role that was down (fallback: main), by role and table: rows "
             "in main's copy of the table that the proxy does not show once the role is back, to reconcile.",
-            labels=["role", "table"],
+            ["role", "table"],
+            app.fallback_writes,
+            fallback_write_tables(app),
         )
-        for (role, table), n in with_zeros(app.fallback_writes, fallback_write_tables(app)):
-            fallback_writes.add_metric([role, table], n)
-        yield fallback_writes
-        down_refusals = CounterMetricFamily(
-            PREFIX + "down_refusals",
+        yield labelled_counter(
+            "down_refusals",
             "Statements refused with 57P03 because their role is configured, down and has no fallback.",
-            labels=["role"],
-        )
-        for role, n in with_zeros(app.down_refusals, refusable_roles(app)):
-            down_refusals.add_metric([role], n)
-        yield down_refusals
-        statements = CounterMetricFamily(
-            PREFIX + "upstream_statements",
-            "Server-side prepared statements the proxy manages, by role and event: prepared, reused (a "
-            "client's Parse not sent: the connection had it), evicted, prepared_again_after_ddl.",
-            labels=["role", "event"],
+            ["role"],
+            app.down_refusals,
+            refusable_roles(app),
         )
         events = ((r, e) for r in served for e in STATEMENT_EVENTS)
-        for (role, event), n in with_zeros(app.statement_events, events):
-            statements.add_metric([role, event], n)
-        yield statements
+        yield labelled_counter(
+            "upstream_statements",
+            "Server-side prepared statements the proxy manages, by role and event: prepared, reused (a "
+            "client's Parse not sent: the connection had it), evicted, prepared_again_after_ddl.",
+            ["role", "event"],
+            app.statement_events,
+            events,
+        )
         yield CounterMetricFamily(
             PREFIX + "cross_upstream_refusals",
             "Statements refused (0A000) because they need more than one upstream.",
@@ -225,16 +226,15 @@ def _classification_metrics(app: ProxyApp) -> Iterator[CounterMetricFamily]:
 
 def _login_metrics(app: ProxyApp) -> Iterator[CounterMetricFamily]:
     """Failed logins by reason, and the PBKDF2 runs behind plain-text users-file passwords."""
-    failures = CounterMetricFamily(
-        PREFIX + "login_failures",
+    yield labelled_counter(
+        "login_failures",
         "Failed client logins by reason (unknown_user, wrong_password, empty_password, method_mismatch, "
         "unsupported_mechanism, malformed_auth_message, client_disconnected, login_timeout, "
         "admin_not_allowed, upstream_unavailable, aborted).",
-        labels=["reason"],
+        ["reason"],
+        app.login_failures.counts,
+        (),
     )
-    for reason, n in app.login_failures.counts.items():
-        failures.add_metric([reason], n)
-    yield failures
     yield CounterMetricFamily(
         PREFIX + "scram_key_derivations",
         "PBKDF2 runs deriving SCRAM keys from plain-text users-file passwords: at most one per user per "
