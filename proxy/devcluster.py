@@ -39,6 +39,7 @@ SERVER_SETTINGS = """
 # parafort devcluster settings
 listen_addresses = '127.0.0.1'
 max_connections = 200
+max_prepared_transactions = 10
 shared_buffers = 32MB
 fsync = off
 synchronous_commit = off

@@ -1,0 +1,49 @@
+"""Fidelity with real clients (issue 14, part 2): what PostgreSQL would do, the proxy does too."""
+
+from __future__ import annotations
+
+from collections.abc import Callable
+
+import psycopg
+import pytest
+
+from proxy.demo import DEMO_DOMAINS
+from proxy.devcluster import DevClusters
+from proxy.testing import APP_PASSWORD, APP_USER, ProxyProcess
+
+
+def connect(proxy: ProxyProcess, **kw: object) -> psycopg.Connection[tuple[object, ...]]:
+    return psycopg.connect(proxy.dsn(APP_USER, APP_PASSWORD), autocommit=True, **kw)  # type: ignore[arg-type]
+
+
+@pytest.fixture
+def replicated(start_proxy: Callable[..., ProxyProcess], schema: None) -> ProxyProcess:
+    return start_proxy(roles=("main", "read_replica"), config={"domains": DEMO_DOMAINS})
+
+
+# -- two-phase commit --------------------------------------------------------------------------------------
+def test_two_phase_commit_runs_on_main(pg: DevClusters, replicated: ProxyProcess) -> None:
+    """psycopg's TPC API through the proxy with a replica: PREPARE TRANSACTION, then COMMIT PREPARED and
+    ROLLBACK PREPARED on their own (outside any transaction, where the router picks a role afresh)."""
+    gids = ("pf_2pc_commit", "pf_2pc_rollback")
+    try:
+        with psycopg.connect(replicated.dsn(APP_USER, APP_PASSWORD)) as conn:
+            for gid in gids:
+                conn.tpc_begin(gid)  # a plain transaction id: the gid PostgreSQL sees
+                conn.execute(
+                    "INSERT INTO users (email, full_name) VALUES (%s, '2pc')", (f"{gid}@example.com",)
+                )
+                conn.tpc_prepare()  # PREPARE TRANSACTION
+                conn.tpc_commit() if gid.endswith("commit") else conn.tpc_rollback()
+        with connect(replicated) as conn:
+            # Plain SQL, each statement its own unit.
+            conn.execute("BEGIN")
+            conn.execute("INSERT INTO users (email, full_name) VALUES ('pf_2pc_sql@example.com', '2pc')")
+            conn.execute("PREPARE TRANSACTION 'pf_2pc_sql'")
+            conn.execute("COMMIT PREPARED 'pf_2pc_sql'")
+    finally:
+        for gid in pg.main.psql("SELECT gid FROM pg_prepared_xacts WHERE gid LIKE '%pf_2pc%'").split():
+            pg.main.psql(f"ROLLBACK PREPARED '{gid}'")
+    emails = pg.main.psql("SELECT string_agg(email, ',' ORDER BY email) FROM users WHERE full_name = '2pc'")
+    assert emails == "pf_2pc_commit@example.com,pf_2pc_sql@example.com"
+    pg.main.psql("DELETE FROM users WHERE full_name = '2pc'", superuser=False)
