@@ -206,7 +206,12 @@ class ProxyApp:
             return self._reload_failed(f"auth.users_file: {exc}")
         old = self.config
         restart = [f"roles.{role}.url" for role in ROLES if _urls(new, role) != _urls(old, role)] + [
-            key for key in ("listen", "admin") if getattr(new, key) != getattr(old, key)
+            key
+            for key, new_value, old_value in (
+                ("listen", new.listen, old.listen),
+                ("admin", (new.admin.host, new.admin.port), (old.admin.host, old.admin.port)),
+            )
+            if new_value != old_value
         ]
         if restart:
             log.warning("event=reload_needs_restart keys=%s", ",".join(restart))

@@ -22,7 +22,6 @@ from typing import TYPE_CHECKING, cast
 
 import pglast
 
-from proxy.admin import ADMIN_DATABASE
 from proxy.backend.connection import (
     FORWARD,
     K_BIND,
@@ -172,7 +171,7 @@ class ClientConnection(asyncio.Protocol):
         self._login_timer: asyncio.TimerHandle | None = None
         self._audit_pending: list[str] = []  # normalized statements of compliance units in flight
         self._audit_outcome = "ok"
-        self.admin = False  # connected to the admin console (database "parafort")
+        self.admin = False  # connected to the admin console (database admin.database)
         self.tls = False
         # Outcome tracking for session changes and DISCARD while a batch is in flight.
         self._error_seen = False
@@ -1341,7 +1340,7 @@ class ClientConnection(asyncio.Protocol):
         return True
 
     def _authenticated(self) -> None:
-        if self.database == ADMIN_DATABASE:
+        if self.database == self.app.config.admin.database:
             if not self.app.admin_allowed(self.user):
                 self._login_failure = ADMIN_NOT_ALLOWED
                 raise ProxyError(

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import subprocess
 from collections.abc import Callable
 
 import psycopg
@@ -10,6 +11,8 @@ import pytest
 from proxy.demo import DEMO_DOMAINS
 from proxy.devcluster import DevClusters
 from proxy.testing import APP_PASSWORD, APP_USER, ProxyProcess
+
+ADMIN, ADMIN_PASSWORD = "ops", "ops-secret-pw"
 
 
 def connect(proxy: ProxyProcess, **kw: object) -> psycopg.Connection[tuple[object, ...]]:
@@ -47,3 +50,40 @@ def test_two_phase_commit_runs_on_main(pg: DevClusters, replicated: ProxyProcess
     emails = pg.main.psql("SELECT string_agg(email, ',' ORDER BY email) FROM users WHERE full_name = '2pc'")
     assert emails == "pf_2pc_commit@example.com,pf_2pc_sql@example.com"
     pg.main.psql("DELETE FROM users WHERE full_name = '2pc'", superuser=False)
+
+
+# -- the admin console's database name ---------------------------------------------------------------------
+def psql(
+    proxy: ProxyProcess, user: str, password: str, database: str, sql: str
+) -> subprocess.CompletedProcess[str]:
+    return subprocess.run(
+        ["psql", proxy.dsn(user, password, database=database), "-X", "-A", "-t", "-c", sql],
+        capture_output=True, text=True, timeout=30, check=False,
+    )  # fmt: skip
+
+
+def test_database_parafort_is_an_application_database(start_proxy: Callable[..., ProxyProcess]) -> None:
+    proxy = start_proxy(
+        roles=("main",),
+        config={"auth": {"admin_users": [ADMIN]}},
+        users={APP_USER: APP_PASSWORD, ADMIN: ADMIN_PASSWORD},
+    )
+    for user, password in ((APP_USER, APP_PASSWORD), (ADMIN, ADMIN_PASSWORD)):
+        out = psql(proxy, user, password, "parafort", "SELECT 40 + 2")
+        assert (out.returncode, out.stdout.strip()) == (0, "42"), out.stderr
+    console = psql(proxy, ADMIN, ADMIN_PASSWORD, "parafort_admin", "SHOW POOLS")
+    assert console.returncode == 0 and "main" in console.stdout, console.stderr
+
+
+def test_admin_database_is_a_setting(start_proxy: Callable[..., ProxyProcess]) -> None:
+    proxy = start_proxy(
+        roles=("main",),
+        config={"admin": {"database": "ops_console"}, "auth": {"admin_users": [ADMIN]}},
+        users={APP_USER: APP_PASSWORD, ADMIN: ADMIN_PASSWORD},
+    )
+    console = psql(proxy, ADMIN, ADMIN_PASSWORD, "ops_console", "SHOW POOLS")
+    assert console.returncode == 0 and "main" in console.stdout, console.stderr
+    refused = psql(proxy, APP_USER, APP_PASSWORD, "ops_console", "SHOW POOLS")
+    assert "not allowed to use the admin console" in refused.stderr
+    ordinary = psql(proxy, ADMIN, ADMIN_PASSWORD, "parafort_admin", "SELECT 40 + 2")
+    assert (ordinary.returncode, ordinary.stdout.strip()) == (0, "42"), ordinary.stderr
