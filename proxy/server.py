@@ -28,6 +28,7 @@ from proxy.frontend.login_failures import LoginFailureLog
 from proxy.frontend.session import PreparedStatement
 from proxy.health import HealthMonitor
 from proxy.http import AdminServer
+from proxy.lookups import LookupFailed, MainLookups
 from proxy.pool import Pool
 from proxy.protocol.auth import ScramKeys, ServerAuth, UserlistError, load_userlist
 from proxy.protocol.framing import cancel_request
@@ -59,7 +60,11 @@ class ProxyApp:
         self.max_statements = config.statements.max_per_connection
         self._build_pools(config)
         self.replica_pools = [label for label, role in self.pool_roles.items() if role == "read_replica"]
-        self.router = Router(config, self.usable)
+        self.lookups = MainLookups(self.upstreams["main"])
+        self.catalog_functions: frozenset[str] = frozenset()  # main's STABLE/IMMUTABLE functions
+        self._functions_task: asyncio.Task[None] | None = None
+        self._functions_failed = False  # the last load failed: retry when main is up again
+        self.router = Router(config, self.usable, self.catalog_functions)
         self.refusals = 0  # statements refused for needing two upstreams (a metric)
         self.routed: dict[tuple[str, str], int] = {}  # units sent upstream, by (role, read|write)
         self.fallbacks: dict[str, int] = {}  # units served by main for a down or unconfigured role, by role
@@ -143,6 +148,7 @@ class ProxyApp:
             self._server.close()
             raise
         await self.health.start()
+        self.load_functions()
         log.info("event=listening address=%s:%d roles=%s", listen.host, self.port, ",".join(self.pools))
 
     @property
@@ -179,6 +185,10 @@ class ProxyApp:
             self._log_outage_writes(role, "proxy stopping")
         self.login_failures.flush()  # the last window's summary, before the process goes
         await self.health.stop()
+        if self._functions_task is not None:
+            self._functions_task.cancel()
+            await asyncio.gather(self._functions_task, return_exceptions=True)
+        await self.lookups.close()
         if self.admin is not None:
             await self.admin.stop()
         if self._server is not None:
@@ -229,7 +239,8 @@ class ProxyApp:
             if self.audit is not None:
                 self.audit.close()
             self.audit = AuditLog(new.audit.path) if new.audit.path else None
-        self.router = Router(new, self.usable)
+        self.router = Router(new, self.usable, self.catalog_functions)
+        self.load_functions()  # functions created or altered since: read main's catalog again
         for label, pool in self.pools.items():
             rc = new.roles.get(self.pool_roles[label])
             size = rc.pool_size
@@ -297,6 +308,8 @@ class ProxyApp:
         self.router.invalidate()  # cached decisions assumed the old health
 
     def _health_transition(self, label: str, up: bool) -> None:
+        if up and label == "main" and self._functions_failed:
+            self.load_functions()
         if up and label in self._outage_writes:
             self._log_outage_writes(label, "role is up again")
 
@@ -376,6 +389,31 @@ class ProxyApp:
 
     def server_auth(self, user: str) -> ServerAuth:
         return ServerAuth(self.config.auth.method, user, self.userlist.get(user), self.scram_keys)
+
+    # -- main's catalog: function volatility (proxy/lookups.py) ----------------------------------------------
+    def load_functions(self) -> None:
+        """(Re)read which of main's functions are STABLE or IMMUTABLE, in the background: until it is done
+        the router keeps the previous answer (at start: none, so every such call is a write)."""
+        if self._functions_task is not None and not self._functions_task.done():
+            self._functions_task.cancel()  # a newer catalog is wanted: the newest read wins
+        self._functions_task = asyncio.get_running_loop().create_task(self._load_functions())
+
+    async def _load_functions(self) -> None:
+        try:
+            names = await self.lookups.read_only_functions()
+        except LookupFailed as exc:
+            if not self._functions_failed:
+                log.warning(
+                    "event=function_catalog_failed error=%r note=%r",
+                    str(exc),
+                    "functions outside the built-in list are writes until main's catalog can be read",
+                )
+            self._functions_failed = True
+            return
+        self._functions_failed = False
+        self.catalog_functions = names
+        self.router.set_catalog_read_only(names)
+        log.info("event=function_catalog_loaded read_only_functions=%d", len(names))
 
     async def server_parameters(self) -> dict[str, str]:
         """The ParameterStatus set clients see at login: main's (learned from one real connection)."""

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import signal
 import subprocess
 from collections.abc import Callable
 
@@ -9,7 +10,7 @@ import psycopg
 import pytest
 
 from proxy.demo import DEMO_DOMAINS
-from proxy.devcluster import DevClusters
+from proxy.devcluster import DevClusters, wait_until
 from proxy.testing import APP_PASSWORD, APP_USER, ProxyProcess
 
 ADMIN, ADMIN_PASSWORD = "ops", "ops-secret-pw"
@@ -87,3 +88,63 @@ def test_admin_database_is_a_setting(start_proxy: Callable[..., ProxyProcess]) -
     assert "not allowed to use the admin console" in refused.stderr
     ordinary = psql(proxy, ADMIN, ADMIN_PASSWORD, "parafort_admin", "SELECT 40 + 2")
     assert (ordinary.returncode, ordinary.stdout.strip()) == (0, "42"), ordinary.stderr
+
+
+# -- user functions' volatility from main's catalog ---------------------------------------------------------
+FUNCTIONS = """
+CREATE FUNCTION pf_stable_fn() RETURNS int LANGUAGE sql STABLE AS 'SELECT 1';
+CREATE FUNCTION pf_immutable_fn(int) RETURNS int LANGUAGE sql IMMUTABLE AS 'SELECT $1';
+CREATE FUNCTION pf_volatile_fn() RETURNS int LANGUAGE sql VOLATILE AS 'SELECT 2';
+CREATE FUNCTION pf_mixed_fn(int) RETURNS int LANGUAGE sql STABLE AS 'SELECT $1';
+CREATE FUNCTION pf_mixed_fn(text) RETURNS int LANGUAGE sql VOLATILE AS 'SELECT 3';
+CREATE SCHEMA pf_lib;
+CREATE FUNCTION pf_lib.pf_lib_fn() RETURNS int LANGUAGE sql IMMUTABLE AS 'SELECT 4';
+"""
+DROP_FUNCTIONS = """
+DROP FUNCTION IF EXISTS pf_stable_fn(), pf_immutable_fn(int), pf_volatile_fn(), pf_mixed_fn(int),
+  pf_mixed_fn(text), pf_late_fn();
+DROP SCHEMA IF EXISTS pf_lib CASCADE;
+"""
+
+
+def loaded(proxy: ProxyProcess, times: int) -> None:
+    wait_until(
+        lambda: proxy.log().count("event=function_catalog_loaded") >= times, 30, "main's functions to be read"
+    )
+
+
+def test_user_functions_volatility_comes_from_main(
+    pg: DevClusters, start_proxy: Callable[..., ProxyProcess]
+) -> None:
+    pg.main.psql(DROP_FUNCTIONS + FUNCTIONS, superuser=False)
+    try:
+        pg.wait_replica_caught_up()
+        proxy = start_proxy(roles=("main", "read_replica"))
+        loaded(proxy, 1)
+        main, replica = pg.main.port, pg.read_replica.port
+        with connect(proxy) as conn:
+
+            def port(sql: str) -> int:
+                row = conn.execute(f"SELECT inet_server_port(), {sql}").fetchone()
+                assert row is not None
+                return int(str(row[0]))
+
+            assert port("pf_stable_fn()") == replica
+            assert port("pf_immutable_fn(7)") == replica
+            assert port("public.pf_stable_fn()") == replica
+            assert port("pf_lib.pf_lib_fn()") == replica
+            assert port("pf_volatile_fn()") == main
+            assert port("pf_mixed_fn(1)") == main  # one overload is VOLATILE: the name is a write
+            assert port("pf_stable_fn(), pf_volatile_fn()") == main
+
+            # A function created later is a write until the catalog is read again (SIGHUP).
+            pg.main.psql(
+                "CREATE FUNCTION pf_late_fn() RETURNS int LANGUAGE sql STABLE AS 'SELECT 5'", superuser=False
+            )
+            pg.wait_replica_caught_up()
+            assert port("pf_late_fn()") == main
+            proxy.signal(signal.SIGHUP)
+            loaded(proxy, 2)
+            assert port("pf_late_fn()") == replica
+    finally:
+        pg.main.psql(DROP_FUNCTIONS, superuser=False)
