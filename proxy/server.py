@@ -28,7 +28,7 @@ from proxy.frontend.login_failures import LoginFailureLog
 from proxy.frontend.session import PreparedStatement
 from proxy.health import HealthMonitor
 from proxy.http import AdminServer
-from proxy.lookups import LookupFailed, MainLookups
+from proxy.lookups import InvalidStartupParameter, LookupFailed, MainLookups
 from proxy.pool import Pool
 from proxy.protocol.auth import ScramKeys, ServerAuth, UserlistError, load_userlist
 from proxy.protocol.framing import cancel_request
@@ -64,6 +64,7 @@ class ProxyApp:
         self.catalog_functions: frozenset[str] = frozenset()  # main's STABLE/IMMUTABLE functions
         self._functions_task: asyncio.Task[None] | None = None
         self._functions_failed = False  # the last load failed: retry when main is up again
+        self._parameters_failed = False  # the last startup-parameter look-up failed (logged once)
         self.router = Router(config, self.usable, self.catalog_functions)
         self.refusals = 0  # statements refused for needing two upstreams (a metric)
         self.routed: dict[tuple[str, str], int] = {}  # units sent upstream, by (role, read|write)
@@ -390,7 +391,7 @@ class ProxyApp:
     def server_auth(self, user: str) -> ServerAuth:
         return ServerAuth(self.config.auth.method, user, self.userlist.get(user), self.scram_keys)
 
-    # -- main's catalog: function volatility (proxy/lookups.py) ----------------------------------------------
+    # -- main's catalog: function volatility, startup parameters (proxy/lookups.py) ------------------------
     def load_functions(self) -> None:
         """(Re)read which of main's functions are STABLE or IMMUTABLE, in the background: until it is done
         the router keeps the previous answer (at start: none, so every such call is a write)."""
@@ -414,6 +415,31 @@ class ProxyApp:
         self.catalog_functions = names
         self.router.set_catalog_read_only(names)
         log.info("event=function_catalog_loaded read_only_functions=%d", len(names))
+
+    async def startup_parameters(self, startup: Mapping[str, str]) -> dict[str, str]:
+        """The ParameterStatus set for a client: main's, with the client's startup settings spelled as
+        PostgreSQL reports them (``utf8`` -> ``UTF8``). Raises InvalidStartupParameter with PostgreSQL's own
+        error for a value main rejects. If main cannot be asked, a value is reported as the client sent it."""
+        reported = dict(await self.server_parameters())
+        lower = {name.lower(): name for name in reported}
+        ask = self.usable("main")  # main down: no look-up (and no wait on a connect) at each login
+        for name, given in startup.items():
+            if name not in lower:
+                continue
+            value = given
+            if ask:
+                try:
+                    value = await self.lookups.parameter_value(name, given)
+                except LookupFailed as exc:
+                    if not self._parameters_failed:
+                        log.warning("event=parameter_lookup_failed parameter=%s error=%r", name, str(exc))
+                    self._parameters_failed = True
+                except ProxyError as exc:
+                    raise InvalidStartupParameter(exc.sqlstate, exc.message, detail=exc.detail) from None
+                else:
+                    self._parameters_failed = False
+            reported[lower[name]] = value
+        return reported
 
     async def server_parameters(self) -> dict[str, str]:
         """The ParameterStatus set clients see at login: main's (learned from one real connection)."""

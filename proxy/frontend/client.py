@@ -52,10 +52,12 @@ from proxy.frontend.login_failures import (
     ABORTED,
     ADMIN_NOT_ALLOWED,
     CLIENT_DISCONNECTED,
+    INVALID_PARAMETER,
     LOGIN_TIMEOUT,
     UPSTREAM_UNAVAILABLE,
 )
 from proxy.frontend.session import PreparedStatement, Session, startup_settings, startup_values
+from proxy.lookups import InvalidStartupParameter
 from proxy.protocol import messages as m
 from proxy.protocol.auth import MALFORMED_AUTH_MESSAGE, ServerAuth
 from proxy.protocol.framing import (
@@ -1356,18 +1358,14 @@ class ClientConnection(asyncio.Protocol):
 
     async def _greet(self) -> None:
         try:
-            parameters = await self.app.server_parameters()
+            reported = await self.app.startup_parameters(startup_values(self.params))
         except ProxyError as exc:
-            self._login_failure = UPSTREAM_UNAVAILABLE
-            self.fatal(ProxyError(exc.sqlstate, exc.message, severity="FATAL"))
+            bad = isinstance(exc, InvalidStartupParameter)
+            self._login_failure = INVALID_PARAMETER if bad else UPSTREAM_UNAVAILABLE
+            self.fatal(ProxyError(exc.sqlstate, exc.message, detail=exc.detail, severity="FATAL"))
             return
         if self.phase == CLOSED:
             return
-        reported = dict(parameters)
-        lower = {name.lower(): name for name in reported}
-        for name, value in startup_values(self.params).items():
-            if name in lower:
-                reported[lower[name]] = value
         out = bytearray()
         for name, value in reported.items():
             out += m.parameter_status(name, value)

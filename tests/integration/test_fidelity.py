@@ -3,6 +3,8 @@
 from __future__ import annotations
 
 import signal
+import socket
+import struct
 import subprocess
 from collections.abc import Callable
 
@@ -11,6 +13,8 @@ import pytest
 
 from proxy.demo import DEMO_DOMAINS
 from proxy.devcluster import DevClusters, wait_until
+from proxy.protocol import messages as m
+from proxy.protocol.framing import startup_message
 from proxy.testing import APP_PASSWORD, APP_USER, ProxyProcess
 
 ADMIN, ADMIN_PASSWORD = "ops", "ops-secret-pw"
@@ -88,6 +92,93 @@ def test_admin_database_is_a_setting(start_proxy: Callable[..., ProxyProcess]) -
     assert "not allowed to use the admin console" in refused.stderr
     ordinary = psql(proxy, ADMIN, ADMIN_PASSWORD, "parafort_admin", "SELECT 40 + 2")
     assert (ordinary.returncode, ordinary.stdout.strip()) == (0, "42"), ordinary.stderr
+
+
+# -- ParameterStatus as PostgreSQL spells it ----------------------------------------------------------------
+def raw_login(sock: socket.socket, params: dict[str, str]) -> tuple[dict[str, str], dict[str, str]]:
+    """A trust login with these startup parameters: (ParameterStatus by name, ErrorResponse fields)."""
+    sock.sendall(startup_message(params))
+    sock.settimeout(30)
+    buf = b""
+    status: dict[str, str] = {}
+    while True:
+        while len(buf) < 5 or len(buf) < 1 + struct.unpack_from("!i", buf, 1)[0]:
+            chunk = sock.recv(65536)
+            if not chunk:
+                raise AssertionError(f"connection closed; so far {status}")
+            buf += chunk
+        mtype, length = buf[0:1], struct.unpack_from("!i", buf, 1)[0]
+        payload, buf = buf[5 : 1 + length], buf[1 + length :]
+        if mtype == b"S":
+            status.update([m.decode_parameter_status(payload)])
+        elif mtype == b"E":
+            return status, m.parse_fields(payload)
+        elif mtype == b"Z":
+            return status, {}
+        elif mtype == b"R":
+            assert m.decode_auth(payload)[0] == 0, "trust login expected"
+
+
+def direct_login(pg: DevClusters, params: dict[str, str]) -> tuple[dict[str, str], dict[str, str]]:
+    main = pg.main
+    with socket.socket(socket.AF_UNIX) as sock:
+        sock.connect(str(main.sockdir / f".s.PGSQL.{main.port}"))
+        return raw_login(sock, {"user": main.user, "database": main.database, **params})
+
+
+def proxy_login(proxy: ProxyProcess, params: dict[str, str]) -> tuple[dict[str, str], dict[str, str]]:
+    with socket.create_connection(("127.0.0.1", proxy.port)) as sock:
+        return raw_login(sock, {"user": APP_USER, "database": "app", **params})
+
+
+STARTUP_CASES = [
+    {"client_encoding": "utf8"},
+    {"client_encoding": "eucjp"},
+    {"client_encoding": "'utf-8'"},  # what asyncpg sends
+    {"client_encoding": "Latin1"},
+    {"DateStyle": "german, dmy"},
+    {"datestyle": "sql,mdy"},
+    {"TimeZone": "utc"},
+    {"timezone": "europe/paris"},
+    {"IntervalStyle": "SQL_STANDARD"},
+    {"standard_conforming_strings": "ON"},
+    {"application_name": "caf\u00e9 app"},
+    {"options": "-c datestyle=iso,dmy -c timezone=UTC -c intervalstyle=iso_8601"},
+]
+
+
+@pytest.fixture
+def trusting(start_proxy: Callable[..., ProxyProcess]) -> ProxyProcess:
+    return start_proxy(roles=("main",), config={"auth": {"method": "trust"}})
+
+
+@pytest.mark.parametrize("params", STARTUP_CASES, ids=[repr(p) for p in STARTUP_CASES])
+def test_parameter_status_is_postgresqls_own(
+    pg: DevClusters, trusting: ProxyProcess, params: dict[str, str]
+) -> None:
+    direct, direct_error = direct_login(pg, params)
+    proxied, proxy_error = proxy_login(trusting, params)
+    assert direct_error == {} and proxy_error == {}, (direct_error, proxy_error)
+    if "application_name" not in params:  # unset: the proxy reports its upstream connection's own
+        direct.pop("application_name", None)
+        proxied.pop("application_name", None)
+    assert proxied == direct
+
+
+@pytest.mark.parametrize(
+    "params",
+    [{"client_encoding": "bogus"}, {"DateStyle": "bogus"}, {"options": "-c timezone=Nowhere/City"}],
+    ids=["client_encoding", "DateStyle", "options-timezone"],
+)
+def test_invalid_startup_setting_gets_postgresqls_error(
+    pg: DevClusters, trusting: ProxyProcess, params: dict[str, str]
+) -> None:
+    _, direct_error = direct_login(pg, params)
+    _, proxy_error = proxy_login(trusting, params)
+    keys = ("S", "V", "C", "M", "D", "H")
+    assert direct_error["C"] == "22023"
+    assert {k: proxy_error.get(k) for k in keys} == {k: direct_error.get(k) for k in keys}
+    assert trusting.metric("parafort_proxy_login_failures_total", reason="invalid_parameter") >= 1
 
 
 # -- user functions' volatility from main's catalog ---------------------------------------------------------
