@@ -64,6 +64,7 @@ class ProxyApp:
         self.catalog_functions: frozenset[str] = frozenset()  # main's STABLE/IMMUTABLE functions
         self._functions_task: asyncio.Task[None] | None = None
         self._functions_failed = False  # the last load failed: retry when main is up again
+        self._functions_again = False  # asked to load again while a load was under way
         self._parameters_failed = False  # the last startup-parameter look-up failed (logged once)
         self.router = Router(config, self.usable, self.catalog_functions)
         self.refusals = 0  # statements refused for needing two upstreams (a metric)
@@ -396,25 +397,29 @@ class ProxyApp:
         """(Re)read which of main's functions are STABLE or IMMUTABLE, in the background: until it is done
         the router keeps the previous answer (at start: none, so every such call is a write)."""
         if self._functions_task is not None and not self._functions_task.done():
-            self._functions_task.cancel()  # a newer catalog is wanted: the newest read wins
+            self._functions_again = True  # the read under way may predate the change: read once more after it
+            return
         self._functions_task = asyncio.get_running_loop().create_task(self._load_functions())
 
     async def _load_functions(self) -> None:
-        try:
-            names = await self.lookups.read_only_functions()
-        except LookupFailed as exc:
-            if not self._functions_failed:
-                log.warning(
-                    "event=function_catalog_failed error=%r note=%r",
-                    str(exc),
-                    "functions outside the built-in list are writes until main's catalog can be read",
-                )
-            self._functions_failed = True
-            return
-        self._functions_failed = False
-        self.catalog_functions = names
-        self.router.set_catalog_read_only(names)
-        log.info("event=function_catalog_loaded read_only_functions=%d", len(names))
+        self._functions_again = True
+        while self._functions_again:
+            self._functions_again = False
+            try:
+                names = await self.lookups.read_only_functions()
+            except LookupFailed as exc:
+                if not self._functions_failed:
+                    log.warning(
+                        "event=function_catalog_failed error=%r note=%r",
+                        str(exc),
+                        "functions outside the built-in list are writes until main's catalog can be read",
+                    )
+                self._functions_failed = True
+                continue
+            self._functions_failed = False
+            self.catalog_functions = names
+            self.router.set_catalog_read_only(names)
+            log.info("event=function_catalog_loaded read_only_functions=%d", len(names))
 
     async def startup_parameters(self, startup: Mapping[str, str]) -> dict[str, str]:
         """The ParameterStatus set for a client: main's, with the client's startup settings spelled as
