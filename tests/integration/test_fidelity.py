@@ -239,3 +239,29 @@ def test_user_functions_volatility_comes_from_main(
             assert port("pf_late_fn()") == replica
     finally:
         pg.main.psql(DROP_FUNCTIONS, superuser=False)
+
+
+def test_functions_are_read_when_main_comes_back(
+    pg: DevClusters, start_proxy: Callable[..., ProxyProcess]
+) -> None:
+    """Main down when the proxy starts: the failed read is logged once, calls stay writes, and the catalog
+    is read as soon as main is up again."""
+    pg.main.psql(DROP_FUNCTIONS + FUNCTIONS, superuser=False)
+    try:
+        pg.wait_replica_caught_up()
+        pg.main.stop()
+        health = {"interval": "500ms", "timeout": "1s", "failures_before_down": 1, "successes_before_up": 1}
+        proxy = start_proxy(roles=("main", "read_replica"), config={"health": health})
+        wait_until(lambda: "event=function_catalog_failed" in proxy.log(), 30, "the failed read logged")
+        pg.main.start()
+        loaded(proxy, 1)
+        assert proxy.log().count("event=function_catalog_failed") == 1
+        with connect(proxy) as conn:
+            row = conn.execute("SELECT inet_server_port(), pf_stable_fn()").fetchone()
+            assert row == (pg.read_replica.port, 1)
+            row = conn.execute("SELECT inet_server_port(), pf_volatile_fn()").fetchone()
+            assert row == (pg.main.port, 2)
+    finally:
+        if not pg.main.running:
+            pg.main.start()
+        pg.main.psql(DROP_FUNCTIONS, superuser=False)
