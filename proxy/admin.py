@@ -23,7 +23,6 @@ from proxy.protocol import messages as m
 if TYPE_CHECKING:
     from proxy.server import ProxyApp
 
-ADMIN_DATABASE = "parafort"
 SYNTAX_ERROR = "42601"
 TEXT, INT8, BOOL, FLOAT8 = 25, 20, 16, 701
 Row = Sequence[object]

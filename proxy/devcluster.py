@@ -39,6 +39,7 @@ SERVER_SETTINGS = """
 # parafort devcluster settings
 listen_addresses = '127.0.0.1'
 max_connections = 200
+max_prepared_transactions = 10
 shared_buffers = 32MB
 fsync = off
 synchronous_commit = off
@@ -381,9 +382,12 @@ class DevClusters:
 
     def wait_replica_caught_up(self, timeout: float = 30) -> None:
         """Block until the replica has replayed everything main has written so far."""
-        # A synchronous commit flushes all WAL written so far; the flush position is then our target.
+        # A synchronous commit of a transaction that wrote WAL flushes all WAL written so far (commits made
+        # with synchronous_commit off included); the flush position, read after it, is then our target. A
+        # transaction that only took an xid (txid_current()) writes no WAL and flushes nothing.
         lsn = self.main.psql(
-            "SET synchronous_commit TO on; SELECT txid_current(); SELECT pg_current_wal_flush_lsn()"
+            "SET synchronous_commit TO on; BEGIN; SELECT pg_logical_emit_message(true, 'parafort', 'sync');"
+            " COMMIT; SELECT pg_current_wal_flush_lsn()"
         ).splitlines()[-1]
         deadline = time.monotonic() + timeout
         query = f"SELECT pg_last_wal_replay_lsn() >= '{lsn}'::pg_lsn"

@@ -28,6 +28,7 @@ from proxy.frontend.login_failures import LoginFailureLog
 from proxy.frontend.session import PreparedStatement
 from proxy.health import HealthMonitor
 from proxy.http import AdminServer
+from proxy.lookups import InvalidStartupParameter, LookupFailed, MainLookups
 from proxy.pool import Pool
 from proxy.protocol.auth import ScramKeys, ServerAuth, UserlistError, load_userlist
 from proxy.protocol.framing import cancel_request
@@ -62,7 +63,13 @@ class ProxyApp:
         self.max_statements = config.statements.max_per_connection
         self._build_pools(config)
         self.replica_pools = [label for label, role in self.pool_roles.items() if role == "read_replica"]
-        self.router = Router(config, self.usable)
+        self.lookups = MainLookups(self.upstreams["main"])
+        self.catalog_functions: frozenset[str] = frozenset()  # main's STABLE/IMMUTABLE functions
+        self._functions_task: asyncio.Task[None] | None = None
+        self._functions_failed = False  # the last load failed: retry when main is up again
+        self._functions_again = False  # asked to load again while a load was under way
+        self._parameters_failed = False  # the last startup-parameter look-up failed (logged once)
+        self.router = Router(config, self.usable, self.catalog_functions)
         self.refusals = 0  # statements refused for needing two upstreams (a metric)
         self.routed: dict[tuple[str, str], int] = {}  # units sent upstream, by (role, read|write)
         self.fallbacks: dict[str, int] = {}  # units served by main for a down or unconfigured role, by role
@@ -146,6 +153,7 @@ class ProxyApp:
             self._server.close()
             raise
         await self.health.start()
+        self.load_functions()
         log.info("event=listening address=%s:%d roles=%s", listen.host, self.port, ",".join(self.pools))
 
     @property
@@ -183,6 +191,10 @@ class ProxyApp:
         self.login_failures.flush()  # the last window's summary, before the process goes
         await self.health.stop()
         await self.classifier_worker.stop()
+        if self._functions_task is not None:
+            self._functions_task.cancel()
+            await asyncio.gather(self._functions_task, return_exceptions=True)
+        await self.lookups.close()
         if self.admin is not None:
             await self.admin.stop()
         if self._server is not None:
@@ -210,7 +222,12 @@ class ProxyApp:
             return self._reload_failed(f"auth.users_file: {exc}")
         old = self.config
         restart = [f"roles.{role}.url" for role in ROLES if _urls(new, role) != _urls(old, role)] + [
-            key for key in ("listen", "admin") if getattr(new, key) != getattr(old, key)
+            key
+            for key, new_value, old_value in (
+                ("listen", new.listen, old.listen),
+                ("admin", (new.admin.host, new.admin.port), (old.admin.host, old.admin.port)),
+            )
+            if new_value != old_value
         ]
         if restart:
             log.warning("event=reload_needs_restart keys=%s", ",".join(restart))
@@ -228,7 +245,8 @@ class ProxyApp:
             if self.audit is not None:
                 self.audit.close()
             self.audit = AuditLog(new.audit.path) if new.audit.path else None
-        self.router = Router(new, self.usable)
+        self.router = Router(new, self.usable, self.catalog_functions)
+        self.load_functions()  # functions created or altered since: read main's catalog again
         for label, pool in self.pools.items():
             rc = new.roles.get(self.pool_roles[label])
             size = rc.pool_size
@@ -296,6 +314,8 @@ class ProxyApp:
         self.router.invalidate()  # cached decisions assumed the old health
 
     def _health_transition(self, label: str, up: bool) -> None:
+        if up and label == "main" and self._functions_failed:
+            self.load_functions()
         if up and label in self._outage_writes:
             self._log_outage_writes(label, "role is up again")
 
@@ -375,6 +395,60 @@ class ProxyApp:
 
     def server_auth(self, user: str) -> ServerAuth:
         return ServerAuth(self.config.auth.method, user, self.userlist.get(user), self.scram_keys)
+
+    # -- main's catalog: function volatility, startup parameters (proxy/lookups.py) ------------------------
+    def load_functions(self) -> None:
+        """(Re)read which of main's functions are STABLE or IMMUTABLE, in the background: until it is done
+        the router keeps the previous answer (at start: none, so every such call is a write)."""
+        if self._functions_task is not None and not self._functions_task.done():
+            self._functions_again = True  # the read under way may predate the change: read once more after it
+            return
+        self._functions_task = asyncio.get_running_loop().create_task(self._load_functions())
+
+    async def _load_functions(self) -> None:
+        self._functions_again = True
+        while self._functions_again:
+            self._functions_again = False
+            try:
+                names = await self.lookups.read_only_functions()
+            except LookupFailed as exc:
+                if not self._functions_failed:
+                    log.warning(
+                        "event=function_catalog_failed error=%r note=%r",
+                        str(exc),
+                        "functions outside the built-in list are writes until main's catalog can be read",
+                    )
+                self._functions_failed = True
+                continue
+            self._functions_failed = False
+            self.catalog_functions = names
+            self.router.set_catalog_read_only(names)
+            log.info("event=function_catalog_loaded read_only_functions=%d", len(names))
+
+    async def startup_parameters(self, startup: Mapping[str, str]) -> dict[str, str]:
+        """The ParameterStatus set for a client: main's, with the client's startup settings spelled as
+        PostgreSQL reports them (``utf8`` -> ``UTF8``). Raises InvalidStartupParameter with PostgreSQL's own
+        error for a value main rejects. If main cannot be asked, a value is reported as the client sent it."""
+        reported = dict(await self.server_parameters())
+        lower = {name.lower(): name for name in reported}
+        ask = self.usable("main")  # main down: no look-up (and no wait on a connect) at each login
+        for name, given in startup.items():
+            if name not in lower:
+                continue
+            value = given
+            if ask:
+                try:
+                    value = await self.lookups.parameter_value(name, given)
+                except LookupFailed as exc:
+                    if not self._parameters_failed:
+                        log.warning("event=parameter_lookup_failed parameter=%s error=%r", name, str(exc))
+                    self._parameters_failed = True
+                except ProxyError as exc:
+                    raise InvalidStartupParameter(exc.sqlstate, exc.message, detail=exc.detail) from None
+                else:
+                    self._parameters_failed = False
+            reported[lower[name]] = value
+        return reported
 
     async def server_parameters(self) -> dict[str, str]:
         """The ParameterStatus set clients see at login: main's (learned from one real connection)."""

@@ -14,6 +14,8 @@ from proxy.config.values import DOMAINS, PUBLIC, Duration, RoleName, TableEntry,
 Port = Annotated[int, Field(ge=1, le=65535)]
 PoolSize = Annotated[int, Field(ge=1, le=10_000)]
 PositiveDuration = Annotated[Duration, Field(gt=0)]
+# The admin console's database name by default: not the product's name, which an application may use.
+ADMIN_DATABASE = "parafort_admin"
 
 
 class Frozen(BaseModel):
@@ -37,10 +39,12 @@ class ListenConfig(Frozen):
 
 
 class AdminConfig(Frozen):
-    """The admin HTTP listener (health, metrics); loopback by default."""
+    """The admin HTTP listener (health, metrics), loopback by default; and the psql admin console's
+    database name, one that no application uses (an application's own database is never the console)."""
 
     host: str = "127.0.0.1"
     port: Port = 9930
+    database: str = Field(default=ADMIN_DATABASE, min_length=1, max_length=63)
 
 
 class AuthConfig(Frozen):

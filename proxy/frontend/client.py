@@ -22,7 +22,6 @@ from typing import TYPE_CHECKING, cast
 
 import pglast
 
-from proxy.admin import ADMIN_DATABASE
 from proxy.backend.connection import (
     FORWARD,
     K_BIND,
@@ -53,10 +52,12 @@ from proxy.frontend.login_failures import (
     ABORTED,
     ADMIN_NOT_ALLOWED,
     CLIENT_DISCONNECTED,
+    INVALID_PARAMETER,
     LOGIN_TIMEOUT,
     UPSTREAM_UNAVAILABLE,
 )
 from proxy.frontend.session import PreparedStatement, Session, startup_settings, startup_values
+from proxy.lookups import InvalidStartupParameter
 from proxy.protocol import messages as m
 from proxy.protocol.auth import MALFORMED_AUTH_MESSAGE, ServerAuth
 from proxy.protocol.framing import (
@@ -186,7 +187,7 @@ class ClientConnection(asyncio.Protocol):
         self._login_timer: asyncio.TimerHandle | None = None
         self._audit_pending: list[str] = []  # normalized statements of compliance units in flight
         self._audit_outcome = "ok"
-        self.admin = False  # connected to the admin console (database "parafort")
+        self.admin = False  # connected to the admin console (database admin.database)
         self.tls = False
         # Outcome tracking for session changes and DISCARD while a batch is in flight.
         self._error_seen = False
@@ -1471,7 +1472,7 @@ class ClientConnection(asyncio.Protocol):
         return True
 
     def _authenticated(self) -> None:
-        if self.database == ADMIN_DATABASE:
+        if self.database == self.app.config.admin.database:
             if not self.app.admin_allowed(self.user):
                 self._login_failure = ADMIN_NOT_ALLOWED
                 raise ProxyError(
@@ -1487,18 +1488,14 @@ class ClientConnection(asyncio.Protocol):
 
     async def _greet(self) -> None:
         try:
-            parameters = await self.app.server_parameters()
+            reported = await self.app.startup_parameters(startup_values(self.params))
         except ProxyError as exc:
-            self._login_failure = UPSTREAM_UNAVAILABLE
-            self.fatal(ProxyError(exc.sqlstate, exc.message, severity="FATAL"))
+            bad = isinstance(exc, InvalidStartupParameter)
+            self._login_failure = INVALID_PARAMETER if bad else UPSTREAM_UNAVAILABLE
+            self.fatal(ProxyError(exc.sqlstate, exc.message, detail=exc.detail, severity="FATAL"))
             return
         if self.phase == CLOSED:
             return
-        reported = dict(parameters)
-        lower = {name.lower(): name for name in reported}
-        for name, value in startup_values(self.params).items():
-            if name in lower:
-                reported[lower[name]] = value
         out = bytearray()
         for name, value in reported.items():
             out += m.parameter_status(name, value)

@@ -29,6 +29,7 @@ CLIENT_DISCONNECTED: Final = "client_disconnected"  # the client went away befor
 LOGIN_TIMEOUT: Final = "login_timeout"  # limits.login_timeout passed first
 ADMIN_NOT_ALLOWED: Final = "admin_not_allowed"  # authenticated, but not in auth.admin_users
 UPSTREAM_UNAVAILABLE: Final = "upstream_unavailable"  # authenticated, but no upstream for the greeting
+INVALID_PARAMETER: Final = "invalid_parameter"  # a startup setting PostgreSQL rejects (bad client_encoding)
 ABORTED: Final = "aborted"  # the proxy closed the login for another reason (shutdown, internal error)
 REASONS: Final = (
     *LOGIN_FAILURE_REASONS,
@@ -36,6 +37,7 @@ REASONS: Final = (
     LOGIN_TIMEOUT,
     ADMIN_NOT_ALLOWED,
     UPSTREAM_UNAVAILABLE,
+    INVALID_PARAMETER,
     ABORTED,
 )
 # Routine: libpq connects without a password, learns that one is needed, and reconnects with it.

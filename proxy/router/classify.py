@@ -30,6 +30,12 @@ _SAVEPOINT_OPS = {
     TransactionStmtKind.TRANS_STMT_RELEASE: "release",
     TransactionStmtKind.TRANS_STMT_ROLLBACK_TO: "rollback_to",
 }
+# Two-phase commit: a prepared transaction lives on the primary (a standby can neither prepare nor end one).
+_TWO_PHASE = {
+    TransactionStmtKind.TRANS_STMT_PREPARE: "PREPARE TRANSACTION",
+    TransactionStmtKind.TRANS_STMT_COMMIT_PREPARED: "COMMIT PREPARED",
+    TransactionStmtKind.TRANS_STMT_ROLLBACK_PREPARED: "ROLLBACK PREPARED",
+}
 # Session-level advisory locks outlive the transaction: the client must keep its upstream connection.
 SESSION_LOCK_FUNCTIONS = frozenset(
     {"pg_advisory_lock", "pg_advisory_lock_shared", "pg_try_advisory_lock", "pg_try_advisory_lock_shared"}
@@ -291,6 +297,9 @@ def _statement_facts(stmt: ast.Node) -> _Facts:
         return facts
     if isinstance(stmt, ast.TransactionStmt):
         facts.tx = _tx_kind(stmt)
+        if stmt.kind in _TWO_PHASE:
+            facts.write_reason = f"{_TWO_PHASE[stmt.kind]}: two-phase commit runs on the primary"
+            facts.primary_only = True
         return facts
     if isinstance(stmt, ast.DropStmt) and stmt.removeType in _DROPPED_RELATIONS:
         for obj in stmt.objects or ():

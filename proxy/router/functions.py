@@ -5,7 +5,8 @@
      WHERE nspname IN ('pg_catalog', 'information_schema') AND provolatile IN ('i', 's')
 PostgreSQL promises that such functions do not modify the database. A few volatile built-ins are read-only
 too (``VOLATILE_READ_ONLY``); a few stable ones still must run on a primary (``WRITE_FUNCTIONS``). Any other
-function is a write unless the configuration lists it in ``routing.read_only_functions``.
+function is a write unless the configuration lists it in ``routing.read_only_functions`` or main's own
+catalog says it is STABLE or IMMUTABLE (``proxy/lookups.py``).
 """
 
 from __future__ import annotations

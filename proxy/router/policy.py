@@ -79,10 +79,17 @@ class Router:
     """The policy over one configuration. ``usable(role)`` is the health interface: configured and
     healthy (for read_replica: some replica healthy and within its lag limit)."""
 
-    def __init__(self, config: Config, usable: Callable[[str], bool] | None = None) -> None:
+    def __init__(
+        self,
+        config: Config,
+        usable: Callable[[str], bool] | None = None,
+        catalog_read_only: frozenset[str] = frozenset(),
+    ) -> None:
         self.config = config
         self._usable = usable or self._configured
         self.read_only_functions = frozenset(f.lower() for f in config.routing.read_only_functions)
+        # Main's own STABLE / IMMUTABLE functions (proxy/lookups.py), as the classifier spells calls.
+        self.catalog_read_only = catalog_read_only
         self._domains = config.domains
         # Decisions by (classification, override, tx): valid until what is usable changes (invalidate()).
         self._decisions: dict[tuple[Classification, str | None, str | None], Decision] = {}
@@ -92,6 +99,11 @@ class Router:
         """Health changed: forget cached decisions."""
         self._decisions = {}
         self._on_fallback = None
+
+    def set_catalog_read_only(self, names: frozenset[str]) -> None:
+        """Main's catalog was (re)read: these functions are reads from now on."""
+        self.catalog_read_only = names
+        self.invalidate()
 
     @property
     def on_fallback(self) -> bool:
@@ -147,7 +159,9 @@ class Router:
         """(read|write, why) with the configured read-only functions taken into account."""
         if info.write:
             return WRITE, info.write_reason or "writes"
-        unknown = sorted(f for f in info.functions if f not in self.read_only_functions)
+        unknown = sorted(
+            f for f in info.functions if f not in self.read_only_functions and f not in self.catalog_read_only
+        )
         if unknown:
             return WRITE, f"calls {unknown[0]}(), not known to be read-only"
         return READ, "reads" if info.tables else "reads no table"

@@ -1,4 +1,4 @@
-"""The admin console (psql to database "parafort" as an admin user) and PAUSE / RESUME."""
+"""The admin console (psql to database admin.database, "parafort_admin", as an admin user); PAUSE / RESUME."""
 
 from __future__ import annotations
 
@@ -26,7 +26,7 @@ def proxy(start_proxy: Callable[..., ProxyProcess]) -> ProxyProcess:
 
 def console(proxy: ProxyProcess, command: str, user: str = ADMIN, password: str = ADMIN_PASSWORD) -> str:
     out = subprocess.run(
-        ["psql", proxy.dsn(user, password, database="parafort"), "-X", "-A", "-F", "|", "-c", command],
+        ["psql", proxy.dsn(user, password, database="parafort_admin"), "-X", "-A", "-F", "|", "-c", command],
         capture_output=True, text=True, timeout=30, check=False,
     )  # fmt: skip
     if out.returncode != 0:
@@ -44,7 +44,7 @@ def test_show_commands(proxy: ProxyProcess, pg: DevClusters) -> None:
         )
         assert pools.splitlines()[1].startswith("main|main|20|")
         clients = console(proxy, "SHOW CLIENTS")
-        assert f"|{APP_USER}|app|" in clients and f"|{ADMIN}|parafort|" in clients
+        assert f"|{APP_USER}|app|" in clients and f"|{ADMIN}|parafort_admin|" in clients
         assert "main|main|" in console(proxy, "show servers;")
         assert "main|read|" in console(proxy, "SHOW STATS")
         assert console(proxy, "SHOW HEALTH").splitlines()[1].startswith("main|main|t|t|")

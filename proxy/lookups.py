@@ -1,0 +1,186 @@
+"""Short look-ups in main, off the data path: what PostgreSQL itself says, where guessing would be wrong.
+
+- **Function volatility.** Which functions of main are STABLE or IMMUTABLE (PostgreSQL promises they do not
+  modify the database), read from ``pg_proc`` in one query at start, on reload, and when main comes back
+  after a failed load. The router treats a call of such a function as a read, as Pgpool-II does; anything
+  not found, or VOLATILE, stays a write. Until the first load completes every function outside the built-in
+  list is a write, which is safe.
+- **Startup parameters.** The value PostgreSQL reports for a client's startup setting (``utf8`` is reported
+  as ``UTF8``, ``eucjp`` as ``EUC_JP``, ``iso, dmy`` as ``ISO, DMY``), or PostgreSQL's own error for an
+  invalid one. Asked once per (name, value) and cached.
+
+One asyncpg connection to main, opened when first needed, one query at a time, each bounded by
+``LOOKUP_TIMEOUT``. A failure drops the connection; callers decide what "unknown" means (a write; the value
+as the client sent it).
+"""
+
+from __future__ import annotations
+
+import asyncio
+import logging
+from collections.abc import Iterable
+from typing import Any
+
+import asyncpg
+
+from proxy.config.dsn import Dsn
+from proxy.errors import ProxyError
+from proxy.health import describe_error
+
+log = logging.getLogger("parafort.lookups")
+
+LOOKUP_TIMEOUT = 5.0  # seconds for connecting to main, and for each query
+PARAMETER_CACHE_SIZE = 4096
+INVALID_PARAMETER_VALUE = "22023"
+
+# Every function of main, by schema and name, and whether all its overloads are STABLE or IMMUTABLE
+# (one VOLATILE overload makes the name a write: the proxy cannot tell overloads apart by argument types).
+FUNCTIONS_QUERY = r"""
+SELECT n.nspname, p.proname, bool_and(p.provolatile IN ('s', 'i'))
+FROM pg_catalog.pg_proc p JOIN pg_catalog.pg_namespace n ON n.oid = p.pronamespace
+WHERE n.nspname NOT LIKE 'pg\_temp\_%' AND n.nspname NOT LIKE 'pg\_toast%'
+GROUP BY 1, 2
+"""
+# Where an unqualified call is looked up: PostgreSQL's own schema and public (the proxy does not follow a
+# session's search_path; a function in another schema is a read only when the call names its schema).
+UNQUALIFIED_SCHEMAS = ("pg_catalog", "public")
+
+ENCODING_QUERY = "SELECT pg_catalog.pg_encoding_to_char(pg_catalog.pg_char_to_encoding($1))"
+SETTING_QUERY = "SELECT pg_catalog.set_config($1, $2, true)"  # in a transaction rolled back at once
+
+
+class LookupFailed(Exception):
+    """Main could not answer (unreachable, timed out, or the connection broke); the message is loggable."""
+
+
+class InvalidStartupParameter(ProxyError):
+    """A client's startup setting that PostgreSQL rejects, with PostgreSQL's SQLSTATE and message."""
+
+
+def read_only_names(rows: Iterable[tuple[str, str, bool]]) -> frozenset[str]:
+    """The function names a statement may call and still be a read, spelled as the classifier spells
+    calls: ``schema.name`` for a function whose overloads in that schema are all STABLE or IMMUTABLE, and
+    the bare ``name`` when every overload in pg_catalog and public is (and there is at least one)."""
+    by_key = {(schema, name): bool(read_only) for schema, name, read_only in rows}
+    names = {f"{schema}.{name}" for (schema, name), read_only in by_key.items() if read_only}
+    bare = {name for schema, name in by_key if schema in UNQUALIFIED_SCHEMAS}
+    for name in bare:
+        if all(by_key.get((schema, name), True) for schema in UNQUALIFIED_SCHEMAS):
+            names.add(name)
+    return frozenset(names)
+
+
+class MainLookups:
+    """The one connection to main for look-ups, and their caches."""
+
+    def __init__(self, dsn: Dsn, *, timeout: float = LOOKUP_TIMEOUT) -> None:
+        self.dsn = dsn
+        self.timeout = timeout
+        self._conn: Any = None  # asyncpg.Connection (untyped)
+        self._lock = asyncio.Lock()
+        # (name, value) -> PostgreSQL's spelling, or the ProxyError PostgreSQL raised for it.
+        self._parameters: dict[tuple[str, str], str | ProxyError] = {}
+        self._pending: dict[tuple[str, str], asyncio.Future[str | ProxyError]] = {}
+        self.queries = 0  # round trips made (tests and debugging)
+
+    async def close(self) -> None:
+        async with self._lock:
+            conn, self._conn = self._conn, None
+        if conn is not None and not conn.is_closed():
+            try:
+                await asyncio.wait_for(conn.close(), 1)
+            except Exception:
+                conn.terminate()
+
+    async def _connection(self) -> Any:
+        if self._conn is None or self._conn.is_closed():
+            self._conn = await asyncpg.connect(
+                host=self.dsn.host,
+                port=self.dsn.port,
+                user=self.dsn.user,
+                password=self.dsn.password,
+                database=self.dsn.database,
+                timeout=self.timeout,
+                ssl=False,
+                statement_cache_size=0,
+                server_settings={"application_name": "parafort-proxy-lookups"},
+            )
+        return self._conn
+
+    def _drop(self) -> None:
+        conn, self._conn = self._conn, None
+        if conn is not None:
+            conn.terminate()
+
+    # -- function volatility ----------------------------------------------------------------------------
+    async def read_only_functions(self) -> frozenset[str]:
+        """Main's STABLE and IMMUTABLE functions (see :func:`read_only_names`); LookupFailed if main cannot
+        answer."""
+        async with self._lock:
+            try:
+                async with asyncio.timeout(self.timeout * 2):
+                    conn = await self._connection()
+                    self.queries += 1
+                    rows = await conn.fetch(FUNCTIONS_QUERY, timeout=self.timeout)
+            except (OSError, TimeoutError, asyncpg.PostgresError, asyncpg.InterfaceError) as exc:
+                self._drop()
+                raise LookupFailed(describe_error(exc, self.dsn, self.timeout)) from None
+        return read_only_names((row[0], row[1], row[2]) for row in rows)
+
+    # -- startup parameters -----------------------------------------------------------------------------
+    async def parameter_value(self, name: str, value: str) -> str:
+        """How PostgreSQL reports parameter ``name`` set to ``value``; raises the ProxyError PostgreSQL
+        gives for an invalid value (SQLSTATE and message as the server says them), or LookupFailed."""
+        key = (name.lower(), value)
+        found = self._parameters.get(key)
+        if found is None:
+            pending = self._pending.get(key)
+            if pending is None:
+                pending = self._pending[key] = asyncio.get_running_loop().create_future()
+                try:
+                    answer = await self._ask(*key)
+                except LookupFailed as exc:
+                    pending.set_exception(exc)
+                    pending.exception()  # retrieved: other waiters re-raise it, none is left unobserved
+                    raise
+                finally:
+                    del self._pending[key]
+                if len(self._parameters) >= PARAMETER_CACHE_SIZE:
+                    self._parameters.clear()
+                self._parameters[key] = found = answer
+                pending.set_result(answer)
+            else:
+                found = await asyncio.shield(pending)
+        if isinstance(found, ProxyError):
+            raise ProxyError(found.sqlstate, found.message, detail=found.detail, hint=found.hint)
+        return found
+
+    async def _ask(self, name: str, value: str) -> str | ProxyError:
+        async with self._lock:
+            try:
+                async with asyncio.timeout(self.timeout * 2):
+                    conn = await self._connection()
+                    self.queries += 1
+                    if name == "client_encoding":
+                        # Not set_config: the look-up connection's own encoding must stay UTF8.
+                        canonical = await conn.fetchval(ENCODING_QUERY, value, timeout=self.timeout)
+                        if not canonical:
+                            return ProxyError(
+                                INVALID_PARAMETER_VALUE, f'invalid value for parameter "{name}": "{value}"'
+                            )
+                        return str(canonical)
+                    try:
+                        async with conn.transaction():
+                            return str(await conn.fetchval(SETTING_QUERY, name, value, timeout=self.timeout))
+                    except asyncpg.PostgresError as exc:
+                        if isinstance(exc, asyncpg.PostgresConnectionError):
+                            raise
+                        return ProxyError(
+                            exc.sqlstate or INVALID_PARAMETER_VALUE,
+                            getattr(exc, "message", None) or str(exc),
+                            detail=getattr(exc, "detail", None),
+                            hint=getattr(exc, "hint", None),
+                        )
+            except (OSError, TimeoutError, asyncpg.PostgresError, asyncpg.InterfaceError) as exc:
+                self._drop()
+                raise LookupFailed(describe_error(exc, self.dsn, self.timeout)) from None
