@@ -175,8 +175,9 @@ def markdown(doc: Mapping[str, Any]) -> str:
             continue
         routing = c.get("routing")
         cpu = c.get("pooler_cpu_us")
+        scope = (c.get("scope") or "-") + (f" ({c['note']})" if c.get("note") else "")
         lines.append(
-            f"| {c['target']} | {c.get('scope') or '-'} | {c['tps']:,.0f} | "
+            f"| {c['target']} | {scope} | {c['tps']:,.0f} | "
             f"{_fmt_ratio(ratio(c['tps'], bouncer))} | {'' if cpu is None else f'{cpu:,.0f}'} | "
             f"{_pct(routing['replica_share']) if routing else '-'} | "
             f"{_outcomes_cell(routing['outcomes']) if routing else '-'} |"
@@ -348,7 +349,7 @@ def start_proxy(bed: Bed, scope: str) -> tuple[ProxyTarget | None, str, str]:
     plain.mkdir(mode=0o700)
     target = ProxyTarget(plain, bed.creds, bed.tools, main_dsn=main, replica_dsn=replica)
     target.start()
-    return target, "no read_your_writes setting in this build (never waits)", ""
+    return target, "this build has no read_your_writes: never waits", ""
 
 
 def measure_target(bed: Bed, name: str, scope: str | None, target: Target) -> dict[str, Any]:

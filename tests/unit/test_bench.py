@@ -456,6 +456,7 @@ def test_ryw_markdown_gives_ratios_to_pgbouncer_and_says_what_is_missing() -> No
             {"target": "direct", "scope": None, "tps": 1200.0},
             {"target": "pgbouncer", "scope": None, "tps": 1000.0, "pooler_cpu_us": 50.0},
             {"target": "proxy", "scope": "off", "tps": 800.0, "pooler_cpu_us": 400.0, "routing": routing},
+            {"target": "proxy", "scope": "off", "tps": 700.0, "routing": routing, "note": "no setting"},
             {"target": "proxy", "scope": "user", "error": "not supported by this build"},
         ],
         "stale": {"rounds": 200, "delay_ms": 300, "results": [
@@ -466,6 +467,7 @@ def test_ryw_markdown_gives_ratios_to_pgbouncer_and_says_what_is_missing() -> No
     text = ryw_markdown(doc)
     assert "| proxy | off | 800 | **0.80** | 400 | 83.3 % | n/a |" in text
     assert "| direct | - | 1,200 | **1.20** |" in text
+    assert "| proxy | off (no setting) | 700 | **0.70** |  | 83.3 % | n/a |" in text
     assert "| proxy | user | not supported by this build |" in text
     assert "| off | 197 / 200 | 83.3 % | n/a |" in text
     assert "| user | not supported by this build |" in text
