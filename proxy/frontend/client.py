@@ -451,6 +451,13 @@ class ClientConnection(asyncio.Protocol):
             and self._deferred_transaction_control(batch, info)
         ):
             return
+        if info is None and self.pending_begin is not None and not self.tx_failed and len(batch.msgs) == 1:
+            # A lone Sync (or Flush) after a BEGIN the proxy answered: still nothing to run anywhere.
+            if batch.terminator == _S:
+                self.write(m.ready_for_query(b"T"))
+                return
+            if batch.terminator == _H:
+                return
         if (
             info is not None
             and info.tx in (TX_BEGIN, TX_BEGIN_READ_ONLY)
@@ -668,6 +675,8 @@ class ClientConnection(asyncio.Protocol):
         tx = self.pending_begin_mode if self.pending_begin is not None else None
         if info is None:
             # Nothing executes (Sync, Describe of a portal, Close...): wherever the client last was.
+            if tx == TX_READ_WRITE:  # a BEGIN the proxy answered: a read-write transaction opens on main
+                return Decision("read", (), MAIN, "no statement, in a read-write transaction: main")
             role = self.server_role or MAIN
             return Decision("read", (), role, "no statement: stays where it is")
         if info.tx in (TX_BEGIN, TX_BEGIN_READ_ONLY) and tx is None:

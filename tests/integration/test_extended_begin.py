@@ -22,6 +22,7 @@ from .test_fuzz_socket import Session
 
 ALL_ROLES = ("main", "analytics", "documents", "compliance", "read_replica")
 TABLE = "ext_begin"
+EXECUTE = b"E" + struct.pack("!iBi", 9, 0, 0)  # Execute: unnamed portal, no row limit
 
 
 @pytest.fixture
@@ -152,7 +153,7 @@ def test_extended_begin_replies_in_order(pg: DevClusters, routed: ProxyProcess, 
     """ParseComplete, BindComplete, NoData, CommandComplete BEGIN, ReadyForQuery T, as PostgreSQL sends
     them; then the transaction runs on main and ends with status I."""
     begin = m.parse("", "BEGIN") + m.bind_raw("", "", b"\x00\x00\x00\x00\x00\x00") + m.describe(b"P", "")
-    begin += b"E" + struct.pack("!iBi", 9, 0, 0)  # Execute: unnamed portal, no row limit
+    begin += EXECUTE
     s = Session(routed)
     try:
         got = _replies(s, begin + m.sync())
@@ -199,3 +200,29 @@ def test_asyncpg_transactions_with_the_replica(pg: DevClusters, routed: ProxyPro
     assert port == pg.main.port
     assert replica == pg.read_replica.port
     assert rows_on_main(pg) == 2
+
+
+def test_extended_begin_up_to_flush_then_a_lone_sync(
+    pg: DevClusters, routed: ProxyProcess, table: str
+) -> None:
+    """BEGIN up to a Flush (no ReadyForQuery), then a Sync alone: answered T by the proxy, never opening the
+    transaction on the replica (the last upstream used); the write that follows runs on main."""
+    s = Session(routed)
+    try:
+        got = _replies(s, m.query(f"SELECT inet_server_port() FROM {table} LIMIT 1 OFFSET 0"))
+        assert got[-1][1] == b"I"  # a read: the last upstream used is now the replica
+        s.sock.sendall(
+            m.parse("", "BEGIN READ WRITE") + m.bind_raw("", "", b"\x00" * 6) + EXECUTE + m.flush()
+        )
+        got = [s._message() for _ in range(3)]
+        assert [t for t, _ in got] == [ord("1"), ord("2"), ord("C")], got
+        got = _replies(s, m.sync())
+        assert got == [(m.B.READY_FOR_QUERY, b"T")]
+        got = _replies(s, m.query(f"INSERT INTO {table} VALUES (8, 'y') RETURNING inet_server_port()"))
+        assert [t for t, _ in got] == [ord("T"), ord("D"), ord("C"), ord("Z")], got
+        assert got[1][1].endswith(str(pg.main.port).encode())
+        got = _replies(s, m.query("COMMIT"))
+        assert got[-1][1] == b"I"
+    finally:
+        s.close()
+    assert rows_on_main(pg) == 1
