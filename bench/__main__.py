@@ -6,11 +6,12 @@ python -m bench classify [options]     statement classification cost
 python -m bench hotpath [options]      the proxy's own Python per transaction (in-process, no sockets)
 python -m bench all [pgbench options]  all three, one results file, docs/performance.md refreshed
 python -m bench faults [--source DIR]   issue 13's fault and hostile-input measurements (before/after)
+python -m bench ryw [--quick]          1 write : 9 reads, replica on, read-your-writes off/on; stale reads
 """
 
 import sys
 
-from bench import classify, faults, hotpath, memory, pgbench_compare, suite
+from bench import classify, faults, hotpath, memory, pgbench_compare, ryw, suite
 
 COMMANDS = {
     "pgbench": pgbench_compare.main,
@@ -19,6 +20,7 @@ COMMANDS = {
     "hotpath": hotpath.main,
     "all": suite.main,
     "faults": faults.main,
+    "ryw": ryw.main,
 }
 
 

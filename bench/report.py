@@ -13,7 +13,7 @@ from typing import Any
 
 TARGET_ORDER = ("direct", "pgbouncer", "pgpool", "proxy")
 RATIO_ORDER = ("proxy/pgbouncer", "proxy/pgpool", "proxy/direct", "pgbouncer/direct")
-SECTIONS = ("pgbench", "pgbench-cache-unnamed", "memory", "classify")
+SECTIONS = ("pgbench", "pgbench-cache-unnamed", "ryw", "memory", "classify")
 
 
 def begin_marker(name: str) -> str:

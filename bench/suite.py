@@ -1,15 +1,17 @@
-"""``python -m bench all`` (what ``make bench`` runs): classification cost, the pgbench comparison and the
-idle-clients memory benchmark, one results file (bench/results/<UTC time>-bench.json), and the three
-tables of docs/performance.md refreshed."""
+"""``python -m bench all`` (what ``make bench`` runs): classification cost, the pgbench comparison, the mixed
+read/write workload with the replica (``bench ryw``: read-your-writes off and on, stale reads) and the
+idle-clients memory benchmark, one results file (bench/results/<UTC time>-bench.json), and their tables of
+docs/performance.md refreshed."""
 
 from __future__ import annotations
 
+import argparse
 import dataclasses
 import sys
 from collections.abc import Sequence
 from typing import Any
 
-from bench import report
+from bench import report, ryw
 from bench.classify import classify_doc
 from bench.memory import add_memory_arguments, memory_doc
 from bench.pgbench_compare import (
@@ -30,6 +32,10 @@ def main(argv: Sequence[str] | None = None) -> int:
     add_memory_arguments(p, prefix="memory-")
     p.add_argument("--no-memory", action="store_true", help="leave out the idle-clients benchmark")
     p.add_argument("--no-classify", action="store_true", help="leave out the classification benchmark")
+    p.add_argument(
+        "--no-ryw", action="store_true", help="leave out the mixed read/write workload (bench ryw)"
+    )
+    ryw.add_ryw_arguments(p, prefix="ryw-")
     p.add_argument(
         "--no-cache-variant",
         action="store_true",
@@ -62,6 +68,9 @@ def main(argv: Sequence[str] | None = None) -> int:
             blocks["pgbench-cache-unnamed"] = report.pgbench_markdown(doc["pgbench_cache_unnamed"])
             code = code or variant_code
             write_json(opts.json_path, doc)
+        if not args.no_ryw:
+            code = run_ryw(args, doc, blocks) or code
+            write_json(opts.json_path, doc)
         if not args.no_memory:
             print("\n== idle clients (python -m bench memory) ==", flush=True)
             doc["memory"] = memory_doc(args)
@@ -79,6 +88,14 @@ def main(argv: Sequence[str] | None = None) -> int:
         return code
 
     return guarded(run)
+
+
+def run_ryw(args: argparse.Namespace, doc: dict[str, Any], blocks: dict[str, str]) -> int:
+    """``python -m bench ryw`` as part of ``all`` (``--ryw-*`` options, ``--quick`` shortens it too)."""
+    print("\n== 1 write : 9 reads with the replica (python -m bench ryw) ==", flush=True)
+    doc["ryw"] = ryw.ryw_doc(ryw.options_from(args, quick=args.quick, prefix="ryw-"))
+    blocks["ryw"] = ryw.markdown(doc["ryw"])
+    return ryw.exit_code(doc["ryw"])
 
 
 def cache_variant(opts: Options) -> Options | None:

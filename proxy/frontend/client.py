@@ -451,6 +451,22 @@ class ClientConnection(asyncio.Protocol):
             and self._deferred_transaction_control(batch, info)
         ):
             return
+        if info is None and self.pending_begin is not None and not self.tx_failed and len(batch.msgs) == 1:
+            # A lone Sync (or Flush) after a BEGIN the proxy answered: still nothing to run anywhere.
+            if batch.terminator == _S:
+                self.write(m.ready_for_query(b"T"))
+                return
+            if batch.terminator == _H:
+                return
+        if (
+            info is not None
+            and info.tx in (TX_BEGIN, TX_BEGIN_READ_ONLY)
+            and not single_query
+            and self.pinned is None
+            and not self.tx_failed
+            and self._deferred_extended_begin(batch, info)
+        ):
+            return
         if self.tx_failed and self.pending_begin is not None:
             self._failed_tx_unit(batch, info)
             return
@@ -659,6 +675,8 @@ class ClientConnection(asyncio.Protocol):
         tx = self.pending_begin_mode if self.pending_begin is not None else None
         if info is None:
             # Nothing executes (Sync, Describe of a portal, Close...): wherever the client last was.
+            if tx == TX_READ_WRITE:  # a BEGIN the proxy answered: a read-write transaction opens on main
+                return Decision("read", (), MAIN, "no statement, in a read-write transaction: main")
             role = self.server_role or MAIN
             return Decision("read", (), role, "no statement: stays where it is")
         if info.tx in (TX_BEGIN, TX_BEGIN_READ_ONLY) and tx is None:
@@ -695,6 +713,60 @@ class ClientConnection(asyncio.Protocol):
             )
             return True
         return False
+
+    def _deferred_extended_begin(self, batch: Batch, info: Classification) -> bool:
+        """Parse/Bind/[Describe]/Execute of BEGIN alone up to Sync (or Flush), as pipelining drivers send it:
+        answered here and sent with the next unit, exactly as a simple-protocol BEGIN is, so the first real
+        statement chooses the upstream. True when the unit was answered; anything else (a named statement,
+        a Bind of an earlier Parse) goes upstream as it is."""
+        if batch.terminator not in (_S, _H):
+            return False
+        buf = batch.buf
+        parse: tuple[int, int] | None = None
+        executed = False
+        replies: list[bytes] = []
+        for mtype, start, end in batch.msgs:
+            if executed and mtype != batch.terminator:
+                return False
+            if mtype == _P:
+                if buf[start + 5] != 0 or parse is not None:
+                    return False
+                parse = (start, end)
+                replies.append(m.parse_complete())
+            elif mtype == _B:
+                portal, name, _ = m.decode_bind_names(buf[start + 5 : end])
+                if portal or name or parse is None:
+                    return False
+                replies.append(m.bind_complete())
+            elif mtype == _D:
+                if buf[start + 5] != ord("P") or buf[start + 6] != 0:
+                    return False
+                replies.append(m.no_data())
+            elif mtype == _E:
+                executed = True
+                if self.pending_begin is not None:
+                    replies.append(
+                        m.notice_response("WARNING", "25001", "there is already a transaction in progress")
+                    )
+                replies.append(m.command_complete("BEGIN"))
+            elif mtype != batch.terminator:
+                return False
+        if not executed or parse is None:
+            return False
+        start, end = parse
+        if self.pending_begin is None:
+            self.pending_begin = m.query(m.decode_parse(buf[start + 5 : end])[1])
+            self.pending_begin_mode = TX_READ_ONLY if info.tx == TX_BEGIN_READ_ONLY else TX_READ_WRITE
+        # The client's unnamed statement is now this BEGIN: a later Bind of it re-parses it upstream.
+        self._unnamed_stmt = None
+        self._unnamed = buf[start:end]
+        self._unnamed_token = object()
+        self._unnamed_info = info
+        self._unnamed_changes = []
+        if batch.terminator == _S:
+            replies.append(m.ready_for_query(b"T"))
+        self.write(b"".join(replies))
+        return True
 
     def _failed_tx_unit(self, batch: Batch, info: Classification | None) -> bool:
         """The proxy refused a statement in this transaction, so to the client it is aborted: only

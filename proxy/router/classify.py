@@ -478,6 +478,13 @@ def merge(infos: list[Classification]) -> Classification:
     for info in infos:
         flags |= info.flags
     write = next((i for i in infos if i.write), None)
+    # A unit that opens a transaction (Parse/Bind/Execute of BEGIN then more statements before one Sync, as
+    # pipelining drivers send it) is routed as that transaction, like a query string "BEGIN; ...": a
+    # read-write one on a primary, never on the replica where its later writes would fail.
+    begins = next(
+        (b for i in infos if (b := i.tx if i.tx in (TX_BEGIN, TX_BEGIN_READ_ONLY) else i.begins) is not None),
+        None,
+    )
     return Classification(
         flags,
         next((i.pin_reason for i in infos if i.pin_reason), None),
@@ -488,6 +495,7 @@ def merge(infos: list[Classification]) -> Classification:
         tx=None,
         primary_only=any(i.primary_only for i in infos),
         statements=sum(i.statements for i in infos),
+        begins=begins,
     )
 
 

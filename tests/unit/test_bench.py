@@ -45,6 +45,8 @@ from bench.pgbench_compare import (
     parse_options,
     summarize,
 )
+from bench.ryw import markdown as ryw_markdown
+from bench.ryw import parse_metrics, read_routing, workload_script
 from bench.targets import PgpoolSettings, deep_merge, pgpool_conf, proxy_setting, quote_pgpool
 from proxy.protocol.auth import ServerAuth, make_scram_verifier
 
@@ -394,3 +396,78 @@ def test_faults_table_has_a_row_per_finding_and_names_what_was_not_measured() ->
     assert table_rows({}) == []  # nothing ran, nothing to show
     text = format_table(table_rows(_faults_results()))
     assert text.splitlines()[0].startswith("measurement ") and text.count("\n") == len(rows) + 1
+
+
+# -- python -m bench ryw -------------------------------------------------------------------------------------
+
+
+def test_ryw_script_writes_one_key_of_its_own_client_then_reads_it_nine_times() -> None:
+    script = workload_script()
+    lines = script.splitlines()
+    assert lines[0].startswith("\\set id :client_id * ")
+    assert lines[1].startswith("INSERT INTO ryw_items (id, v) VALUES (:id, 1) ON CONFLICT (id)")
+    assert lines[2:] == ["SELECT v FROM ryw_items WHERE id = :id;"] * 9
+    for line in lines[1:]:  # each statement parses (pgbench's :id replaced by a literal)
+        pglast.parse_sql(line.replace(":id", "1"))
+    assert len(workload_script(reads=3).splitlines()) == 5
+
+
+METRICS_BEFORE = """# HELP parafort_proxy_routed_statements_total Units routed.
+# TYPE parafort_proxy_routed_statements_total counter
+parafort_proxy_routed_statements_total{role="main",kind="read"} 10.0
+parafort_proxy_routed_statements_total{role="main",kind="write"} 5.0
+parafort_proxy_routed_statements_total{role="read_replica",kind="read"} 20.0
+"""
+METRICS_AFTER = """parafort_proxy_routed_statements_total{role="main",kind="read"} 40.0
+parafort_proxy_routed_statements_total{role="main",kind="write"} 25.0
+parafort_proxy_routed_statements_total{role="read_replica",kind="read"} 170.0
+not a sample line
+"""
+
+
+def test_metrics_are_parsed_with_their_labels() -> None:
+    samples = parse_metrics(METRICS_BEFORE + 'x_total{a="q\\"uote"} 1e3\n')
+    key = ("parafort_proxy_routed_statements_total", frozenset({("role", "main"), ("kind", "read")}))
+    assert samples[key] == 10.0
+    assert samples["x_total", frozenset({("a", 'q\\"uote')})] == 1000.0
+    assert len(samples) == 4
+
+
+def test_read_routing_is_the_difference_of_two_scrapes_and_na_without_the_outcome_metric() -> None:
+    routing = read_routing(parse_metrics(METRICS_BEFORE), parse_metrics(METRICS_AFTER))
+    assert routing["reads"] == 180.0  # (40 - 10) on main + (170 - 20) on the replica
+    assert routing["reads_on_replica"] == 150.0
+    assert routing["replica_share"] == pytest.approx(150 / 180)
+    assert routing["outcomes"] is None  # a build without read-your-writes: "n/a"
+    after = METRICS_AFTER + "\n".join(
+        f'parafort_proxy_replica_reads_total{{outcome="{o}"}} {v}'
+        for o, v in (("replica", 120), ("replica_after_wait", 30), ("main_for_consistency", 30))
+    )
+    routing = read_routing(parse_metrics(METRICS_BEFORE), parse_metrics(after))
+    assert routing["outcomes"] == {"replica": 120, "replica_after_wait": 30, "main_for_consistency": 30}
+    assert read_routing({}, {})["replica_share"] is None
+
+
+def test_ryw_markdown_gives_ratios_to_pgbouncer_and_says_what_is_missing() -> None:
+    routing = read_routing(parse_metrics(METRICS_BEFORE), parse_metrics(METRICS_AFTER))
+    doc = {
+        "clients": 16, "duration_s": 20, "mode": "extended", "reads_per_write": 9,
+        "cells": [
+            {"target": "direct", "scope": None, "tps": 1200.0},
+            {"target": "pgbouncer", "scope": None, "tps": 1000.0, "pooler_cpu_us": 50.0},
+            {"target": "proxy", "scope": "off", "tps": 800.0, "pooler_cpu_us": 400.0, "routing": routing},
+            {"target": "proxy", "scope": "off", "tps": 700.0, "routing": routing, "note": "no setting"},
+            {"target": "proxy", "scope": "user", "error": "not supported by this build"},
+        ],
+        "stale": {"rounds": 200, "delay_ms": 300, "results": [
+            {"scope": "off", "stale": 197, "rounds": 200, "routing": routing},
+            {"scope": "user", "error": "not supported by this build"},
+        ]},
+    }  # fmt: skip
+    text = ryw_markdown(doc)
+    assert "| proxy | off | 800 | **0.80** | 400 | 83.3 % | n/a |" in text
+    assert "| direct | - | 1,200 | **1.20** |" in text
+    assert "| proxy | off (no setting) | 700 | **0.70** |  | 83.3 % | n/a |" in text
+    assert "| proxy | user | not supported by this build |" in text
+    assert "| off | 197 / 200 | 83.3 % | n/a |" in text
+    assert "| user | not supported by this build |" in text

@@ -5,11 +5,14 @@ from __future__ import annotations
 import pytest
 
 from proxy.router.classify import (
+    TX_BEGIN,
+    TX_BEGIN_READ_ONLY,
     ClassificationCache,
     Flag,
     SessionChange,
     classify,
     deallocate_target,
+    merge,
     session_changes,
 )
 
@@ -108,3 +111,23 @@ def test_cache_is_bounded() -> None:
         cache.classify(f"SELECT {i} FROM t{i}")
     assert len(cache._by_text) <= 5
     assert len(cache._by_fingerprint) <= 5
+
+
+@pytest.mark.parametrize(
+    ("first", "begins"),
+    [
+        ("BEGIN", TX_BEGIN),
+        ("BEGIN READ WRITE", TX_BEGIN),
+        ("START TRANSACTION ISOLATION LEVEL SERIALIZABLE", TX_BEGIN),
+        ("BEGIN READ ONLY", TX_BEGIN_READ_ONLY),
+        ("SELECT 1", None),
+    ],
+)
+def test_a_batch_that_opens_a_transaction_says_how(first: str, begins: str | None) -> None:
+    """Parse/Bind/Execute of BEGIN then a SELECT before one Sync (pipelining drivers): the merged unit
+    opens a transaction, like the query string "BEGIN; SELECT ...", so the router puts a read-write one on
+    a primary."""
+    unit = merge([classify(first), classify("SELECT * FROM t WHERE id = 1")])
+    assert unit.begins == begins
+    assert unit.tx is None
+    assert unit.begins == classify(f"{first}; SELECT * FROM t WHERE id = 1").begins
