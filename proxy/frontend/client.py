@@ -215,13 +215,11 @@ class ClientConnection(asyncio.Protocol):
         self._unnamed_changes: list[SessionChange] = []
         self._portal_changes: dict[str, list[SessionChange]] = {}
         # Read-your-writes (proxy/frontend/ryw.py, proxy/consistency.py): the scope's key (None: off), the
-        # position this connection's reads need at least (SET parafort.min_lsn), whether the unit or
-        # transaction in progress wrote on main, the classification of the unit being dispatched, and a
-        # verdict reached after waiting for the batch it was reached for.
+        # position this connection's reads need at least (SET parafort.min_lsn), whether a write on main
+        # awaits its capture, and a verdict reached after waiting, with the batch it was reached for.
         self._ryw_key: tuple[object, ...] | None = None
         self.min_lsn: int | None = None
         self._wrote = False
-        self._unit: Classification | None = None
         self._ryw_forced: tuple[Batch, Verdict] | None = None
 
     @property
@@ -428,7 +426,6 @@ class ClientConnection(asyncio.Protocol):
         server = self.server
         single_query = len(batch.msgs) == 1 and batch.terminator == _Q
         info, override = self._unit_info(batch)
-        self._unit = info
         if single_query:
             batch.info = info
             if info is not None and info.bits & F_SESSION_SET and self._min_lsn_statement(batch, server):
@@ -439,6 +436,11 @@ class ClientConnection(asyncio.Protocol):
                     self.write(reply + m.ready_for_query(self._status()))
                     return
         router = self.app.router
+        if server is not None and self.pinned is None and server.expect and server.expect[-1].on_row:
+            # Only main's WAL position after this client's write is in flight: the client is between
+            # transactions, and the unit is routed afresh once that reply has ended the lease.
+            self._wait(batch, MAIN)
+            return
         if server is not None and not self._lingering:
             if self.pinned is not None or server.status != _IDLE or self.tx_failed:
                 # Inside a transaction (or pinned): the unit runs on the connection held, if it can.
@@ -600,21 +602,6 @@ class ClientConnection(asyncio.Protocol):
         if key is None:
             return f"connection {self.id} (parafort.min_lsn)"
         return " ".join(str(part) for part in key)
-
-    def _capture_after(self, batch: Batch, server: ServerConnection, began: bool) -> Capture | None:
-        """A unit on main after a write: if it ends the write's transaction (an autocommit statement, or
-        COMMIT), capture main's WAL position behind it."""
-        info = self._unit
-        tx = info.tx if info is not None else None
-        if tx == TX_ROLLBACK:
-            self._wrote = False
-            return None
-        if batch.terminator not in (_S, _Q) or self._ryw_key is None:
-            return None
-        if tx != TX_COMMIT and (began or server.status != _IDLE or tx is not None):
-            return None  # the transaction goes on
-        self._wrote = False
-        return Capture(self.app.consistency.writes, self._ryw_key, server, self)
 
     def captured(self, capture: Capture, lsn: int | None) -> None:
         """A capture's reply arrived: the client hears its position (a message boundary: the capture's
@@ -1064,7 +1051,6 @@ class ClientConnection(asyncio.Protocol):
         details = False
         # Nothing in flight and no transaction open: a failed first statement can be run again unseen.
         fresh = server.status == _IDLE and not server.expect and self.pending_begin is None
-        began = self.pending_begin is not None
         if len(server.prepared) > self.app.max_statements and server.status == _IDLE and not server.expect:
             # Between transactions no portal depends on a statement: close the least recently used.
             self._evict_statements(server, out)
@@ -1225,14 +1211,11 @@ class ClientConnection(asyncio.Protocol):
             server.needs_sync = True
         if details or self.session.has_staged:
             server.track_details(True)
-        capture = self._capture_after(batch, server, began) if self._wrote else None
-        if run == batch.start and not out and capture is None:
+        if run == batch.start and not out:
             server.send(buf if batch.start == 0 and batch.end == len(buf) else view[batch.start : batch.end])
             return
         if batch.end > run:
             out.append(view[run : batch.end])
-        if capture is not None:
-            capture.send(out)
         server.send(b"".join(out))
         if special:
             server.flush_synth()
@@ -1430,6 +1413,13 @@ class ClientConnection(asyncio.Protocol):
         if self.phase == CLOSED:
             if not server.expect:  # a read-your-writes capture outlived its client: the connection is free
                 self._release()
+            return
+        if self._wrote and status == _IDLE and not server.expect and self.server_role == MAIN:
+            # A write ended on main (autocommit, or its transaction's end) and nothing else is in flight:
+            # read main's WAL position now, behind the reply the client already has. Its reply ends the lease.
+            self._wrote = False
+            assert self._ryw_key is not None  # set only with read-your-writes on
+            Capture(self.app.consistency.writes, self._ryw_key, server, self).send()
             return
         if status != _IDLE:
             if self.session.has_staged:
@@ -1648,7 +1638,8 @@ class ClientConnection(asyncio.Protocol):
                     f'invalid value for parameter "parafort.min_lsn": "{value}"',
                     severity="FATAL",
                 ) from None
-        scope = self.app.config.routing.read_your_writes.scope
+        # Without a replica there is nothing to wait for: no capture at all.
+        scope = self.app.config.routing.read_your_writes.scope if self.app.replica_pools else "off"
         if scope == "user":
             self._ryw_key = ("user", self.user)
         elif scope == "connection":

@@ -1,12 +1,12 @@
 """Read-your-writes, the write side: WAL positions of main captured after writes, kept per scope.
 
-When a unit that wrote on main ends (an autocommit write, or the COMMIT of a transaction that wrote), the
-client connection sends ``CAPTURE_SQL`` on the same upstream connection right behind the client's own
-messages (``Capture``): its reply is swallowed, its WAL position becomes the scope's *token*, and the
-lease ends only after it. The client never waits for it. From the moment the client's own reply arrives
-until the capture's does, the scope has a *capture pending*: a read of that scope waits for it rather than
-trust an older token. A failed capture (the connection lost) puts the scope *in doubt*: its reads go to
-main for ``DOUBT_SECONDS`` or until its next write is captured.
+When a unit that wrote on main ends outside a transaction (an autocommit write, or the COMMIT of a
+transaction that wrote) with nothing else in flight, the client connection sends ``CAPTURE_SQL`` on the same
+upstream connection, right after forwarding the client's ReadyForQuery (``Capture``): its reply is
+swallowed, its WAL position becomes the scope's *token*, and the lease ends only after it. The client never
+waits for it. Until the capture's reply arrives the scope has a *capture pending*: a read of that scope
+waits for it rather than trust an older token. A failed capture (the connection lost) puts the scope *in
+doubt*: its reads go to main for ``DOUBT_SECONDS`` or until its next write is captured.
 
 A token carries main's identity (system identifier, timeline, postmaster start), read on the first
 capture of each main connection: when it changes (a failover, a restore from a backup, a restart), every
@@ -188,7 +188,7 @@ class Writes:
 class Capture:
     """One capture in flight: registered behind a write unit on its main connection (see the module)."""
 
-    __slots__ = ("begun", "client", "identity", "key", "lsn", "released", "server", "writes")
+    __slots__ = ("client", "identity", "key", "lsn", "released", "server", "writes")
 
     def __init__(self, writes: Writes, key: Key, server: ServerConnection, client: CaptureSink) -> None:
         self.writes = writes
@@ -197,25 +197,15 @@ class Capture:
         self.client: CaptureSink | None = client
         self.lsn: int | None = None
         self.identity: Identity | None = None
-        self.begun = False
         self.released = False
 
-    def send(self, out: list[bytes | memoryview]) -> None:
-        """Append the capture query to ``out`` (the unit's bytes) and register its expectation; the unit's
-        own last expectation (its Sync or Query) starts the pending capture when its reply arrives."""
-        last = self.server.expect[-1] if self.server.expect else None
-        if last is not None and last.on_done is None:
-            last.on_done = self._unit_done
-        else:
-            self._unit_done(True)
-        query = CAPTURE_QUERY if self.server.identity is not None else IDENTITY_QUERY
-        out.append(query)
-        self.server.push(Expect(K_SYNC, SWALLOW, on_done=self._done, on_row=self._row))
-
-    def _unit_done(self, ok: bool) -> None:
-        if not self.begun:
-            self.begun = True
-            self.writes.begin(self.key)
+    def send(self) -> None:
+        """Send the capture query on the connection (nothing else is in flight on it): the scope has a
+        capture pending until its reply arrives."""
+        server = self.server
+        self.writes.begin(self.key)
+        server.push(Expect(K_SYNC, SWALLOW, on_done=self._done, on_row=self._row))
+        server.send(CAPTURE_QUERY if server.identity is not None else IDENTITY_QUERY)
 
     def _row(self, payload: bytes) -> None:
         try:
@@ -234,8 +224,6 @@ class Capture:
         server = self.server
         if lsn is not None and self.identity is not None:
             server.identity = self.identity
-        if not self.begun:
-            self._unit_done(ok)
         self.writes.end(self.key, lsn, server.identity if lsn is not None else None)
         client, self.client = self.client, None
         if client is not None:
