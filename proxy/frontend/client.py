@@ -442,8 +442,9 @@ class ClientConnection(asyncio.Protocol):
             self._wait(batch, MAIN)
             return
         if server is not None and not self._lingering:
-            if self.pinned is not None or server.status != _IDLE or self.tx_failed:
-                # Inside a transaction (or pinned): the unit runs on the connection held, if it can.
+            if self.pinned is not None or server.status != _IDLE or self.tx_failed or server.needs_sync:
+                # Inside a transaction (or pinned, or after extended messages that no Sync has ended yet,
+                # such as asyncpg's Parse/Describe/Flush): the unit runs on the connection held, if it can.
                 if self.tx_failed and not self._failed_tx_unit(batch, info):
                     return
                 refusal = router.check_in_transaction(info, self.server_role) if info is not None else None

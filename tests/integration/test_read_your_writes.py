@@ -7,9 +7,11 @@ the same test proves it can fail.
 
 from __future__ import annotations
 
+import asyncio
 from collections.abc import Callable, Iterator
 from urllib.parse import quote
 
+import asyncpg
 import psycopg
 import pytest
 
@@ -208,3 +210,27 @@ def test_main_restarted_between_write_and_read(
     with connect(proxy) as conn:
         row = conn.execute("SELECT count(*), inet_server_port() FROM ryw_t WHERE id = 7").fetchone()
     assert row == (1, pg.main.port)
+
+
+def test_min_lsn_as_a_startup_parameter(delayed: None, start_proxy: StartProxy) -> None:
+    """asyncpg sends server_settings as startup parameters: ``parafort.min_lsn`` is the proxy's own (never
+    passed to PostgreSQL), and an invalid one ends the login with 22023."""
+    proxy = ryw_proxy(start_proxy, "connection")
+    with connect(proxy) as writer:
+        writer.execute("INSERT INTO ryw_t VALUES (1)")
+        writer.execute("SELECT 1")
+        token = writer.info.parameter_status(PARAMETER)
+        assert token is not None
+
+    async def read(min_lsn: str) -> object:
+        conn = await asyncpg.connect(
+            proxy.dsn(APP_USER, APP_PASSWORD), server_settings={"parafort.min_lsn": min_lsn}
+        )
+        try:
+            return await conn.fetchval("SELECT count(*) FROM ryw_t WHERE id = 1")
+        finally:
+            await conn.close()
+
+    assert asyncio.run(read(token)) == 1
+    with pytest.raises(asyncpg.InvalidParameterValueError):
+        asyncio.run(read("nope"))
