@@ -115,15 +115,35 @@ def cmd_explain(args: argparse.Namespace) -> int:
         classify(args.sql), override=route_override(args.sql), tx=args.transaction
     )
     if args.json:
-        print(json.dumps(decision.as_json()))
+        out = decision.as_json()
+        if decision.role == "read_replica":
+            out["consistency"] = _ryw_note(config)
+        print(json.dumps(out))
     else:
         print(f"kind:    {decision.kind}")
         print(f"domains: {', '.join(decision.domains) or '(no tables)'}")
         print(f"role:    {decision.role or 'refused'}")
         print(f"reason:  {decision.reason}")
+        if decision.role == "read_replica":
+            print(f"consistency: {_ryw_note(config)}")
         if decision.sqlstate:
             print(f"error:   {decision.sqlstate} {decision.message}")
     return 0
+
+
+def _ryw_note(config: Config) -> str:
+    """What read-your-writes does to a read the router sends to a replica."""
+    ryw = config.routing.read_your_writes
+    if ryw.scope == "off":
+        return "read-your-writes off: the replica serves it even right after a write"
+    whose = {"user": "the same proxy user", "connection": "this connection", "global": "any client"}
+    whose_writes = whose[ryw.scope]
+    wait = f"waits up to {ryw.max_wait * 1000:g}ms for one" if ryw.max_wait > 0 else "does not wait"
+    return (
+        f"read-your-writes (scope {ryw.scope}): after a write by {whose_writes} (or with SET "
+        f"parafort.min_lsn) it goes to a replica that has replayed that write, {wait}, else to main "
+        "(main_for_consistency; SHOW CONSISTENCY on the admin console says why)"
+    )
 
 
 def cmd_demo(args: argparse.Namespace) -> int:

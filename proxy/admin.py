@@ -1,6 +1,6 @@
 """The admin console, PgBouncer style: ``psql`` to the virtual database ``parafort`` as an admin user.
 
-    SHOW POOLS | CLIENTS | SERVERS | STATS | HEALTH | CONFIG | HELP
+    SHOW POOLS | CLIENTS | SERVERS | STATS | HEALTH | CONFIG | CONSISTENCY | HELP
     RELOAD
     PAUSE [role]      new transactions for the role (or every role) wait; nothing fails
     RESUME [role]
@@ -17,7 +17,9 @@ from typing import TYPE_CHECKING
 
 from proxy.config.render import config_as_dict
 from proxy.config.values import ROLES
+from proxy.consistency import OUTCOMES
 from proxy.errors import FEATURE_NOT_SUPPORTED, ProxyError
+from proxy.frontend.ryw import format_lsn
 from proxy.protocol import messages as m
 
 if TYPE_CHECKING:
@@ -147,6 +149,27 @@ class AdminConsole:
         cols = [("upstream", TEXT), ("role", TEXT), ("up", BOOL), ("usable", BOOL)]
         cols += [("lag_seconds", FLOAT8), ("lag_bytes", INT8), ("last_error", TEXT)]
         return _table(cols, rows)
+
+    def show_consistency(self) -> bytes:
+        """Read-your-writes: settings, tokens, replay positions, outcomes, why recent reads went to main."""
+        c = self.app.consistency
+        settings = c.settings
+        rows: list[Row] = [
+            ("scope", settings.scope, None),
+            ("max_wait", f"{settings.max_wait * 1000:g}ms", None),
+            ("tokens", str(len(c.writes.tokens)), None),
+            ("captures_pending", str(sum(c.writes.pending.values())), None),
+            ("scopes_in_doubt", str(len(c.writes.doubt)), "their reads go to main"),
+            ("captures", str(c.writes.captures), None),
+            ("capture_failures", str(c.writes.capture_failures), None),
+            ("main_changes", str(c.writes.identity_changes), "tokens of an older main put in doubt"),
+        ]
+        rows += [(f"replay_lsn:{label}", format_lsn(lsn), None) for label, lsn in sorted(c.replay.items())]
+        rows += [(f"reads:{outcome}", str(c.outcomes.get(outcome, 0)), None) for outcome in OUTCOMES]
+        for at, scope, reason in reversed(c.recent):
+            stamp = time.strftime("%Y-%m-%dT%H:%M:%SZ", time.gmtime(at))
+            rows.append((f"to_main:{stamp}", scope, reason))
+        return _table([("name", TEXT), ("value", TEXT), ("reason", TEXT)], rows)
 
     def show_config(self) -> bytes:
         rows: list[Row] = []

@@ -229,6 +229,7 @@ class HealthMonitor:
         self._callbacks: list[Callable[[str, bool], None]] = []
         self._usable_callbacks: list[Callable[[str], None]] = []
         self._main_lsn: int | None = None
+        self._replay_callbacks: list[Callable[..., None]] = []
         h = self.settings
         for role in ROLES:
             rc = config.roles.get(role)
@@ -324,6 +325,10 @@ class HealthMonitor:
                 callback(label)
             except Exception:
                 log.exception("event=health_callback_error upstream=%s", label)
+
+    def on_replay(self, callback: Callable[..., None]) -> None:
+        """Call ``callback(label, replay_lsn, sweep=True)`` with each replica probe's replay position."""
+        self._replay_callbacks.append(callback)
 
     def on_change(self, callback: Callable[[str, bool], None]) -> None:
         """Call ``callback(label, up)`` on every up/down transition."""
@@ -430,6 +435,9 @@ class HealthMonitor:
         if state.role == "main" and result.ok and result.current_lsn is not None:
             self._main_lsn = result.current_lsn
         self._announce(state, state.record(result, self._main_lsn))
+        if state.is_replica and result.ok and result.replay_lsn is not None:
+            for callback in self._replay_callbacks:
+                callback(label, result.replay_lsn, sweep=True)
         if state.is_replica:
             lagging = state.up and not self._within_lag(state)
             if lagging != up.lagging:

@@ -17,6 +17,8 @@ from prometheus_client.metrics_core import Metric
 from prometheus_client.registry import Collector
 
 from proxy.config.values import DOMAINS, ROLES, table_label
+from proxy.consistency import OUTCOMES
+from proxy.consistency import WAIT_BUCKETS as RYW_WAIT_BUCKETS
 from proxy.pool.pool import WAIT_BUCKETS
 from proxy.router.policy import MAIN, READ, WRITE
 
@@ -148,6 +150,31 @@ class ProxyCollector(Collector):
             ["role", "kind"],
             app.routed,
             ((r, k) for r in served for k in (READ, WRITE)),
+        )
+        consistency = app.consistency
+        yield labelled_counter(
+            "replica_reads",
+            "Reads of main's tables the router sent to a replica, by where read-your-writes let them run: "
+            "replica (at once), replica_after_wait (a replica caught up within max_wait), "
+            "main_for_consistency (no replica had replayed what the read must see).",
+            ["outcome"],
+            consistency.outcomes,
+            OUTCOMES,
+        )
+        cumulative, ryw_buckets = 0, []
+        for bound, n in zip((*RYW_WAIT_BUCKETS, float("inf")), consistency.wait_buckets, strict=True):
+            cumulative += n
+            ryw_buckets.append((str(bound) if bound != float("inf") else "+Inf", cumulative))
+        read_waits = HistogramMetricFamily(
+            PREFIX + "read_wait_seconds",
+            "Time reads waited for a replica to replay their scope's last write (read-your-writes).",
+        )
+        read_waits.add_metric([], ryw_buckets, consistency.wait_sum)
+        yield read_waits
+        yield GaugeMetricFamily(
+            PREFIX + "ryw_tokens",
+            "Read-your-writes tokens held: scopes whose last write some replica may not have replayed yet.",
+            value=len(consistency.writes.tokens),
         )
         yield labelled_counter(
             "fallbacks",

@@ -22,6 +22,7 @@ from proxy.config import Config, ConfigError, load_config
 from proxy.config.dsn import Dsn
 from proxy.config.model import ReadReplicaConfig, RoleConfig, TlsConfig
 from proxy.config.values import ROLES
+from proxy.consistency import Consistency
 from proxy.errors import SQLCLIENT_UNABLE_TO_ESTABLISH, ProxyError
 from proxy.frontend.client import ClientConnection
 from proxy.frontend.login_failures import LoginFailureLog
@@ -47,7 +48,7 @@ CANCEL_TIMEOUT = 5.0  # a cancel not confirmed by then retires its connection
 class ProxyApp:
     """Everything one proxy process serves: built from a Config, started and stopped as a unit."""
 
-    def __init__(self, config: Config, config_path: Path | None = None) -> None:
+    def __init__(self, config: Config, config_path: Path | None = None) -> None:  # noqa: PLR0915
         self.config = config
         self.config_path = config_path
         self.reloads = 0  # successful SIGHUP reloads (a metric)
@@ -102,6 +103,15 @@ class ProxyApp:
         self.health = HealthMonitor(config)
         self.health.on_usable_change(self._health_changed)
         self.health.on_change(self._health_transition)
+        # Read-your-writes (proxy/consistency.py): tokens per scope, replay positions of the replicas.
+        self.consistency = Consistency(
+            config.routing.read_your_writes,
+            lambda: self.replica_pools,
+            self.health.usable,
+            lambda label: self.pools[label].stats.active,
+            {label: self.upstreams[label] for label in self.replica_pools},
+        )
+        self.health.on_replay(self.consistency.observe)
 
     def _build_pools(self, config: Config) -> None:
         """One pool per upstream server of each configured role (a replica role may have several)."""
@@ -190,6 +200,7 @@ class ProxyApp:
             self._log_outage_writes(role, "proxy stopping")
         self.login_failures.flush()  # the last window's summary, before the process goes
         await self.health.stop()
+        await self.consistency.stop()
         await self.classifier_worker.stop()
         if self._functions_task is not None:
             self._functions_task.cancel()
@@ -246,6 +257,7 @@ class ProxyApp:
                 self.audit.close()
             self.audit = AuditLog(new.audit.path) if new.audit.path else None
         self.router = Router(new, self.usable, self.catalog_functions)
+        self.consistency.settings = new.routing.read_your_writes
         self.load_functions()  # functions created or altered since: read main's catalog again
         for label, pool in self.pools.items():
             rc = new.roles.get(self.pool_roles[label])

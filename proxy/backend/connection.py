@@ -59,7 +59,7 @@ _END = {
     K_EXECUTE: frozenset(b"CIsE"),
     K_CLOSE: frozenset(b"3E"),
 }
-_Z, _E, _C, _S, _N, _A, _G = b"ZECSNAG"
+_Z, _E, _C, _S, _N, _A, _G, _D = b"ZECSNAGD"
 
 
 def _stale_plan(buf: bytes, pos: int, end: int) -> bool:
@@ -89,6 +89,9 @@ class Expect:
     # A Bind of a statement the proxy kept prepared: if PostgreSQL reports that its cached plan changed
     # result type, this re-prepares and re-sends the rest of the batch (the client sees no error).
     retry: Retry | None = None
+    # A query the proxy injected whose result it reads (read-your-writes' WAL position after a write): its
+    # DataRow payloads go here, and its ReadyForQuery ends the unit for the sink as the client's own would.
+    on_row: Callable[[bytes], None] | None = None
 
     def extended_copy(self) -> bool:
         """Whether a CopyInResponse under this entry comes from an extended-protocol Execute."""
@@ -138,6 +141,8 @@ class ServerConnection(asyncio.Protocol):
         # Upstream (pf_...) statement names that exist here, least recently used first.
         self.prepared: dict[str, None] = {}
         self.unnamed_owner: object | None = None  # whose unnamed statement this connection holds
+        # Main's identity as read by this connection's first read-your-writes capture (proxy/frontend/ryw.py).
+        self.identity: tuple[str, ...] | None = None
         self.status = ord("I")
         self.expect: deque[Expect] = deque()
         self.sink: Sink | None = None
@@ -255,6 +260,9 @@ class ServerConnection(asyncio.Protocol):
         )
         if self._handshake is not None and not self._handshake.done():
             self._handshake.set_exception(err)
+        for entry in self.expect:
+            if entry.on_row is not None and entry.on_done is not None:
+                entry.on_done(False)  # its reply never comes
         sink, self.sink = self.sink, None
         if sink is not None:
             sink.upstream_lost(err)
@@ -457,6 +465,8 @@ class ServerConnection(asyncio.Protocol):
                 if mtype == _S:
                     # A setting the proxy replayed: the client should see the value it now has.
                     out.append(view[pos:end])
+                elif mtype == _D and entry.on_row is not None:
+                    entry.on_row(bytes(buf[pos + 5 : end]))
                 elif mtype == _E:
                     if entry.action == SWALLOW_OK:
                         out.append(bytes(buf[pos:end]))
@@ -477,7 +487,7 @@ class ServerConnection(asyncio.Protocol):
                     self.needs_sync = bool(expect) and expect[-1].kind != K_SYNC
                 if expect and expect[0].kind == K_SYNTH:
                     run = self._take_synth(out, view, run, pos)
-                if entry.action == FORWARD:
+                if entry.action == FORWARD or entry.on_row is not None:
                     sink = self.sink
                     if sink is not None:
                         if pos > run:
@@ -486,7 +496,8 @@ class ServerConnection(asyncio.Protocol):
                         if self._track_details:
                             # Before the client sees ReadyForQuery (the audit line is written first).
                             sink.upstream_batch_end()
-                        _flush(sink, out)
+                        if out:
+                            _flush(sink, out)
                         sink.upstream_ready(self.status)
                 continue
             if mtype == _E:

@@ -273,10 +273,23 @@ class StatementsConfig(Frozen):
     max_per_connection: Annotated[int, Field(ge=1)] = 200
 
 
+class ReadYourWritesConfig(Frozen):
+    """Read-your-writes: a read never runs on a replica that has not replayed a write committed before it.
+
+    ``scope``: whose writes a read must see: every connection of the same proxy user (``user``), its own
+    connection's (``connection``), everyone's (``global``), or none (``off``: no capture, no wait).
+    ``max_wait``: how long a read waits for a replica to catch up before main serves it (0: never wait).
+    """
+
+    scope: Literal["user", "connection", "global", "off"] = "user"
+    max_wait: Annotated[Duration, Field(ge=0)] = 0.010
+
+
 class RoutingConfig(Frozen):
-    """Statement classification knobs."""
+    """Statement classification knobs, and read-your-writes."""
 
     read_only_functions: tuple[str, ...] = ()
+    read_your_writes: ReadYourWritesConfig = ReadYourWritesConfig()
 
 
 class Config(Frozen):

@@ -43,7 +43,13 @@ def config_as_dict(config: Config) -> dict[str, Any]:
         },
         "roles": {name: _role(config.roles.get(name)) for name in ROLES},
         "domains": {d: [str(ref) for ref in getattr(config.domains, d)] for d in DOMAINS},
-        "routing": {"read_only_functions": list(config.routing.read_only_functions)},
+        "routing": {
+            "read_only_functions": list(config.routing.read_only_functions),
+            "read_your_writes": {
+                "scope": config.routing.read_your_writes.scope,
+                "max_wait": format_duration(config.routing.read_your_writes.max_wait),
+            },
+        },
         "statements": config.statements.model_dump(),
         "health": {
             "interval": format_duration(health.interval),

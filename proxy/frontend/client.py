@@ -36,6 +36,7 @@ from proxy.backend.connection import (
     Expect,
     ServerConnection,
 )
+from proxy.consistency import AFTER_WAIT, MAIN_FOR_CONSISTENCY, REPLICA, Verdict
 from proxy.errors import (
     ADMIN_SHUTDOWN,
     CANNOT_CONNECT_NOW,
@@ -43,6 +44,7 @@ from proxy.errors import (
     IN_FAILED_TRANSACTION,
     INTERNAL_ERROR,
     INVALID_AUTHORIZATION,
+    INVALID_PARAMETER_VALUE,
     PROTOCOL_VIOLATION,
     READ_ONLY_SQL_TRANSACTION,
     TOO_MANY_CONNECTIONS,
@@ -56,7 +58,14 @@ from proxy.frontend.login_failures import (
     LOGIN_TIMEOUT,
     UPSTREAM_UNAVAILABLE,
 )
-from proxy.frontend.session import PreparedStatement, Session, startup_settings, startup_values
+from proxy.frontend.ryw import PARAMETER, Capture, format_lsn, min_lsn_statement, parse_min_lsn
+from proxy.frontend.session import (
+    PreparedStatement,
+    Session,
+    proxy_settings,
+    startup_settings,
+    startup_values,
+)
 from proxy.lookups import InvalidStartupParameter
 from proxy.protocol import messages as m
 from proxy.protocol.auth import MALFORMED_AUTH_MESSAGE, ServerAuth
@@ -86,7 +95,8 @@ from proxy.router.classify import (
     merge,
     session_changes,
 )
-from proxy.router.policy import MAIN, TX_READ_ONLY, TX_READ_WRITE, Decision, route_override
+from proxy.router.policy import MAIN, TX_READ_ONLY, TX_READ_WRITE, WRITE, Decision, route_override
+from proxy.router.policy import REPLICA as REPLICA_ROLE
 
 if TYPE_CHECKING:
     from proxy.server import ProxyApp
@@ -149,7 +159,7 @@ class Batch:
 class ClientConnection(asyncio.Protocol):
     """See the module docstring."""
 
-    def __init__(self, app: ProxyApp) -> None:
+    def __init__(self, app: ProxyApp) -> None:  # noqa: PLR0915  (one statement per attribute)
         self.app = app
         self.id = next(_ids)
         self.transport: asyncio.Transport | None = None
@@ -204,6 +214,13 @@ class ClientConnection(asyncio.Protocol):
         self._stmt_changes: dict[str, list[SessionChange]] = {}
         self._unnamed_changes: list[SessionChange] = []
         self._portal_changes: dict[str, list[SessionChange]] = {}
+        # Read-your-writes (proxy/frontend/ryw.py, proxy/consistency.py): the scope's key (None: off), the
+        # position this connection's reads need at least (SET parafort.min_lsn), whether a write on main
+        # awaits its capture, and a verdict reached after waiting, with the batch it was reached for.
+        self._ryw_key: tuple[object, ...] | None = None
+        self.min_lsn: int | None = None
+        self._wrote = False
+        self._ryw_forced: tuple[Batch, Verdict] | None = None
 
     @property
     def lingering(self) -> bool:
@@ -411,15 +428,23 @@ class ClientConnection(asyncio.Protocol):
         info, override = self._unit_info(batch)
         if single_query:
             batch.info = info
+            if info is not None and info.bits & F_SESSION_SET and self._min_lsn_statement(batch, server):
+                return
             if self.pinned is None and info is not None and info.bits & F_FORGET_PREPARED:
                 reply = self._local_deallocate(batch)
                 if reply is not None and (server is None or not server.expect):
                     self.write(reply + m.ready_for_query(self._status()))
                     return
         router = self.app.router
+        if server is not None and self.pinned is None and server.expect and server.expect[-1].on_row:
+            # Only main's WAL position after this client's write is in flight: the client is between
+            # transactions, and the unit is routed afresh once that reply has ended the lease.
+            self._wait(batch, MAIN)
+            return
         if server is not None and not self._lingering:
-            if self.pinned is not None or server.status != _IDLE or self.tx_failed:
-                # Inside a transaction (or pinned): the unit runs on the connection held, if it can.
+            if self.pinned is not None or server.status != _IDLE or self.tx_failed or server.needs_sync:
+                # Inside a transaction (or pinned, or after extended messages that no Sync has ended yet,
+                # such as asyncpg's Parse/Describe/Flush): the unit runs on the connection held, if it can.
                 if self.tx_failed and not self._failed_tx_unit(batch, info):
                     return
                 refusal = router.check_in_transaction(info, self.server_role) if info is not None else None
@@ -435,7 +460,9 @@ class ClientConnection(asyncio.Protocol):
             decision = self._decide(info, override)
             if decision.role is None:
                 self._refuse(batch, decision, in_transaction=False)
-            elif decision.role == self.server_role or info is None:
+            elif (decision.role == self.server_role or info is None) and (
+                decision.role != REPLICA_ROLE or self._ryw_same_replica()
+            ):
                 self._count_route(self.server_role, decision.kind)
                 if decision.fallback_writes:
                     self.app.count_fallback_writes(decision.fallback_writes)
@@ -478,6 +505,12 @@ class ClientConnection(asyncio.Protocol):
             self._refuse(batch, decision, in_transaction=self.pending_begin is not None)
             return
         role = decision.role
+        label: str | None = None
+        if role == REPLICA_ROLE and (self._ryw_key is not None or self.min_lsn is not None):
+            routed = self._ryw_route(batch)
+            if routed is None:
+                return  # waiting for a replica to catch up (or the scope's last write position)
+            role, label = routed
         if decision.fallback_from:
             self._count_fallback(decision.fallback_from)
             self._count_fallback_writes(decision.fallback_writes)
@@ -491,13 +524,13 @@ class ClientConnection(asyncio.Protocol):
             asyncio.get_running_loop().create_task(self._acquire(batch, role, self.app.pool_for(role)))
             return
         if server is not None:  # lingering between transactions
-            if role == self.server_role:
+            if role == self.server_role and (label is None or label == self.server_pool):
                 self._lingering = False
                 self.app.pools[self.server_pool].unlinger(server)
                 self._send(batch, server)
                 return
             self._release()
-        label = self.app.pool_for(role)
+        label = label or self.app.pool_for(role)
         conn = self.app.pools[label].try_acquire()
         if conn is not None:
             self._attach(conn, role, label)
@@ -530,6 +563,106 @@ class ClientConnection(asyncio.Protocol):
     def _count_route(self, role: str, kind: str) -> None:
         routed = self.app.routed
         routed[role, kind] = routed.get((role, kind), 0) + 1
+        if kind == WRITE and role == MAIN and self._ryw_key is not None:
+            self._wrote = True  # its WAL position is captured when the unit (or its transaction) ends
+
+    # -- read-your-writes -----------------------------------------------------------------------------------
+    def _ryw_route(self, batch: Batch) -> tuple[str, str | None] | None:
+        """A read the router sends to a replica: the replica that has replayed what it must see (its
+        pool label; None: any), or main; None when the batch waits for that (reading paused)."""
+        consistency = self.app.consistency
+        forced = self._ryw_forced
+        if forced is not None and forced[0] is batch:
+            self._ryw_forced = None
+            verdict, outcome = forced[1], AFTER_WAIT
+        else:
+            verdict, outcome = consistency.check(self._ryw_key, self.min_lsn), REPLICA
+            if verdict.wait:
+                self.waiting = batch
+                self.pause("consistency")
+                asyncio.get_running_loop().create_task(self._ryw_wait(batch))
+                return None
+        if verdict.main:
+            consistency.count(MAIN_FOR_CONSISTENCY, self._scope_name(), verdict.reason)
+            return MAIN, None
+        consistency.count(outcome)
+        return REPLICA_ROLE, verdict.label
+
+    def _ryw_same_replica(self) -> bool:
+        """A read pipelined behind another on the replica connection held: may it run there too?"""
+        if self._ryw_key is None and self.min_lsn is None:
+            return True
+        verdict = self.app.consistency.check(self._ryw_key, self.min_lsn)
+        return not verdict.main and not verdict.wait and verdict.label in (None, self.server_pool)
+
+    async def _ryw_wait(self, batch: Batch) -> None:
+        consistency = self.app.consistency
+        loop = asyncio.get_running_loop()
+        started = loop.time()
+        verdict = await consistency.wait(self._ryw_key, self.min_lsn)
+        consistency.waited(loop.time() - started)
+        if self.phase == CLOSED:
+            return
+        self.waiting = None
+        self.resume("consistency")
+        self._ryw_forced = (batch, verdict)
+        try:
+            self._dispatch(batch)
+        except ProxyError as exc:
+            self.fatal(exc)
+            return
+        if self.phase != CLOSED and self.waiting is None and self.buf:
+            self.data_received(b"")
+
+    def _scope_name(self) -> str:
+        key = self._ryw_key
+        if key is None:
+            return f"connection {self.id} (parafort.min_lsn)"
+        return " ".join(str(part) for part in key)
+
+    def captured(self, capture: Capture, lsn: int | None) -> None:
+        """A capture's reply arrived: the client hears its position (a message boundary: the capture's
+        reply was the last thing read, and nothing of a later reply has been forwarded yet)."""
+        key = capture.key
+        if self.phase == CLOSED:
+            if key[0] == "connection":
+                self.app.consistency.writes.forget(key)
+            return
+        if lsn is not None:
+            token = max(lsn, self.app.consistency.writes.tokens.get(key, 0))
+            self.write(m.parameter_status(PARAMETER, format_lsn(token)))
+
+    def _min_lsn_statement(self, batch: Batch, server: ServerConnection | None) -> bool:
+        """SET / RESET parafort.min_lsn: answered by the proxy; True when the unit was answered."""
+        _, start, end = batch.msgs[0]
+        sql = batch.buf[start + 5 : end - 1]
+        if b"parafort" not in sql.lower() or self.tx_failed:
+            return False
+        found = min_lsn_statement(sql.decode(errors="replace"))
+        if found is None:
+            return False
+        tag, value = found
+        if server is not None and (server.status == ord("E") or (server.expect and not self._lingering)):
+            return False  # in a failed transaction, or replies in flight: PostgreSQL answers (a placeholder)
+        if value is None:
+            self.min_lsn = None
+        else:
+            try:
+                self.min_lsn = parse_min_lsn(value)
+            except ValueError:
+                self.write(
+                    m.error_from(
+                        ProxyError(
+                            INVALID_PARAMETER_VALUE,
+                            f'invalid value for parameter "parafort.min_lsn": "{value}"',
+                            hint="A WAL position as PostgreSQL prints one, such as 0/3000060.",
+                        )
+                    )
+                    + m.ready_for_query(self._status())
+                )
+                return True
+        self.write(m.command_complete(tag) + m.ready_for_query(self._status()))
+        return True
 
     def _count_fallback(self, roles: tuple[str, ...]) -> None:
         fallbacks = self.app.fallbacks
@@ -1350,6 +1483,17 @@ class ClientConnection(asyncio.Protocol):
         server = self.server
         if server is None:
             return
+        if self.phase == CLOSED:
+            if not server.expect:  # a read-your-writes capture outlived its client: the connection is free
+                self._release()
+            return
+        if self._wrote and status == _IDLE and not server.expect and self.server_role == MAIN:
+            # A write ended on main (autocommit, or its transaction's end) and nothing else is in flight:
+            # read main's WAL position now, behind the reply the client already has. Its reply ends the lease.
+            self._wrote = False
+            assert self._ryw_key is not None  # set only with read-your-writes on
+            Capture(self.app.consistency.writes, self._ryw_key, server, self).send()
+            return
         if status != _IDLE:
             if self.session.has_staged:
                 self._staged_in_tx = True
@@ -1555,6 +1699,26 @@ class ClientConnection(asyncio.Protocol):
             self.admin = True
         self.phase = LOGIN
         self._auth = None
+        own = proxy_settings(self.params)
+        if "parafort.min_lsn" in own:
+            value = own["parafort.min_lsn"]
+            try:
+                self.min_lsn = parse_min_lsn(value)
+            except ValueError:
+                self._login_failure = INVALID_PARAMETER
+                raise ProxyError(
+                    INVALID_PARAMETER_VALUE,
+                    f'invalid value for parameter "parafort.min_lsn": "{value}"',
+                    severity="FATAL",
+                ) from None
+        # Without a replica there is nothing to wait for: no capture at all.
+        scope = self.app.config.routing.read_your_writes.scope if self.app.replica_pools else "off"
+        if scope == "user":
+            self._ryw_key = ("user", self.user)
+        elif scope == "connection":
+            self._ryw_key = ("connection", self.id)
+        elif scope == "global":
+            self._ryw_key = ("global",)
         self.session = Session(startup_settings(self.params))
         asyncio.get_running_loop().create_task(self._greet())
 
@@ -1618,6 +1782,17 @@ class ClientConnection(asyncio.Protocol):
             )
         self._shutdown()
 
+    def _capture_only(self, server: ServerConnection) -> bool:
+        """Whether all in flight on ``server`` is a read-your-writes capture, outside a transaction."""
+        expect = server.expect
+        return (
+            self.pinned is None
+            and server.status == _IDLE
+            and len(expect) == 1
+            and expect[0].on_row is not None
+            and not server.broken
+        )
+
     def _close_transport(self) -> None:
         self.phase = CLOSED
         if self.transport is not None:
@@ -1637,7 +1812,9 @@ class ClientConnection(asyncio.Protocol):
             self._classifying = None
         self._parts = None
         server = self.server
-        if server is not None:
+        if server is not None and self._capture_only(server):
+            pass  # the capture ends on its own; upstream_ready then releases the connection
+        elif server is not None:
             if server.clean and self.pinned is None:
                 self._release()
             else:

@@ -24,7 +24,20 @@ def quote_ident(name: str) -> str:
 
 
 def startup_values(params: dict[str, str]) -> dict[str, str]:
-    """The settings a client asked for at startup (parameters and ``options=-c name=value``), by name."""
+    """The settings a client asked for at startup (parameters and ``options=-c name=value``), by name;
+    the proxy's own (``parafort.*``, see ``proxy_settings``) are not PostgreSQL's."""
+    return {k: v for k, v in _startup_values(params).items() if not k.startswith(PROXY_PREFIX)}
+
+
+def proxy_settings(params: dict[str, str]) -> dict[str, str]:
+    """The proxy's own settings a client passed at startup (``parafort.min_lsn``), by name."""
+    return {k: v for k, v in _startup_values(params).items() if k.startswith(PROXY_PREFIX)}
+
+
+PROXY_PREFIX = "parafort."
+
+
+def _startup_values(params: dict[str, str]) -> dict[str, str]:
     values: dict[str, str] = {}
     for name, value in params.items():
         if name not in NOT_SETTINGS:

@@ -9,7 +9,7 @@ import pytest
 from psycopg import pq
 
 from proxy.demo import DEMO_DOMAINS
-from proxy.devcluster import DevClusters
+from proxy.devcluster import DevClusters, wait_until
 from proxy.testing import APP_PASSWORD, APP_USER, ProxyProcess
 
 ALL_ROLES = ("main", "analytics", "documents", "compliance", "read_replica")
@@ -32,6 +32,12 @@ def port_of(conn: psycopg.Connection[tuple[object, ...]], sql: str) -> int:
     row = conn.execute(sql).fetchone()
     assert row is not None
     return int(str(row[0]))
+
+
+def replica_has_writes(proxy: ProxyProcess) -> None:
+    """Read-your-writes: a read right after a write runs on the replica once it has replayed that write
+    (else on main). Wait until the proxy has seen the replica pass every write so far (no token left)."""
+    wait_until(lambda: proxy.metric("parafort_proxy_ryw_tokens") == 0, 30, "the replica to replay the writes")
 
 
 def test_domain_writes_land_in_their_cluster(pg: DevClusters, routed: ProxyProcess) -> None:
@@ -63,6 +69,7 @@ def test_reads_run_where_they_should(pg: DevClusters, routed: ProxyProcess) -> N
         assert port_of(conn, "SELECT inet_server_port() FROM user_activity LIMIT 1 OFFSET 0") in (
             pg.analytics.port,
         )
+        replica_has_writes(routed)  # SELECT ... FOR UPDATE wrote (row locks) on main
         assert port_of(conn, "SELECT inet_server_port()") == pg.read_replica.port
         assert port_of(conn, "/* route: main */ SELECT inet_server_port()") == pg.main.port
 
@@ -75,6 +82,7 @@ def test_transactions_stay_on_one_primary(pg: DevClusters, routed: ProxyProcess)
         conn.execute("UPDATE users SET full_name = 'Tx2' WHERE email = 'tx@example.com'")
         assert port_of(conn, "SELECT inet_server_port()") == pg.main.port
         conn.execute("COMMIT")
+        replica_has_writes(routed)
         conn.execute("BEGIN READ ONLY")
         assert conn.execute("SELECT pg_is_in_recovery(), inet_server_port()").fetchone() == (
             True,

@@ -1,0 +1,236 @@
+"""Read-your-writes (issue 14, part 1) against a replica that is really behind.
+
+The replica applies commits 300 ms late (``recovery_min_apply_delay``) or has its replay paused; a read
+right after a write must still see it (``routing.read_your_writes``), and with ``scope: off`` it does not:
+the same test proves it can fail.
+"""
+
+from __future__ import annotations
+
+import asyncio
+from collections.abc import Callable, Iterator
+from urllib.parse import quote
+
+import asyncpg
+import psycopg
+import pytest
+
+from proxy.devcluster import DevClusters, wait_until
+from proxy.frontend.ryw import PARAMETER
+from proxy.health import parse_lsn
+from proxy.testing import APP_PASSWORD, APP_USER, ProxyProcess
+
+StartProxy = Callable[..., ProxyProcess]
+ROUNDS = 200
+# Paused replay makes the replica's lag grow (the age of its last replayed commit): it must stay usable, so
+# that the reads these tests make are decided by read-your-writes, not by the lag limit.
+FAST_HEALTH = {"interval": "200ms", "timeout": "1s", "max_replica_lag": "1h"}
+Conn = psycopg.Connection[tuple[object, ...]]
+
+
+def connect(proxy: ProxyProcess, **params: str) -> Conn:
+    return psycopg.connect(proxy.dsn(APP_USER, APP_PASSWORD, **params), autocommit=True)
+
+
+def ryw_proxy(start_proxy: StartProxy, scope: str, max_wait: str = "10ms") -> ProxyProcess:
+    config = {
+        "routing": {"read_your_writes": {"scope": scope, "max_wait": max_wait}},
+        "health": FAST_HEALTH,
+        "domains": {"documents": ["ryw_doc"]},
+        "auth": {"admin_users": [APP_USER]},
+    }
+    proxy = start_proxy(roles=("main", "read_replica", "documents"), config=config)
+    # The replica is probed (and usable) before the test reads: a read before that would go to main anyway.
+    probed = "event=health_initial upstream=read_replica"
+    wait_until(lambda: probed in proxy.log(), 30, "the replica's first probe")
+    return proxy
+
+
+@pytest.fixture
+def table(pg: DevClusters) -> Iterator[str]:
+    pg.main.psql("DROP TABLE IF EXISTS ryw_t; CREATE TABLE ryw_t (id int PRIMARY KEY)", superuser=False)
+    pg.wait_replica_caught_up()
+    yield "ryw_t"
+    pg.main.psql("DROP TABLE IF EXISTS ryw_t", superuser=False)
+
+
+@pytest.fixture
+def delayed(pg: DevClusters, table: str) -> Iterator[None]:
+    """The replica applies each commit 300 ms after main made it."""
+    pg.read_replica.psql("ALTER SYSTEM SET recovery_min_apply_delay = '300ms'")
+    pg.read_replica.psql("SELECT pg_reload_conf()")
+    try:
+        yield
+    finally:
+        pg.read_replica.psql("ALTER SYSTEM RESET recovery_min_apply_delay")
+        pg.read_replica.psql("SELECT pg_reload_conf()")
+        pg.wait_replica_caught_up()
+
+
+@pytest.fixture
+def paused(pg: DevClusters, table: str) -> Iterator[None]:
+    """The replica replays nothing until the test ends."""
+    pg.read_replica.psql("SELECT pg_wal_replay_pause()")
+    try:
+        yield
+    finally:
+        if pg.read_replica.running:
+            pg.read_replica.psql("SELECT pg_wal_replay_resume()")
+        pg.wait_replica_caught_up()
+
+
+def stale_reads(writer: Conn, reader: Conn, base: int) -> int:
+    """ROUNDS inserts on ``writer``, each read back at once on ``reader``: how many reads missed the row."""
+    missed = 0
+    for i in range(base, base + ROUNDS):
+        writer.execute("INSERT INTO ryw_t VALUES (%s)", (i,))
+        row = reader.execute("SELECT count(*) FROM ryw_t WHERE id = %s", (i,)).fetchone()
+        assert row is not None
+        missed += row[0] == 0
+    return missed
+
+
+@pytest.mark.parametrize("scope", ["off", "user", "connection"])
+def test_insert_then_select(scope: str, delayed: None, start_proxy: StartProxy) -> None:
+    proxy = ryw_proxy(start_proxy, scope)
+    with connect(proxy) as one, connect(proxy) as two:
+        same = stale_reads(one, one, 0)
+        across = stale_reads(one, two, 1000)
+    if scope == "off":
+        # Proof that the test can fail: without read-your-writes the delayed replica answers, and misses.
+        assert same > 0
+        assert across > 0
+        assert proxy.metric("parafort_proxy_replica_reads_total", outcome="main_for_consistency") == 0
+        return
+    assert same == 0
+    if scope == "user":
+        assert across == 0  # two connections of one user share one token
+    assert proxy.metric("parafort_proxy_replica_reads_total", outcome="main_for_consistency") > 0
+
+
+def test_ddl_then_read(delayed: None, start_proxy: StartProxy, pg: DevClusters) -> None:
+    proxy = ryw_proxy(start_proxy, "user")
+    try:
+        with connect(proxy) as conn:
+            for i in range(20):
+                conn.execute(f"CREATE TABLE ryw_ddl_{i} (a int)")
+                conn.execute(f"SELECT * FROM ryw_ddl_{i}")  # "relation does not exist" on a stale replica
+    finally:
+        pg.main.psql("".join(f"DROP TABLE IF EXISTS ryw_ddl_{i};" for i in range(20)), superuser=False)
+
+
+def test_domain_write_then_read(delayed: None, start_proxy: StartProxy, pg: DevClusters) -> None:
+    """A domain role has no replica: its reads never wait, and see its writes."""
+    pg.documents.psql("DROP TABLE IF EXISTS ryw_doc; CREATE TABLE ryw_doc (id int)", superuser=False)
+    try:
+        proxy = ryw_proxy(start_proxy, "user")
+        with connect(proxy) as conn:
+            for i in range(20):
+                conn.execute("INSERT INTO ryw_doc VALUES (%s)", (i,))
+                row = conn.execute("SELECT count(*), inet_server_port() FROM ryw_doc WHERE id = %s", (i,))
+                assert row.fetchone() == (1, pg.documents.port)
+        assert proxy.metric("parafort_proxy_read_wait_seconds_count") == 0
+        assert proxy.metric("parafort_proxy_ryw_tokens") == 0  # no write on main: nothing captured
+    finally:
+        pg.documents.psql("DROP TABLE IF EXISTS ryw_doc", superuser=False)
+
+
+def test_read_without_write_goes_to_replica(table: str, start_proxy: StartProxy, pg: DevClusters) -> None:
+    proxy = ryw_proxy(start_proxy, "user")
+    with connect(proxy) as conn:
+        row = conn.execute("SELECT inet_server_port() FROM (SELECT count(*) FROM ryw_t) t").fetchone()
+        assert row is not None
+        assert row[0] == pg.read_replica.port
+    assert proxy.metric("parafort_proxy_replica_reads_total", outcome="replica") >= 1
+    assert proxy.metric("parafort_proxy_ryw_tokens") == 0
+
+
+def test_token_never_reached_goes_to_main_after_max_wait(
+    paused: None, start_proxy: StartProxy, pg: DevClusters
+) -> None:
+    proxy = ryw_proxy(start_proxy, "user", max_wait="50ms")
+    with connect(proxy) as conn:
+        conn.execute("INSERT INTO ryw_t VALUES (1)")
+        row = conn.execute("SELECT count(*), inet_server_port() FROM ryw_t WHERE id = 1").fetchone()
+        assert row == (1, pg.main.port)
+    assert proxy.metric("parafort_proxy_replica_reads_total", outcome="main_for_consistency") == 1
+    assert proxy.metric("parafort_proxy_read_wait_seconds_count") == 1
+    assert proxy.metric("parafort_proxy_read_wait_seconds_sum") >= 0.05
+    assert proxy.metric("parafort_proxy_ryw_tokens") == 1
+    # The admin console says why.
+    console = proxy.dsn(APP_USER, APP_PASSWORD, database="parafort_admin")
+    with psycopg.connect(console, autocommit=True) as admin:
+        rows = admin.execute("SHOW CONSISTENCY").fetchall()
+    reasons = [str(r[2]) for r in rows if str(r[0]).startswith("to_main:")]
+    assert any("behind token" in r for r in reasons), rows
+
+
+def test_write_lsn_and_min_lsn_across_connections(
+    delayed: None, start_proxy: StartProxy, pg: DevClusters
+) -> None:
+    """A writer hears its position (ParameterStatus parafort.write_lsn) after each write; another
+    connection, with no token of its own (scope connection), asks for it with SET parafort.min_lsn."""
+    proxy = ryw_proxy(start_proxy, "connection")
+    with connect(proxy) as writer, connect(proxy) as reader:
+        assert writer.info.parameter_status(PARAMETER) is None
+        seen: list[int] = []
+        for i in range(5):
+            writer.execute("INSERT INTO ryw_t VALUES (%s)", (i,))
+            writer.execute("SELECT 1")  # libpq reads the ParameterStatus that followed the INSERT's reply
+            token = writer.info.parameter_status(PARAMETER)
+            assert token is not None
+            lsn = parse_lsn(token)
+            assert lsn is not None
+            assert not seen or lsn > seen[-1]
+            seen.append(lsn)
+            reader.execute(f"SET parafort.min_lsn = '{token}'")
+            row = reader.execute("SELECT count(*) FROM ryw_t WHERE id = %s", (i,)).fetchone()
+            assert row == (1,)
+        with pytest.raises(psycopg.errors.InvalidParameterValue):
+            reader.execute("SET parafort.min_lsn = 'not a position'")
+        reader.execute("RESET parafort.min_lsn")
+        # The same as a startup option (options=-c parafort.min_lsn=...).
+        writer.execute("INSERT INTO ryw_t VALUES (100)")
+        writer.execute("SELECT 1")
+        token = writer.info.parameter_status(PARAMETER)
+        assert token is not None
+        with connect(proxy, options=quote(f"-c parafort.min_lsn={token}")) as third:
+            row = third.execute("SELECT count(*) FROM ryw_t WHERE id = 100").fetchone()
+            assert row == (1,)
+
+
+def test_main_restarted_between_write_and_read(
+    paused: None, start_proxy: StartProxy, pg: DevClusters
+) -> None:
+    proxy = ryw_proxy(start_proxy, "user")
+    with connect(proxy) as conn:
+        conn.execute("INSERT INTO ryw_t VALUES (7)")
+    pg.main.restart()
+    wait_until(lambda: pg.main.psql("SELECT 1") == "1", 30, "main to take connections")
+    with connect(proxy) as conn:
+        row = conn.execute("SELECT count(*), inet_server_port() FROM ryw_t WHERE id = 7").fetchone()
+    assert row == (1, pg.main.port)
+
+
+def test_min_lsn_as_a_startup_parameter(delayed: None, start_proxy: StartProxy) -> None:
+    """asyncpg sends server_settings as startup parameters: ``parafort.min_lsn`` is the proxy's own (never
+    passed to PostgreSQL), and an invalid one ends the login with 22023."""
+    proxy = ryw_proxy(start_proxy, "connection")
+    with connect(proxy) as writer:
+        writer.execute("INSERT INTO ryw_t VALUES (1)")
+        writer.execute("SELECT 1")
+        token = writer.info.parameter_status(PARAMETER)
+        assert token is not None
+
+    async def read(min_lsn: str) -> object:
+        conn = await asyncpg.connect(
+            proxy.dsn(APP_USER, APP_PASSWORD), server_settings={"parafort.min_lsn": min_lsn}
+        )
+        try:
+            return await conn.fetchval("SELECT count(*) FROM ryw_t WHERE id = 1")
+        finally:
+            await conn.close()
+
+    assert asyncio.run(read(token)) == 1
+    with pytest.raises(asyncpg.InvalidParameterValueError):
+        asyncio.run(read("nope"))
