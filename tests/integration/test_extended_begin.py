@@ -14,7 +14,7 @@ import psycopg
 import pytest
 
 from proxy.demo import DEMO_DOMAINS
-from proxy.devcluster import DevClusters
+from proxy.devcluster import DevClusters, wait_until
 from proxy.protocol import messages as m
 from proxy.testing import APP_PASSWORD, APP_USER, ProxyProcess
 
@@ -189,6 +189,14 @@ def test_asyncpg_transactions_with_the_replica(pg: DevClusters, routed: ProxyPro
             async with conn.transaction(isolation="repeatable_read"):
                 await conn.fetch(f"SELECT * FROM {table} WHERE id = $1", 1)
                 await conn.execute(f"INSERT INTO {table} VALUES ($1, $2)", 2, "b")
+            # Read-your-writes (on by default): this user's read runs on the replica once it has replayed the
+            # inserts above, else on main. Wait until the proxy has seen it do so (no token left).
+            await asyncio.to_thread(
+                wait_until,
+                lambda: routed.metric("parafort_proxy_ryw_tokens") == 0,
+                30,
+                "the replica to replay the inserts",
+            )
             async with conn.transaction(readonly=True):
                 replica = await conn.fetchval(f"SELECT inet_server_port() + 0 * count(*) FROM {table}")
             assert first is None
