@@ -22,12 +22,10 @@ from collections.abc import Callable
 from dataclasses import dataclass
 from typing import Any
 
-import asyncpg
-
 from proxy.config.dsn import Dsn
 from proxy.config.model import ReadYourWritesConfig
 from proxy.frontend.ryw import Writes, format_lsn
-from proxy.health import parse_lsn
+from proxy.health import connect, parse_lsn
 
 log = logging.getLogger("parafort.consistency")
 
@@ -220,7 +218,7 @@ class Consistency:
             while any(not f.done() for _, f in self._waiters):
                 conn = self._conns.get(label)
                 if conn is None or conn.is_closed():
-                    conn = self._conns[label] = await _connect(self._dsns[label])
+                    conn = self._conns[label] = await connect(self._dsns[label], 2, "ryw")
                 self.observe(label, parse_lsn(await conn.fetchval(POLL_SQL)))
                 await asyncio.sleep(POLL_INTERVAL)
         except asyncio.CancelledError:
@@ -257,20 +255,6 @@ class Consistency:
         for conn in self._conns.values():
             conn.terminate()
         self._conns.clear()
-
-
-async def _connect(dsn: Dsn) -> Any:
-    return await asyncpg.connect(
-        host=dsn.host,
-        port=dsn.port,
-        user=dsn.user,
-        password=dsn.password,
-        database=dsn.database,
-        timeout=2,
-        ssl=False,
-        statement_cache_size=0,
-        server_settings={"application_name": "parafort-proxy-ryw"},
-    )
 
 
 __all__ = ["MAIN_FOR_CONSISTENCY", "OUTCOMES", "Consistency", "Verdict"]

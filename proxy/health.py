@@ -416,17 +416,7 @@ class HealthMonitor:
 
     @staticmethod
     async def _connect(dsn: Dsn, connect_timeout: float) -> Any:
-        return await asyncpg.connect(
-            host=dsn.host,
-            port=dsn.port,
-            user=dsn.user,
-            password=dsn.password,
-            database=dsn.database,
-            timeout=connect_timeout,
-            ssl=False,
-            statement_cache_size=0,
-            server_settings={"application_name": "parafort-proxy-health"},
-        )
+        return await connect(dsn, connect_timeout, "health")
 
     def record(self, label: str, result: ProbeResult) -> None:
         """Feed one probe result for ``label`` (what its probe task does after each probe)."""
@@ -475,6 +465,22 @@ class HealthMonitor:
                 callback(state.label, change.up)
             except Exception:
                 log.exception("event=health_callback_error upstream=%s", state.label)
+
+
+async def connect(dsn: Dsn, connect_timeout: float, purpose: str) -> Any:
+    """An asyncpg connection of the proxy's own (health probes, replay polling, catalog look-ups): no
+    statement cache, ``application_name`` parafort-proxy-<purpose>."""
+    return await asyncpg.connect(
+        host=dsn.host,
+        port=dsn.port,
+        user=dsn.user,
+        password=dsn.password,
+        database=dsn.database,
+        timeout=connect_timeout,
+        ssl=False,
+        statement_cache_size=0,
+        server_settings={"application_name": f"parafort-proxy-{purpose}"},
+    )
 
 
 def describe_error(exc: BaseException, dsn: Dsn, timeout: float) -> str:

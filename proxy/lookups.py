@@ -25,7 +25,7 @@ import asyncpg
 
 from proxy.config.dsn import Dsn
 from proxy.errors import ProxyError
-from proxy.health import describe_error
+from proxy.health import connect, describe_error
 
 log = logging.getLogger("parafort.lookups")
 
@@ -94,17 +94,7 @@ class MainLookups:
 
     async def _connection(self) -> Any:
         if self._conn is None or self._conn.is_closed():
-            self._conn = await asyncpg.connect(
-                host=self.dsn.host,
-                port=self.dsn.port,
-                user=self.dsn.user,
-                password=self.dsn.password,
-                database=self.dsn.database,
-                timeout=self.timeout,
-                ssl=False,
-                statement_cache_size=0,
-                server_settings={"application_name": "parafort-proxy-lookups"},
-            )
+            self._conn = await connect(self.dsn, self.timeout, "lookups")
         return self._conn
 
     def _drop(self) -> None:
