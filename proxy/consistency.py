@@ -33,6 +33,12 @@ POLL_INTERVAL = 0.002
 POLL_SQL = "SELECT pg_last_wal_replay_lsn()::text"
 REPLICA = "replica"
 AFTER_WAIT = "replica_after_wait"
+FUTILE_SUFFIX = " (a recent wait for it timed out: not waiting)"
+FUTILE_REASON = "read-your-writes: the last write's position is not known yet" + FUTILE_SUFFIX
+# After a read's wait for a replica timed out, reads that would wait go to main at once for this long: a
+# replica more than max_wait behind is likely to stay so for a moment, and main always has the write (a
+# write-heavy scope would otherwise pay max_wait on every read).
+FUTILE_WAIT_WINDOW = 0.5
 MAIN_FOR_CONSISTENCY = "main_for_consistency"
 OUTCOMES = (REPLICA, AFTER_WAIT, MAIN_FOR_CONSISTENCY)
 WAIT_BUCKETS = (0.001, 0.002, 0.005, 0.01, 0.025, 0.05, 0.1, 0.25, 0.5, 1.0, 2.5)
@@ -82,6 +88,7 @@ class Consistency:
         self._waiters: list[tuple[int, asyncio.Future[str]]] = []
         self._pollers: dict[str, asyncio.Task[None]] = {}
         self._conns: dict[str, Any] = {}
+        self._no_wait_until = 0.0  # time.monotonic() until which reads that would wait go to main at once
 
     @property
     def enabled(self) -> bool:
@@ -129,6 +136,8 @@ class Consistency:
             if writes.doubt and writes.in_doubt(key):
                 return Verdict(main=True, reason=IN_DOUBT)
             if key in writes.pending:
+                if self._waits_futile():
+                    return Verdict(main=True, reason=FUTILE_REASON)
                 return Verdict(wait=True)
         need = self.need(key, min_lsn)
         if need is None:
@@ -159,7 +168,13 @@ class Consistency:
             )
         if self.settings.max_wait <= 0:
             return Verdict(main=True, reason=self._behind(need, behind))
+        if self._waits_futile():
+            return Verdict(main=True, reason=self._behind(need, behind) + FUTILE_SUFFIX)
         return Verdict(wait=True, need=need)
+
+    def _waits_futile(self) -> bool:
+        """A wait for a replica timed out less than FUTILE_WAIT_WINDOW ago: do not wait now."""
+        return time.monotonic() < self._no_wait_until
 
     @staticmethod
     def _behind(need: int, behind: list[tuple[str, int | None]]) -> str:
@@ -188,6 +203,8 @@ class Consistency:
                     return Verdict(label=label)
         except TimeoutError:
             verdict = self.check(key, min_lsn)
+            if verdict.wait and verdict.need is not None:
+                self._no_wait_until = time.monotonic() + FUTILE_WAIT_WINDOW
             if verdict.wait:
                 if verdict.need is None:
                     return Verdict(

@@ -157,6 +157,30 @@ def test_a_wait_ends_when_a_replica_catches_up_or_at_max_wait() -> None:
     asyncio.run(scenario())
 
 
+def test_after_a_timed_out_wait_reads_go_to_main_without_waiting() -> None:
+    """A write-heavy scope whose replica stays more than max_wait behind pays max_wait once per
+    FUTILE_WAIT_WINDOW, not on every read; a read whose token a replica has reached still goes there."""
+
+    async def scenario() -> None:
+        c = consistency({"r1": 100, "r2": 100}, max_wait=0.02)
+        c._pollers["r1"] = c._pollers["r2"] = asyncio.get_running_loop().create_task(asyncio.sleep(0))
+        c.writes.begin(USER)
+        c.writes.end(USER, 200, IDENTITY)
+        assert c.check(USER, None).wait  # nothing timed out yet: the read may wait
+        assert (await c.wait(USER, None)).main  # the replica never got there
+        verdict = c.check(USER, None)
+        assert verdict.main and not verdict.wait  # within the window: main at once
+        assert "timed out" in verdict.reason
+        c.writes.begin(USER)
+        assert c.check(USER, None).main  # a capture pending: main has the write, no need to wait for it
+        c.writes.end(USER, 300, IDENTITY)
+        assert c.check(OTHER, 100).label in ("r1", "r2")  # reached: still served by a replica
+        c._no_wait_until = 0.0  # the window is over
+        assert c.check(USER, None).wait
+
+    asyncio.run(scenario())
+
+
 def test_tokens_all_replicas_passed_are_dropped() -> None:
     c = consistency({})
     c.writes.begin(USER)
