@@ -326,8 +326,12 @@ class ClientConnection(asyncio.Protocol):
             self._parts = None
         else:
             self.buf = self.buf + data if self.buf else data
+        self._guarded(self._process)
+
+    def _guarded(self, step: Callable[[], None]) -> None:
+        """Run a step of the client's input handling; whatever it raises ends this client, not the proxy."""
         try:
-            self._process()
+            step()
         except ProxyError as exc:
             self.fatal(exc)
         except (ValueError, IndexError) as exc:  # a message whose fields do not add up
@@ -336,6 +340,15 @@ class ClientConnection(asyncio.Protocol):
         except Exception as exc:  # never let one client's surprise take the proxy down
             log.exception("event=internal_error client=%s", self.id)
             self.fatal(ProxyError(INTERNAL_ERROR, f"internal proxy error: {type(exc).__name__}"))
+
+    def _resume_batch(self, reason: str, dispatch: Callable[[], None]) -> None:
+        """A batch that waited (classification, a replica to catch up, main's recheck) goes on: reading
+        resumes, the batch is dispatched, then whatever the client sent meanwhile."""
+        self.waiting = None
+        self.resume(reason)
+        self._guarded(dispatch)
+        if self.phase != CLOSED and self.waiting is None and self.buf:
+            self._guarded(self._process)
 
     # -- input ----------------------------------------------------------------------------------------------
     def _process(self) -> None:
@@ -603,16 +616,8 @@ class ClientConnection(asyncio.Protocol):
         consistency.waited(loop.time() - started)
         if self.phase == CLOSED:
             return
-        self.waiting = None
-        self.resume("consistency")
         self._ryw_forced = (batch, verdict)
-        try:
-            self._dispatch(batch)
-        except ProxyError as exc:
-            self.fatal(exc)
-            return
-        if self.phase != CLOSED and self.waiting is None and self.buf:
-            self.data_received(b"")
+        self._resume_batch("consistency", lambda: self._dispatch(batch))
 
     def _scope_name(self) -> str:
         key = self._ryw_key
@@ -684,18 +689,15 @@ class ClientConnection(asyncio.Protocol):
         await self.app.main_reachable()
         if self.phase == CLOSED:
             return
-        self.waiting = None
-        self.resume("recheck")
-        self._main_rechecked = batch  # decided again with main's new state; refused now if still down
-        try:
-            self._dispatch(batch)
-        except ProxyError as exc:
-            self.fatal(exc)
-            return
-        finally:
-            self._main_rechecked = None
-        if self.phase != CLOSED and self.waiting is None and self.buf:
-            self.data_received(b"")
+
+        def dispatch() -> None:
+            self._main_rechecked = batch  # decided again with main's new state; refused now if still down
+            try:
+                self._dispatch(batch)
+            finally:
+                self._main_rechecked = None
+
+        self._resume_batch("recheck", dispatch)
 
     def _status(self) -> bytes:
         """The transaction status to report in a ReadyForQuery the proxy makes itself."""
@@ -789,20 +791,7 @@ class ClientConnection(asyncio.Protocol):
         self._classifying = None
         if self.phase == CLOSED:
             return
-        self.waiting = None
-        self.resume("classify")
-        try:
-            self._dispatch(batch)
-            if self.phase != CLOSED and self.waiting is None and self.buf:
-                self._process()
-        except ProxyError as exc:
-            self.fatal(exc)
-        except (ValueError, IndexError) as exc:
-            log.info("event=protocol_violation client=%s error=%s", self.id, type(exc).__name__)
-            self.fatal(ProxyError(PROTOCOL_VIOLATION, "malformed message", severity="FATAL"))
-        except Exception as exc:
-            log.exception("event=internal_error client=%s", self.id)
-            self.fatal(ProxyError(INTERNAL_ERROR, f"internal proxy error: {type(exc).__name__}"))
+        self._resume_batch("classify", lambda: self._dispatch(batch))
 
     def _decide(self, info: Classification | None, override: str | None) -> Decision:
         tx = self.pending_begin_mode if self.pending_begin is not None else None
