@@ -261,11 +261,7 @@ class HealthMonitor:
         for up in self._upstreams.values():
             up.task = None
             conn, up.conn = up.conn, None
-            if conn is not None and not conn.is_closed():
-                try:
-                    await asyncio.wait_for(conn.close(), 1)
-                except Exception:
-                    conn.terminate()
+            await close(conn)
 
     # -- what the router, the data path and the endpoints ask -----------------------------------------------
     @property
@@ -481,6 +477,15 @@ async def connect(dsn: Dsn, connect_timeout: float, purpose: str) -> Any:
         statement_cache_size=0,
         server_settings={"application_name": f"parafort-proxy-{purpose}"},
     )
+
+
+async def close(conn: Any) -> None:
+    """Close a connection from ``connect`` politely (Terminate, at most 1 s), else drop it."""
+    if conn is not None and not conn.is_closed():
+        try:
+            await asyncio.wait_for(conn.close(), 1)
+        except Exception:
+            conn.terminate()
 
 
 def describe_error(exc: BaseException, dsn: Dsn, timeout: float) -> str:

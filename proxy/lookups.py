@@ -25,7 +25,7 @@ import asyncpg
 
 from proxy.config.dsn import Dsn
 from proxy.errors import ProxyError
-from proxy.health import connect, describe_error
+from proxy.health import close, connect, describe_error
 
 log = logging.getLogger("parafort.lookups")
 
@@ -86,11 +86,7 @@ class MainLookups:
     async def close(self) -> None:
         async with self._lock:
             conn, self._conn = self._conn, None
-        if conn is not None and not conn.is_closed():
-            try:
-                await asyncio.wait_for(conn.close(), 1)
-            except Exception:
-                conn.terminate()
+        await close(conn)
 
     async def _connection(self) -> Any:
         if self._conn is None or self._conn.is_closed():
