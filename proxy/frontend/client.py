@@ -58,7 +58,7 @@ from proxy.frontend.login_failures import (
     LOGIN_TIMEOUT,
     UPSTREAM_UNAVAILABLE,
 )
-from proxy.frontend.ryw import PARAMETER, Capture, format_lsn, min_lsn_statement, parse_min_lsn
+from proxy.frontend.ryw import MIN_LSN, PARAMETER, Capture, format_lsn, min_lsn_statement, parse_min_lsn
 from proxy.frontend.session import (
     PreparedStatement,
     Session,
@@ -219,6 +219,7 @@ class ClientConnection(asyncio.Protocol):
         # awaits its capture, and a verdict reached after waiting, with the batch it was reached for.
         self._ryw_key: tuple[object, ...] | None = None
         self.min_lsn: int | None = None
+        self._startup_min_lsn: int | None = None  # RESET parafort.min_lsn goes back to it
         self._wrote = False
         self._ryw_forced: tuple[Batch, Verdict] | None = None
 
@@ -448,6 +449,8 @@ class ClientConnection(asyncio.Protocol):
                 if reply is not None and (server is None or not server.expect):
                     self.write(reply + m.ready_for_query(self._status()))
                     return
+        elif info is not None and info.bits & F_SESSION_SET and self._min_lsn_extended(batch, server, info):
+            return
         router = self.app.router
         if server is not None and self.pinned is None and server.expect and server.expect[-1].on_row:
             # Only main's WAL position after this client's write is in flight: the client is between
@@ -649,24 +652,8 @@ class ClientConnection(asyncio.Protocol):
         tag, value = found
         if server is not None and (server.status == ord("E") or (server.expect and not self._lingering)):
             return False  # in a failed transaction, or replies in flight: PostgreSQL answers (a placeholder)
-        if value is None:
-            self.min_lsn = None
-        else:
-            try:
-                self.min_lsn = parse_min_lsn(value)
-            except ValueError:
-                self.write(
-                    m.error_from(
-                        ProxyError(
-                            INVALID_PARAMETER_VALUE,
-                            f'invalid value for parameter "parafort.min_lsn": "{value}"',
-                            hint="A WAL position as PostgreSQL prints one, such as 0/3000060.",
-                        )
-                    )
-                    + m.ready_for_query(self._status())
-                )
-                return True
-        self.write(m.command_complete(tag) + m.ready_for_query(self._status()))
+        error = self._apply_min_lsn(value)
+        self.write((error or m.command_complete(tag)) + m.ready_for_query(self._status()))
         return True
 
     def _count_fallback(self, roles: tuple[str, ...]) -> None:
@@ -841,41 +828,16 @@ class ClientConnection(asyncio.Protocol):
         answered here and sent with the next unit, exactly as a simple-protocol BEGIN is, so the first real
         statement chooses the upstream. True when the unit was answered; anything else (a named statement,
         a Bind of an earlier Parse) goes upstream as it is."""
-        if batch.terminator not in (_S, _H):
+        lone = _lone_unnamed_statement(batch)
+        if lone is None:
             return False
+        (start, end), replies = lone
         buf = batch.buf
-        parse: tuple[int, int] | None = None
-        executed = False
-        replies: list[bytes] = []
-        for mtype, start, end in batch.msgs:
-            if executed and mtype != batch.terminator:
-                return False
-            if mtype == _P:
-                if buf[start + 5] != 0 or parse is not None:
-                    return False
-                parse = (start, end)
-                replies.append(m.parse_complete())
-            elif mtype == _B:
-                portal, name, _ = m.decode_bind_names(buf[start + 5 : end])
-                if portal or name or parse is None:
-                    return False
-                replies.append(m.bind_complete())
-            elif mtype == _D:
-                if buf[start + 5] != ord("P") or buf[start + 6] != 0:
-                    return False
-                replies.append(m.no_data())
-            elif mtype == _E:
-                executed = True
-                if self.pending_begin is not None:
-                    replies.append(
-                        m.notice_response("WARNING", "25001", "there is already a transaction in progress")
-                    )
-                replies.append(m.command_complete("BEGIN"))
-            elif mtype != batch.terminator:
-                return False
-        if not executed or parse is None:
-            return False
-        start, end = parse
+        if self.pending_begin is not None:
+            replies.append(
+                m.notice_response("WARNING", "25001", "there is already a transaction in progress")
+            )
+        replies.append(m.command_complete("BEGIN"))
         if self.pending_begin is None:
             self.pending_begin = m.query(m.decode_parse(buf[start + 5 : end])[1])
             self.pending_begin_mode = TX_READ_ONLY if info.tx == TX_BEGIN_READ_ONLY else TX_READ_WRITE
@@ -889,6 +851,74 @@ class ClientConnection(asyncio.Protocol):
             replies.append(m.ready_for_query(b"T"))
         self.write(b"".join(replies))
         return True
+
+    def _min_lsn_extended(self, batch: Batch, server: ServerConnection | None, info: Classification) -> bool:
+        """Parse/Bind/[Describe]/Execute of ``SET parafort.min_lsn`` (or RESET) alone up to Sync or Flush, as
+        JDBC, psycopg's pipeline mode and ``prepare=True`` send it: answered here like the simple-protocol
+        statement. True when the unit was answered. The same statement sent any other way (a named
+        statement, or among other statements before the Sync) reaches PostgreSQL as a placeholder setting
+        and takes effect in the proxy when it succeeds (``_settle``)."""
+        if self.tx_failed or (server is not None and (server.status == ord("E") or server.expect)):
+            return False
+        lone = _lone_unnamed_statement(batch)
+        if lone is None:
+            return False
+        (start, end), replies = lone
+        _, sql, _ = m.decode_parse(batch.buf[start + 5 : end])
+        found = min_lsn_statement(sql) if "parafort" in sql.lower() else None
+        if found is None:
+            return False
+        error = self._apply_min_lsn(found[1])
+        # The client's unnamed statement is now this one: a later Bind of it re-parses it upstream, where it
+        # is a placeholder setting that takes effect here once it succeeds.
+        self._unnamed_stmt = None
+        self._unnamed = batch.buf[start:end]
+        self._unnamed_token = object()
+        self._unnamed_info = info
+        self._unnamed_changes = session_changes(sql)
+        if error is None:
+            replies.append(m.command_complete(found[0]))
+        else:
+            replies.append(error)
+            if batch.terminator != _S:
+                self.skip_until_sync = True  # PostgreSQL's rule after an error: up to the next Sync
+        if batch.terminator == _S:
+            replies.append(m.ready_for_query(self._status()))
+        self.write(b"".join(replies))
+        return True
+
+    def _apply_min_lsn(self, value: str | None) -> bytes | None:
+        """SET (``value``) or RESET (None) of parafort.min_lsn; an ErrorResponse for a value that is not a WAL
+        position (nothing changes then)."""
+        if value is None:
+            self.min_lsn = self._startup_min_lsn
+            return None
+        try:
+            self.min_lsn = parse_min_lsn(value)
+        except ValueError:
+            return m.error_from(
+                ProxyError(
+                    INVALID_PARAMETER_VALUE,
+                    f'invalid value for parameter "parafort.min_lsn": "{value}"',
+                    hint="A WAL position as PostgreSQL prints one, such as 0/3000060.",
+                )
+            )
+        return None
+
+    def _settled_min_lsn(self) -> None:
+        """SET / RESET parafort.min_lsn that PostgreSQL ran (as a placeholder setting) and that took effect:
+        the proxy's routing follows it. RESET ALL and DISCARD ALL go back to the startup value."""
+        for change in self.session.staged_settings():
+            if change.name is None or (change.name == MIN_LSN and change.sql is None):
+                self.min_lsn = self._startup_min_lsn
+            elif change.name == MIN_LSN and change.sql is not None:
+                found = min_lsn_statement(change.sql)
+                if found is not None and self._apply_min_lsn(found[1]) is not None:
+                    log.warning(
+                        "event=min_lsn_ignored client=%s reason=%r",
+                        self.id,
+                        "parafort.min_lsn sent with other statements is not a WAL position",
+                    )
 
     def _failed_tx_unit(self, batch: Batch, info: Classification | None) -> bool:
         """The proxy refused a statement in this transaction, so to the client it is aborted: only
@@ -1522,6 +1552,8 @@ class ClientConnection(asyncio.Protocol):
         ok = self._last_tag == b"COMMIT" if self._staged_in_tx else not self._error_seen
         if self.session.has_staged:
             if ok:
+                if self.session.has_staged_settings:
+                    self._settled_min_lsn()
                 self.session.commit_staged(server.applied)
             else:
                 self.session.discard_staged()
@@ -1692,7 +1724,7 @@ class ClientConnection(asyncio.Protocol):
         if "parafort.min_lsn" in own:
             value = own["parafort.min_lsn"]
             try:
-                self.min_lsn = parse_min_lsn(value)
+                self.min_lsn = self._startup_min_lsn = parse_min_lsn(value)
             except ValueError:
                 self._login_failure = INVALID_PARAMETER
                 raise ProxyError(
@@ -1893,6 +1925,42 @@ class _StalePlanRetry:
 def _count(events: dict[tuple[str, str], int], role: str, event: str) -> None:
     key = (role, event)
     events[key] = events.get(key, 0) + 1
+
+
+def _lone_unnamed_statement(batch: Batch) -> tuple[tuple[int, int], list[bytes]] | None:
+    """For Parse/Bind/[Describe portal]/Execute of one unnamed statement alone up to Sync or Flush: the
+    Parse message's span and the replies up to the Execute's (ParseComplete, BindComplete, NoData).
+    None for anything else."""
+    if batch.terminator not in (_S, _H):
+        return None
+    buf = batch.buf
+    parse: tuple[int, int] | None = None
+    executed = False
+    replies: list[bytes] = []
+    for mtype, start, end in batch.msgs:
+        if executed and mtype != batch.terminator:
+            return None
+        if mtype == _P:
+            if buf[start + 5] != 0 or parse is not None:
+                return None
+            parse = (start, end)
+            replies.append(m.parse_complete())
+        elif mtype == _B:
+            portal, name, _ = m.decode_bind_names(buf[start + 5 : end])
+            if portal or name or parse is None:
+                return None
+            replies.append(m.bind_complete())
+        elif mtype == _D:
+            if buf[start + 5] != ord("P") or buf[start + 6] != 0:
+                return None
+            replies.append(m.no_data())
+        elif mtype == _E:
+            executed = True
+        elif mtype != batch.terminator:
+            return None
+    if not executed or parse is None:
+        return None
+    return parse, replies
 
 
 def _sync_entry(code: int) -> Expect:

@@ -134,6 +134,10 @@ class Session:
     def has_staged_settings(self) -> bool:
         return any(c.op == "set" for c in self._pending)
 
+    def staged_settings(self) -> list[SessionChange]:
+        """The parameter changes staged so far, in order (savepoints already accounted for)."""
+        return [c for c in self._pending if c.op == "set"]
+
     def commit_staged(self, upstream: dict[str, str]) -> None:
         """The changes took effect (the statement succeeded outside, or its transaction committed).
 

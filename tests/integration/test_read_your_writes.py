@@ -18,9 +18,14 @@ import pytest
 from proxy.devcluster import DevClusters, wait_until
 from proxy.frontend.ryw import PARAMETER
 from proxy.health import parse_lsn
+from proxy.protocol import messages as m
 from proxy.testing import APP_PASSWORD, APP_USER, ProxyProcess
 
+from .test_extended_begin import EXECUTE, _replies
+from .test_fuzz_socket import Session
+
 StartProxy = Callable[..., ProxyProcess]
+BIND = m.bind_raw("", "", b"\x00" * 6)  # unnamed portal and statement, no parameters, text results
 ROUNDS = 200
 # Paused replay makes the replica's lag grow (the age of its last replayed commit): it must stay usable, so
 # that the reads these tests make are decided by read-your-writes, not by the lag limit.
@@ -236,3 +241,68 @@ def test_min_lsn_as_a_startup_parameter(delayed: None, start_proxy: StartProxy) 
     assert asyncio.run(read(token)) == 1
     with pytest.raises(asyncpg.InvalidParameterValueError):
         asyncio.run(read("nope"))
+
+
+def written_token(writer: Conn, row_id: int) -> str:
+    writer.execute("INSERT INTO ryw_t VALUES (%s)", (row_id,))
+    writer.execute("SELECT 1")  # libpq reads the ParameterStatus that followed the INSERT's reply
+    token = writer.info.parameter_status(PARAMETER)
+    assert token is not None
+    return token.decode() if isinstance(token, bytes) else str(token)
+
+
+def test_min_lsn_through_the_extended_protocol(paused: None, start_proxy: StartProxy) -> None:
+    """SET parafort.min_lsn as JDBC and psycopg's pipeline mode send it (Parse/Bind/Describe/Execute up to
+    Sync or Flush, answered by the proxy), as a named prepared statement (psycopg ``prepare=True``: it runs
+    upstream as a placeholder setting and takes effect once it succeeded), and RESET the same ways. The
+    replica replays nothing: a read that honours the position goes to main and sees the row, one that does
+    not goes to the replica and misses it."""
+    proxy = ryw_proxy(start_proxy, "connection")
+
+    def count(conn: Conn, row_id: int) -> object:
+        row = conn.execute("SELECT count(*) FROM ryw_t WHERE id = %s", (row_id,)).fetchone()
+        return None if row is None else row[0]
+
+    with connect(proxy) as writer, connect(proxy) as reader:
+        token = written_token(writer, 1)
+        assert count(reader, 1) == 0  # no position asked for: the replica, which is behind
+        with reader.pipeline() as p:
+            reader.execute(f"SET parafort.min_lsn = '{token}'")
+            p.sync()
+            read = reader.execute("SELECT count(*) FROM ryw_t WHERE id = 1")
+        assert read.fetchone() == (1,)
+        reader.execute("RESET parafort.min_lsn", prepare=True)
+        assert count(reader, 1) == 0
+
+        token = written_token(writer, 2)
+        reader.execute(f"SET parafort.min_lsn = '{token}'", prepare=True)
+        assert count(reader, 2) == 1
+        with reader.pipeline():
+            reader.execute("RESET parafort.min_lsn")
+        assert count(reader, 2) == 0
+
+        with pytest.raises(psycopg.errors.InvalidParameterValue), reader.pipeline():
+            reader.execute("SET parafort.min_lsn = 'not a position'")
+        assert reader.execute("SELECT 1").fetchone() == (1,)
+
+
+def test_min_lsn_extended_error_skips_to_sync(delayed: None, start_proxy: StartProxy) -> None:
+    """An invalid position sent with Parse/Bind/Execute/Flush: ParseComplete, BindComplete, the error
+    (22023); then everything up to Sync is ignored, as PostgreSQL does after an error in the extended
+    protocol, and the connection goes on."""
+    proxy = ryw_proxy(start_proxy, "connection")
+    s = Session(proxy)
+    try:
+        s.sock.sendall(m.parse("", "SET parafort.min_lsn = 'x/y'") + BIND + EXECUTE + m.flush())
+        got = [s._message() for _ in range(3)]
+        assert [t for t, _ in got] == [ord("1"), ord("2"), ord("E")], got
+        assert m.parse_fields(got[2][1])["C"] == "22023"
+        got = _replies(s, m.parse("", "SELECT 1") + BIND + EXECUTE + m.sync())
+        assert got == [(m.B.READY_FOR_QUERY, b"I")]
+        got = _replies(s, m.parse("", "RESET parafort.min_lsn") + BIND + EXECUTE + m.sync())
+        assert [t for t, _ in got] == [ord("1"), ord("2"), ord("C"), ord("Z")], got
+        assert got[2][1] == b"RESET\x00"
+        got = _replies(s, m.query("SELECT 2"))
+        assert [t for t, _ in got] == [ord("T"), ord("D"), ord("C"), ord("Z")], got
+    finally:
+        s.close()
