@@ -3,11 +3,13 @@
 1. pgbench with a custom script per client: 1 write (an upsert of a fresh key on a main table) then 9 reads
    of that same row, autocommit statements. Targets: PostgreSQL directly (main), PgBouncer (main: it cannot
    split reads), the proxy with the streaming replica and ``routing.read_your_writes.scope`` ``off``, and
-   with ``user``. For the proxy cells, the share of reads that reached the replica (the proxy's /metrics:
-   routed_statements_total, and replica_reads_total by outcome when the build has it, else "n/a").
+   with ``user`` and ``connection``. For the proxy cells, the share of reads that reached the replica (the
+   proxy's /metrics: routed_statements_total, and replica_reads_total by outcome when the build has it,
+   else "n/a").
+   Main runs with ``synchronous_commit = on`` (PostgreSQL's default; the dev clusters turn it off).
 2. Stale reads: with the replica's replay delayed (``recovery_min_apply_delay``, restored afterwards), a
    psycopg client INSERTs a row through the proxy and at once SELECTs it, N rounds; a round whose SELECT does
-   not see the row is a stale read. Scope ``off`` and ``user``.
+   not see the row is a stale read. Scopes ``off``, ``user`` and ``connection``.
 
 A build without read-your-writes refuses the ``routing.read_your_writes`` setting: the ``off`` cells then run
 without it (that build never waits: the same behaviour) and the ``user`` cells say "not supported by this
@@ -63,7 +65,7 @@ from proxy.devcluster import Cluster, DevClusters, find_bindir
 TABLE = "ryw_items"
 STALE_TABLE = "ryw_stale"
 READS_PER_WRITE = 9
-SCOPES = ("off", "user")
+SCOPES = ("off", "user", "connection")
 METRIC_PREFIX = "parafort_proxy_"
 OUTCOMES = ("replica", "replica_after_wait", "main_for_consistency")
 UNSUPPORTED = "not supported by this build"
@@ -432,6 +434,11 @@ def ryw_doc(opts: Options) -> dict[str, Any]:
             workdir.chmod(0o711)
         creds = Credentials(pg.main.user, pg.main.password, pg.main.database)
         raise_max_connections(pg, 200)
+        # PostgreSQL's default, which the dev clusters turn off for speed: without it a commit's WAL waits for
+        # the WAL writer (up to wal_writer_delay, 200 ms) before the replica can even receive it, so every
+        # read after a write would find the replica behind and go to main, whatever the proxy does.
+        pg.main.psql("ALTER SYSTEM SET synchronous_commit = on")
+        pg.main.psql("SELECT pg_reload_conf()")
         replica = pg.add_replica("read_replica")
         machine = machine_info(pg, tools)
         pg.main.psql(
