@@ -51,6 +51,7 @@ from bench.targets import (
     Tools,
     client_env,
     deep_merge,
+    make_site,
     pgpool_version,
     proxy_setting,
 )
@@ -154,16 +155,27 @@ def add_pgbench_arguments(p: argparse.ArgumentParser) -> None:
     add("--scale", type=int, default=10, metavar="N", help="pgbench -i -s (default 10)")
     add("--warmup", type=int, metavar="S", help="unmeasured seconds per target first (default 3; --quick: 2)")
     add("--quick", action="store_true", help="short runs: --duration 4 --rounds 2")
-    add("--json", type=Path, metavar="PATH", help="results file (default bench/results/<UTC time>-*.json)")
-    add("--docs", type=Path, default=DOCS_PATH, metavar="PATH",
-        help="markdown file whose bench:* blocks are refreshed (default docs/performance.md)")  # fmt: skip
-    add("--no-docs", action="store_true", help="do not touch docs/performance.md")
+    add_output_arguments(p)
     add("--require-pgbouncer", action="store_true", help="fail instead of skipping a missing PgBouncer")
     add("--require-pgpool", action="store_true", help="fail instead of skipping a missing Pgpool-II")
     add("--pgbouncer", type=Path, default=DEFAULT_PGBOUNCER, metavar="PATH", help="PgBouncer binary")
     add("--pgpool", type=Path, default=DEFAULT_PGPOOL, metavar="PATH", help="Pgpool-II binary")
     add("--proxy-set", action="append", default=[], metavar="KEY=VALUE",
         help="extra proxy YAML setting, e.g. statements.cache_unnamed=true (repeatable)")  # fmt: skip
+
+
+def add_output_arguments(p: argparse.ArgumentParser) -> None:
+    """``--json``, ``--docs``, ``--no-docs``: where a benchmark's results go (see ``publish``)."""
+    add = p.add_argument
+    add("--json", type=Path, metavar="PATH", help="results file (default bench/results/<UTC time>-*.json)")
+    add("--docs", type=Path, default=DOCS_PATH, metavar="PATH",
+        help="markdown file whose bench:* blocks are refreshed (default docs/performance.md)")  # fmt: skip
+    add("--no-docs", action="store_true", help="do not touch docs/performance.md")
+
+
+def results_path(kind: str) -> Path:
+    """bench/results/<UTC time>-KIND.json"""
+    return RESULTS_DIR / f"{datetime.now(UTC).strftime('%Y%m%dT%H%M%SZ')}-{kind}.json"
 
 
 def parser() -> argparse.ArgumentParser:
@@ -204,10 +216,9 @@ def options_from(p: argparse.ArgumentParser, args: argparse.Namespace, kind: str
     cells = build_cells(workloads, modes, clients)
     if not cells:
         p.error("no (workload, mode) pair left: give --mode with tpcb-like alone")
-    stamp = datetime.now(UTC).strftime("%Y%m%dT%H%M%SZ")
     return Options(
         targets=tuple(targets), cells=cells, duration=duration, rounds=rounds, scale=args.scale,
-        warmup=warmup, json_path=args.json or RESULTS_DIR / f"{stamp}-{kind}.json",
+        warmup=warmup, json_path=args.json or results_path(kind),
         require_pgbouncer=args.require_pgbouncer, require_pgpool=args.require_pgpool,
         pgbouncer=args.pgbouncer, pgpool=args.pgpool, docs=None if args.no_docs else args.docs,
         quick=args.quick, proxy_settings=tuple(args.proxy_set),
@@ -568,29 +579,25 @@ def make_targets(
         if name == "direct":
             targets.append(DirectTarget(pg.main.port, pg.main.psql("SHOW server_version")))
             continue
-        sub = workdir / name
-        sub.mkdir(mode=0o700)
+        site = make_site(workdir, name, creds, tools)
         if name == "pgbouncer":
             targets.append(
-                PgBouncerTarget(sub, creds, tools, binary=opts.pgbouncer, upstream_port=pg.main.port,
+                PgBouncerTarget(site, binary=opts.pgbouncer, upstream_port=pg.main.port,
                                 as_postgres=pg.runner.as_postgres)
             )  # fmt: skip
             continue
         assert replica is not None
         if name == "pgpool":
             targets.append(
-                PgpoolTarget(sub, creds, tools, binary=opts.pgpool, primary_port=pg.main.port,
-                             replica_port=replica.port, max_clients=max(opts.clients),
-                             as_postgres=pg.runner.as_postgres)
+                PgpoolTarget(site, binary=opts.pgpool, primary_port=pg.main.port, replica_port=replica.port,
+                             max_clients=max(opts.clients), as_postgres=pg.runner.as_postgres)
             )  # fmt: skip
         else:
             extra: dict[str, Any] = {}
             for setting in opts.proxy_settings:
                 extra = deep_merge(extra, proxy_setting(setting))
             targets.append(
-                ProxyTarget(
-                    sub, creds, tools, main_dsn=pg.main.dsn, replica_dsn=replica.dsn, extra_config=extra
-                )
+                ProxyTarget(site, main_dsn=pg.main.dsn, replica_dsn=replica.dsn, extra_config=extra)
             )
     return targets
 
@@ -677,6 +684,17 @@ def write_json(path: Path, doc: dict[str, Any]) -> None:
     tmp = path.with_name(path.name + ".tmp")
     tmp.write_text(json.dumps(doc, indent=2) + "\n")
     tmp.replace(path)
+
+
+def publish(doc: dict[str, Any], args: argparse.Namespace, kind: str, markdown: str) -> None:
+    """A subcommand's results: ``doc`` to ``--json`` (default bench/results/<UTC time>-KIND.json) and
+    ``markdown`` into docs/performance.md's ``bench:KIND`` block (``--docs``) unless ``--no-docs``."""
+    path = args.json or results_path(kind)
+    write_json(path, doc)
+    print(f"bench {kind}: results written to {path}")
+    if not args.no_docs:
+        report.update_docs(args.docs, {kind: markdown})
+        print(f"bench {kind}: {args.docs} refreshed")
 
 
 def drop_missing(opts: Options) -> Options:

@@ -145,6 +145,23 @@ def write_userlist(path: Path, creds: Credentials, secret: str | None = None) ->
     path.write_text(f"{quote_userlist(creds.user)} {quote_userlist(secret or creds.password)}\n")
 
 
+@dataclass(frozen=True)
+class Site:
+    """Where a daemon target runs and how the harness reaches it: its private directory, the login every
+    target accepts, the client programs that check it is ready."""
+
+    workdir: Path
+    creds: Credentials
+    tools: Tools
+
+
+def make_site(parent: Path, name: str, creds: Credentials, tools: Tools) -> Site:
+    """A daemon target's Site: its own directory ``parent/name``, mode 0700 (it holds the password)."""
+    workdir = parent / name
+    workdir.mkdir(mode=0o700)
+    return Site(workdir, creds, tools)
+
+
 class Target(ABC):
     """Something pgbench connects to on HOST:port."""
 
@@ -203,12 +220,12 @@ class DaemonTarget(Target):
     # Whether reads through this target must land on the replica before it counts as ready.
     routes_reads = False
 
-    def __init__(self, workdir: Path, creds: Credentials, tools: Tools) -> None:
-        self.workdir = workdir
-        self.creds = creds
-        self.tools = tools
+    def __init__(self, site: Site) -> None:
+        self.workdir = site.workdir
+        self.creds = site.creds
+        self.tools = site.tools
         self.proc: subprocess.Popen[bytes] | None = None
-        self.logfile = workdir / f"{self.name}.log"
+        self.logfile = site.workdir / f"{self.name}.log"
 
     @abstractmethod
     def prepare(self) -> list[str]:
@@ -325,7 +342,10 @@ class PostgresUserDaemon(DaemonTarget):
     """A C daemon run as the ``postgres`` OS user when we are root (neither pooler runs as root), with
     none of our PG* settings and the C locale."""
 
-    as_postgres: bool
+    def __init__(self, site: Site, *, binary: Path, as_postgres: bool) -> None:
+        super().__init__(site)
+        self.binary = binary
+        self.as_postgres = as_postgres
 
     def env(self) -> dict[str, str]:
         env = {k: v for k, v in os.environ.items() if not k.startswith("PG")}
@@ -343,23 +363,12 @@ class PgBouncerTarget(PostgresUserDaemon):
 
     name = "pgbouncer"
 
-    def __init__(
-        self,
-        workdir: Path,
-        creds: Credentials,
-        tools: Tools,
-        *,
-        binary: Path,
-        upstream_port: int,
-        as_postgres: bool,
-    ) -> None:
-        super().__init__(workdir, creds, tools)
-        self.binary = binary
+    def __init__(self, site: Site, *, binary: Path, upstream_port: int, as_postgres: bool) -> None:
+        super().__init__(site, binary=binary, as_postgres=as_postgres)
         self.upstream_port = upstream_port
-        self.as_postgres = as_postgres
         self.version, self.version_tuple = pgbouncer_version(binary)
-        self.ini = workdir / "pgbouncer.ini"
-        self.userlist = workdir / "userlist.txt"
+        self.ini = self.workdir / "pgbouncer.ini"
+        self.userlist = self.workdir / "userlist.txt"
 
     @property
     def prepared_statements(self) -> bool:
@@ -544,9 +553,7 @@ class PgpoolTarget(PostgresUserDaemon):
 
     def __init__(
         self,
-        workdir: Path,
-        creds: Credentials,
-        tools: Tools,
+        site: Site,
         *,
         binary: Path,
         primary_port: int,
@@ -554,17 +561,15 @@ class PgpoolTarget(PostgresUserDaemon):
         max_clients: int,
         as_postgres: bool,
     ) -> None:
-        super().__init__(workdir, creds, tools)
-        self.binary = binary
+        super().__init__(site, binary=binary, as_postgres=as_postgres)
         self.primary_port = primary_port
         self.replica_port = replica_port
         self.num_init_children = max_clients + PGPOOL_CHILD_MARGIN
-        self.as_postgres = as_postgres
         self.version = pgpool_version(binary)
-        self.conf = workdir / "pgpool.conf"
-        self.hba = workdir / "pool_hba.conf"
-        self.pcp = workdir / "pcp.conf"
-        self.passwd = workdir / "pool_passwd"
+        self.conf = self.workdir / "pgpool.conf"
+        self.hba = self.workdir / "pool_hba.conf"
+        self.pcp = self.workdir / "pcp.conf"
+        self.passwd = self.workdir / "pool_passwd"
         self.settings: PgpoolSettings | None = None
 
     def prepare(self) -> list[str]:
@@ -648,9 +653,7 @@ class ProxyTarget(DaemonTarget):
 
     def __init__(
         self,
-        workdir: Path,
-        creds: Credentials,
-        tools: Tools,
+        site: Site,
         *,
         main_dsn: str,
         replica_dsn: str | None = None,
@@ -658,7 +661,7 @@ class ProxyTarget(DaemonTarget):
         nofile: bool = False,
         userlist_secret: str | None = None,
     ) -> None:
-        super().__init__(workdir, creds, tools)
+        super().__init__(site)
         self.main_dsn = main_dsn
         self.replica_dsn = replica_dsn
         self.routes_reads = replica_dsn is not None
@@ -666,8 +669,8 @@ class ProxyTarget(DaemonTarget):
         self.nofile = nofile
         self.userlist_secret = userlist_secret
         self.version = proxy_version
-        self.config = workdir / "proxy.yaml"
-        self.userlist = workdir / "userlist.txt"
+        self.config = self.workdir / "proxy.yaml"
+        self.userlist = self.workdir / "userlist.txt"
         self.admin_port = 0
 
     def config_data(self) -> dict[str, Any]:
