@@ -1,4 +1,5 @@
-"""Side-by-side pgbench: PostgreSQL directly vs PgBouncer vs Pgpool-II vs the ParaFort proxy.
+"""Side-by-side pgbench: PostgreSQL directly vs PgBouncer vs the bare forwarder (``ceiling``) vs Pgpool-II vs
+the ParaFort proxy.
 
 One throwaway primary and, when a routing target (pgpool, proxy) is measured, a streaming replica of it;
 ``pgbench -i`` once on the primary, a wait until the replica has replayed it, then every target is started and
@@ -41,6 +42,7 @@ from bench.targets import (
     HOST,
     PGPOOL_CHILD_MARGIN,
     POOL_SIZE,
+    CeilingTarget,
     Credentials,
     DirectTarget,
     PgBouncerTarget,
@@ -57,14 +59,21 @@ from bench.targets import (
 )
 from proxy.devcluster import Cluster, DevClusterError, DevClusters, find_bindir
 
-ALL_TARGETS = ("direct", "pgbouncer", "pgpool", "proxy")
+ALL_TARGETS = ("direct", "pgbouncer", "ceiling", "pgpool", "proxy")
 ROUTING_TARGETS = ("pgpool", "proxy")  # these need the streaming replica
 MODES = ("simple", "extended", "prepared")
 WORKLOADS = ("select-only", "tpcb-like")
 # Without --mode: select-only in both protocols, tpcb-like (mostly writes) in the extended one.
 DEFAULT_CELLS = (("select-only", "extended"), ("select-only", "simple"), ("tpcb-like", "extended"))
 DEFAULT_CLIENTS = ("16", "64")
-RATIOS = (("proxy", "pgbouncer"), ("proxy", "pgpool"), ("proxy", "direct"), ("pgbouncer", "direct"))
+RATIOS = (
+    ("proxy", "pgbouncer"),
+    ("proxy", "ceiling"),
+    ("proxy", "pgpool"),
+    ("proxy", "direct"),
+    ("ceiling", "pgbouncer"),
+    ("pgbouncer", "direct"),
+)
 RESULTS_DIR = Path(__file__).resolve().parent / "results"
 DOCS_PATH = Path(__file__).resolve().parent.parent / "docs" / "performance.md"
 JOBS = 2  # pgbench threads: sized for a 2-core machine
@@ -143,7 +152,7 @@ def build_cells(
 
 def add_pgbench_arguments(p: argparse.ArgumentParser) -> None:
     add = p.add_argument
-    add("--targets", action="append", metavar="LIST", help=f"{','.join(ALL_TARGETS)} (default: all four)")
+    add("--targets", action="append", metavar="LIST", help=f"{','.join(ALL_TARGETS)} (default: all)")
     add("--workload", action="append", metavar="LIST",
         help="pgbench built-in script: select-only, tpcb-like (default: both)")  # fmt: skip
     add("--mode", action="append", metavar="MODE",
@@ -181,8 +190,9 @@ def results_path(kind: str) -> Path:
 def parser() -> argparse.ArgumentParser:
     p = argparse.ArgumentParser(
         prog="python -m bench",
-        description="pgbench: PostgreSQL direct vs PgBouncer vs Pgpool-II vs our proxy (reads routed to a "
-        "streaming replica). Subcommands: pgbench (default), memory, classify, all.",
+        description="pgbench: PostgreSQL direct vs PgBouncer vs a bare asyncio forwarder (ceiling) vs "
+        "Pgpool-II vs our proxy (reads routed to a streaming replica). Subcommands: pgbench (default), "
+        "memory, classify, all.",
         epilog="--targets, --workload, --mode and --clients are repeatable and take comma lists.",
     )
     add_pgbench_arguments(p)
@@ -528,15 +538,23 @@ def initialize(pg: DevClusters, tools: Tools, creds: Credentials, scale: int) ->
     return cmd
 
 
+# Server connections each pooling target keeps open while the others run.
+HELD = {"pgbouncer": POOL_SIZE, "proxy": POOL_SIZE + 2}
+# These open one server connection per client for the length of their own run only (never two at once).
+PER_CLIENT = ("direct", "ceiling")
+
+
 def connections_needed(opts: Options) -> int:
-    """max_connections for the primary (and replica) so that every target's pool plus the largest direct
-    run fit at once: the daemons keep their server connections open while the others run."""
+    """max_connections for the primary (and replica) so that every target's pool plus the largest run of a
+    target without a pool (direct, ceiling) fit at once: the poolers keep their server connections open
+    while the others run."""
     biggest = max(opts.clients)
     need = SUPERUSER_RESERVED + CONNECTION_SLACK
+    if any(name in PER_CLIENT for name in opts.targets):
+        need += biggest
     for name in opts.targets:
-        need += {"direct": biggest, "pgbouncer": POOL_SIZE, "proxy": POOL_SIZE + 2}.get(
-            name, biggest + PGPOOL_CHILD_MARGIN
-        )
+        if name not in PER_CLIENT:
+            need += HELD.get(name, biggest + PGPOOL_CHILD_MARGIN)
     return max(200, math.ceil(need / 50) * 50)
 
 
@@ -586,6 +604,9 @@ def make_targets(
                                 as_postgres=pg.runner.as_postgres)
             )  # fmt: skip
             continue
+        if name == "ceiling":
+            targets.append(CeilingTarget(site, upstream_port=pg.main.port))
+            continue
         assert replica is not None
         if name == "pgpool":
             targets.append(
@@ -629,7 +650,7 @@ def plan_skips(opts: Options, targets: Sequence[Target], max_connections: int) -
     for target in targets:
         for cell in opts.cells:
             reason = target.supports(cell.mode)
-            if reason is None and target.name == "direct" and cell.clients > room:
+            if reason is None and target.connection_per_client and cell.clients > room:
                 reason = (
                     f"{cell.clients} clients > max_connections {max_connections} - {SUPERUSER_RESERVED} "
                     f"reserved - {held} held by the other targets' pools - 5"
@@ -751,7 +772,7 @@ def run_benchmark(opts: Options) -> tuple[int, dict[str, Any]]:
     cells = summarize(runs, opts, skipped)
     print_summary(cells, opts)
     doc = {
-        "benchmark": "pgbench: direct vs pgbouncer vs pgpool vs proxy",
+        "benchmark": "pgbench: direct vs pgbouncer vs ceiling vs pgpool vs proxy",
         "started_at": started_at,
         "finished_at": datetime.now(UTC).isoformat(timespec="seconds"),
         "options": {

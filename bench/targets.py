@@ -1,14 +1,16 @@
-"""Benchmark targets: what pgbench connects to — PostgreSQL itself, PgBouncer, Pgpool-II or our proxy.
+"""Benchmark targets: what pgbench connects to — PostgreSQL itself, PgBouncer, the bare forwarder
+(``ceiling``), Pgpool-II or our proxy.
 
 Every target listens on 127.0.0.1 and accepts the main cluster's own user and password over SCRAM. The daemons
-(PgBouncer, Pgpool-II, the proxy) are started and stopped by the harness: readiness is a real ``SELECT 1``
-through the target (and, for the routing targets, a read that lands on the replica), shutdown is a signal to
-the pid with a deadline, then SIGKILL of the daemon's process group.
+(PgBouncer, the forwarder, Pgpool-II, the proxy) are started and stopped by the harness: readiness is a real
+``SELECT 1`` through the target (and, for the routing targets, a read that lands on the replica), shutdown is
+a signal to the pid with a deadline, then SIGKILL of the daemon's process group.
 """
 
 from __future__ import annotations
 
 import contextlib
+import importlib.metadata
 import os
 import re
 import resource
@@ -28,6 +30,8 @@ from proxy import __version__ as proxy_version
 from proxy.devcluster import free_port, wait_until
 
 HOST = "127.0.0.1"
+# The checkout bench/ lives in: the forwarder runs as ``python -m bench.ceiling`` from there (not installed).
+CHECKOUT = Path(__file__).resolve().parent.parent
 # Our proxy's main pool size (config/proxy.yaml); PgBouncer gets the same number of server connections.
 POOL_SIZE = 20
 # PgBouncer understands protocol-level prepared statements in transaction pooling from this version on.
@@ -168,6 +172,8 @@ class Target(ABC):
     name: str
     port: int = 0
     version: str = ""
+    # Whether every client costs a server connection on the primary for the length of its run (no pool).
+    connection_per_client = False
 
     @abstractmethod
     def start(self) -> None:
@@ -198,6 +204,7 @@ class DirectTarget(Target):
     """The PostgreSQL cluster itself (started and stopped by DevClusters, not here)."""
 
     name = "direct"
+    connection_per_client = True
 
     def __init__(self, port: int, server_version: str) -> None:
         self.port = port
@@ -437,6 +444,43 @@ class PgBouncerTarget(PostgresUserDaemon):
             "default_pool_size": POOL_SIZE,
             "max_prepared_statements": 200 if self.prepared_statements else None,
             "run_as": "postgres" if self.as_postgres else "current user",
+        }
+
+
+class CeilingTarget(DaemonTarget):
+    """The bare forwarder (bench/ceiling.py) in front of the primary: one asyncio hop with no parsing, one
+    upstream connection per client; the primary itself authenticates every client."""
+
+    name = "ceiling"
+    connection_per_client = True
+
+    def __init__(self, site: Site, *, upstream_port: int) -> None:
+        super().__init__(site)
+        self.upstream_port = upstream_port
+        self.version = f"uvloop {importlib.metadata.version('uvloop')}"
+
+    def command(self, port: int | str) -> list[str]:
+        upstream = f"{HOST}:{self.upstream_port}"
+        return [sys.executable, "-m", "bench.ceiling", "--listen", str(port), "--upstream", upstream]
+
+    def prepare(self) -> list[str]:
+        return self.command(self.port)
+
+    def env(self) -> dict[str, str]:
+        # bench/ is not installed: the child imports it from this checkout (its cwd is the temp directory).
+        env = {k: v for k, v in os.environ.items() if not k.startswith("PG")}
+        inherited = os.environ.get("PYTHONPATH")
+        path = f"{CHECKOUT}{os.pathsep}{inherited}" if inherited else str(CHECKOUT)
+        env.update(PYTHONPATH=path, PYTHONUNBUFFERED="1")
+        return env
+
+    def describe(self) -> dict[str, Any]:
+        return {
+            **super().describe(),
+            "upstream": "primary",
+            "forwarding": "bytes both ways, untouched (startup and authentication too), no parsing",
+            "server_connections": "one per client, opened when the client connects",
+            "command": self.command("$PORT"),
         }
 
 
