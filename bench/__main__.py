@@ -7,6 +7,8 @@ python -m bench hotpath [options]      the proxy's own Python per transaction (i
 python -m bench all [pgbench options]  all three, one results file, docs/performance.md refreshed
 python -m bench faults [--source DIR]   issue 13's fault and hostile-input measurements (before/after)
 python -m bench ryw [--quick]          1 write : 9 reads, replica on, read-your-writes off/on; stale reads
+python -m bench.ceiling --listen PORT --upstream HOST:PORT
+                                       the bare forwarder the pgbench comparison measures as "ceiling"
 """
 
 import sys

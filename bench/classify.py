@@ -11,11 +11,10 @@ import sys
 import time
 from collections.abc import Callable, Sequence
 from datetime import UTC, datetime
-from pathlib import Path
 from typing import Any
 
 from bench import report
-from bench.pgbench_compare import DOCS_PATH, RESULTS_DIR, machine_facts, write_json
+from bench.pgbench_compare import add_output_arguments, machine_facts, publish
 from proxy.config import load_config
 from proxy.router.classify import Classification, ClassificationCache, classify
 from proxy.router.policy import Decision, Router
@@ -107,18 +106,10 @@ def classify_doc() -> dict[str, Any]:
 
 def main(argv: Sequence[str] | None = None) -> int:
     p = argparse.ArgumentParser(prog="python -m bench classify", description=__doc__.split("\n")[0])
-    p.add_argument("--json", type=Path, metavar="PATH", help="results file")
-    p.add_argument("--docs", type=Path, default=DOCS_PATH, metavar="PATH", help="markdown to refresh")
-    p.add_argument("--no-docs", action="store_true", help="do not touch docs/performance.md")
+    add_output_arguments(p)
     args = p.parse_args(argv)
     doc = classify_doc()
-    stamp = datetime.now(UTC).strftime("%Y%m%dT%H%M%SZ")
-    path = args.json or RESULTS_DIR / f"{stamp}-classify.json"
-    write_json(path, doc)
-    print(f"bench classify: results written to {path}")
-    if not args.no_docs:
-        report.update_docs(args.docs, {"classify": report.classify_markdown(doc)})
-        print(f"bench classify: {args.docs} refreshed")
+    publish(doc, args, "classify", report.classify_markdown(doc))
     return 0
 
 

@@ -40,7 +40,7 @@ from typing import Any
 import yaml
 
 from bench.memory import _message, md5_response, scram_client_final, startup_message
-from bench.pgbench_compare import RESULTS_DIR, guarded, machine_facts, write_json
+from bench.pgbench_compare import guarded, machine_facts, results_path, write_json
 from bench.targets import HOST, Tools
 from proxy.demo import DEMO_DOMAINS, SCHEMA
 from proxy.devcluster import Cluster, DevClusters, find_bindir, free_port
@@ -510,92 +510,104 @@ def _proxy_fate(part: dict[str, Any]) -> str:
     return f"proxy DIED ({part.get('proxy_exit') or 'not answering'})"
 
 
-def table_rows(results: dict[str, dict[str, Any]]) -> list[tuple[str, str]]:
+Row = tuple[str, str]
+
+
+def _crash_rows(crash: dict[str, Any]) -> list[Row]:
+    rows: list[Row] = []
+    for key, label in (("sum", "crash: SELECT 1+1+..."), ("union", "crash: UNION ALL chain")):
+        part = crash[key]
+        fate = f"{_proxy_fate(part)}; client: {part['client']}; direct: {part['direct']}"
+        rows.append((f"{label} ({part['bytes']:,} B)", fate))
+    cte = crash["cte"]
+    gap, before = _fmt(cte["bystander_max_gap_ms"], " ms"), _fmt(cte["bystander_baseline_max_ms"], " ms")
+    client = f"client: {cte['client']} in {_fmt(cte['client_ms'], ' ms')}"
+    text = f"bystander max gap {gap} (before it {before}); {client}; {_proxy_fate(cte)}"
+    return [*rows, (f"crash: CTE chain ({cte['bytes']:,} B)", text)]
+
+
+def _kill_rows(k: dict[str, Any]) -> list[Row]:
+    rows: list[Row] = []
+    for via in ("proxy", "direct"):
+        part = k[via]
+        outcome = f"rows {part['rows'] or 'none'}; psql exit {part['psql_exit']}"
+        errors = f"{part['error_line_count']} error lines; backend killed: {part['killed']}"
+        rows.append((f"rows committed after kill ({via})", f"{outcome}; {errors}"))
+    return rows
+
+
+def _idle_tx_text(i: dict[str, Any]) -> str:
+    return "; ".join(f"{via}: {i[via].get('summary', i[via]['next'])}" for via in ("proxy", "direct"))
+
+
+def _cancels_text(c: dict[str, Any]) -> str:
+    return (
+        f"bystanders {c['bystander_57014']} x 57014 in {c['bystander_statements']:,} statements "
+        f"({c['bystander_other_errors']} other errors); canceller {c['canceller_57014']} x 57014 "
+        f"in {c['canceller_statements']}"
+    )
+
+
+def _rss_rows(r: dict[str, Any]) -> list[Row]:
+    after = [_fmt(r[key], " MB") for key in ("baseline_mb", "after_statements_mb", "after_disconnect_mb")]
+    cpu, wall = _fmt(r["big_message_cpu_s"], " s"), _fmt(r["big_message_wall_s"], " s")
+    memory = "baseline {}, after {}, client gone {}".format(*after)
+    return [
+        ("RSS after 40 x 8 MB statements", f"{memory}; {_proxy_fate(r)}"),
+        ("one 64 MB message", f"proxy CPU {cpu}, reply {r['big_message_reply']} in {wall}"),
+    ]
+
+
+def _login_flood_text(f: dict[str, Any]) -> str:
+    quiet = f"{_fmt(f['quiet_p50_ms'])}/{_fmt(f['quiet_p99_ms'], ' ms')}"
+    flood = f"{_fmt(f['flood_p50_ms'])}/{_fmt(f['flood_p99_ms'], ' ms')}"
+    rate = _fmt(f["failed_logins_per_s"])
+    return f"p50/p99 {quiet} quiet; {flood} at {rate} failed logins/s (target {f['target_rate']})"
+
+
+def _main_return_text(m: dict[str, Any]) -> str:
+    return (
+        f"{_fmt(m['refused_ms'], ' ms')} ({m['refused_25006']} x 25006, {m['other_errors']} other errors) "
+        "until the first write through the proxy commits"
+    )
+
+
+def _domain_outage_text(d: dict[str, Any]) -> str:
+    where = f"main's copy {d['on_main']}, analytics {d['on_analytics']}"
+    refused = f"refused {d['refused']}{_codes(d['refused_sqlstates'])}"
+    return f"{d['readable_after']} of {d['acknowledged']} acknowledged ({where}); {refused}"
+
+
+def _one(label: str, text: Callable[[dict[str, Any]], str]) -> Callable[[dict[str, Any]], list[Row]]:
+    return lambda res: [(label, text(res))]
+
+
+# Per measurement, in the table's order: the row's label when it was not measured, and its rows.
+TABLE: dict[str, tuple[str, Callable[[dict[str, Any]], list[Row]]]] = {
+    "crash": ("crash", _crash_rows),
+    "kill": ("rows committed after kill", _kill_rows),
+    "idle_tx": ("idle-in-tx loss", _one("idle-in-tx loss: next statement", _idle_tx_text)),
+    "cancels": ("bystander cancels", _one("bystander cancels", _cancels_text)),
+    "rss": ("RSS after large statements", _rss_rows),
+    "login_flood": ("login flood", _one("login flood: bystander SELECT 1", _login_flood_text)),
+    "main_return": (
+        "writes refused after main returns",
+        _one("writes refused after main is back", _main_return_text),
+    ),
+    "domain_outage": (
+        "domain outage visibility",
+        _one("analytics down: inserts readable after", _domain_outage_text),
+    ),
+}
+
+
+def table_rows(results: dict[str, dict[str, Any]]) -> list[Row]:
     """(measurement, result) rows of the summary table, one or more per measurement that ran."""
-    rows: list[tuple[str, str]] = []
-
-    def failed(name: str, label: str) -> bool:
+    rows: list[Row] = []
+    for name, (label, build) in TABLE.items():
         res = results.get(name)
-        if res is None:
-            return True
-        if "error" in res:
-            rows.append((label, f"NOT MEASURED: {res['error']}"))
-            return True
-        return False
-
-    if not failed("crash", "crash"):
-        crash = results["crash"]
-        for key, label in (("sum", "crash: SELECT 1+1+..."), ("union", "crash: UNION ALL chain")):
-            part = crash[key]
-            rows.append((
-                f"{label} ({part['bytes']:,} B)",
-                f"{_proxy_fate(part)}; client: {part['client']}; direct: {part['direct']}",
-            ))  # fmt: skip
-        cte = crash["cte"]
-        rows.append((
-            f"crash: CTE chain ({cte['bytes']:,} B)",
-            f"bystander max gap {_fmt(cte['bystander_max_gap_ms'], ' ms')} (before it "
-            f"{_fmt(cte['bystander_baseline_max_ms'], ' ms')}); client: {cte['client']} in "
-            f"{_fmt(cte['client_ms'], ' ms')}; {_proxy_fate(cte)}",
-        ))  # fmt: skip
-    if not failed("kill", "rows committed after kill"):
-        k = results["kill"]
-        for via in ("proxy", "direct"):
-            part = k[via]
-            rows.append((
-                f"rows committed after kill ({via})",
-                f"rows {part['rows'] or 'none'}; psql exit {part['psql_exit']}; "
-                f"{part['error_line_count']} error lines; backend killed: {part['killed']}",
-            ))  # fmt: skip
-    if not failed("idle_tx", "idle-in-tx loss"):
-        i = results["idle_tx"]
-        rows.append((
-            "idle-in-tx loss: next statement",
-            f"proxy: {i['proxy'].get('summary', i['proxy']['next'])}; "
-            f"direct: {i['direct'].get('summary', i['direct']['next'])}",
-        ))  # fmt: skip
-    if not failed("cancels", "bystander cancels"):
-        c = results["cancels"]
-        rows.append((
-            "bystander cancels",
-            f"bystanders {c['bystander_57014']} x 57014 in {c['bystander_statements']:,} statements "
-            f"({c['bystander_other_errors']} other errors); canceller {c['canceller_57014']} x 57014 "
-            f"in {c['canceller_statements']}",
-        ))  # fmt: skip
-    if not failed("rss", "RSS after large statements"):
-        r = results["rss"]
-        rows.append((
-            "RSS after 40 x 8 MB statements",
-            f"baseline {_fmt(r['baseline_mb'], ' MB')}, after {_fmt(r['after_statements_mb'], ' MB')}, "
-            f"client gone {_fmt(r['after_disconnect_mb'], ' MB')}; {_proxy_fate(r)}",
-        ))  # fmt: skip
-        rows.append((
-            "one 64 MB message",
-            f"proxy CPU {_fmt(r['big_message_cpu_s'], ' s')}, reply {r['big_message_reply']} in "
-            f"{_fmt(r['big_message_wall_s'], ' s')}",
-        ))  # fmt: skip
-    if not failed("login_flood", "login flood"):
-        f = results["login_flood"]
-        rows.append((
-            "login flood: bystander SELECT 1",
-            f"p50/p99 {_fmt(f['quiet_p50_ms'])}/{_fmt(f['quiet_p99_ms'], ' ms')} quiet; "
-            f"{_fmt(f['flood_p50_ms'])}/{_fmt(f['flood_p99_ms'], ' ms')} at "
-            f"{_fmt(f['failed_logins_per_s'])} failed logins/s (target {f['target_rate']})",
-        ))  # fmt: skip
-    if not failed("main_return", "writes refused after main returns"):
-        m = results["main_return"]
-        rows.append((
-            "writes refused after main is back",
-            f"{_fmt(m['refused_ms'], ' ms')} ({m['refused_25006']} x 25006, {m['other_errors']} other "
-            "errors) until the first write through the proxy commits",
-        ))  # fmt: skip
-    if not failed("domain_outage", "domain outage visibility"):
-        d = results["domain_outage"]
-        rows.append((
-            "analytics down: inserts readable after",
-            f"{d['readable_after']} of {d['acknowledged']} acknowledged (main's copy {d['on_main']}, "
-            f"analytics {d['on_analytics']}); refused {d['refused']}{_codes(d['refused_sqlstates'])}",
-        ))  # fmt: skip
+        if res is not None:
+            rows += [(label, f"NOT MEASURED: {res['error']}")] if "error" in res else build(res)
     return rows
 
 
@@ -1225,8 +1237,7 @@ def main(argv: Sequence[str] | None = None) -> int:
 
     def run() -> int:
         doc = run_faults(source, names)
-        stamp = datetime.now(UTC).strftime("%Y%m%dT%H%M%SZ")
-        path = args.json or RESULTS_DIR / f"{stamp}-faults.json"
+        path = args.json or results_path("faults")
         write_json(path, doc)
         src = doc["source"]
         print(f"\nbench faults: proxy source {src['dir']} @ {src.get('commit')}"

@@ -32,15 +32,14 @@ from typing import Any
 
 from bench import report
 from bench.pgbench_compare import (
-    DOCS_PATH,
-    RESULTS_DIR,
     BenchError,
+    add_output_arguments,
     guarded,
     have_pgbench,
     machine_facts,
-    write_json,
+    publish,
 )
-from bench.targets import HOST, Credentials, ProxyTarget, Tools
+from bench.targets import HOST, Credentials, ProxyTarget, Tools, make_site
 from proxy.devcluster import DevClusters, find_bindir
 from proxy.protocol.auth import make_scram_verifier
 
@@ -204,8 +203,6 @@ def measure_memory(clients: int, concurrency: int, auth: str, settle: float = 2.
         tempfile.TemporaryDirectory(prefix="parafort-bench-mem-") as tmp,
     ):
         creds = Credentials(pg.main.user, pg.main.password, pg.main.database)
-        sub = Path(tmp) / "proxy"
-        sub.mkdir(mode=0o700)
         extra: dict[str, Any] = {
             "auth": {"method": auth},
             "limits": {"max_client_connections": max(10_000, clients + 100)},
@@ -213,8 +210,9 @@ def measure_memory(clients: int, concurrency: int, auth: str, settle: float = 2.
         }
         # For SCRAM a stored verifier, as in production: no key derivation in the proxy per login.
         secret = make_scram_verifier(creds.password) if auth == "scram-sha-256" else None
+        site = make_site(Path(tmp), "proxy", creds, tools)
         proxy = ProxyTarget(
-            sub, creds, tools, main_dsn=pg.main.dsn, extra_config=extra, nofile=True, userlist_secret=secret
+            site, main_dsn=pg.main.dsn, extra_config=extra, nofile=True, userlist_secret=secret
         )
         try:
             proxy.start()
@@ -309,9 +307,7 @@ def add_memory_arguments(p: argparse.ArgumentParser, prefix: str = "") -> None:
 def main(argv: Sequence[str] | None = None) -> int:
     p = argparse.ArgumentParser(prog="python -m bench memory", description=__doc__.split("\n")[0])
     add_memory_arguments(p)
-    p.add_argument("--json", type=Path, metavar="PATH", help="results file")
-    p.add_argument("--docs", type=Path, default=DOCS_PATH, metavar="PATH", help="markdown to refresh")
-    p.add_argument("--no-docs", action="store_true", help="do not touch docs/performance.md")
+    add_output_arguments(p)
     args = p.parse_args(argv)
     if args.memory_clients < 1 or args.memory_concurrency < 1:
         p.error("--clients and --concurrency must be at least 1")
@@ -320,13 +316,7 @@ def main(argv: Sequence[str] | None = None) -> int:
 
     def run() -> int:
         doc = memory_doc(args)
-        stamp = datetime.now(UTC).strftime("%Y%m%dT%H%M%SZ")
-        path = args.json or RESULTS_DIR / f"{stamp}-memory.json"
-        write_json(path, doc)
-        print(f"bench memory: results written to {path}")
-        if not args.no_docs:
-            report.update_docs(args.docs, {"memory": report.memory_markdown(doc)})
-            print(f"bench memory: {args.docs} refreshed")
+        publish(doc, args, "memory", report.memory_markdown(doc))
         return 0 if doc["result"]["within_target"] else 1
 
     return guarded(run)

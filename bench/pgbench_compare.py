@@ -1,4 +1,5 @@
-"""Side-by-side pgbench: PostgreSQL directly vs PgBouncer vs Pgpool-II vs the ParaFort proxy.
+"""Side-by-side pgbench: PostgreSQL directly vs PgBouncer vs the bare forwarder (``ceiling``) vs Pgpool-II vs
+the ParaFort proxy.
 
 One throwaway primary and, when a routing target (pgpool, proxy) is measured, a streaming replica of it;
 ``pgbench -i`` once on the primary, a wait until the replica has replayed it, then every target is started and
@@ -41,6 +42,7 @@ from bench.targets import (
     HOST,
     PGPOOL_CHILD_MARGIN,
     POOL_SIZE,
+    CeilingTarget,
     Credentials,
     DirectTarget,
     PgBouncerTarget,
@@ -51,19 +53,27 @@ from bench.targets import (
     Tools,
     client_env,
     deep_merge,
+    make_site,
     pgpool_version,
     proxy_setting,
 )
 from proxy.devcluster import Cluster, DevClusterError, DevClusters, find_bindir
 
-ALL_TARGETS = ("direct", "pgbouncer", "pgpool", "proxy")
+ALL_TARGETS = ("direct", "pgbouncer", "ceiling", "pgpool", "proxy")
 ROUTING_TARGETS = ("pgpool", "proxy")  # these need the streaming replica
 MODES = ("simple", "extended", "prepared")
 WORKLOADS = ("select-only", "tpcb-like")
 # Without --mode: select-only in both protocols, tpcb-like (mostly writes) in the extended one.
 DEFAULT_CELLS = (("select-only", "extended"), ("select-only", "simple"), ("tpcb-like", "extended"))
 DEFAULT_CLIENTS = ("16", "64")
-RATIOS = (("proxy", "pgbouncer"), ("proxy", "pgpool"), ("proxy", "direct"), ("pgbouncer", "direct"))
+RATIOS = (
+    ("proxy", "pgbouncer"),
+    ("proxy", "ceiling"),
+    ("proxy", "pgpool"),
+    ("proxy", "direct"),
+    ("ceiling", "pgbouncer"),
+    ("pgbouncer", "direct"),
+)
 RESULTS_DIR = Path(__file__).resolve().parent / "results"
 DOCS_PATH = Path(__file__).resolve().parent.parent / "docs" / "performance.md"
 JOBS = 2  # pgbench threads: sized for a 2-core machine
@@ -142,7 +152,7 @@ def build_cells(
 
 def add_pgbench_arguments(p: argparse.ArgumentParser) -> None:
     add = p.add_argument
-    add("--targets", action="append", metavar="LIST", help=f"{','.join(ALL_TARGETS)} (default: all four)")
+    add("--targets", action="append", metavar="LIST", help=f"{','.join(ALL_TARGETS)} (default: all)")
     add("--workload", action="append", metavar="LIST",
         help="pgbench built-in script: select-only, tpcb-like (default: both)")  # fmt: skip
     add("--mode", action="append", metavar="MODE",
@@ -154,10 +164,7 @@ def add_pgbench_arguments(p: argparse.ArgumentParser) -> None:
     add("--scale", type=int, default=10, metavar="N", help="pgbench -i -s (default 10)")
     add("--warmup", type=int, metavar="S", help="unmeasured seconds per target first (default 3; --quick: 2)")
     add("--quick", action="store_true", help="short runs: --duration 4 --rounds 2")
-    add("--json", type=Path, metavar="PATH", help="results file (default bench/results/<UTC time>-*.json)")
-    add("--docs", type=Path, default=DOCS_PATH, metavar="PATH",
-        help="markdown file whose bench:* blocks are refreshed (default docs/performance.md)")  # fmt: skip
-    add("--no-docs", action="store_true", help="do not touch docs/performance.md")
+    add_output_arguments(p)
     add("--require-pgbouncer", action="store_true", help="fail instead of skipping a missing PgBouncer")
     add("--require-pgpool", action="store_true", help="fail instead of skipping a missing Pgpool-II")
     add("--pgbouncer", type=Path, default=DEFAULT_PGBOUNCER, metavar="PATH", help="PgBouncer binary")
@@ -166,11 +173,26 @@ def add_pgbench_arguments(p: argparse.ArgumentParser) -> None:
         help="extra proxy YAML setting, e.g. statements.cache_unnamed=true (repeatable)")  # fmt: skip
 
 
+def add_output_arguments(p: argparse.ArgumentParser) -> None:
+    """``--json``, ``--docs``, ``--no-docs``: where a benchmark's results go (see ``publish``)."""
+    add = p.add_argument
+    add("--json", type=Path, metavar="PATH", help="results file (default bench/results/<UTC time>-*.json)")
+    add("--docs", type=Path, default=DOCS_PATH, metavar="PATH",
+        help="markdown file whose bench:* blocks are refreshed (default docs/performance.md)")  # fmt: skip
+    add("--no-docs", action="store_true", help="do not touch docs/performance.md")
+
+
+def results_path(kind: str) -> Path:
+    """bench/results/<UTC time>-KIND.json"""
+    return RESULTS_DIR / f"{datetime.now(UTC).strftime('%Y%m%dT%H%M%SZ')}-{kind}.json"
+
+
 def parser() -> argparse.ArgumentParser:
     p = argparse.ArgumentParser(
         prog="python -m bench",
-        description="pgbench: PostgreSQL direct vs PgBouncer vs Pgpool-II vs our proxy (reads routed to a "
-        "streaming replica). Subcommands: pgbench (default), memory, classify, all.",
+        description="pgbench: PostgreSQL direct vs PgBouncer vs a bare asyncio forwarder (ceiling) vs "
+        "Pgpool-II vs our proxy (reads routed to a streaming replica). Subcommands: pgbench (default), "
+        "memory, classify, all.",
         epilog="--targets, --workload, --mode and --clients are repeatable and take comma lists.",
     )
     add_pgbench_arguments(p)
@@ -204,10 +226,9 @@ def options_from(p: argparse.ArgumentParser, args: argparse.Namespace, kind: str
     cells = build_cells(workloads, modes, clients)
     if not cells:
         p.error("no (workload, mode) pair left: give --mode with tpcb-like alone")
-    stamp = datetime.now(UTC).strftime("%Y%m%dT%H%M%SZ")
     return Options(
         targets=tuple(targets), cells=cells, duration=duration, rounds=rounds, scale=args.scale,
-        warmup=warmup, json_path=args.json or RESULTS_DIR / f"{stamp}-{kind}.json",
+        warmup=warmup, json_path=args.json or results_path(kind),
         require_pgbouncer=args.require_pgbouncer, require_pgpool=args.require_pgpool,
         pgbouncer=args.pgbouncer, pgpool=args.pgpool, docs=None if args.no_docs else args.docs,
         quick=args.quick, proxy_settings=tuple(args.proxy_set),
@@ -517,15 +538,23 @@ def initialize(pg: DevClusters, tools: Tools, creds: Credentials, scale: int) ->
     return cmd
 
 
+# Server connections each pooling target keeps open while the others run.
+HELD = {"pgbouncer": POOL_SIZE, "proxy": POOL_SIZE + 2}
+# These open one server connection per client for the length of their own run only (never two at once).
+PER_CLIENT = ("direct", "ceiling")
+
+
 def connections_needed(opts: Options) -> int:
-    """max_connections for the primary (and replica) so that every target's pool plus the largest direct
-    run fit at once: the daemons keep their server connections open while the others run."""
+    """max_connections for the primary (and replica) so that every target's pool plus the largest run of a
+    target without a pool (direct, ceiling) fit at once: the poolers keep their server connections open
+    while the others run."""
     biggest = max(opts.clients)
     need = SUPERUSER_RESERVED + CONNECTION_SLACK
+    if any(name in PER_CLIENT for name in opts.targets):
+        need += biggest
     for name in opts.targets:
-        need += {"direct": biggest, "pgbouncer": POOL_SIZE, "proxy": POOL_SIZE + 2}.get(
-            name, biggest + PGPOOL_CHILD_MARGIN
-        )
+        if name not in PER_CLIENT:
+            need += HELD.get(name, biggest + PGPOOL_CHILD_MARGIN)
     return max(200, math.ceil(need / 50) * 50)
 
 
@@ -568,29 +597,28 @@ def make_targets(
         if name == "direct":
             targets.append(DirectTarget(pg.main.port, pg.main.psql("SHOW server_version")))
             continue
-        sub = workdir / name
-        sub.mkdir(mode=0o700)
+        site = make_site(workdir, name, creds, tools)
         if name == "pgbouncer":
             targets.append(
-                PgBouncerTarget(sub, creds, tools, binary=opts.pgbouncer, upstream_port=pg.main.port,
+                PgBouncerTarget(site, binary=opts.pgbouncer, upstream_port=pg.main.port,
                                 as_postgres=pg.runner.as_postgres)
             )  # fmt: skip
+            continue
+        if name == "ceiling":
+            targets.append(CeilingTarget(site, upstream_port=pg.main.port))
             continue
         assert replica is not None
         if name == "pgpool":
             targets.append(
-                PgpoolTarget(sub, creds, tools, binary=opts.pgpool, primary_port=pg.main.port,
-                             replica_port=replica.port, max_clients=max(opts.clients),
-                             as_postgres=pg.runner.as_postgres)
+                PgpoolTarget(site, binary=opts.pgpool, primary_port=pg.main.port, replica_port=replica.port,
+                             max_clients=max(opts.clients), as_postgres=pg.runner.as_postgres)
             )  # fmt: skip
         else:
             extra: dict[str, Any] = {}
             for setting in opts.proxy_settings:
                 extra = deep_merge(extra, proxy_setting(setting))
             targets.append(
-                ProxyTarget(
-                    sub, creds, tools, main_dsn=pg.main.dsn, replica_dsn=replica.dsn, extra_config=extra
-                )
+                ProxyTarget(site, main_dsn=pg.main.dsn, replica_dsn=replica.dsn, extra_config=extra)
             )
     return targets
 
@@ -622,7 +650,7 @@ def plan_skips(opts: Options, targets: Sequence[Target], max_connections: int) -
     for target in targets:
         for cell in opts.cells:
             reason = target.supports(cell.mode)
-            if reason is None and target.name == "direct" and cell.clients > room:
+            if reason is None and target.connection_per_client and cell.clients > room:
                 reason = (
                     f"{cell.clients} clients > max_connections {max_connections} - {SUPERUSER_RESERVED} "
                     f"reserved - {held} held by the other targets' pools - 5"
@@ -679,6 +707,17 @@ def write_json(path: Path, doc: dict[str, Any]) -> None:
     tmp.replace(path)
 
 
+def publish(doc: dict[str, Any], args: argparse.Namespace, kind: str, markdown: str) -> None:
+    """A subcommand's results: ``doc`` to ``--json`` (default bench/results/<UTC time>-KIND.json) and
+    ``markdown`` into docs/performance.md's ``bench:KIND`` block (``--docs``) unless ``--no-docs``."""
+    path = args.json or results_path(kind)
+    write_json(path, doc)
+    print(f"bench {kind}: results written to {path}")
+    if not args.no_docs:
+        report.update_docs(args.docs, {kind: markdown})
+        print(f"bench {kind}: {args.docs} refreshed")
+
+
 def drop_missing(opts: Options) -> Options:
     """Leave out a pooler that is not installed (or fail with --require-*)."""
     wanted = list(opts.targets)
@@ -733,7 +772,7 @@ def run_benchmark(opts: Options) -> tuple[int, dict[str, Any]]:
     cells = summarize(runs, opts, skipped)
     print_summary(cells, opts)
     doc = {
-        "benchmark": "pgbench: direct vs pgbouncer vs pgpool vs proxy",
+        "benchmark": "pgbench: direct vs pgbouncer vs ceiling vs pgpool vs proxy",
         "started_at": started_at,
         "finished_at": datetime.now(UTC).isoformat(timespec="seconds"),
         "options": {

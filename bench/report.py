@@ -11,8 +11,21 @@ from collections.abc import Mapping, Sequence
 from pathlib import Path
 from typing import Any
 
-TARGET_ORDER = ("direct", "pgbouncer", "pgpool", "proxy")
-RATIO_ORDER = ("proxy/pgbouncer", "proxy/pgpool", "proxy/direct", "pgbouncer/direct")
+TARGET_ORDER = ("direct", "pgbouncer", "ceiling", "pgpool", "proxy")
+RATIO_ORDER = (
+    "proxy/pgbouncer",
+    "proxy/ceiling",
+    "proxy/pgpool",
+    "proxy/direct",
+    "ceiling/pgbouncer",
+    "pgbouncer/direct",
+)
+VERSION_LABELS = {
+    "pgbouncer": "PgBouncer",
+    "ceiling": "ceiling",
+    "pgpool": "Pgpool-II",
+    "proxy": "parafort-proxy",
+}
 SECTIONS = ("pgbench", "pgbench-cache-unnamed", "ryw", "memory", "classify")
 
 
@@ -64,9 +77,8 @@ def pgbench_markdown(doc: Mapping[str, Any]) -> str:
     ratios = [r for r in RATIO_ORDER if all(part in targets for part in r.split("/"))]
     postgres = str(machine.get("postgres", "")).split(" on ")[0]
     versions = [postgres]
-    for name in ("pgbouncer", "pgpool", "proxy"):
+    for name, label in VERSION_LABELS.items():
         if name in doc.get("targets", {}):
-            label = {"pgbouncer": "PgBouncer", "pgpool": "Pgpool-II", "proxy": "parafort-proxy"}[name]
             versions.append(f"{label} {doc['targets'][name].get('version', '?')}")
     quick = " (`--quick`)" if opts.get("quick") else ""
     lines = [
@@ -106,6 +118,11 @@ def pgbench_markdown(doc: Mapping[str, Any]) -> str:
             facts.append(
                 f"- pgbouncer: pool_mode = {d.get('pool_mode')}, default_pool_size = "
                 f"{d.get('default_pool_size')}, primary only"
+            )
+        elif name == "ceiling":
+            facts.append(
+                "- ceiling: [bench/ceiling.py](../bench/ceiling.py), a bare uvloop byte forwarder to the "
+                "primary, one server connection per client, no parsing (the primary authenticates)"
             )
         elif name == "pgpool":
             facts.append(

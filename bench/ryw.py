@@ -40,11 +40,11 @@ from bench.pgbench_compare import (
     FAILED_RE,
     JOBS,
     PROCESSED_RE,
-    RESULTS_DIR,
     guarded,
     have_pgbench,
     machine_info,
     raise_max_connections,
+    results_path,
     wait_caught_up,
     write_json,
 )
@@ -55,10 +55,12 @@ from bench.targets import (
     DirectTarget,
     PgBouncerTarget,
     ProxyTarget,
+    Site,
     Target,
     TargetError,
     Tools,
     client_env,
+    make_site,
 )
 from proxy.devcluster import Cluster, DevClusters, find_bindir
 
@@ -222,11 +224,7 @@ class Options:
     stale_rounds: int = 200
     delay_ms: int = 300
     pgbouncer: Path = DEFAULT_PGBOUNCER
-    json_path: Path = field(default_factory=lambda: RESULTS_DIR / f"{_stamp()}-ryw.json")
-
-
-def _stamp() -> str:
-    return datetime.now(UTC).strftime("%Y%m%dT%H%M%SZ")
+    json_path: Path = field(default_factory=lambda: results_path("ryw"))
 
 
 def add_ryw_arguments(p: argparse.ArgumentParser, prefix: str = "") -> None:
@@ -264,6 +262,10 @@ class Bed:
     workdir: Path
     script: Path
     postmasters: list[int]
+
+    def site(self, name: str) -> Site:
+        """A new daemon target's own directory (``name``) with this run's login and tools."""
+        return make_site(self.workdir, name, self.creds, self.tools)
 
 
 def scrape(target: ProxyTarget) -> Samples:
@@ -333,10 +335,8 @@ def start_proxy(bed: Bed, scope: str) -> tuple[ProxyTarget | None, str, str]:
     """The proxy with the replica and read-your-writes ``scope``: (target, note, ""), or (None,
     UNSUPPORTED, the proxy's own words)."""
     main, replica = bed.pg.main.dsn, bed.replica.dsn
-    sub = bed.workdir / f"proxy-{scope}"
-    sub.mkdir(mode=0o700)
     setting = {"routing": {"read_your_writes": {"scope": scope}}}
-    target = ProxyTarget(sub, bed.creds, bed.tools, main_dsn=main, replica_dsn=replica, extra_config=setting)
+    target = ProxyTarget(bed.site(f"proxy-{scope}"), main_dsn=main, replica_dsn=replica, extra_config=setting)
     try:
         target.start()
         return target, "", ""
@@ -347,9 +347,7 @@ def start_proxy(bed: Bed, scope: str) -> tuple[ProxyTarget | None, str, str]:
             print(f"bench: proxy with read_your_writes.scope={scope}: {UNSUPPORTED} ({first})", flush=True)
             return None, UNSUPPORTED, bed.creds.redact(first)
     print("bench: this build refuses routing.read_your_writes: the off cell runs without it", flush=True)
-    plain = bed.workdir / "proxy-plain"
-    plain.mkdir(mode=0o700)
-    target = ProxyTarget(plain, bed.creds, bed.tools, main_dsn=main, replica_dsn=replica)
+    target = ProxyTarget(bed.site("proxy-plain"), main_dsn=main, replica_dsn=replica)
     target.start()
     return target, "this build has no read_your_writes: never waits", ""
 
@@ -380,10 +378,8 @@ def poolers(bed: Bed) -> list[tuple[str, Target]]:
         ("direct", DirectTarget(pg.main.port, pg.main.psql("SHOW server_version")))
     ]
     if bed.opts.pgbouncer.exists():
-        sub = bed.workdir / "pgbouncer"
-        sub.mkdir(mode=0o700)
         bouncer = PgBouncerTarget(
-            sub, bed.creds, bed.tools, binary=bed.opts.pgbouncer, upstream_port=pg.main.port,
+            bed.site("pgbouncer"), binary=bed.opts.pgbouncer, upstream_port=pg.main.port,
             as_postgres=pg.runner.as_postgres,
         )  # fmt: skip
         out.append(("pgbouncer", bouncer))

@@ -1,14 +1,16 @@
-"""Benchmark targets: what pgbench connects to — PostgreSQL itself, PgBouncer, Pgpool-II or our proxy.
+"""Benchmark targets: what pgbench connects to — PostgreSQL itself, PgBouncer, the bare forwarder
+(``ceiling``), Pgpool-II or our proxy.
 
 Every target listens on 127.0.0.1 and accepts the main cluster's own user and password over SCRAM. The daemons
-(PgBouncer, Pgpool-II, the proxy) are started and stopped by the harness: readiness is a real ``SELECT 1``
-through the target (and, for the routing targets, a read that lands on the replica), shutdown is a signal to
-the pid with a deadline, then SIGKILL of the daemon's process group.
+(PgBouncer, the forwarder, Pgpool-II, the proxy) are started and stopped by the harness: readiness is a real
+``SELECT 1`` through the target (and, for the routing targets, a read that lands on the replica), shutdown is
+a signal to the pid with a deadline, then SIGKILL of the daemon's process group.
 """
 
 from __future__ import annotations
 
 import contextlib
+import importlib.metadata
 import os
 import re
 import resource
@@ -28,6 +30,8 @@ from proxy import __version__ as proxy_version
 from proxy.devcluster import free_port, wait_until
 
 HOST = "127.0.0.1"
+# The checkout bench/ lives in: the forwarder runs as ``python -m bench.ceiling`` from there (not installed).
+CHECKOUT = Path(__file__).resolve().parent.parent
 # Our proxy's main pool size (config/proxy.yaml); PgBouncer gets the same number of server connections.
 POOL_SIZE = 20
 # PgBouncer understands protocol-level prepared statements in transaction pooling from this version on.
@@ -145,12 +149,31 @@ def write_userlist(path: Path, creds: Credentials, secret: str | None = None) ->
     path.write_text(f"{quote_userlist(creds.user)} {quote_userlist(secret or creds.password)}\n")
 
 
+@dataclass(frozen=True)
+class Site:
+    """Where a daemon target runs and how the harness reaches it: its private directory, the login every
+    target accepts, the client programs that check it is ready."""
+
+    workdir: Path
+    creds: Credentials
+    tools: Tools
+
+
+def make_site(parent: Path, name: str, creds: Credentials, tools: Tools) -> Site:
+    """A daemon target's Site: its own directory ``parent/name``, mode 0700 (it holds the password)."""
+    workdir = parent / name
+    workdir.mkdir(mode=0o700)
+    return Site(workdir, creds, tools)
+
+
 class Target(ABC):
     """Something pgbench connects to on HOST:port."""
 
     name: str
     port: int = 0
     version: str = ""
+    # Whether every client costs a server connection on the primary for the length of its run (no pool).
+    connection_per_client = False
 
     @abstractmethod
     def start(self) -> None:
@@ -181,6 +204,7 @@ class DirectTarget(Target):
     """The PostgreSQL cluster itself (started and stopped by DevClusters, not here)."""
 
     name = "direct"
+    connection_per_client = True
 
     def __init__(self, port: int, server_version: str) -> None:
         self.port = port
@@ -203,12 +227,12 @@ class DaemonTarget(Target):
     # Whether reads through this target must land on the replica before it counts as ready.
     routes_reads = False
 
-    def __init__(self, workdir: Path, creds: Credentials, tools: Tools) -> None:
-        self.workdir = workdir
-        self.creds = creds
-        self.tools = tools
+    def __init__(self, site: Site) -> None:
+        self.workdir = site.workdir
+        self.creds = site.creds
+        self.tools = site.tools
         self.proc: subprocess.Popen[bytes] | None = None
-        self.logfile = workdir / f"{self.name}.log"
+        self.logfile = site.workdir / f"{self.name}.log"
 
     @abstractmethod
     def prepare(self) -> list[str]:
@@ -325,7 +349,10 @@ class PostgresUserDaemon(DaemonTarget):
     """A C daemon run as the ``postgres`` OS user when we are root (neither pooler runs as root), with
     none of our PG* settings and the C locale."""
 
-    as_postgres: bool
+    def __init__(self, site: Site, *, binary: Path, as_postgres: bool) -> None:
+        super().__init__(site)
+        self.binary = binary
+        self.as_postgres = as_postgres
 
     def env(self) -> dict[str, str]:
         env = {k: v for k, v in os.environ.items() if not k.startswith("PG")}
@@ -343,23 +370,12 @@ class PgBouncerTarget(PostgresUserDaemon):
 
     name = "pgbouncer"
 
-    def __init__(
-        self,
-        workdir: Path,
-        creds: Credentials,
-        tools: Tools,
-        *,
-        binary: Path,
-        upstream_port: int,
-        as_postgres: bool,
-    ) -> None:
-        super().__init__(workdir, creds, tools)
-        self.binary = binary
+    def __init__(self, site: Site, *, binary: Path, upstream_port: int, as_postgres: bool) -> None:
+        super().__init__(site, binary=binary, as_postgres=as_postgres)
         self.upstream_port = upstream_port
-        self.as_postgres = as_postgres
         self.version, self.version_tuple = pgbouncer_version(binary)
-        self.ini = workdir / "pgbouncer.ini"
-        self.userlist = workdir / "userlist.txt"
+        self.ini = self.workdir / "pgbouncer.ini"
+        self.userlist = self.workdir / "userlist.txt"
 
     @property
     def prepared_statements(self) -> bool:
@@ -428,6 +444,43 @@ class PgBouncerTarget(PostgresUserDaemon):
             "default_pool_size": POOL_SIZE,
             "max_prepared_statements": 200 if self.prepared_statements else None,
             "run_as": "postgres" if self.as_postgres else "current user",
+        }
+
+
+class CeilingTarget(DaemonTarget):
+    """The bare forwarder (bench/ceiling.py) in front of the primary: one asyncio hop with no parsing, one
+    upstream connection per client; the primary itself authenticates every client."""
+
+    name = "ceiling"
+    connection_per_client = True
+
+    def __init__(self, site: Site, *, upstream_port: int) -> None:
+        super().__init__(site)
+        self.upstream_port = upstream_port
+        self.version = f"uvloop {importlib.metadata.version('uvloop')}"
+
+    def command(self, port: int | str) -> list[str]:
+        upstream = f"{HOST}:{self.upstream_port}"
+        return [sys.executable, "-m", "bench.ceiling", "--listen", str(port), "--upstream", upstream]
+
+    def prepare(self) -> list[str]:
+        return self.command(self.port)
+
+    def env(self) -> dict[str, str]:
+        # bench/ is not installed: the child imports it from this checkout (its cwd is the temp directory).
+        env = {k: v for k, v in os.environ.items() if not k.startswith("PG")}
+        inherited = os.environ.get("PYTHONPATH")
+        path = f"{CHECKOUT}{os.pathsep}{inherited}" if inherited else str(CHECKOUT)
+        env.update(PYTHONPATH=path, PYTHONUNBUFFERED="1")
+        return env
+
+    def describe(self) -> dict[str, Any]:
+        return {
+            **super().describe(),
+            "upstream": "primary",
+            "forwarding": "bytes both ways, untouched (startup and authentication too), no parsing",
+            "server_connections": "one per client, opened when the client connects",
+            "command": self.command("$PORT"),
         }
 
 
@@ -544,9 +597,7 @@ class PgpoolTarget(PostgresUserDaemon):
 
     def __init__(
         self,
-        workdir: Path,
-        creds: Credentials,
-        tools: Tools,
+        site: Site,
         *,
         binary: Path,
         primary_port: int,
@@ -554,17 +605,15 @@ class PgpoolTarget(PostgresUserDaemon):
         max_clients: int,
         as_postgres: bool,
     ) -> None:
-        super().__init__(workdir, creds, tools)
-        self.binary = binary
+        super().__init__(site, binary=binary, as_postgres=as_postgres)
         self.primary_port = primary_port
         self.replica_port = replica_port
         self.num_init_children = max_clients + PGPOOL_CHILD_MARGIN
-        self.as_postgres = as_postgres
         self.version = pgpool_version(binary)
-        self.conf = workdir / "pgpool.conf"
-        self.hba = workdir / "pool_hba.conf"
-        self.pcp = workdir / "pcp.conf"
-        self.passwd = workdir / "pool_passwd"
+        self.conf = self.workdir / "pgpool.conf"
+        self.hba = self.workdir / "pool_hba.conf"
+        self.pcp = self.workdir / "pcp.conf"
+        self.passwd = self.workdir / "pool_passwd"
         self.settings: PgpoolSettings | None = None
 
     def prepare(self) -> list[str]:
@@ -648,9 +697,7 @@ class ProxyTarget(DaemonTarget):
 
     def __init__(
         self,
-        workdir: Path,
-        creds: Credentials,
-        tools: Tools,
+        site: Site,
         *,
         main_dsn: str,
         replica_dsn: str | None = None,
@@ -658,7 +705,7 @@ class ProxyTarget(DaemonTarget):
         nofile: bool = False,
         userlist_secret: str | None = None,
     ) -> None:
-        super().__init__(workdir, creds, tools)
+        super().__init__(site)
         self.main_dsn = main_dsn
         self.replica_dsn = replica_dsn
         self.routes_reads = replica_dsn is not None
@@ -666,8 +713,8 @@ class ProxyTarget(DaemonTarget):
         self.nofile = nofile
         self.userlist_secret = userlist_secret
         self.version = proxy_version
-        self.config = workdir / "proxy.yaml"
-        self.userlist = workdir / "userlist.txt"
+        self.config = self.workdir / "proxy.yaml"
+        self.userlist = self.workdir / "userlist.txt"
         self.admin_port = 0
 
     def config_data(self) -> dict[str, Any]:

@@ -16,6 +16,7 @@ import pytest
 sys.path.insert(0, str(Path(__file__).resolve().parents[2]))
 
 from bench import report
+from bench.ceiling import host_port
 from bench.cpu import CpuSampler, ProcTimes, process_table, read_proc, tree_pids
 from bench.faults import (
     Reply,
@@ -43,11 +44,23 @@ from bench.pgbench_compare import (
     connections_needed,
     paired_ratios,
     parse_options,
+    plan_skips,
     summarize,
 )
 from bench.ryw import markdown as ryw_markdown
 from bench.ryw import parse_metrics, read_routing, workload_script
-from bench.targets import PgpoolSettings, deep_merge, pgpool_conf, proxy_setting, quote_pgpool
+from bench.targets import (
+    CeilingTarget,
+    Credentials,
+    DirectTarget,
+    PgpoolSettings,
+    Tools,
+    deep_merge,
+    make_site,
+    pgpool_conf,
+    proxy_setting,
+    quote_pgpool,
+)
 from proxy.protocol.auth import ServerAuth, make_scram_verifier
 
 
@@ -58,7 +71,7 @@ def _opts(**kw: Any) -> Options:
 
 def test_default_matrix_is_select_only_both_protocols_and_tpcb_extended_at_16_and_64() -> None:
     opts = parse_options([])
-    assert opts.targets == ("direct", "pgbouncer", "pgpool", "proxy")
+    assert opts.targets == ("direct", "pgbouncer", "ceiling", "pgpool", "proxy")
     pairs = {(c.workload, c.mode) for c in opts.cells}
     assert pairs == set(DEFAULT_CELLS)
     assert opts.clients == (16, 64)
@@ -113,9 +126,40 @@ def test_command_template_hides_port_user_database_and_binary_path() -> None:
 
 def test_max_connections_leave_room_for_every_pool_and_64_direct_clients() -> None:
     need = connections_needed(_opts())
-    # direct 64 + pgbouncer 20 + proxy 22 + pgpool 72 children + reserved and slack
+    # direct or ceiling 64 + pgbouncer 20 + proxy 22 + pgpool 72 children + reserved and slack
     assert need >= 64 + 20 + 22 + 72 + 3
     assert need % 50 == 0
+    # direct and the ceiling each open one connection per client, but never both at once
+    both = connections_needed(_opts(targets=("direct", "ceiling", "pgbouncer"), cells=(Cell("a", "b", 300),)))
+    assert both == connections_needed(_opts(targets=("direct", "pgbouncer"), cells=(Cell("a", "b", 300),)))
+    assert both == connections_needed(_opts(targets=("ceiling", "pgbouncer"), cells=(Cell("a", "b", 300),)))
+    assert both >= 300 + 20 + 3
+
+
+def test_ceiling_target_is_skipped_like_direct_when_its_clients_do_not_fit(tmp_path: Path) -> None:
+    creds = Credentials("u", "secret", "db")
+    site = make_site(tmp_path, "ceiling", creds, Tools(psql="psql", pgbench="pgbench"))
+    assert (site.workdir.stat().st_mode & 0o777) == 0o700
+    ceiling = CeilingTarget(site, upstream_port=5432)
+    direct = DirectTarget(5432, "15.1")
+    small, big = Cell("select-only", "simple", 16), Cell("select-only", "simple", 200)
+    skipped = plan_skips(_opts(cells=(small, big)), [direct, ceiling], max_connections=150)
+    assert set(skipped) == {("direct", big), ("ceiling", big)}
+    assert "200 clients > max_connections 150" in skipped[("ceiling", big)]
+    assert ceiling.server_connections() == 0  # holds nothing while the other targets run
+    command = ceiling.describe()["command"]
+    assert command[1:] == ["-m", "bench.ceiling", "--listen", "$PORT", "--upstream", "127.0.0.1:5432"]
+    assert ceiling.describe()["version"].startswith("uvloop ")
+    assert "secret" not in str(ceiling.describe())
+
+
+def test_ceiling_upstream_address_parsing() -> None:
+    assert host_port("127.0.0.1:5432") == ("127.0.0.1", 5432)
+    assert host_port("db.example:6543") == ("db.example", 6543)
+    assert host_port("[::1]:5432") == ("::1", 5432)
+    for bad in ("5432", ":5432", "host:", "host:port", "host:0", "host:65536", "host:-1"):
+        with pytest.raises(ValueError):
+            host_port(bad)
 
 
 def test_pgpool_conf_streaming_replication_reads_on_replica_and_no_secret() -> None:
@@ -169,6 +213,46 @@ def _doc() -> dict[str, Any]:
         "skipped": [],
         "commands": {"init": "pgbench -i", "runs": ["pgbench -n -b select-only"]},
     }
+
+
+def test_proxy_is_compared_with_the_ceiling_and_the_ceiling_with_pgbouncer_round_by_round() -> None:
+    runs = [
+        Run(rnd, target, "select-only", "simple", 16, 10, [], tps=tps, latency_ms=1.0)
+        for rnd, target, tps in [
+            (1, "pgbouncer", 100.0), (1, "ceiling", 100.0), (1, "proxy", 60.0),
+            (2, "pgbouncer", 80.0), (2, "ceiling", 96.0), (2, "proxy", 48.0),
+            (3, "pgbouncer", 100.0), (3, "ceiling", 104.0), (3, "proxy", 78.0),
+        ]
+    ]  # fmt: skip
+    cells = (Cell("select-only", "simple", 16),)
+    opts = _opts(targets=("pgbouncer", "ceiling", "proxy"), cells=cells, rounds=3)
+    [cell] = summarize(runs, opts, {})
+    assert cell["ratios"]["proxy/ceiling"]["per_round"] == [0.6, 0.5, 0.75]
+    assert cell["ratios"]["proxy/ceiling"]["median"] == pytest.approx(0.6)
+    assert cell["ratios"]["ceiling/pgbouncer"]["median"] == pytest.approx(1.04)
+    assert cell["ratios"]["proxy/pgbouncer"]["median"] == pytest.approx(0.6)
+    assert list(cell["ratios"]) == ["proxy/pgbouncer", "proxy/ceiling", "ceiling/pgbouncer"]
+
+
+def test_pgbench_markdown_puts_proxy_over_ceiling_beside_proxy_over_pgbouncer() -> None:
+    doc = _doc()
+    doc["options"]["targets"] = ["pgbouncer", "ceiling", "proxy"]
+    doc["targets"]["ceiling"] = {"version": "uvloop 0.21.0"}
+    cell = doc["summary"][0]
+    cpu = {"pooler": {"user": 9.0, "system": 15.0}, "postgres": {"user": 40.0, "system": 20.0},
+           "pgbench": {"user": 4.0, "system": 11.0}, "machine": {"softirq": 17.0, "idle": 6.0}}  # fmt: skip
+    target = cell["targets"].pop("direct")
+    cell["targets"] |= {"pgbouncer": target, "ceiling": {**target, "median_cpu_us_per_tx": cpu}}
+    ratio = {"median": 0.5, "min": 0.45, "max": 0.55, "rounds": 2}
+    cell["ratios"] = {"proxy/pgbouncer": ratio, "proxy/ceiling": ratio, "ceiling/pgbouncer": ratio}
+    text = report.pgbench_markdown(doc)
+    assert (
+        "| workload | `-M` | clients | pgbouncer TPS | ceiling TPS | proxy TPS | proxy/pgbouncer "
+        "| proxy/ceiling | ceiling/pgbouncer |"
+    ) in text
+    assert "| select-only | extended | 16 | ceiling | 1,234 | 9 + 15 | 60 | 15 | 17 | 116 | 6 |" in text
+    assert "ceiling uvloop 0.21.0" in text
+    assert "- ceiling: [bench/ceiling.py](../bench/ceiling.py), a bare uvloop byte forwarder" in text
 
 
 def test_pgbench_markdown_has_a_row_per_cell_with_ratios_and_commands() -> None:
