@@ -9,7 +9,7 @@ first event, so ``rate()`` and alerts see a series from the first scrape, and ag
 from __future__ import annotations
 
 from collections.abc import Iterable, Iterator, Mapping
-from typing import TYPE_CHECKING, TypeVar
+from typing import TypeVar
 
 from prometheus_client import CollectorRegistry, generate_latest
 from prometheus_client.core import CounterMetricFamily, GaugeMetricFamily, HistogramMetricFamily
@@ -19,11 +19,9 @@ from prometheus_client.registry import Collector
 from proxy.config.values import DOMAINS, ROLES, table_label
 from proxy.consistency import OUTCOMES
 from proxy.consistency import WAIT_BUCKETS as RYW_WAIT_BUCKETS
+from proxy.context import MetricsContext
 from proxy.pool.pool import WAIT_BUCKETS
 from proxy.router.policy import MAIN, READ, WRITE
-
-if TYPE_CHECKING:
-    from proxy.server import ProxyApp
 
 PREFIX = "parafort_proxy_"
 # The events the data path counts in ProxyApp.statement_events (proxy/frontend/client.py).
@@ -45,13 +43,13 @@ def labelled_counter(
     return family
 
 
-def served_roles(app: ProxyApp) -> list[str]:
+def served_roles(app: MetricsContext) -> list[str]:
     """The roles this process has pools for (fixed at start: a new URL needs a restart)."""
     served = set(app.pool_roles.values())
     return [role for role in ROLES if role in served]
 
 
-def fallback_roles(app: ProxyApp) -> list[str]:
+def fallback_roles(app: MetricsContext) -> list[str]:
     """The roles whose statements main may serve under the live configuration: a domain role with no pool
     (not configured, so always served by main), and a served role other than main with a fallback set."""
     served = set(app.pool_roles.values())
@@ -65,14 +63,14 @@ def fallback_roles(app: ProxyApp) -> list[str]:
     return [role for role in ROLES if may_fall_back(role)]
 
 
-def refusable_roles(app: ProxyApp) -> list[str]:
+def refusable_roles(app: MetricsContext) -> list[str]:
     """The served domain roles without a fallback: while down, their statements get 57P03."""
     served = set(app.pool_roles.values())
     roles = app.config.roles
     return [role for role in DOMAINS if role in served and roles.get(role).fallback is None]
 
 
-def fallback_write_tables(app: ProxyApp) -> list[tuple[str, str]]:
+def fallback_write_tables(app: MetricsContext) -> list[tuple[str, str]]:
     """(role, table) for each table named in the domain map of a served role with a fallback: the writes
     main may take while it is down. A ``schema.*`` entry names no table: its tables appear when written."""
     served = set(app.pool_roles.values())
@@ -89,7 +87,7 @@ def fallback_write_tables(app: ProxyApp) -> list[tuple[str, str]]:
 class ProxyCollector(Collector):
     """Reads the live state of one ProxyApp at scrape time."""
 
-    def __init__(self, app: ProxyApp) -> None:
+    def __init__(self, app: MetricsContext) -> None:
         self.app = app
 
     def collect(self) -> Iterator[Metric]:
@@ -225,7 +223,7 @@ class ProxyCollector(Collector):
         yield from _health_metrics(app)
 
 
-def _classification_metrics(app: ProxyApp) -> Iterator[CounterMetricFamily]:
+def _classification_metrics(app: MetricsContext) -> Iterator[CounterMetricFamily]:
     """The classification cache, and the classifier child that takes statements above 4 KB."""
     cache = app.classifier
     yield CounterMetricFamily(
@@ -251,7 +249,7 @@ def _classification_metrics(app: ProxyApp) -> Iterator[CounterMetricFamily]:
     yield events
 
 
-def _login_metrics(app: ProxyApp) -> Iterator[CounterMetricFamily]:
+def _login_metrics(app: MetricsContext) -> Iterator[CounterMetricFamily]:
     """Failed logins by reason, and the PBKDF2 runs behind plain-text users-file passwords."""
     yield labelled_counter(
         "login_failures",
@@ -270,7 +268,7 @@ def _login_metrics(app: ProxyApp) -> Iterator[CounterMetricFamily]:
     )
 
 
-def _health_metrics(app: ProxyApp) -> Iterator[GaugeMetricFamily | CounterMetricFamily]:
+def _health_metrics(app: MetricsContext) -> Iterator[GaugeMetricFamily | CounterMetricFamily]:
     """Upstream up/down, replica lag, probe duration and up/down transitions, from the health monitor."""
     up = GaugeMetricFamily(
         PREFIX + "upstream_up", "1 while the upstream passes its health probes.", labels=["role", "upstream"]
@@ -305,7 +303,7 @@ def _health_metrics(app: ProxyApp) -> Iterator[GaugeMetricFamily | CounterMetric
     yield transitions
 
 
-def make_registry(app: ProxyApp) -> CollectorRegistry:
+def make_registry(app: MetricsContext) -> CollectorRegistry:
     registry = CollectorRegistry(auto_describe=True)
     registry.register(ProxyCollector(app))
     return registry

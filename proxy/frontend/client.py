@@ -18,7 +18,7 @@ import ssl
 import struct
 import time
 from collections.abc import Callable, Iterator
-from typing import TYPE_CHECKING, cast
+from typing import cast
 
 import pglast
 
@@ -37,6 +37,7 @@ from proxy.backend.connection import (
     ServerConnection,
 )
 from proxy.consistency import AFTER_WAIT, MAIN_FOR_CONSISTENCY, REPLICA, Verdict
+from proxy.context import ClientContext
 from proxy.errors import (
     ADMIN_SHUTDOWN,
     CANNOT_CONNECT_NOW,
@@ -98,9 +99,6 @@ from proxy.router.classify import (
 from proxy.router.policy import MAIN, TX_READ_ONLY, TX_READ_WRITE, WRITE, Decision, route_override
 from proxy.router.policy import REPLICA as REPLICA_ROLE
 
-if TYPE_CHECKING:
-    from proxy.server import ProxyApp
-
 log = logging.getLogger("parafort.client")
 
 _HEADER = struct.Struct("!BI")
@@ -159,7 +157,7 @@ class Batch:
 class ClientConnection(asyncio.Protocol):
     """See the module docstring."""
 
-    def __init__(self, app: ProxyApp) -> None:  # noqa: PLR0915  (one statement per attribute)
+    def __init__(self, app: ClientContext[ClientConnection]) -> None:  # noqa: PLR0915  (one statement per attribute)
         self.app = app
         self.id = next(_ids)
         self.transport: asyncio.Transport | None = None
