@@ -92,56 +92,9 @@ class ProxyCollector(Collector):
 
     def collect(self) -> Iterator[Metric]:
         app = self.app
-        conns = GaugeMetricFamily(
-            PREFIX + "pool_connections",
-            "Upstream connections by state.",
-            labels=["role", "upstream", "state"],
-        )
-        pool_max = GaugeMetricFamily(
-            PREFIX + "pool_max_connections", "Pool size.", labels=["role", "upstream"]
-        )
-        waiting = GaugeMetricFamily(
-            PREFIX + "pool_waiting_clients", "Clients waiting for a connection.", labels=["role", "upstream"]
-        )
-        timeouts = CounterMetricFamily(
-            PREFIX + "pool_acquire_timeouts",
-            "Acquire timeouts (SQLSTATE 53300).",
-            labels=["role", "upstream"],
-        )
-        waits = HistogramMetricFamily(
-            PREFIX + "pool_acquire_wait_seconds",
-            "Time clients waited for an upstream connection.",
-            labels=["role", "upstream"],
-        )
-        for label, pool in app.pools.items():
-            role = app.pool_roles[label]
-            stats = pool.stats
-            cumulative, buckets = 0, []
-            for bound, n in zip((*WAIT_BUCKETS, float("inf")), pool.wait_counts, strict=True):
-                cumulative += n
-                buckets.append((str(bound) if bound != float("inf") else "+Inf", cumulative))
-            waits.add_metric([role, label], buckets, pool.wait_sum)
-            conns.add_metric([role, label, "idle"], stats.idle)
-            conns.add_metric([role, label, "active"], stats.active)
-            pool_max.add_metric([role, label], stats.max)
-            waiting.add_metric([role, label], stats.waiting)
-            timeouts.add_metric([role, label], pool.timeouts)
-        yield conns
-        yield waits
-        yield pool_max
-        yield waiting
-        yield timeouts
-        yield GaugeMetricFamily(PREFIX + "client_connections", "Connected clients.", value=len(app.clients))
-        yield GaugeMetricFamily(
-            PREFIX + "pinned_clients",
-            "Connected clients pinned to one upstream connection (LISTEN, PREPARE, WITH HOLD, temp tables, "
-            "session advisory locks).",
-            value=sum(1 for c in app.clients if c.pinned is not None),
-        )
-        yield CounterMetricFamily(
-            PREFIX + "client_pins", "Clients that became pinned, since start.", value=app.pinned_total
-        )
         served = served_roles(app)
+        yield from _pool_metrics(app)
+        yield from _client_metrics(app)
         yield labelled_counter(
             "routed_statements",
             "Units (statements, batches) routed, by role and kind.",
@@ -149,53 +102,8 @@ class ProxyCollector(Collector):
             app.routed,
             ((r, k) for r in served for k in (READ, WRITE)),
         )
-        consistency = app.consistency
-        yield labelled_counter(
-            "replica_reads",
-            "Reads of main's tables the router sent to a replica, by where read-your-writes let them run: "
-            "replica (at once), replica_after_wait (a replica caught up within max_wait), "
-            "main_for_consistency (no replica had replayed what the read must see).",
-            ["outcome"],
-            consistency.outcomes,
-            OUTCOMES,
-        )
-        cumulative, ryw_buckets = 0, []
-        for bound, n in zip((*RYW_WAIT_BUCKETS, float("inf")), consistency.wait_buckets, strict=True):
-            cumulative += n
-            ryw_buckets.append((str(bound) if bound != float("inf") else "+Inf", cumulative))
-        read_waits = HistogramMetricFamily(
-            PREFIX + "read_wait_seconds",
-            "Time reads waited for a replica to replay their scope's last write (read-your-writes).",
-        )
-        read_waits.add_metric([], ryw_buckets, consistency.wait_sum)
-        yield read_waits
-        yield GaugeMetricFamily(
-            PREFIX + "ryw_tokens",
-            "Read-your-writes tokens held: scopes whose last write some replica may not have replayed yet.",
-            value=len(consistency.writes.tokens),
-        )
-        yield labelled_counter(
-            "fallbacks",
-            "Units served by the fallback (main) for a down or unconfigured role.",
-            ["role"],
-            app.fallbacks,
-            fallback_roles(app),
-        )
-        yield labelled_counter(
-            "fallback_writes",
-            "Writes main took for a configured role that was down (fallback: main), by role and table: rows "
-            "in main's copy of the table that the proxy does not show once the role is back, to reconcile.",
-            ["role", "table"],
-            app.fallback_writes,
-            fallback_write_tables(app),
-        )
-        yield labelled_counter(
-            "down_refusals",
-            "Statements refused with 57P03 because their role is configured, down and has no fallback.",
-            ["role"],
-            app.down_refusals,
-            refusable_roles(app),
-        )
+        yield from _ryw_metrics(app)
+        yield from _fallback_metrics(app)
         events = ((r, e) for r in served for e in STATEMENT_EVENTS)
         yield labelled_counter(
             "upstream_statements",
@@ -221,6 +129,118 @@ class ProxyCollector(Collector):
         yield from _login_metrics(app)
         yield from _classification_metrics(app)
         yield from _health_metrics(app)
+
+
+def _buckets(bounds: tuple[float, ...], counts: Iterable[int]) -> list[tuple[str, float]]:
+    """Cumulative histogram buckets, ``+Inf`` last, from per-bucket counts."""
+    cumulative = 0
+    out: list[tuple[str, float]] = []
+    for bound, n in zip((*bounds, float("inf")), counts, strict=True):
+        cumulative += n
+        out.append((str(bound) if bound != float("inf") else "+Inf", cumulative))
+    return out
+
+
+def _pool_metrics(app: MetricsContext) -> Iterator[Metric]:
+    """Each upstream pool: connections by state, size, waiting clients, acquire timeouts and waits."""
+    conns = GaugeMetricFamily(
+        PREFIX + "pool_connections",
+        "Upstream connections by state.",
+        labels=["role", "upstream", "state"],
+    )
+    pool_max = GaugeMetricFamily(PREFIX + "pool_max_connections", "Pool size.", labels=["role", "upstream"])
+    waiting = GaugeMetricFamily(
+        PREFIX + "pool_waiting_clients", "Clients waiting for a connection.", labels=["role", "upstream"]
+    )
+    timeouts = CounterMetricFamily(
+        PREFIX + "pool_acquire_timeouts",
+        "Acquire timeouts (SQLSTATE 53300).",
+        labels=["role", "upstream"],
+    )
+    waits = HistogramMetricFamily(
+        PREFIX + "pool_acquire_wait_seconds",
+        "Time clients waited for an upstream connection.",
+        labels=["role", "upstream"],
+    )
+    for label, pool in app.pools.items():
+        role = app.pool_roles[label]
+        stats = pool.stats
+        waits.add_metric([role, label], _buckets(WAIT_BUCKETS, pool.wait_counts), pool.wait_sum)
+        conns.add_metric([role, label, "idle"], stats.idle)
+        conns.add_metric([role, label, "active"], stats.active)
+        pool_max.add_metric([role, label], stats.max)
+        waiting.add_metric([role, label], stats.waiting)
+        timeouts.add_metric([role, label], pool.timeouts)
+    yield conns
+    yield waits
+    yield pool_max
+    yield waiting
+    yield timeouts
+
+
+def _client_metrics(app: MetricsContext) -> Iterator[Metric]:
+    """Connected clients, and those pinned to one upstream connection."""
+    yield GaugeMetricFamily(PREFIX + "client_connections", "Connected clients.", value=len(app.clients))
+    yield GaugeMetricFamily(
+        PREFIX + "pinned_clients",
+        "Connected clients pinned to one upstream connection (LISTEN, PREPARE, WITH HOLD, temp tables, "
+        "session advisory locks).",
+        value=sum(1 for c in app.clients if c.pinned is not None),
+    )
+    yield CounterMetricFamily(
+        PREFIX + "client_pins", "Clients that became pinned, since start.", value=app.pinned_total
+    )
+
+
+def _ryw_metrics(app: MetricsContext) -> Iterator[Metric]:
+    """Read-your-writes: where replica reads ran, how long they waited, the tokens held."""
+    consistency = app.consistency
+    yield labelled_counter(
+        "replica_reads",
+        "Reads of main's tables the router sent to a replica, by where read-your-writes let them run: "
+        "replica (at once), replica_after_wait (a replica caught up within max_wait), "
+        "main_for_consistency (no replica had replayed what the read must see).",
+        ["outcome"],
+        consistency.outcomes,
+        OUTCOMES,
+    )
+    read_waits = HistogramMetricFamily(
+        PREFIX + "read_wait_seconds",
+        "Time reads waited for a replica to replay their scope's last write (read-your-writes).",
+    )
+    read_waits.add_metric([], _buckets(RYW_WAIT_BUCKETS, consistency.wait_buckets), consistency.wait_sum)
+    yield read_waits
+    yield GaugeMetricFamily(
+        PREFIX + "ryw_tokens",
+        "Read-your-writes tokens held: scopes whose last write some replica may not have replayed yet.",
+        value=len(consistency.writes.tokens),
+    )
+
+
+def _fallback_metrics(app: MetricsContext) -> Iterator[Metric]:
+    """Units main served for a down or unconfigured role, its writes for one, and refusals for a down one."""
+    yield labelled_counter(
+        "fallbacks",
+        "Units served by the fallback (main) for a down or unconfigured role.",
+        ["role"],
+        app.fallbacks,
+        fallback_roles(app),
+    )
+    yield labelled_counter(
+        "fallback_writes",
+        "Writes main took for a configured role that was down (fallback: main), by role and table: rows "
+        "in main's copy of the table that the proxy does not show once the role is back, to reconcile.",
+        ["role", "table"],
+        app.fallback_writes,
+        fallback_write_tables(app),
+    )
+    yield labelled_counter(
+        "down_refusals",
+        "Statements refused with 57P03 because their role is configured, down and has no fallback.",
+        ["role"],
+        app.down_refusals,
+        refusable_roles(app),
+    )
 
 
 def _classification_metrics(app: MetricsContext) -> Iterator[CounterMetricFamily]:
