@@ -41,7 +41,7 @@ from bench.pgbench_compare import (
     write_json,
 )
 from bench.targets import HOST, Credentials, ProxyTarget, Tools
-from proxy.devcluster import DevClusters, find_bindir
+from proxy.dev.cluster import DevClusters, find_bindir
 from proxy.protocol.auth import make_scram_verifier
 
 TARGET_MB = 200.0

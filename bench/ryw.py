@@ -58,7 +58,7 @@ from bench.targets import (
     Tools,
     client_env,
 )
-from proxy.devcluster import Cluster, DevClusters, find_bindir
+from proxy.dev.cluster import Cluster, DevClusters, find_bindir
 
 TABLE = "ryw_items"
 STALE_TABLE = "ryw_stale"

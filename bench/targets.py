@@ -25,7 +25,7 @@ from typing import Any, ClassVar
 import yaml
 
 from proxy import __version__ as proxy_version
-from proxy.devcluster import free_port, wait_until
+from proxy.dev.cluster import free_port, wait_until
 
 HOST = "127.0.0.1"
 # Our proxy's main pool size (config/proxy.yaml); PgBouncer gets the same number of server connections.

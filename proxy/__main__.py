@@ -138,7 +138,7 @@ def _ryw_note(config: Config) -> str:
 
 
 def cmd_demo(args: argparse.Namespace) -> int:
-    from proxy.demo import run_demo  # noqa: PLC0415  (the demo's imports are not needed by the daemon)
+    from proxy.dev.demo import run_demo  # noqa: PLC0415  (the demo's imports are not needed by the daemon)
 
     return run_demo()
 

@@ -15,10 +15,10 @@ import asyncpg
 import psycopg
 import pytest
 
-from proxy.devcluster import DevClusters, wait_until
+from proxy.dev.cluster import DevClusters, wait_until
+from proxy.dev.testing import APP_PASSWORD, APP_USER, ProxyProcess
 from proxy.frontend.ryw import PARAMETER
 from proxy.health import parse_lsn
-from proxy.testing import APP_PASSWORD, APP_USER, ProxyProcess
 
 StartProxy = Callable[..., ProxyProcess]
 ROUNDS = 200

@@ -17,10 +17,10 @@ PACKAGE = ROOT / "proxy"
 
 # The process object: only the entry points that run it may import it (the rest get proxy/context.py).
 PROCESS = "proxy.server"
-ENTRY_POINTS = frozenset({"proxy.__main__", "proxy.demo"})
+ENTRY_POINTS = frozenset({"proxy.__main__", "proxy.dev.demo"})
 # Development tooling (throwaway clusters, test helpers, the demo): never loaded by the proxy itself. The
 # command line loads the demo only inside its ``demo`` command.
-DEV_TOOLING = frozenset({"proxy.devcluster", "proxy.testing", "proxy.demo"})
+DEV_TOOLING = frozenset({"proxy.dev.cluster", "proxy.dev.testing", "proxy.dev.demo"})
 
 MAX_FUNCTION_LINES = 80
 MAX_CLASS_LINES = 400
