@@ -42,8 +42,8 @@ import yaml
 from bench.memory import _message, md5_response, scram_client_final, startup_message
 from bench.pgbench_compare import guarded, machine_facts, results_path, write_json
 from bench.targets import HOST, Tools
-from proxy.demo import DEMO_DOMAINS, SCHEMA
-from proxy.devcluster import Cluster, DevClusters, find_bindir, free_port
+from proxy.dev.cluster import Cluster, DevClusters, find_bindir, free_port
+from proxy.dev.demo import DEMO_DOMAINS, SCHEMA
 
 CHECKOUT = Path(__file__).resolve().parent.parent
 APP_USER = "app"

@@ -34,8 +34,8 @@ from pathlib import Path
 import psycopg
 
 from bench.memory import _message, startup_message
-from proxy.devcluster import DevClusters
-from proxy.testing import APP_PASSWORD, APP_USER, ProxyProcess
+from proxy.dev.cluster import DevClusters
+from proxy.dev.testing import APP_PASSWORD, APP_USER, ProxyProcess
 
 HOST = "127.0.0.1"
 

@@ -40,7 +40,7 @@ from bench.pgbench_compare import (
     publish,
 )
 from bench.targets import HOST, Credentials, ProxyTarget, Tools, make_site
-from proxy.devcluster import DevClusters, find_bindir
+from proxy.dev.cluster import DevClusters, find_bindir
 from proxy.protocol.auth import make_scram_verifier
 
 TARGET_MB = 200.0

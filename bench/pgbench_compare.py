@@ -57,7 +57,7 @@ from bench.targets import (
     pgpool_version,
     proxy_setting,
 )
-from proxy.devcluster import Cluster, DevClusterError, DevClusters, find_bindir
+from proxy.dev.cluster import Cluster, DevClusterError, DevClusters, find_bindir
 
 ALL_TARGETS = ("direct", "pgbouncer", "ceiling", "pgpool", "proxy")
 ROUTING_TARGETS = ("pgpool", "proxy")  # these need the streaming replica

@@ -62,7 +62,7 @@ from bench.targets import (
     client_env,
     make_site,
 )
-from proxy.devcluster import Cluster, DevClusters, find_bindir
+from proxy.dev.cluster import Cluster, DevClusters, find_bindir
 
 TABLE = "ryw_items"
 STALE_TABLE = "ryw_stale"

@@ -27,7 +27,7 @@ from typing import Any, ClassVar
 import yaml
 
 from proxy import __version__ as proxy_version
-from proxy.devcluster import free_port, wait_until
+from proxy.dev.cluster import free_port, wait_until
 
 HOST = "127.0.0.1"
 # The checkout bench/ lives in: the forwarder runs as ``python -m bench.ceiling`` from there (not installed).

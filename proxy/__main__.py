@@ -58,16 +58,13 @@ def _load(path: Path | None) -> Config | None:
         return None
 
 
-def cmd_check(args: argparse.Namespace) -> int:
-    """Validate and print the resolved configuration; exit 1 with one line per problem.
+def cmd_check(args: argparse.Namespace, config: Config) -> int:
+    """Print the resolved configuration (main() has validated it: one line per problem and exit 1 if bad).
 
     Then, when the domain map has bare entries, compare them with main's catalog (warnings on stderr; exit 0
     either way): a table of the same name in another schema is not in the domain. If main cannot be
     reached within a few seconds, a note says the comparison was skipped.
     """
-    config = _load(args.config)
-    if config is None:
-        return 1
     sys.stdout.write(render_config(config))
     sys.stdout.flush()
     from proxy.config.catalog import run_catalog_check  # noqa: PLC0415  (asyncpg only when checking)
@@ -83,10 +80,7 @@ def cmd_check(args: argparse.Namespace) -> int:
     return 0
 
 
-def cmd_run(args: argparse.Namespace) -> int:
-    config = _load(args.config)
-    if config is None:
-        return 1
+def cmd_run(args: argparse.Namespace, config: Config) -> int:
     from proxy.server import run  # noqa: PLC0415
 
     setup_logging(args.log_level or config.log.level, config.log.format)
@@ -103,11 +97,8 @@ def cmd_run(args: argparse.Namespace) -> int:
         return 1
 
 
-def cmd_explain(args: argparse.Namespace) -> int:
+def cmd_explain(args: argparse.Namespace, config: Config) -> int:
     """Routing decision for one SQL string, as configured (every configured role assumed healthy)."""
-    config = _load(args.config)
-    if config is None:
-        return 1
     from proxy.router.classify import classify  # noqa: PLC0415
     from proxy.router.policy import Router, route_override  # noqa: PLC0415
 
@@ -147,7 +138,7 @@ def _ryw_note(config: Config) -> str:
 
 
 def cmd_demo(args: argparse.Namespace) -> int:
-    from proxy.demo import run_demo  # noqa: PLC0415  (the demo's imports are not needed by the daemon)
+    from proxy.dev.demo import run_demo  # noqa: PLC0415  (the demo's imports are not needed by the daemon)
 
     return run_demo()
 
@@ -155,8 +146,13 @@ def cmd_demo(args: argparse.Namespace) -> int:
 def main(argv: Sequence[str] | None = None) -> int:
     """Entry point of the console script and ``python -m proxy``; returns the exit code."""
     args = _parser().parse_args(argv)
-    commands = {"check": cmd_check, "run": cmd_run, "explain": cmd_explain, "demo": cmd_demo}
-    return commands[args.command](args)
+    if args.command == "demo":
+        return cmd_demo(args)
+    config = _load(args.config)  # every other command starts from the configuration
+    if config is None:
+        return 1
+    commands = {"check": cmd_check, "run": cmd_run, "explain": cmd_explain}
+    return commands[args.command](args, config)
 
 
 if __name__ == "__main__":

@@ -13,17 +13,14 @@ from __future__ import annotations
 import os
 import time
 from collections.abc import Callable, Sequence
-from typing import TYPE_CHECKING
 
 from proxy.config.render import config_as_dict
 from proxy.config.values import ROLES
 from proxy.consistency import OUTCOMES
+from proxy.context import AdminContext
 from proxy.errors import FEATURE_NOT_SUPPORTED, ProxyError
 from proxy.frontend.ryw import format_lsn
 from proxy.protocol import messages as m
-
-if TYPE_CHECKING:
-    from proxy.server import ProxyApp
 
 SYNTAX_ERROR = "42601"
 TEXT, INT8, BOOL, FLOAT8 = 25, 20, 16, 701
@@ -49,7 +46,7 @@ def _text(value: object) -> str:
 class AdminConsole:
     """Answers one console command with the protocol bytes of its result (ReadyForQuery excluded)."""
 
-    def __init__(self, app: ProxyApp) -> None:
+    def __init__(self, app: AdminContext) -> None:
         self.app = app
         self.commands: dict[str, Callable[[list[str]], bytes]] = {
             "SHOW": self.show,

@@ -17,6 +17,7 @@ import asyncio
 import contextlib
 import logging
 import time
+from bisect import bisect_left
 from collections import deque
 from collections.abc import Callable
 from dataclasses import dataclass
@@ -258,11 +259,7 @@ class Consistency:
     def waited(self, seconds: float) -> None:
         self.wait_sum += seconds
         self.wait_count += 1
-        for i, bound in enumerate(WAIT_BUCKETS):
-            if seconds <= bound:
-                self.wait_buckets[i] += 1
-                return
-        self.wait_buckets[-1] += 1
+        self.wait_buckets[bisect_left(WAIT_BUCKETS, seconds)] += 1  # the first bound >= seconds, else +Inf
 
     async def stop(self) -> None:
         for task in list(self._pollers.values()):

@@ -3,15 +3,12 @@
 from __future__ import annotations
 
 import logging
-from typing import TYPE_CHECKING
 
 from aiohttp import web
 from prometheus_client import CONTENT_TYPE_LATEST
 
+from proxy.context import HttpContext
 from proxy.metrics import make_registry, render
-
-if TYPE_CHECKING:
-    from proxy.server import ProxyApp
 
 log = logging.getLogger("parafort.http")
 
@@ -28,7 +25,7 @@ SEED_KEYS = {
 class AdminServer:
     """Serves the admin endpoints of one ProxyApp."""
 
-    def __init__(self, app: ProxyApp) -> None:
+    def __init__(self, app: HttpContext) -> None:
         self.app = app
         self.registry = make_registry(app)
         self._runner: web.AppRunner | None = None

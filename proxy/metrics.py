@@ -9,7 +9,7 @@ first event, so ``rate()`` and alerts see a series from the first scrape, and ag
 from __future__ import annotations
 
 from collections.abc import Iterable, Iterator, Mapping
-from typing import TYPE_CHECKING, TypeVar
+from typing import TypeVar
 
 from prometheus_client import CollectorRegistry, generate_latest
 from prometheus_client.core import CounterMetricFamily, GaugeMetricFamily, HistogramMetricFamily
@@ -19,11 +19,9 @@ from prometheus_client.registry import Collector
 from proxy.config.values import DOMAINS, ROLES, table_label
 from proxy.consistency import OUTCOMES
 from proxy.consistency import WAIT_BUCKETS as RYW_WAIT_BUCKETS
+from proxy.context import MetricsContext
 from proxy.pool.pool import WAIT_BUCKETS
 from proxy.router.policy import MAIN, READ, WRITE
-
-if TYPE_CHECKING:
-    from proxy.server import ProxyApp
 
 PREFIX = "parafort_proxy_"
 # The events the data path counts in ProxyApp.statement_events (proxy/frontend/client.py).
@@ -45,13 +43,13 @@ def labelled_counter(
     return family
 
 
-def served_roles(app: ProxyApp) -> list[str]:
+def served_roles(app: MetricsContext) -> list[str]:
     """The roles this process has pools for (fixed at start: a new URL needs a restart)."""
     served = set(app.pool_roles.values())
     return [role for role in ROLES if role in served]
 
 
-def fallback_roles(app: ProxyApp) -> list[str]:
+def fallback_roles(app: MetricsContext) -> list[str]:
     """The roles whose statements main may serve under the live configuration: a domain role with no pool
     (not configured, so always served by main), and a served role other than main with a fallback set."""
     served = set(app.pool_roles.values())
@@ -65,14 +63,14 @@ def fallback_roles(app: ProxyApp) -> list[str]:
     return [role for role in ROLES if may_fall_back(role)]
 
 
-def refusable_roles(app: ProxyApp) -> list[str]:
+def refusable_roles(app: MetricsContext) -> list[str]:
     """The served domain roles without a fallback: while down, their statements get 57P03."""
     served = set(app.pool_roles.values())
     roles = app.config.roles
     return [role for role in DOMAINS if role in served and roles.get(role).fallback is None]
 
 
-def fallback_write_tables(app: ProxyApp) -> list[tuple[str, str]]:
+def fallback_write_tables(app: MetricsContext) -> list[tuple[str, str]]:
     """(role, table) for each table named in the domain map of a served role with a fallback: the writes
     main may take while it is down. A ``schema.*`` entry names no table: its tables appear when written."""
     served = set(app.pool_roles.values())
@@ -89,61 +87,14 @@ def fallback_write_tables(app: ProxyApp) -> list[tuple[str, str]]:
 class ProxyCollector(Collector):
     """Reads the live state of one ProxyApp at scrape time."""
 
-    def __init__(self, app: ProxyApp) -> None:
+    def __init__(self, app: MetricsContext) -> None:
         self.app = app
 
     def collect(self) -> Iterator[Metric]:
         app = self.app
-        conns = GaugeMetricFamily(
-            PREFIX + "pool_connections",
-            "Upstream connections by state.",
-            labels=["role", "upstream", "state"],
-        )
-        pool_max = GaugeMetricFamily(
-            PREFIX + "pool_max_connections", "Pool size.", labels=["role", "upstream"]
-        )
-        waiting = GaugeMetricFamily(
-            PREFIX + "pool_waiting_clients", "Clients waiting for a connection.", labels=["role", "upstream"]
-        )
-        timeouts = CounterMetricFamily(
-            PREFIX + "pool_acquire_timeouts",
-            "Acquire timeouts (SQLSTATE 53300).",
-            labels=["role", "upstream"],
-        )
-        waits = HistogramMetricFamily(
-            PREFIX + "pool_acquire_wait_seconds",
-            "Time clients waited for an upstream connection.",
-            labels=["role", "upstream"],
-        )
-        for label, pool in app.pools.items():
-            role = app.pool_roles[label]
-            stats = pool.stats
-            cumulative, buckets = 0, []
-            for bound, n in zip((*WAIT_BUCKETS, float("inf")), pool.wait_counts, strict=True):
-                cumulative += n
-                buckets.append((str(bound) if bound != float("inf") else "+Inf", cumulative))
-            waits.add_metric([role, label], buckets, pool.wait_sum)
-            conns.add_metric([role, label, "idle"], stats.idle)
-            conns.add_metric([role, label, "active"], stats.active)
-            pool_max.add_metric([role, label], stats.max)
-            waiting.add_metric([role, label], stats.waiting)
-            timeouts.add_metric([role, label], pool.timeouts)
-        yield conns
-        yield waits
-        yield pool_max
-        yield waiting
-        yield timeouts
-        yield GaugeMetricFamily(PREFIX + "client_connections", "Connected clients.", value=len(app.clients))
-        yield GaugeMetricFamily(
-            PREFIX + "pinned_clients",
-            "Connected clients pinned to one upstream connection (LISTEN, PREPARE, WITH HOLD, temp tables, "
-            "session advisory locks).",
-            value=sum(1 for c in app.clients if c.pinned is not None),
-        )
-        yield CounterMetricFamily(
-            PREFIX + "client_pins", "Clients that became pinned, since start.", value=app.pinned_total
-        )
         served = served_roles(app)
+        yield from _pool_metrics(app)
+        yield from _client_metrics(app)
         yield labelled_counter(
             "routed_statements",
             "Units (statements, batches) routed, by role and kind.",
@@ -151,53 +102,8 @@ class ProxyCollector(Collector):
             app.routed,
             ((r, k) for r in served for k in (READ, WRITE)),
         )
-        consistency = app.consistency
-        yield labelled_counter(
-            "replica_reads",
-            "Reads of main's tables the router sent to a replica, by where read-your-writes let them run: "
-            "replica (at once), replica_after_wait (a replica caught up within max_wait), "
-            "main_for_consistency (no replica had replayed what the read must see).",
-            ["outcome"],
-            consistency.outcomes,
-            OUTCOMES,
-        )
-        cumulative, ryw_buckets = 0, []
-        for bound, n in zip((*RYW_WAIT_BUCKETS, float("inf")), consistency.wait_buckets, strict=True):
-            cumulative += n
-            ryw_buckets.append((str(bound) if bound != float("inf") else "+Inf", cumulative))
-        read_waits = HistogramMetricFamily(
-            PREFIX + "read_wait_seconds",
-            "Time reads waited for a replica to replay their scope's last write (read-your-writes).",
-        )
-        read_waits.add_metric([], ryw_buckets, consistency.wait_sum)
-        yield read_waits
-        yield GaugeMetricFamily(
-            PREFIX + "ryw_tokens",
-            "Read-your-writes tokens held: scopes whose last write some replica may not have replayed yet.",
-            value=len(consistency.writes.tokens),
-        )
-        yield labelled_counter(
-            "fallbacks",
-            "Units served by the fallback (main) for a down or unconfigured role.",
-            ["role"],
-            app.fallbacks,
-            fallback_roles(app),
-        )
-        yield labelled_counter(
-            "fallback_writes",
-            "Writes main took for a configured role that was down (fallback: main), by role and table: rows "
-            "in main's copy of the table that the proxy does not show once the role is back, to reconcile.",
-            ["role", "table"],
-            app.fallback_writes,
-            fallback_write_tables(app),
-        )
-        yield labelled_counter(
-            "down_refusals",
-            "Statements refused with 57P03 because their role is configured, down and has no fallback.",
-            ["role"],
-            app.down_refusals,
-            refusable_roles(app),
-        )
+        yield from _ryw_metrics(app)
+        yield from _fallback_metrics(app)
         events = ((r, e) for r in served for e in STATEMENT_EVENTS)
         yield labelled_counter(
             "upstream_statements",
@@ -225,7 +131,119 @@ class ProxyCollector(Collector):
         yield from _health_metrics(app)
 
 
-def _classification_metrics(app: ProxyApp) -> Iterator[CounterMetricFamily]:
+def _buckets(bounds: tuple[float, ...], counts: Iterable[int]) -> list[tuple[str, float]]:
+    """Cumulative histogram buckets, ``+Inf`` last, from per-bucket counts."""
+    cumulative = 0
+    out: list[tuple[str, float]] = []
+    for bound, n in zip((*bounds, float("inf")), counts, strict=True):
+        cumulative += n
+        out.append((str(bound) if bound != float("inf") else "+Inf", cumulative))
+    return out
+
+
+def _pool_metrics(app: MetricsContext) -> Iterator[Metric]:
+    """Each upstream pool: connections by state, size, waiting clients, acquire timeouts and waits."""
+    conns = GaugeMetricFamily(
+        PREFIX + "pool_connections",
+        "Upstream connections by state.",
+        labels=["role", "upstream", "state"],
+    )
+    pool_max = GaugeMetricFamily(PREFIX + "pool_max_connections", "Pool size.", labels=["role", "upstream"])
+    waiting = GaugeMetricFamily(
+        PREFIX + "pool_waiting_clients", "Clients waiting for a connection.", labels=["role", "upstream"]
+    )
+    timeouts = CounterMetricFamily(
+        PREFIX + "pool_acquire_timeouts",
+        "Acquire timeouts (SQLSTATE 53300).",
+        labels=["role", "upstream"],
+    )
+    waits = HistogramMetricFamily(
+        PREFIX + "pool_acquire_wait_seconds",
+        "Time clients waited for an upstream connection.",
+        labels=["role", "upstream"],
+    )
+    for label, pool in app.pools.items():
+        role = app.pool_roles[label]
+        stats = pool.stats
+        waits.add_metric([role, label], _buckets(WAIT_BUCKETS, pool.wait_counts), pool.wait_sum)
+        conns.add_metric([role, label, "idle"], stats.idle)
+        conns.add_metric([role, label, "active"], stats.active)
+        pool_max.add_metric([role, label], stats.max)
+        waiting.add_metric([role, label], stats.waiting)
+        timeouts.add_metric([role, label], pool.timeouts)
+    yield conns
+    yield waits
+    yield pool_max
+    yield waiting
+    yield timeouts
+
+
+def _client_metrics(app: MetricsContext) -> Iterator[Metric]:
+    """Connected clients, and those pinned to one upstream connection."""
+    yield GaugeMetricFamily(PREFIX + "client_connections", "Connected clients.", value=len(app.clients))
+    yield GaugeMetricFamily(
+        PREFIX + "pinned_clients",
+        "Connected clients pinned to one upstream connection (LISTEN, PREPARE, WITH HOLD, temp tables, "
+        "session advisory locks).",
+        value=sum(1 for c in app.clients if c.pinned is not None),
+    )
+    yield CounterMetricFamily(
+        PREFIX + "client_pins", "Clients that became pinned, since start.", value=app.pinned_total
+    )
+
+
+def _ryw_metrics(app: MetricsContext) -> Iterator[Metric]:
+    """Read-your-writes: where replica reads ran, how long they waited, the tokens held."""
+    consistency = app.consistency
+    yield labelled_counter(
+        "replica_reads",
+        "Reads of main's tables the router sent to a replica, by where read-your-writes let them run: "
+        "replica (at once), replica_after_wait (a replica caught up within max_wait), "
+        "main_for_consistency (no replica had replayed what the read must see).",
+        ["outcome"],
+        consistency.outcomes,
+        OUTCOMES,
+    )
+    read_waits = HistogramMetricFamily(
+        PREFIX + "read_wait_seconds",
+        "Time reads waited for a replica to replay their scope's last write (read-your-writes).",
+    )
+    read_waits.add_metric([], _buckets(RYW_WAIT_BUCKETS, consistency.wait_buckets), consistency.wait_sum)
+    yield read_waits
+    yield GaugeMetricFamily(
+        PREFIX + "ryw_tokens",
+        "Read-your-writes tokens held: scopes whose last write some replica may not have replayed yet.",
+        value=len(consistency.writes.tokens),
+    )
+
+
+def _fallback_metrics(app: MetricsContext) -> Iterator[Metric]:
+    """Units main served for a down or unconfigured role, its writes for one, and refusals for a down one."""
+    yield labelled_counter(
+        "fallbacks",
+        "Units served by the fallback (main) for a down or unconfigured role.",
+        ["role"],
+        app.fallbacks,
+        fallback_roles(app),
+    )
+    yield labelled_counter(
+        "fallback_writes",
+        "Writes main took for a configured role that was down (fallback: main), by role and table: rows "
+        "in main's copy of the table that the proxy does not show once the role is back, to reconcile.",
+        ["role", "table"],
+        app.fallback_writes,
+        fallback_write_tables(app),
+    )
+    yield labelled_counter(
+        "down_refusals",
+        "Statements refused with 57P03 because their role is configured, down and has no fallback.",
+        ["role"],
+        app.down_refusals,
+        refusable_roles(app),
+    )
+
+
+def _classification_metrics(app: MetricsContext) -> Iterator[CounterMetricFamily]:
     """The classification cache, and the classifier child that takes statements above 4 KB."""
     cache = app.classifier
     yield CounterMetricFamily(
@@ -251,7 +269,7 @@ def _classification_metrics(app: ProxyApp) -> Iterator[CounterMetricFamily]:
     yield events
 
 
-def _login_metrics(app: ProxyApp) -> Iterator[CounterMetricFamily]:
+def _login_metrics(app: MetricsContext) -> Iterator[CounterMetricFamily]:
     """Failed logins by reason, and the PBKDF2 runs behind plain-text users-file passwords."""
     yield labelled_counter(
         "login_failures",
@@ -270,7 +288,7 @@ def _login_metrics(app: ProxyApp) -> Iterator[CounterMetricFamily]:
     )
 
 
-def _health_metrics(app: ProxyApp) -> Iterator[GaugeMetricFamily | CounterMetricFamily]:
+def _health_metrics(app: MetricsContext) -> Iterator[GaugeMetricFamily | CounterMetricFamily]:
     """Upstream up/down, replica lag, probe duration and up/down transitions, from the health monitor."""
     up = GaugeMetricFamily(
         PREFIX + "upstream_up", "1 while the upstream passes its health probes.", labels=["role", "upstream"]
@@ -305,7 +323,7 @@ def _health_metrics(app: ProxyApp) -> Iterator[GaugeMetricFamily | CounterMetric
     yield transitions
 
 
-def make_registry(app: ProxyApp) -> CollectorRegistry:
+def make_registry(app: MetricsContext) -> CollectorRegistry:
     registry = CollectorRegistry(auto_describe=True)
     registry.register(ProxyCollector(app))
     return registry

@@ -6,7 +6,6 @@ import asyncio
 import contextlib
 import logging
 import os
-import secrets
 import signal
 import ssl
 from collections.abc import Callable, Mapping
@@ -32,7 +31,7 @@ from proxy.http import AdminServer
 from proxy.lookups import InvalidStartupParameter, LookupFailed, MainLookups
 from proxy.pool import Pool
 from proxy.protocol.auth import ScramKeys, ServerAuth, UserlistError, load_userlist
-from proxy.protocol.framing import cancel_request
+from proxy.protocol.framing import cancel_request, new_cancel_key
 from proxy.router.classify import ClassificationCache
 from proxy.router.policy import Router
 from proxy.router.worker import ClassifierWorker
@@ -481,7 +480,7 @@ class ProxyApp:
 
     def register_cancel_key(self, client: ClientConnection) -> tuple[int, int]:
         while True:
-            key = (secrets.randbits(31) or 1, secrets.randbits(32))
+            key = new_cancel_key()
             if key not in self.cancel_keys:
                 self.cancel_keys[key] = client
                 client.key = key

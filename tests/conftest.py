@@ -10,9 +10,9 @@ from typing import Any
 import pytest
 
 from proxy.config.loader import ROLE_ENV
-from proxy.demo import SCHEMA
-from proxy.devcluster import DevClusters
-from proxy.testing import APP_PASSWORD, APP_USER, ProxyProcess
+from proxy.dev.cluster import DevClusters
+from proxy.dev.demo import SCHEMA
+from proxy.dev.testing import APP_PASSWORD, APP_USER, ProxyProcess
 
 INTEGRATION = Path(__file__).parent / "integration"
 

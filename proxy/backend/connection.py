@@ -31,6 +31,7 @@ from proxy.errors import (
 from proxy.protocol import messages as m
 from proxy.protocol.auth import ClientAuth
 from proxy.protocol.framing import ssl_request, startup_message
+from proxy.sockets import set_nodelay
 
 log = logging.getLogger("parafort.backend")
 
@@ -245,11 +246,7 @@ class ServerConnection(asyncio.Protocol):
 
     def connection_made(self, transport: asyncio.BaseTransport) -> None:
         self.transport = cast(asyncio.Transport, transport)  # uvloop's transports are not subclasses
-        sock = transport.get_extra_info("socket")
-        if sock is not None and sock.family != 1:  # not AF_UNIX
-            import socket  # noqa: PLC0415
-
-            sock.setsockopt(socket.IPPROTO_TCP, socket.TCP_NODELAY, 1)
+        set_nodelay(transport)
 
     def connection_lost(self, exc: Exception | None) -> None:
         self._broken = True

@@ -13,12 +13,11 @@ import asyncio
 import functools
 import itertools
 import logging
-import secrets
 import ssl
 import struct
 import time
 from collections.abc import Callable, Iterator
-from typing import TYPE_CHECKING, cast
+from typing import cast
 
 import pglast
 
@@ -37,6 +36,7 @@ from proxy.backend.connection import (
     ServerConnection,
 )
 from proxy.consistency import AFTER_WAIT, MAIN_FOR_CONSISTENCY, REPLICA, Verdict
+from proxy.context import ClientContext
 from proxy.errors import (
     ADMIN_SHUTDOWN,
     CANNOT_CONNECT_NOW,
@@ -97,9 +97,7 @@ from proxy.router.classify import (
 )
 from proxy.router.policy import MAIN, TX_READ_ONLY, TX_READ_WRITE, WRITE, Decision, route_override
 from proxy.router.policy import REPLICA as REPLICA_ROLE
-
-if TYPE_CHECKING:
-    from proxy.server import ProxyApp
+from proxy.sockets import set_nodelay
 
 log = logging.getLogger("parafort.client")
 
@@ -159,7 +157,7 @@ class Batch:
 class ClientConnection(asyncio.Protocol):
     """See the module docstring."""
 
-    def __init__(self, app: ProxyApp) -> None:  # noqa: PLR0915  (one statement per attribute)
+    def __init__(self, app: ClientContext[ClientConnection]) -> None:  # noqa: PLR0915  (one statement per attribute)
         self.app = app
         self.id = next(_ids)
         self.transport: asyncio.Transport | None = None
@@ -232,11 +230,7 @@ class ClientConnection(asyncio.Protocol):
         self.transport = cast(asyncio.Transport, transport)  # uvloop's transports are not subclasses
         peer = transport.get_extra_info("peername")
         self.peer = f"{peer[0]}:{peer[1]}" if isinstance(peer, tuple) else str(peer or "local")
-        sock = transport.get_extra_info("socket")
-        if sock is not None and sock.family != 1:
-            import socket  # noqa: PLC0415
-
-            sock.setsockopt(socket.IPPROTO_TCP, socket.TCP_NODELAY, 1)
+        set_nodelay(transport)
         limits = self.app.config.limits
         if len(self.app.clients) >= limits.max_client_connections:
             log.warning("event=client_refused reason=too_many_clients address=%s", self.peer)
@@ -1975,8 +1969,4 @@ def _forget_on_failure(server: ServerConnection, name: str) -> Callable[[bool], 
     return done
 
 
-def random_key() -> tuple[int, int]:
-    return secrets.randbits(31) or 1, secrets.randbits(32)
-
-
-__all__ = ["ClientConnection", "random_key"]
+__all__ = ["ClientConnection"]

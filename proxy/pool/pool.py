@@ -5,6 +5,7 @@ from __future__ import annotations
 import asyncio
 import functools
 import time
+from bisect import bisect_left
 from collections import deque
 from collections.abc import Awaitable, Callable
 from dataclasses import dataclass
@@ -183,11 +184,7 @@ class Pool(Generic[C]):
 
     def _observe_wait(self, seconds: float) -> None:
         self.wait_sum += seconds
-        for i, bound in enumerate(WAIT_BUCKETS):
-            if seconds <= bound:
-                self.wait_counts[i] += 1
-                return
-        self.wait_counts[-1] += 1
+        self.wait_counts[bisect_left(WAIT_BUCKETS, seconds)] += 1  # the first bound >= seconds, else +Inf
 
     async def _acquire(self) -> C:
         if self._closed:

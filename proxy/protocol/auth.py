@@ -27,8 +27,9 @@ import binascii
 import hashlib
 import hmac
 import secrets
+from collections.abc import Callable
 from dataclasses import dataclass
-from typing import Final
+from typing import Final, TypeVar
 
 import scramp
 
@@ -57,6 +58,7 @@ __all__ = [
 ]
 
 SCRAM_SHA_256: Final = "SCRAM-SHA-256"
+T = TypeVar("T")
 SCRAM_ITERATIONS: Final = 4096  # PostgreSQL 15's fixed count, and scramp's minimum
 _SCRAM_MAX_ITERATIONS: Final = 10_000_000  # scramp's DoS guard
 _SCRAM_MIN_SALT: Final = 12  # scramp's minimum salt length
@@ -590,26 +592,25 @@ class ClientAuth:
             return scramp.ScramClient([SCRAM_SHA_256], "*", password)
 
     def _sasl_continue(self, data: bytes) -> bytes:
-        client = self._scram
-        if client is None:
-            raise ProxyError(PROTOCOL_VIOLATION, "upstream server sent SASLContinue without SASL")
-        try:
-            client.set_server_first(data.decode("utf-8"))
-            client_final = str(client.get_client_final())
-        except (scramp.ScramException, UnicodeDecodeError) as exc:
-            raise self._error(
-                f"{SCRAM_SHA_256} authentication with the upstream server failed: {exc}"
-            ) from None
-        return m.sasl_response(client_final.encode())
+        def step(client: scramp.ScramClient, server_first: str) -> str:
+            client.set_server_first(server_first)
+            return str(client.get_client_final())
+
+        return m.sasl_response(self._scram_step("SASLContinue", data, step).encode())
 
     def _sasl_final(self, data: bytes) -> None:
+        self._scram_step("SASLFinal", data, scramp.ScramClient.set_server_final)
+        self._scram_verified = True
+
+    def _scram_step(self, message: str, data: bytes, step: Callable[[scramp.ScramClient, str], T]) -> T:
+        """One SCRAM step on the server's ``message``: ``step(client, text)``; a malformed or failing one
+        ends the login with the upstream's authentication error."""
         client = self._scram
         if client is None:
-            raise ProxyError(PROTOCOL_VIOLATION, "upstream server sent SASLFinal without SASL")
+            raise ProxyError(PROTOCOL_VIOLATION, f"upstream server sent {message} without SASL")
         try:
-            client.set_server_final(data.decode("utf-8"))
+            return step(client, data.decode("utf-8"))
         except (scramp.ScramException, UnicodeDecodeError) as exc:
             raise self._error(
                 f"{SCRAM_SHA_256} authentication with the upstream server failed: {exc}"
             ) from None
-        self._scram_verified = True

@@ -12,6 +12,7 @@ headers in place (``struct.unpack_from`` on the caller's buffer, no payload copi
 
 from __future__ import annotations
 
+import secrets
 import struct
 from dataclasses import dataclass, field
 from typing import Final
@@ -31,6 +32,7 @@ __all__ = [
     "StartupPacket",
     "cancel_request",
     "gssenc_request",
+    "new_cancel_key",
     "read_startup",
     "scan_messages",
     "ssl_request",
@@ -208,6 +210,12 @@ def startup_message(params: dict[str, str]) -> bytes:
 def cancel_request(pid: int, secret: int) -> bytes:
     """A CancelRequest packet (pid and secret are taken modulo 2**32, as on the wire)."""
     return struct.pack("!iiII", 16, CANCEL_REQUEST_CODE, pid & 0xFFFFFFFF, secret & 0xFFFFFFFF)
+
+
+def new_cancel_key() -> tuple[int, int]:
+    """A fresh random (process id, secret key) pair for a client's BackendKeyData. The process id is a
+    positive int32, never 0, as a real backend's is."""
+    return secrets.randbits(31) or 1, secrets.randbits(32)
 
 
 _SSL_REQUEST: Final = struct.pack("!ii", 8, SSL_REQUEST_CODE)

@@ -13,6 +13,7 @@ from pglast import ast
 from pglast.enums import ObjectType, TransactionStmtKind, VariableSetKind
 from pglast.visitors import Visitor
 
+from proxy.config.values import ROLES
 from proxy.router.functions import BUILTIN_READ_ONLY, WRITE_FUNCTIONS
 
 CURSOR_OPT_HOLD = 0x0020
@@ -400,6 +401,28 @@ UNCLASSIFIABLE = Classification(
 )
 
 
+def route_override(sql: str) -> str | None:
+    """The role named by a leading ``/* route: ROLE */`` comment, or None.
+
+    The comment is found with PostgreSQL's own scanner (pglast), never by pattern-matching SQL.
+    """
+    if not sql.lstrip().startswith("/*"):
+        return None
+    try:
+        tokens = pglast.parser.scan(sql)
+    except pglast.parser.ParseError:
+        return None
+    if not tokens or tokens[0].name != "C_COMMENT":
+        return None
+    text = sql.encode()[tokens[0].start : tokens[0].end + 1].decode(errors="replace")
+    body = text.removeprefix("/*").removesuffix("*/").strip()
+    key, colon, value = body.partition(":")
+    if not colon or key.strip().lower() != "route":
+        return None
+    role = value.strip().lower()
+    return role if role in ROLES else None
+
+
 @dataclass(frozen=True, slots=True)
 class Analysis:
     """Everything the data path needs from the text of one large statement, computed away from the event
@@ -417,8 +440,6 @@ UNCLASSIFIED = Analysis(UNCLASSIFIABLE)
 
 def analyze(sql: str, cache: ClassificationCache | None = None) -> Analysis:
     """The Analysis of ``sql`` (any size: the caller runs it where a crash or a long parse harms no one)."""
-    from proxy.router.policy import route_override  # noqa: PLC0415  (policy imports this module)
-
     info = cache.classify(sql, remember_text=False, inline_only=False) if cache else classify(sql)
     changes: tuple[SessionChange, ...] = ()
     deallocate = None

@@ -11,12 +11,10 @@ from __future__ import annotations
 from collections.abc import Callable, Iterable
 from dataclasses import dataclass, replace
 
-import pglast
-
 from proxy.config import Config
-from proxy.config.values import DOMAINS, ROLES, table_label
+from proxy.config.values import DOMAINS, table_label
 from proxy.errors import CANNOT_CONNECT_NOW, FEATURE_NOT_SUPPORTED, READ_ONLY_SQL_TRANSACTION
-from proxy.router.classify import TX_BEGIN_READ_ONLY, Classification, Flag, TableName
+from proxy.router.classify import TX_BEGIN_READ_ONLY, Classification, Flag, TableName, route_override
 
 MAIN = "main"
 REPLICA = "read_replica"
@@ -51,28 +49,6 @@ class Decision:
         if self.sqlstate:
             out["error"] = {"sqlstate": self.sqlstate, "message": self.message}
         return out
-
-
-def route_override(sql: str) -> str | None:
-    """The role named by a leading ``/* route: ROLE */`` comment, or None.
-
-    The comment is found with PostgreSQL's own scanner (pglast), never by pattern-matching SQL.
-    """
-    if not sql.lstrip().startswith("/*"):
-        return None
-    try:
-        tokens = pglast.parser.scan(sql)
-    except pglast.parser.ParseError:
-        return None
-    if not tokens or tokens[0].name != "C_COMMENT":
-        return None
-    text = sql.encode()[tokens[0].start : tokens[0].end + 1].decode(errors="replace")
-    body = text.removeprefix("/*").removesuffix("*/").strip()
-    key, colon, value = body.partition(":")
-    if not colon or key.strip().lower() != "route":
-        return None
-    role = value.strip().lower()
-    return role if role in ROLES else None
 
 
 class Router:

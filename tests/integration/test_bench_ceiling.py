@@ -20,7 +20,7 @@ sys.path.insert(0, str(Path(__file__).resolve().parents[2]))
 
 from bench.ceiling import Client
 from bench.targets import CHECKOUT, CeilingTarget, Credentials, Tools, make_site, tcp_open
-from proxy.devcluster import DevClusters, find_bindir, wait_until
+from proxy.dev.cluster import DevClusters, find_bindir, wait_until
 
 
 @pytest.fixture

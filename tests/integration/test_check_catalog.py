@@ -13,8 +13,8 @@ from typing import Any
 import pytest
 import yaml
 
-from proxy.demo import DEMO_DOMAINS
-from proxy.devcluster import DevClusters, free_port
+from proxy.dev.cluster import DevClusters, free_port
+from proxy.dev.demo import DEMO_DOMAINS
 
 
 @pytest.fixture

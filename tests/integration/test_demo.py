@@ -12,7 +12,7 @@ import urllib.error
 import urllib.request
 from pathlib import Path
 
-from proxy.devcluster import wait_until
+from proxy.dev.cluster import wait_until
 
 
 def http_status(url: str) -> int:

@@ -7,7 +7,7 @@ import pytest
 
 from proxy.config import load_config
 from proxy.config.dsn import parse_dsn
-from proxy.devcluster import ROLE_ENV, DevClusters, wait_until
+from proxy.dev.cluster import ROLE_ENV, DevClusters, wait_until
 
 
 def test_five_clusters_up_on_loopback(pg: DevClusters) -> None:

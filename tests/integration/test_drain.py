@@ -11,8 +11,8 @@ from collections.abc import Callable
 
 import psycopg
 
-from proxy.devcluster import DevClusters, wait_until
-from proxy.testing import APP_PASSWORD, APP_USER, ProxyProcess
+from proxy.dev.cluster import DevClusters, wait_until
+from proxy.dev.testing import APP_PASSWORD, APP_USER, ProxyProcess
 
 
 def test_sigterm_drain(pg: DevClusters, start_proxy: Callable[..., ProxyProcess]) -> None:

@@ -13,10 +13,10 @@ import asyncpg
 import psycopg
 import pytest
 
-from proxy.demo import DEMO_DOMAINS
-from proxy.devcluster import DevClusters, wait_until
+from proxy.dev.cluster import DevClusters, wait_until
+from proxy.dev.demo import DEMO_DOMAINS
+from proxy.dev.testing import APP_PASSWORD, APP_USER, ProxyProcess
 from proxy.protocol import messages as m
-from proxy.testing import APP_PASSWORD, APP_USER, ProxyProcess
 
 from .test_fuzz_socket import Session
 

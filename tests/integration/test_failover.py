@@ -12,9 +12,9 @@ from collections.abc import Callable, Iterator
 import psycopg
 import pytest
 
-from proxy.demo import DEMO_DOMAINS
-from proxy.devcluster import DevClusters, wait_until
-from proxy.testing import APP_PASSWORD, APP_USER, ProxyProcess
+from proxy.dev.cluster import DevClusters, wait_until
+from proxy.dev.demo import DEMO_DOMAINS
+from proxy.dev.testing import APP_PASSWORD, APP_USER, ProxyProcess
 
 ALL_ROLES = ("main", "analytics", "documents", "compliance", "read_replica")
 FAST_HEALTH = {"interval": "200ms", "timeout": "500ms", "failures_before_down": 2, "successes_before_up": 1}

@@ -11,11 +11,11 @@ from collections.abc import Callable
 import psycopg
 import pytest
 
-from proxy.demo import DEMO_DOMAINS
-from proxy.devcluster import DevClusters, wait_until
+from proxy.dev.cluster import DevClusters, wait_until
+from proxy.dev.demo import DEMO_DOMAINS
+from proxy.dev.testing import APP_PASSWORD, APP_USER, ProxyProcess
 from proxy.protocol import messages as m
 from proxy.protocol.framing import startup_message
-from proxy.testing import APP_PASSWORD, APP_USER, ProxyProcess
 
 ADMIN, ADMIN_PASSWORD = "ops", "ops-secret-pw"
 

@@ -28,10 +28,10 @@ import scramp
 from hypothesis import Phase, given, settings
 from hypothesis import strategies as st
 
+from proxy.dev.testing import APP_PASSWORD, APP_USER, ProxyProcess
 from proxy.errors import FEATURE_NOT_SUPPORTED, PROTOCOL_VIOLATION
 from proxy.protocol import messages as m
 from proxy.protocol.framing import PROTOCOL_V3, ssl_request, startup_message
-from proxy.testing import APP_PASSWORD, APP_USER, ProxyProcess
 
 CONNECT_TIMEOUT = 5.0
 QUIET = 0.25  # a connection that sends nothing for this long is done answering

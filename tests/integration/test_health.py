@@ -12,8 +12,8 @@ from typing import Any
 
 import pytest
 
-from proxy.devcluster import DevClusters, wait_until
-from proxy.testing import ProxyProcess
+from proxy.dev.cluster import DevClusters, wait_until
+from proxy.dev.testing import ProxyProcess
 
 StartProxy = Callable[..., ProxyProcess]
 

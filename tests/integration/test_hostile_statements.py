@@ -20,8 +20,8 @@ from contextlib import contextmanager
 import psycopg
 import pytest
 
-from proxy.devcluster import DevClusters
-from proxy.testing import APP_PASSWORD, APP_USER, ProxyProcess, wait_until
+from proxy.dev.cluster import DevClusters
+from proxy.dev.testing import APP_PASSWORD, APP_USER, ProxyProcess, wait_until
 
 PLUS_30000 = "SELECT 1" + "+1" * 29_999
 UNION_20000 = " UNION ALL ".join(f"SELECT {n}" for n in range(20_000))

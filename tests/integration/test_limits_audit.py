@@ -12,9 +12,9 @@ from pathlib import Path
 import psycopg
 import pytest
 
-from proxy.demo import DEMO_DOMAINS
-from proxy.devcluster import DevClusters, wait_until
-from proxy.testing import APP_PASSWORD, APP_USER, ProxyProcess
+from proxy.dev.cluster import DevClusters, wait_until
+from proxy.dev.demo import DEMO_DOMAINS
+from proxy.dev.testing import APP_PASSWORD, APP_USER, ProxyProcess
 
 
 def test_too_many_clients(start_proxy: Callable[..., ProxyProcess]) -> None:

@@ -17,9 +17,9 @@ import asyncpg
 import psycopg
 import pytest
 
-from proxy.devcluster import wait_until
+from proxy.dev.cluster import wait_until
+from proxy.dev.testing import APP_PASSWORD, APP_USER, ProxyProcess
 from proxy.protocol import sasl_initial_response, startup_message
-from proxy.testing import APP_PASSWORD, APP_USER, ProxyProcess
 
 StartProxy = Callable[..., ProxyProcess]
 

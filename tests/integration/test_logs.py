@@ -8,8 +8,8 @@ from collections.abc import Callable
 import psycopg
 import pytest
 
-from proxy.devcluster import DevClusters, wait_until
-from proxy.testing import APP_PASSWORD, APP_USER, ProxyProcess
+from proxy.dev.cluster import DevClusters, wait_until
+from proxy.dev.testing import APP_PASSWORD, APP_USER, ProxyProcess
 
 
 @pytest.mark.parametrize("fmt", ["keyvalue", "json"])

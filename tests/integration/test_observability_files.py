@@ -20,9 +20,9 @@ import psycopg
 import pytest
 import yaml
 
-from proxy.demo import DEMO_DOMAINS
-from proxy.devcluster import wait_until
-from proxy.testing import APP_PASSWORD, APP_USER, ProxyProcess
+from proxy.dev.cluster import wait_until
+from proxy.dev.demo import DEMO_DOMAINS
+from proxy.dev.testing import APP_PASSWORD, APP_USER, ProxyProcess
 
 StartProxy = Callable[..., ProxyProcess]
 

@@ -14,8 +14,8 @@ import psycopg
 import pytest
 from psycopg import sql
 
-from proxy.devcluster import DevClusters
-from proxy.testing import APP_PASSWORD, APP_USER, ProxyProcess
+from proxy.dev.cluster import DevClusters
+from proxy.dev.testing import APP_PASSWORD, APP_USER, ProxyProcess
 
 StartProxy = Callable[..., ProxyProcess]
 

@@ -16,8 +16,8 @@ import asyncpg
 import psycopg
 import pytest
 
-from proxy.devcluster import DevClusters, wait_until
-from proxy.testing import APP_PASSWORD, APP_USER, ProxyProcess
+from proxy.dev.cluster import DevClusters, wait_until
+from proxy.dev.testing import APP_PASSWORD, APP_USER, ProxyProcess
 
 StartProxy = Callable[..., ProxyProcess]
 Conn = psycopg.Connection[tuple[object, ...]]

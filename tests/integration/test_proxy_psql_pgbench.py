@@ -11,8 +11,8 @@ from pathlib import Path
 import pytest
 
 from proxy.config.loader import ROLE_ENV
-from proxy.devcluster import DevClusters
-from proxy.testing import APP_PASSWORD, APP_USER, ProxyProcess
+from proxy.dev.cluster import DevClusters
+from proxy.dev.testing import APP_PASSWORD, APP_USER, ProxyProcess
 
 
 def _client_env(**extra: str) -> dict[str, str]:

@@ -8,8 +8,8 @@ from collections.abc import Callable
 import psycopg
 import pytest
 
-from proxy.devcluster import DevClusters
-from proxy.testing import APP_PASSWORD, APP_USER, ProxyProcess
+from proxy.dev.cluster import DevClusters
+from proxy.dev.testing import APP_PASSWORD, APP_USER, ProxyProcess
 
 StartProxy = Callable[..., ProxyProcess]
 Conn = psycopg.Connection[tuple[object, ...]]

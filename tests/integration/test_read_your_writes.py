@@ -15,11 +15,11 @@ import asyncpg
 import psycopg
 import pytest
 
-from proxy.devcluster import DevClusters, wait_until
+from proxy.dev.cluster import DevClusters, wait_until
+from proxy.dev.testing import APP_PASSWORD, APP_USER, ProxyProcess
 from proxy.frontend.ryw import PARAMETER
 from proxy.health import parse_lsn
 from proxy.protocol import messages as m
-from proxy.testing import APP_PASSWORD, APP_USER, ProxyProcess
 
 from .test_extended_begin import EXECUTE, _replies
 from .test_fuzz_socket import Session

@@ -9,8 +9,8 @@ from collections.abc import Callable
 import psycopg
 import yaml
 
-from proxy.devcluster import DevClusters, wait_until
-from proxy.testing import APP_PASSWORD, APP_USER, ProxyProcess
+from proxy.dev.cluster import DevClusters, wait_until
+from proxy.dev.testing import APP_PASSWORD, APP_USER, ProxyProcess
 
 ALL_ROLES = ("main", "analytics", "documents", "compliance", "read_replica")
 NO_ANALYTICS_TABLES = {"analytics": ["analytics.*"], "documents": ["documents", "document_shares"]}

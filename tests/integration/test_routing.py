@@ -8,9 +8,9 @@ import psycopg
 import pytest
 from psycopg import pq
 
-from proxy.demo import DEMO_DOMAINS
-from proxy.devcluster import DevClusters, wait_until
-from proxy.testing import APP_PASSWORD, APP_USER, ProxyProcess
+from proxy.dev.cluster import DevClusters, wait_until
+from proxy.dev.demo import DEMO_DOMAINS
+from proxy.dev.testing import APP_PASSWORD, APP_USER, ProxyProcess
 
 ALL_ROLES = ("main", "analytics", "documents", "compliance", "read_replica")
 

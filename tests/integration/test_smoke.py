@@ -4,7 +4,7 @@ from __future__ import annotations
 
 import subprocess
 
-from proxy.testing import APP_PASSWORD, APP_USER, ProxyProcess
+from proxy.dev.testing import APP_PASSWORD, APP_USER, ProxyProcess
 
 
 def test_psql_select(proxy: ProxyProcess) -> None:

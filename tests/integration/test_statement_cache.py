@@ -16,8 +16,8 @@ import psycopg
 import pytest
 
 from proxy.config.loader import ROLE_ENV
-from proxy.devcluster import DevClusters
-from proxy.testing import APP_PASSWORD, APP_USER, ProxyProcess
+from proxy.dev.cluster import DevClusters
+from proxy.dev.testing import APP_PASSWORD, APP_USER, ProxyProcess
 
 StartProxy = Callable[..., ProxyProcess]
 ONE_CONNECTION = {"pool_size": 1}

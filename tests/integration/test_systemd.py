@@ -30,8 +30,8 @@ import pytest
 import yaml
 
 from proxy.config.loader import ROLE_ENV
-from proxy.devcluster import DevClusters, free_port, wait_until
-from proxy.testing import APP_PASSWORD, APP_USER
+from proxy.dev.cluster import DevClusters, free_port, wait_until
+from proxy.dev.testing import APP_PASSWORD, APP_USER
 
 ROOT = Path(__file__).resolve().parents[2]
 UNIT = ROOT / "systemd" / "parafort-proxy.service"

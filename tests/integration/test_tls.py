@@ -11,8 +11,8 @@ from pathlib import Path
 import psycopg
 import pytest
 
-from proxy.devcluster import DevClusters
-from proxy.testing import APP_PASSWORD, APP_USER, ProxyProcess
+from proxy.dev.cluster import DevClusters
+from proxy.dev.testing import APP_PASSWORD, APP_USER, ProxyProcess
 
 
 def make_certs(directory: Path) -> dict[str, Path]:

@@ -25,8 +25,8 @@ import psycopg
 import pytest
 
 from proxy.config.loader import ROLE_ENV
-from proxy.devcluster import DevClusters, wait_until
-from proxy.testing import APP_PASSWORD, APP_USER, ProxyProcess
+from proxy.dev.cluster import DevClusters, wait_until
+from proxy.dev.testing import APP_PASSWORD, APP_USER, ProxyProcess
 
 StartProxy = Callable[..., ProxyProcess]
 Conn = psycopg.Connection[tuple[object, ...]]

@@ -13,7 +13,7 @@ import pytest
 
 from proxy.config import load_config
 from proxy.config.dsn import parse_dsn
-from proxy.devcluster import free_port
+from proxy.dev.cluster import free_port
 from proxy.health import (
     CAUGHT_UP_SLACK_BYTES,
     Change,

@@ -14,7 +14,7 @@ import uvloop
 import yaml
 
 from proxy.config import Config, load_config
-from proxy.devcluster import DevClusters, free_port
+from proxy.dev.cluster import DevClusters, free_port
 from proxy.logs import setup_logging
 from proxy.server import ProxyApp, serve
 

@@ -15,7 +15,7 @@ from typing import Any
 
 import yaml
 
-from proxy.devcluster import free_port, wait_until
+from proxy.dev.cluster import free_port, wait_until
 
 # The client login that test proxies accept (their users file); upstreams use each role's own DSN.
 APP_USER = "app"
