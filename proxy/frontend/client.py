@@ -22,7 +22,8 @@ from typing import TYPE_CHECKING, cast
 
 import pglast
 
-from proxy.backend.connection import (
+from proxy.backend.connection import ServerConnection
+from proxy.backend.expect import (
     FORWARD,
     K_BIND,
     K_CLOSE,
@@ -34,7 +35,6 @@ from proxy.backend.connection import (
     SWALLOW,
     SWALLOW_OK,
     Expect,
-    ServerConnection,
 )
 from proxy.consistency import AFTER_WAIT, MAIN_FOR_CONSISTENCY, REPLICA, Verdict
 from proxy.errors import (
