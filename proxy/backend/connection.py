@@ -27,12 +27,11 @@ from proxy.errors import (
 )
 from proxy.protocol import messages as m
 from proxy.protocol.auth import ClientAuth
-from proxy.protocol.framing import ssl_request, startup_message
+from proxy.protocol.framing import Collector, collector, ssl_request, startup_message
 
 log = logging.getLogger("parafort.backend")
 
 _HEADER = struct.Struct("!BI")
-COLLECT_FROM = 64 * 1024  # a message still missing more than this is collected in chunks, joined once
 _Z, _E, _S, _N = b"ZESN"
 
 
@@ -55,10 +54,7 @@ class ServerConnection(ReplyQueue, asyncio.Protocol):
         # Main's identity as read by this connection's first read-your-writes capture (proxy/frontend/ryw.py).
         self.identity: tuple[str, ...] | None = None
         self._buf = b""
-        # A large message being received: its chunks so far, their length, the length that completes it.
-        self._parts: list[bytes] | None = None
-        self._have = 0
-        self._need = 0
+        self._parts: Collector | None = None  # a large message being received
         self._broken = False
         self._handshake: asyncio.Future[None] | None = None
         self._auth: ClientAuth | None = None
@@ -249,12 +245,10 @@ class ServerConnection(ReplyQueue, asyncio.Protocol):
             if not data:
                 return
         if self._parts is not None:
-            # A large message arriving: its chunks are joined once, when it is complete (linear cost).
-            self._parts.append(data)
-            self._have += len(data)
-            if self._have < self._need:
+            whole = self._parts.add(data)
+            if whole is None:
                 return
-            data = b"".join(self._parts)
+            data = whole
             self._parts = None
         # ``buf`` is immutable bytes, so slices of it can be handed to the client's transport as they are.
         buf = self._buf + data if self._buf else data
@@ -280,11 +274,8 @@ class ServerConnection(ReplyQueue, asyncio.Protocol):
             return
         self._buf = rest = buf[used:] if used else buf
         if len(rest) >= 5:
-            need = 1 + _HEADER.unpack_from(rest)[1]
-            if need - len(rest) > COLLECT_FROM:
-                self._parts = [rest]
-                self._have = len(rest)
-                self._need = need
+            self._parts = collector(rest, 0)
+            if self._parts is not None:
                 self._buf = b""
 
     def _handshake_messages(self, buf: bytes) -> int:

@@ -13,7 +13,7 @@ from typing import Any
 
 import pytest
 
-from proxy.backend.connection import COLLECT_FROM, ServerConnection
+from proxy.backend.connection import ServerConnection
 from proxy.backend.expect import (
     K_BIND,
     K_CLOSE,
@@ -31,6 +31,7 @@ from proxy.config.dsn import parse_dsn
 from proxy.errors import ProxyError
 from proxy.frontend.ryw import CAPTURE_QUERY, Capture, Writes
 from proxy.protocol import messages as m
+from proxy.protocol.framing import COLLECT_FROM, collector
 
 PARSE_1 = m.parse_complete()
 BIND_2 = m.bind_complete()
@@ -519,6 +520,9 @@ def test_large_message_is_collected_in_chunks_and_joined_once() -> None:
     assert sink.data == replies
     assert sink.events[-1] == ("ready", "I")
     assert conn.clean
+    # Nothing is collected for a message that is nearly there, and the offset of its header counts.
+    assert collector(big[: len(big) - COLLECT_FROM], 0) is None
+    assert collector(b"\0" * 10 + big[:100], 10) is not None
 
 
 # -- read-your-writes' capture ----------------------------------------------------------------------------
