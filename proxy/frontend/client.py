@@ -21,7 +21,8 @@ from typing import cast
 
 import pglast
 
-from proxy.backend.connection import (
+from proxy.backend.connection import ServerConnection
+from proxy.backend.expect import (
     FORWARD,
     K_BIND,
     K_CLOSE,
@@ -33,7 +34,6 @@ from proxy.backend.connection import (
     SWALLOW,
     SWALLOW_OK,
     Expect,
-    ServerConnection,
 )
 from proxy.consistency import AFTER_WAIT, MAIN_FOR_CONSISTENCY, REPLICA, Verdict
 from proxy.context import ClientContext
@@ -71,9 +71,11 @@ from proxy.protocol import messages as m
 from proxy.protocol.auth import MALFORMED_AUTH_MESSAGE, ServerAuth
 from proxy.protocol.framing import (
     CancelRequest,
+    Collector,
     GSSENCRequest,
     SSLRequest,
     StartupMessage,
+    collector,
     read_startup,
 )
 from proxy.router.classify import (
@@ -118,9 +120,6 @@ _CLOSE_UNNAMED = m.close(b"S", "")
 _DESCRIBE_EXECUTE_SYNC = frozenset(b"DES")
 _B_HEADER = struct.Struct("!BIB")  # a Bind's type, length and its (empty) portal name
 UNNAMED_CACHE_SIZE = 10_000  # distinct unnamed Parse payloads remembered (then forgotten all at once)
-# A message still missing more than this is collected chunk by chunk and joined once (linear, not the
-# quadratic cost of concatenating every read onto the buffer).
-COLLECT_FROM = 64 * 1024
 
 # Connection phases.
 STARTUP, AUTH, LOGIN, READY, CLOSED, TLS_HANDSHAKE = range(6)
@@ -178,10 +177,7 @@ class ClientConnection(asyncio.Protocol):
         self._unnamed_info: Classification | None = None
         self.pinned: str | None = None
         self.buf = b""
-        # A large message being received: its chunks so far, their length, and the length that completes it.
-        self._parts: list[bytes] | None = None
-        self._have = 0
-        self._need = 0
+        self._parts: Collector | None = None  # a large message being received
         self.waiting: Batch | None = None  # the batch waiting for an upstream connection (or classification)
         self._main_rechecked: Batch | None = None  # the batch being decided again after main_reachable
         self._classifying: asyncio.Task[None] | None = None  # large statements of ``waiting`` being analysed
@@ -313,11 +309,10 @@ class ClientConnection(asyncio.Protocol):
         if self.phase == CLOSED:
             return
         if self._parts is not None:
-            self._parts.append(data)
-            self._have += len(data)
-            if self._have < self._need:
+            whole = self._parts.add(data)
+            if whole is None:
                 return
-            self.buf = b"".join(self._parts)
+            self.buf = whole
             self._parts = None
         else:
             self.buf = self.buf + data if self.buf else data
@@ -412,11 +407,8 @@ class ClientConnection(asyncio.Protocol):
         self.buf = rest = buf[bstart:] if bstart else buf
         if pos + 5 <= n and self.waiting is None and self.phase == READY:
             # The loop stopped at an incomplete message (its length was checked): collect the rest.
-            need = pos + 1 + unpack(buf, pos)[1] - bstart
-            if need - len(rest) > COLLECT_FROM:
-                self._parts = [rest]
-                self._have = len(rest)
-                self._need = need
+            self._parts = collector(rest, pos - bstart)
+            if self._parts is not None:
                 self.buf = b""
 
     def _dispatch(self, batch: Batch) -> None:  # noqa: PLR0915  (the routing decision tree)

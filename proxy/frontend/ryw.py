@@ -24,7 +24,8 @@ import pglast
 from pglast import ast
 from pglast.enums import VariableSetKind
 
-from proxy.backend.connection import K_SYNC, SWALLOW, Expect, ServerConnection
+from proxy.backend.connection import ServerConnection
+from proxy.backend.expect import K_SYNC, SWALLOW, Expect
 from proxy.health import parse_lsn
 from proxy.protocol import messages as m
 

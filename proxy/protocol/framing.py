@@ -21,16 +21,19 @@ from proxy.errors import PROTOCOL_VIOLATION, ProxyError
 
 __all__ = [
     "CANCEL_REQUEST_CODE",
+    "COLLECT_FROM",
     "GSSENC_REQUEST_CODE",
     "MAX_STARTUP_LENGTH",
     "PROTOCOL_V3",
     "SSL_REQUEST_CODE",
     "CancelRequest",
+    "Collector",
     "GSSENCRequest",
     "SSLRequest",
     "StartupMessage",
     "StartupPacket",
     "cancel_request",
+    "collector",
     "gssenc_request",
     "new_cancel_key",
     "read_startup",
@@ -88,6 +91,43 @@ def scan_messages(
         append((buf[pos], pos, end))
         pos = end
     return out, pos
+
+
+#: A message still missing more than this many bytes is collected chunk by chunk and joined once (linear),
+#: not concatenated onto the buffer at every read (quadratic).
+COLLECT_FROM: Final = 64 * 1024
+_U32 = struct.Struct("!I")
+
+
+class Collector:
+    """One large typed message arriving in chunks (with the buffered bytes before it): kept as a list of
+    chunks and joined once, when all of it is there."""
+
+    __slots__ = ("_have", "_need", "_parts")
+
+    def __init__(self, head: bytes, need: int) -> None:
+        self._parts = [head]
+        self._have = len(head)
+        self._need = need
+
+    def add(self, data: bytes) -> bytes | None:
+        """Add a chunk read from the socket; returns all the bytes so far once the message is complete
+        (they may run past its end), else None."""
+        self._parts.append(data)
+        self._have += len(data)
+        if self._have < self._need:
+            return None
+        return b"".join(self._parts)
+
+
+def collector(rest: bytes, at: int) -> Collector | None:
+    """A Collector for the buffered ``rest`` when the message whose header (complete, its length already
+    checked) starts at ``rest[at]`` is still missing more than COLLECT_FROM bytes; else None (keep the
+    buffer as it is)."""
+    need = at + 1 + _U32.unpack_from(rest, at + 1)[0]
+    if need - len(rest) <= COLLECT_FROM:
+        return None
+    return Collector(rest, need)
 
 
 # --- startup-phase packets ----------------------------------------------------------------------------

@@ -27,12 +27,10 @@ MAX_CLASS_LINES = 400
 # Today's offenders, "path::qualified name": their line counts (the ``def``/``class`` line to the last
 # line) may only shrink. Remove an entry once it is within the limit; never add one.
 LONG_FUNCTIONS: dict[str, int] = {
-    "proxy/backend/connection.py::ServerConnection._pump": 143,
     "proxy/frontend/client.py::ClientConnection._dispatch": 131,
     "proxy/frontend/client.py::ClientConnection._send": 186,
 }
 LONG_CLASSES: dict[str, int] = {
-    "proxy/backend/connection.py::ServerConnection": 542,
     "proxy/frontend/client.py::ClientConnection": 1696,
     "proxy/server.py::ProxyApp": 472,
 }
@@ -224,6 +222,8 @@ def _ratchet(found: dict[str, int], allowed: dict[str, int], limit: int, what: s
             problems.append(f"new {what} over {limit} lines: {key} ({lines} lines)")
         elif lines > allowed[key]:
             problems.append(f"{what} grew: {key} ({allowed[key]} -> {lines} lines)")
+    for key in sorted(allowed.keys() - found.keys()):
+        problems.append(f"{what} now within {limit} lines (or gone): remove {key} from the list")
     return problems
 
 

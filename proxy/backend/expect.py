@@ -1,0 +1,428 @@
+"""The reply queue of one upstream connection (sans-IO): what to do with each response PostgreSQL sends.
+
+While a connection is leased, every message the proxy sends upstream is matched by an ``Expect`` entry that
+says what to do with its response: forward it to the client, swallow it (replies to statements the proxy
+injected), or answer the client from the proxy itself (a synthesized ParseComplete/CloseComplete for a
+statement this connection already has). A client batch that needs none of that costs one entry per Sync or
+Query. ``ReplyQueue.feed`` reads message headers only (bodies only of errors, settings and captured rows);
+the bytes go to the ``Sink`` (the leasing client) unchanged, in one call per read.
+
+No transport, no asyncio, no socket: ``ServerConnection`` (connection.py) is the asyncio adapter built on
+this core, as asyncpg's protocol is built on its ``CoreProtocol``.
+"""
+
+from __future__ import annotations
+
+import logging
+import struct
+from collections import deque
+from collections.abc import Callable
+from dataclasses import dataclass
+from typing import Protocol
+
+from proxy.errors import PROTOCOL_VIOLATION, ProxyError
+from proxy.protocol import messages as m
+
+log = logging.getLogger("parafort.backend")
+
+_HEADER = struct.Struct("!BI")
+MAX_BACKEND_MESSAGE = 1 << 30
+
+# Response-unit kinds: which frontend message an expectation belongs to.
+K_SYNC = 0  # Sync, Query or FunctionCall: everything up to and including ReadyForQuery
+K_PARSE = 1
+K_BIND = 2
+K_DESCRIBE = 3
+K_EXECUTE = 4
+K_CLOSE = 5
+K_SYNTH = 6  # no upstream message: emit ``data`` to the client when reached
+
+# Actions.
+FORWARD = 0  # the client's own message: its responses go to the client
+SWALLOW = 1  # injected by the proxy: drop its responses, errors included (logged)
+SWALLOW_OK = 2  # injected re-Parse: drop its success, but forward its error (the client's Bind will fail)
+
+# The messages that end the unit of each kind (K_SYNC's ends at ReadyForQuery).
+_END = {
+    K_PARSE: frozenset(b"1E"),
+    K_BIND: frozenset(b"2E"),
+    K_DESCRIBE: frozenset(b"TnE"),
+    K_EXECUTE: frozenset(b"CIsE"),
+    K_CLOSE: frozenset(b"3E"),
+}
+_Z, _E, _C, _S, _N, _A, _G, _D = b"ZECSNAGD"
+_READ_WHEN_SWALLOWED = frozenset(b"SDE")  # what an injected message's reply is read for (see _injected)
+_STOP = -1  # _error's answer for a FATAL error: the backend exits, nothing after it matters
+
+
+@dataclass(slots=True)
+class Expect:
+    """What to do with the response to one message sent upstream (or a synthesized reply)."""
+
+    kind: int
+    action: int = FORWARD
+    data: bytes = b""  # K_SYNTH: the bytes to send
+    on_done: Callable[[bool], None] | None = None  # called with ok=True/False when the unit ends
+    extended: bool = False  # K_SYNC: a Sync (not a Query): a COPY FROM STDIN makes the server ignore it
+    # A Bind of a statement the proxy kept prepared: if PostgreSQL reports that its cached plan changed
+    # result type, this re-prepares and re-sends the rest of the batch (the client sees no error).
+    retry: Retry | None = None
+    # A query the proxy injected whose result it reads (read-your-writes' WAL position after a write): its
+    # DataRow payloads go here, and its ReadyForQuery ends the unit for the sink as the client's own would.
+    on_row: Callable[[bytes], None] | None = None
+
+    def extended_copy(self) -> bool:
+        """Whether a CopyInResponse under this entry comes from an extended-protocol Execute."""
+        return self.kind != K_SYNC or self.extended
+
+
+class Retry(Protocol):
+    """Sends a batch again after its first statement failed in a way the proxy can repair unseen."""
+
+    def applies(self) -> bool: ...
+
+    def __call__(self) -> None: ...
+
+
+class Sink(Protocol):
+    """The leasing client, as the upstream connection sees it."""
+
+    def upstream_data(self, data: bytes | bytearray | memoryview) -> None: ...
+
+    def upstream_ready(self, status: int) -> None: ...
+
+    def upstream_batch_end(self) -> None: ...
+
+    def upstream_error_seen(self, fields_payload: bytes) -> None: ...
+
+    def upstream_command_tag(self, tag: bytes) -> None: ...
+
+    def upstream_lost(self, exc: ProxyError) -> None: ...
+
+    def upstream_pause(self, paused: bool) -> None: ...
+
+
+class ReplyQueue:
+    """The expectations of one upstream connection and the routing of its replies; see the module.
+
+    ``push`` registers an entry per message sent; ``feed(buf)`` routes the complete messages in ``buf`` and
+    returns how many bytes it consumed (the rest is an incomplete message, for the next call). What goes
+    to the client (runs of ``buf`` and synthesized replies, in order) is gathered and given to
+    ``sink.upstream_data`` once per call, or before the lease can end at ReadyForQuery
+    (``sink.upstream_ready``). A bad length or a message nothing explains raises ProxyError 08P01; a
+    FATAL error stops the routing and is kept as ``farewell`` (the backend is exiting).
+
+    State the adapter and the client read: ``status`` (the last ReadyForQuery's transaction status),
+    ``expect`` (the queue), ``sink`` (the leasing client, or None), ``needs_sync``, ``farewell`` and
+    ``farewell_forwarded`` (the client got it as the reply to its own message), ``parameters`` (the
+    backend's ParameterStatus values).
+    """
+
+    def __init__(self, label: str) -> None:
+        self.label = label  # role name or replica name, for messages and metrics
+        self.parameters: dict[str, str] = {}
+        self.status = ord("I")
+        self.expect: deque[Expect] = deque()
+        self.sink: Sink | None = None
+        self._track_details = False  # the sink wants ErrorResponse fields and CommandComplete tags
+        # Extended-protocol messages were sent with no Sync after them: after an error the server would
+        # ignore everything up to a Sync, so the connection must not serve anyone else in this state.
+        # Cleared at a ReadyForQuery once no such messages remain queued.
+        self.needs_sync = False
+        # The backend's last word: an ErrorResponse (FATAL: it is exiting) that ended this connection, and
+        # whether the leasing client already got it as the reply to its own message.
+        self.farewell: bytes | None = None
+        self.farewell_forwarded = False
+
+    def track_details(self, on: bool) -> None:
+        self._track_details = on
+
+    def push(self, entry: Expect) -> None:
+        """Register the response expectation of a message about to be sent (or a synthesized reply).
+
+        A synthesized reply at the head of the queue goes out with the first upstream reply that follows
+        it (one write to the client); ``flush_synth()`` sends it at once when no upstream reply will come.
+        """
+        self.expect.append(entry)
+
+    def flush_synth(self) -> None:
+        """After a batch is sent: if only synthesized replies are queued, the client gets them now."""
+        expect = self.expect
+        if expect and expect[-1].kind == K_SYNTH and all(e.kind == K_SYNTH for e in expect):
+            data = b"".join(e.data for e in expect)
+            expect.clear()
+            if self.sink is not None:
+                self.sink.upstream_data(data)
+
+    def lost(self, exc: ProxyError) -> None:
+        """The connection ended: captures whose reply never comes hear it, then the sink (detached)."""
+        for entry in self.expect:
+            if entry.on_row is not None and entry.on_done is not None:
+                entry.on_done(False)
+        sink, self.sink = self.sink, None
+        if sink is not None:
+            sink.upstream_lost(exc)
+
+    def feed(self, buf: bytes) -> int:  # noqa: PLR0915  (the hot loop, one frame on purpose)
+        """Route the complete messages in ``buf`` (see the class); returns the bytes consumed."""
+        expect = self.expect
+        n = len(buf)
+        pos = run = 0  # ``run``: where the bytes to forward that are not in ``out`` yet start
+        out: list[bytes | memoryview] = []
+        view = memoryview(buf)
+        unpack = _HEADER.unpack_from
+        if expect and expect[0].kind == K_SYNTH:  # replies made by the proxy (a cached Parse) come first
+            self._take_synth(out, view, 0, 0)
+        while pos + 5 <= n:
+            mtype, length = unpack(buf, pos)
+            end = pos + 1 + length
+            if length < 4 or length > MAX_BACKEND_MESSAGE:
+                raise ProxyError(PROTOCOL_VIOLATION, f"invalid message length {length} from upstream")
+            if end > n:
+                break
+            if not expect:
+                if self._unsolicited(buf, pos, end, run, out):
+                    run = pos = end
+                    break
+                pos = end
+                continue
+            entry = expect[0]
+            if mtype == _Z and entry.kind != K_SYNC:
+                entry = self._skip_to_next_sync()
+            if entry.action != FORWARD:  # injected by the proxy: its replies are dropped
+                if pos > run:
+                    out.append(view[run:pos])
+                run = end
+                if mtype in _READ_WHEN_SWALLOWED:
+                    self._injected(entry, buf, pos, end, out)
+            if mtype == _Z:
+                self.status = buf[pos + 5]
+                pos = end
+                expect.popleft()
+                if entry.on_done is not None:
+                    entry.on_done(True)
+                if self.needs_sync:
+                    self.needs_sync = bool(expect) and expect[-1].kind != K_SYNC
+                if expect and expect[0].kind == K_SYNTH:
+                    run = self._take_synth(out, view, run, pos)
+                if entry.action == FORWARD or entry.on_row is not None:
+                    sink = self.sink
+                    if sink is not None:
+                        if pos > run:
+                            out.append(buf if run == 0 and pos == n else view[run:pos])
+                        run = pos
+                        if self._track_details:
+                            sink.upstream_batch_end()  # before the client's ReadyForQuery (audit line first)
+                        if out:
+                            _flush(sink, out)
+                        sink.upstream_ready(self.status)
+                continue
+            if mtype == _E:
+                after = self._error(entry, buf, pos, end, run=run, out=out)
+                pos = end
+                if after == _STOP:
+                    break
+                run = after
+                continue
+            if mtype == _S:
+                self._parameter_status(buf, pos, end)
+            elif mtype == _C:
+                if self._track_details and entry.action == FORWARD and self.sink is not None:
+                    self.sink.upstream_command_tag(bytes(buf[pos + 5 : end - 1]))
+            elif mtype == _G and entry.extended_copy():
+                entry = self._copy_in_started()
+            pos = end
+            if entry.kind != K_SYNC and mtype in _END[entry.kind]:
+                expect.popleft()
+                if entry.on_done is not None:
+                    entry.on_done(True)
+                if expect and expect[0].kind == K_SYNTH:
+                    run = self._take_synth(out, view, run, pos)
+        if pos > run:
+            out.append(view[run:pos])
+        if out and (sink := self.sink) is not None:
+            _flush(sink, out)
+        return pos
+
+    def _unsolicited(self, buf: bytes, pos: int, end: int, run: int, out: list[bytes | memoryview]) -> bool:
+        """A message while nothing is expected: only asynchronous ones may arrive (notices, notifications,
+        settings: they stay in the run forwarded), or the FATAL of a backend that ends on its own
+        (terminated, idle-in-transaction timeout). True for that FATAL: the run before it goes to ``out``,
+        and it is kept as ``farewell``, not forwarded (whether the client hears of it is
+        ``Sink.upstream_lost``'s decision)."""
+        mtype = buf[pos]
+        if mtype == _S:
+            self._parameter_status(buf, pos, end)
+        elif mtype == _E:
+            if pos > run:
+                out.append(memoryview(buf)[run:pos])
+            self.farewell = bytes(buf[pos:end])
+            return True
+        elif mtype not in (_N, _A):
+            raise ProxyError(PROTOCOL_VIOLATION, f"unexpected message {chr(mtype)!r} from upstream")
+        return False
+
+    def _injected(self, entry: Expect, buf: bytes, pos: int, end: int, out: list[bytes | memoryview]) -> None:
+        """A reply to a message the proxy injected, dropped but for what the client must still see: the
+        new value of a setting the proxy replayed, and the error of a re-prepare (its own Bind will be
+        skipped). A captured row goes to ``on_row``; other errors are logged."""
+        mtype = buf[pos]
+        if mtype == _S:
+            out.append(memoryview(buf)[pos:end])
+        elif mtype == _D and entry.on_row is not None:
+            entry.on_row(bytes(buf[pos + 5 : end]))
+        elif mtype == _E:
+            if entry.action == SWALLOW_OK:
+                out.append(bytes(buf[pos:end]))
+            else:
+                log.warning(
+                    "event=injected_statement_failed upstream=%s sqlstate=%s",
+                    self.label,
+                    sqlstate(buf, pos, end),
+                )
+
+    def _error(
+        self, entry: Expect, buf: bytes, pos: int, end: int, *, run: int, out: list[bytes | memoryview]
+    ) -> int:
+        """An ErrorResponse at ``buf[pos:end]`` under ``entry``: returns where the run to forward now
+        starts, or ``_STOP`` after a FATAL one (the backend exits; ``farewell`` is set)."""
+        if _fatal(buf, pos, end):
+            # The backend exits after this: the client got it (unless the message was the proxy's).
+            self.farewell = bytes(buf[pos:end])
+            self.farewell_forwarded = entry.action != SWALLOW and self.sink is not None
+            return _STOP
+        expect = self.expect
+        if (
+            entry.retry is not None
+            and self._only_unit_queued()
+            and _stale_plan(buf, pos, end)
+            and entry.retry.applies()
+        ):
+            # Drop this error and the ReadyForQuery of the Sync the server now skips to; the retry's
+            # replies are what the client gets.
+            if pos > run:
+                out.append(memoryview(buf)[run:pos])
+            retry = entry.retry
+            self._skip_to_sync(entry)
+            if expect:
+                expect[0].action = SWALLOW
+            retry()
+            return end
+        if self._track_details and entry.action == FORWARD and self.sink is not None:
+            self.sink.upstream_error_seen(bytes(buf[pos + 5 : end]))
+        if entry.kind != K_SYNC:
+            # Extended protocol: the server now skips everything up to the next Sync (replies the proxy
+            # would have synthesized for messages in between are dropped too, as the server's would be).
+            self._skip_to_sync(entry)
+        return run
+
+    def _only_unit_queued(self) -> bool:
+        """Whether the expectations queued end at the first Sync (no later batch is in flight)."""
+        return sum(1 for e in self.expect if e.kind == K_SYNC) == 1 and self.expect[-1].kind == K_SYNC
+
+    def _skip_to_next_sync(self) -> Expect:
+        """A ReadyForQuery under an entry that is not a Sync's: the server skipped those messages (it was
+        still skipping after an earlier error, which a Flush-terminated batch reported), so their replies
+        never come. Returns the Sync's entry; ProxyError 08P01 when there is none."""
+        expect = self.expect
+        while expect and expect[0].kind != K_SYNC:
+            dropped = expect.popleft()
+            if dropped.on_done is not None:
+                dropped.on_done(False)
+        if not expect:
+            raise ProxyError(PROTOCOL_VIOLATION, "ReadyForQuery out of turn from upstream")
+        return expect[0]
+
+    def _take_synth(self, out: list[bytes | memoryview], view: memoryview, run: int, pos: int) -> int:
+        """Emit synthesized replies now at the head of the queue, after the bytes forwarded so far."""
+        if pos > run:
+            out.append(view[run:pos])
+        expect = self.expect
+        while expect and expect[0].kind == K_SYNTH:
+            out.append(expect.popleft().data)
+        return pos
+
+    def _copy_in_started(self) -> Expect:
+        """COPY FROM STDIN started by an extended-protocol Execute: the server ignores the Sync already
+        sent after it, so that Sync's ReadyForQuery never comes; the Execute's unit now ends at
+        CommandComplete (or an error), and the client's next Sync gets the ReadyForQuery. Returns the
+        entry now at the head."""
+        expect = self.expect
+        head = expect[0]
+        if head.kind == K_SYNC:
+            head.kind = K_EXECUTE
+            return head
+        for i, entry in enumerate(expect):
+            if entry.kind == K_SYNC:
+                del expect[i]
+                break
+        return expect[0]
+
+    def _skip_to_sync(self, failed: Expect) -> None:
+        """After an error the server ignores messages up to Sync: drop their expectations too."""
+        expect = self.expect
+        expect.popleft()
+        if failed.on_done is not None:
+            failed.on_done(False)
+        while expect and expect[0].kind != K_SYNC:
+            dropped = expect.popleft()
+            if dropped.on_done is not None:
+                dropped.on_done(False)
+
+    def _parameter_status(self, buf: bytes, pos: int, end: int) -> None:
+        name, value = m.decode_parameter_status(memoryview(buf)[pos + 5 : end])
+        self.parameters[name] = value
+
+
+def _flush(sink: Sink, out: list[bytes | memoryview]) -> None:
+    sink.upstream_data(out[0] if len(out) == 1 else b"".join(out))
+    out.clear()
+
+
+def _stale_plan(buf: bytes, pos: int, end: int) -> bool:
+    """Whether the ErrorResponse at ``pos`` is "cached plan must not change result type" (SQLSTATE 0A000
+    raised by RevalidateCachedQuery: the routine name, unlike the message, is never translated)."""
+    try:
+        fields = m.parse_fields(buf[pos + 5 : end])
+    except ProxyError:
+        return False
+    return fields.get("C") == "0A000" and fields.get("R") == "RevalidateCachedQuery"
+
+
+def _fatal(buf: bytes, pos: int, end: int) -> bool:
+    """Whether the ErrorResponse at ``pos`` is FATAL or PANIC: the backend ends the connection after it."""
+    try:
+        fields = m.parse_fields(bytes(buf[pos + 5 : end]))
+    except ProxyError:
+        return False
+    return fields.get("V", fields.get("S")) in ("FATAL", "PANIC")
+
+
+def sqlstate(buf: bytes, pos: int, end: int) -> str:
+    """The SQLSTATE of the ErrorResponse at ``buf[pos:end]`` only (for logs: its message may quote values,
+    a replayed SET's, say); "unreadable" when its fields are malformed."""
+    try:
+        fields = m.parse_fields(bytes(buf[pos + 5 : end]))
+    except ProxyError:
+        return "unreadable"
+    return fields.get("C", "unknown")
+
+
+__all__ = [
+    "FORWARD",
+    "K_BIND",
+    "K_CLOSE",
+    "K_DESCRIBE",
+    "K_EXECUTE",
+    "K_PARSE",
+    "K_SYNC",
+    "K_SYNTH",
+    "MAX_BACKEND_MESSAGE",
+    "SWALLOW",
+    "SWALLOW_OK",
+    "Expect",
+    "ReplyQueue",
+    "Retry",
+    "Sink",
+    "sqlstate",
+]

@@ -1,0 +1,559 @@
+"""The upstream reply queue without sockets: backend message bytes fed to ``ReplyQueue``, a recording sink.
+
+Each case queues the entries client.py would push for a batch (``ClientConnection._send``, ``flush_synth``,
+``_StalePlanRetry``, ryw's ``Capture``) and feeds what PostgreSQL answers, then checks what the client
+would receive (bytes, in order), the ReadyForQuery statuses reported and the ``on_done`` callbacks.
+"""
+
+from __future__ import annotations
+
+import logging
+import struct
+from typing import Any
+
+import pytest
+
+from proxy.backend.connection import ServerConnection
+from proxy.backend.expect import (
+    K_BIND,
+    K_CLOSE,
+    K_DESCRIBE,
+    K_EXECUTE,
+    K_PARSE,
+    K_SYNC,
+    K_SYNTH,
+    SWALLOW,
+    SWALLOW_OK,
+    Expect,
+    ReplyQueue,
+)
+from proxy.config.dsn import parse_dsn
+from proxy.errors import ProxyError
+from proxy.frontend.ryw import CAPTURE_QUERY, Capture, Writes
+from proxy.protocol import messages as m
+from proxy.protocol.framing import COLLECT_FROM, collector
+
+PARSE_1 = m.parse_complete()
+BIND_2 = m.bind_complete()
+CLOSE_3 = m.close_complete()
+ROWS = m.row_description([("n", 23)]) + m.data_row(["1"]) + m.command_complete("SELECT 1")
+IDLE, IN_TX, FAILED = m.ready_for_query(b"I"), m.ready_for_query(b"T"), m.ready_for_query(b"E")
+
+
+def msg(mtype: bytes, payload: bytes) -> bytes:
+    return mtype + struct.pack("!I", len(payload) + 4) + payload
+
+
+def error(sqlstate: str, severity: str = "ERROR", routine: str | None = None) -> bytes:
+    """An ErrorResponse as PostgreSQL sends it (with the routine field R when given)."""
+    fields = [b"S", severity.encode(), b"\0V", severity.encode(), b"\0C", sqlstate.encode(), b"\0Mboom\0"]
+    if routine is not None:
+        fields += [b"R", routine.encode(), b"\0"]
+    return msg(b"E", b"".join(fields) + b"\0")
+
+
+STALE_PLAN = error("0A000", routine="RevalidateCachedQuery")
+SYNTAX = error("42601")
+
+
+class Sink:
+    """Records what the reply queue tells the client, in order."""
+
+    def __init__(self) -> None:
+        self.events: list[tuple[str, Any]] = []
+        self.raw: list[bytes | bytearray | memoryview] = []
+
+    def upstream_data(self, data: bytes | bytearray | memoryview) -> None:
+        self.raw.append(data)
+        self.events.append(("data", bytes(data)))
+
+    def upstream_ready(self, status: int) -> None:
+        self.events.append(("ready", chr(status)))
+
+    def upstream_batch_end(self) -> None:
+        self.events.append(("batch_end", None))
+
+    def upstream_error_seen(self, fields_payload: bytes) -> None:
+        self.events.append(("error_seen", m.parse_fields(fields_payload)["C"]))
+
+    def upstream_command_tag(self, tag: bytes) -> None:
+        self.events.append(("tag", tag))
+
+    def upstream_lost(self, exc: ProxyError) -> None:
+        self.events.append(("lost", exc.sqlstate))
+
+    def upstream_pause(self, paused: bool) -> None:
+        self.events.append(("pause", paused))
+
+    @property
+    def data(self) -> bytes:
+        return b"".join(d for kind, d in self.events if kind == "data")
+
+    def kinds(self) -> list[str]:
+        return [kind for kind, _ in self.events]
+
+
+class Done:
+    """An ``on_done`` callback that records its calls."""
+
+    def __init__(self) -> None:
+        self.calls: list[bool] = []
+
+    def __call__(self, ok: bool) -> None:
+        self.calls.append(ok)
+
+
+def queue(*entries: Expect, track: bool = False) -> tuple[ReplyQueue, Sink]:
+    q = ReplyQueue("main")
+    sink = Sink()
+    q.sink = sink
+    q.track_details(track)
+    for entry in entries:
+        q.push(entry)
+    return q, sink
+
+
+def feed_all(q: ReplyQueue, data: bytes) -> None:
+    assert q.feed(data) == len(data)
+
+
+# -- forwarding -------------------------------------------------------------------------------------------
+
+
+def test_plain_sync_unit_is_forwarded_untouched_in_one_write() -> None:
+    # An extended batch that needs nothing special (Parse/Bind/Describe/Execute/Sync): one entry, its Sync.
+    q, sink = queue(Expect(K_SYNC, extended=True))
+    replies = PARSE_1 + BIND_2 + ROWS + IDLE
+    feed_all(q, replies)
+    assert sink.kinds() == ["data", "ready"]
+    assert sink.raw[0] is replies  # the buffer itself: no copy, no join
+    assert sink.events[1] == ("ready", "I")
+    assert not q.expect
+
+
+def test_ready_for_query_status_is_reported_and_kept() -> None:
+    q, sink = queue(Expect(K_SYNC), Expect(K_SYNC), Expect(K_SYNC))
+    feed_all(q, m.command_complete("BEGIN") + IN_TX + error("22012") + FAILED)
+    assert [e for e in sink.events if e[0] == "ready"] == [("ready", "T"), ("ready", "E")]
+    assert q.status == ord("E")
+    feed_all(q, m.command_complete("ROLLBACK") + IDLE)
+    assert sink.events[-1] == ("ready", "I")
+    assert q.status == ord("I")
+
+
+def test_two_pipelined_units_each_end_with_their_own_ready() -> None:
+    q, sink = queue(Expect(K_SYNC), Expect(K_SYNC))
+    first, second = ROWS + IDLE, m.command_complete("SELECT 0") + IDLE
+    feed_all(q, first + second)
+    assert sink.events == [("data", first), ("ready", "I"), ("data", second), ("ready", "I")]
+
+
+# -- injected statements ----------------------------------------------------------------------------------
+
+
+def test_swallowed_session_replay_passes_only_its_parameter_status() -> None:
+    # _send: the session replay (RESET/SET as one Query) goes first, swallowed; the client's query follows.
+    q, sink = queue(Expect(K_SYNC, SWALLOW), Expect(K_SYNC))
+    setting = m.parameter_status("DateStyle", "ISO, DMY")
+    feed_all(q, m.command_complete("SET") + setting + IDLE + ROWS + IDLE)
+    assert sink.data == setting + ROWS + IDLE
+    assert sink.kinds().count("ready") == 1  # the injected unit's ReadyForQuery is not the client's
+    assert q.parameters["DateStyle"] == "ISO, DMY"
+
+
+def test_error_of_a_swallowed_query_is_logged_not_forwarded(caplog: pytest.LogCaptureFixture) -> None:
+    q, sink = queue(Expect(K_SYNC, SWALLOW), Expect(K_SYNC))
+    with caplog.at_level(logging.WARNING, logger="parafort.backend"):
+        feed_all(q, error("22023") + IDLE + ROWS + IDLE)
+    assert sink.data == ROWS + IDLE
+    assert "event=injected_statement_failed upstream=main sqlstate=22023" in caplog.text
+    assert "boom" not in caplog.text  # the message may quote values: only the SQLSTATE is logged
+
+
+def test_re_parse_that_succeeds_is_swallowed() -> None:
+    # _ensure_prepared before a Bind of a statement this connection lacks: Close + Parse, then the Bind.
+    parse_done, bind_done = Done(), Done()
+    q, sink = queue(
+        Expect(K_CLOSE, SWALLOW),
+        Expect(K_PARSE, SWALLOW_OK, on_done=parse_done),
+        Expect(K_BIND, on_done=bind_done),
+        Expect(K_SYNC, extended=True),
+    )
+    feed_all(q, CLOSE_3 + PARSE_1 + BIND_2 + ROWS + IDLE)
+    assert sink.data == BIND_2 + ROWS + IDLE
+    assert (parse_done.calls, bind_done.calls) == ([True], [True])
+
+
+def test_re_parse_that_fails_forwards_its_error() -> None:
+    # The client's own Bind is then skipped by the server: the client sees the Parse's error and Sync's Z.
+    parse_done, bind_done = Done(), Done()
+    q, sink = queue(
+        Expect(K_CLOSE, SWALLOW),
+        Expect(K_PARSE, SWALLOW_OK, on_done=parse_done),
+        Expect(K_BIND, on_done=bind_done),
+        Expect(K_SYNC, extended=True),
+        track=True,
+    )
+    missing = error("42P01")
+    feed_all(q, CLOSE_3 + missing + IDLE)
+    assert sink.data == missing + IDLE
+    assert (parse_done.calls, bind_done.calls) == ([False], [False])
+    assert "error_seen" not in sink.kinds()  # not the client's own message's error
+    assert not q.expect
+
+
+# -- errors in the extended protocol ----------------------------------------------------------------------
+
+
+def test_pipelined_error_skips_to_the_next_sync() -> None:
+    # A driver's Parse/Describe/Flush (not collapsed: no Sync), then Bind/Execute/Sync as another batch.
+    parse_done, describe_done, sync_done = Done(), Done(), Done()
+    q, sink = queue(Expect(K_PARSE, on_done=parse_done), Expect(K_DESCRIBE, on_done=describe_done))
+    q.needs_sync = True
+    feed_all(q, SYNTAX)
+    assert sink.data == SYNTAX
+    assert not q.expect  # the Describe's reply never comes: the server skips to the Sync
+    assert (parse_done.calls, describe_done.calls) == ([False], [False])
+    q.push(Expect(K_SYNC, extended=True, on_done=sync_done))
+    feed_all(q, IDLE)
+    assert sink.events[-1] == ("ready", "I")
+    assert sync_done.calls == [True]
+    assert not q.needs_sync
+
+
+def test_ready_for_query_under_skipped_entries_ends_them() -> None:
+    # The error came after a Flush; the client pipelined Bind/Execute/Flush and then a Sync: the server
+    # skipped the Bind and Execute, so the ReadyForQuery belongs to the Sync.
+    bind_done, execute_done = Done(), Done()
+    q, sink = queue(
+        Expect(K_BIND, on_done=bind_done),
+        Expect(K_EXECUTE, on_done=execute_done),
+        Expect(K_SYNC, extended=True),
+    )
+    feed_all(q, IDLE)
+    assert sink.events == [("data", IDLE), ("ready", "I")]
+    assert (bind_done.calls, execute_done.calls) == ([False], [False])
+
+    q, _ = queue(Expect(K_BIND))
+    with pytest.raises(ProxyError) as exc:
+        q.feed(IDLE)  # no Sync queued at all: the server is out of turn
+    assert exc.value.sqlstate == "08P01"
+
+
+def test_error_details_and_tags_reach_a_tracking_sink_before_ready() -> None:
+    q, sink = queue(Expect(K_SYNC), Expect(K_SYNC), track=True)
+    feed_all(q, m.command_complete("SET") + IDLE + error("42P01") + IDLE)
+    assert sink.kinds() == ["tag", "batch_end", "data", "ready", "error_seen", "batch_end", "data", "ready"]
+    assert sink.events[0] == ("tag", b"SET")
+    assert sink.events[4] == ("error_seen", "42P01")
+
+
+# -- synthesized replies ----------------------------------------------------------------------------------
+
+
+def test_synthesized_parse_complete_goes_first_in_the_same_write() -> None:
+    # statements.cache_unnamed: the connection has the statement, the Parse is not sent (_parse_unnamed).
+    q, sink = queue(Expect(K_SYNTH, data=PARSE_1), Expect(K_BIND), Expect(K_SYNC, extended=True))
+    feed_all(q, BIND_2 + ROWS + IDLE)
+    assert sink.events == [("data", PARSE_1 + BIND_2 + ROWS + IDLE), ("ready", "I")]
+
+
+def test_synthesized_replies_between_upstream_replies_keep_their_order() -> None:
+    # Parse (sent), Close of a client name (answered by the proxy), Parse (cached), Bind, Execute, Sync.
+    q, sink = queue(
+        Expect(K_PARSE),
+        Expect(K_SYNTH, data=CLOSE_3),
+        Expect(K_SYNTH, data=PARSE_1),
+        Expect(K_BIND),
+        Expect(K_SYNC, extended=True),
+    )
+    feed_all(q, PARSE_1 + BIND_2 + ROWS + IDLE)
+    assert sink.data == PARSE_1 + CLOSE_3 + PARSE_1 + BIND_2 + ROWS + IDLE
+    # A synthesized reply behind a pipelined unit goes out right after that unit's ReadyForQuery.
+    q, sink = queue(Expect(K_SYNC), Expect(K_SYNTH, data=PARSE_1), Expect(K_BIND))
+    feed_all(q, ROWS + IDLE + BIND_2)
+    assert sink.data == ROWS + IDLE + PARSE_1 + BIND_2
+    assert sink.kinds().count("ready") == 1
+
+
+def test_synthesized_reply_after_a_skipping_error_and_flush_synth() -> None:
+    q, sink = queue(Expect(K_PARSE), Expect(K_BIND), Expect(K_SYNTH, data=CLOSE_3), Expect(K_SYNC))
+    feed_all(q, SYNTAX + IDLE)
+    # The server skips the Bind and the Close up to the Sync: the Close the proxy answers is skipped too.
+    assert sink.data == SYNTAX + IDLE
+    # Only synthesized replies queued (a batch of cached Parses and a Flush): no upstream reply will come.
+    q, sink = queue()
+    q.push(Expect(K_SYNTH, data=PARSE_1))
+    q.push(Expect(K_SYNTH, data=CLOSE_3))
+    q.flush_synth()
+    assert sink.events == [("data", PARSE_1 + CLOSE_3)]
+    assert not q.expect
+
+
+# -- COPY -------------------------------------------------------------------------------------------------
+
+COPY_IN = msg(b"G", b"\0" + struct.pack("!h", 0))
+COPY_OUT = msg(b"H", b"\0" + struct.pack("!h", 0))
+COPIED = m.command_complete("COPY 2")
+
+
+def test_copy_in_from_an_extended_execute_ends_at_command_complete() -> None:
+    # Parse/Bind/Execute/Sync of COPY ... FROM STDIN: the server ignores that Sync while copying, so the
+    # unit ends at CommandComplete and the Sync the client sends after CopyDone gets the ReadyForQuery.
+    q, sink = queue(Expect(K_SYNC, extended=True))
+    feed_all(q, PARSE_1 + BIND_2 + COPY_IN)
+    assert [e.kind for e in q.expect] == [K_EXECUTE]
+    feed_all(q, COPIED)
+    assert not q.expect
+    q.push(Expect(K_SYNC, extended=True))
+    feed_all(q, IDLE)
+    assert sink.data == PARSE_1 + BIND_2 + COPY_IN + COPIED + IDLE
+    assert sink.kinds().count("ready") == 1
+
+
+def test_copy_in_after_a_flush_drops_the_pipelined_sync() -> None:
+    q, _ = queue(Expect(K_BIND), Expect(K_EXECUTE), Expect(K_SYNC, extended=True))
+    feed_all(q, BIND_2 + COPY_IN)
+    assert [e.kind for e in q.expect] == [K_EXECUTE]  # that Sync's ReadyForQuery never comes
+
+
+def test_copy_in_from_a_simple_query_keeps_its_unit() -> None:
+    q, sink = queue(Expect(K_SYNC))
+    feed_all(q, COPY_IN)
+    assert [(e.kind, e.extended) for e in q.expect] == [(K_SYNC, False)]
+    feed_all(q, COPIED + IDLE)
+    assert sink.data == COPY_IN + COPIED + IDLE
+    assert sink.events[-1] == ("ready", "I")
+
+
+def test_copy_out_data_is_forwarded() -> None:
+    q, sink = queue(Expect(K_SYNC))
+    rows = msg(b"d", b"1\tone\n") + msg(b"d", b"2\ttwo\n") + msg(b"c", b"")
+    feed_all(q, COPY_OUT + rows + COPIED + IDLE)
+    assert sink.data == COPY_OUT + rows + COPIED + IDLE
+
+
+# -- stale plans ------------------------------------------------------------------------------------------
+
+
+class Retry:
+    """Mirrors client.py's _StalePlanRetry: queues Close + Parse + Bind + Sync again when called."""
+
+    def __init__(self, q: ReplyQueue, applies: bool = True) -> None:
+        self.q = q
+        self.ok = applies
+        self.calls = 0
+
+    def applies(self) -> bool:
+        return self.ok
+
+    def __call__(self) -> None:
+        self.calls += 1
+        self.q.push(Expect(K_CLOSE, SWALLOW))
+        self.q.push(Expect(K_PARSE, SWALLOW_OK))
+        self.q.push(Expect(K_BIND))
+        self.q.push(Expect(K_SYNC, extended=True))
+
+
+def stale_batch(applies: bool = True) -> tuple[ReplyQueue, Sink, Retry, Done]:
+    q, sink = queue()
+    retry, bind_done = Retry(q, applies), Done()
+    q.push(Expect(K_SYNTH, data=PARSE_1))
+    q.push(Expect(K_BIND, on_done=bind_done, retry=retry))
+    q.push(Expect(K_SYNC, extended=True))
+    return q, sink, retry, bind_done
+
+
+def test_stale_plan_error_is_swallowed_and_the_batch_retried() -> None:
+    q, sink, retry, bind_done = stale_batch()
+    feed_all(q, STALE_PLAN)
+    assert retry.calls == 1
+    assert bind_done.calls == [False]
+    assert q.expect[0].kind == K_SYNC and q.expect[0].action == SWALLOW  # the failed batch's Sync
+    # The failed Sync's ReadyForQuery, then the retry's replies.
+    feed_all(q, IDLE + CLOSE_3 + PARSE_1 + BIND_2 + ROWS + IDLE)
+    assert sink.data == PARSE_1 + BIND_2 + ROWS + IDLE  # no error; the client's ParseComplete was ours
+    assert sink.kinds().count("ready") == 1
+    assert not q.expect
+
+
+def test_stale_plan_error_is_forwarded_when_the_retry_does_not_apply() -> None:
+    q, sink, retry, _ = stale_batch(applies=False)
+    feed_all(q, STALE_PLAN + IDLE)
+    assert retry.calls == 0
+    assert sink.data == PARSE_1 + STALE_PLAN + IDLE
+    # Another batch in flight behind this one: it must not be re-sent ahead of it.
+    q, sink, retry, _ = stale_batch()
+    q.push(Expect(K_SYNC))
+    feed_all(q, STALE_PLAN + IDLE)
+    assert retry.calls == 0
+    assert sink.data == PARSE_1 + STALE_PLAN + IDLE
+    # The same SQLSTATE from elsewhere (not RevalidateCachedQuery) is the client's error.
+    q, sink, retry, _ = stale_batch()
+    feed_all(q, error("0A000") + IDLE)
+    assert retry.calls == 0
+    assert sink.data == PARSE_1 + error("0A000") + IDLE
+
+
+# -- the backend going away -------------------------------------------------------------------------------
+
+
+def test_fatal_reply_is_forwarded_and_kept_as_farewell() -> None:
+    q, sink = queue(Expect(K_SYNC))
+    fatal = error("57P01", severity="FATAL")
+    feed_all(q, m.row_description([("n", 23)]) + fatal)
+    assert sink.data == m.row_description([("n", 23)]) + fatal
+    assert q.farewell == fatal and q.farewell_forwarded
+    assert "ready" not in sink.kinds()
+
+
+def test_fatal_under_an_injected_query_is_not_the_clients() -> None:
+    q, sink = queue(Expect(K_SYNC, SWALLOW), Expect(K_SYNC))
+    fatal = error("57P01", severity="FATAL")
+    assert q.feed(fatal + IDLE) == len(fatal)  # nothing after it is routed
+    assert sink.events == []
+    assert q.farewell == fatal and not q.farewell_forwarded
+
+
+def test_fatal_while_idle_is_kept_not_forwarded() -> None:
+    q, sink = queue()
+    notice = m.notice_response("WARNING", "01000", "about to go")
+    fatal = error("25P03", severity="FATAL")
+    feed_all(q, notice + fatal)
+    assert sink.data == notice  # upstream_lost decides whether the client hears of it
+    assert q.farewell == fatal and not q.farewell_forwarded
+
+
+def test_lost_connection_fails_captures_then_tells_the_sink() -> None:
+    capture_done, other_done = Done(), Done()
+    q, sink = queue(
+        Expect(K_SYNC, on_done=other_done),
+        Expect(K_SYNC, SWALLOW, on_done=capture_done, on_row=lambda row: None),
+    )
+    q.lost(ProxyError("08006", "gone"))
+    assert capture_done.calls == [False]  # its reply never comes
+    assert other_done.calls == []
+    assert sink.events == [("lost", "08006")]
+    assert q.sink is None
+
+
+# -- asynchronous messages --------------------------------------------------------------------------------
+
+
+def test_asynchronous_messages_pass_through() -> None:
+    notification = msg(b"A", struct.pack("!I", 4242) + b"jobs\0payload\0")
+    notice = m.notice_response("NOTICE", "00000", "hello")
+    setting = m.parameter_status("TimeZone", "UTC")
+    q, sink = queue()
+    feed_all(q, notification + notice + setting)  # nothing in flight (a LISTENing pinned client)
+    assert sink.events == [("data", notification + notice + setting)]
+    assert q.parameters == {"TimeZone": "UTC"}
+    q.push(Expect(K_SYNC))
+    feed_all(q, notice + m.parameter_status("TimeZone", "CET") + ROWS + notification + IDLE)
+    assert sink.data.endswith(notice + m.parameter_status("TimeZone", "CET") + ROWS + notification + IDLE)
+    assert q.parameters == {"TimeZone": "CET"}
+    with pytest.raises(ProxyError) as exc:
+        q.feed(m.data_row(["1"]))  # a row nobody asked for
+    assert exc.value.sqlstate == "08P01"
+
+
+# -- framing ----------------------------------------------------------------------------------------------
+
+
+def test_message_split_across_two_reads() -> None:
+    replies = ROWS + IDLE
+    for cut in (3, len(m.row_description([("n", 23)])) + 7):  # inside a header, inside a body
+        q, sink = queue(Expect(K_SYNC))
+        used = q.feed(replies[:cut])
+        assert used < cut
+        assert replies[:used] == sink.data
+        feed_all(q, replies[used:])
+        assert sink.data == replies
+        assert sink.events[-1] == ("ready", "I")
+
+
+def test_bad_length_is_a_protocol_violation() -> None:
+    q, _ = queue(Expect(K_SYNC))
+    with pytest.raises(ProxyError) as exc:
+        q.feed(b"D" + struct.pack("!I", 3))
+    assert exc.value.sqlstate == "08P01"
+
+
+class MemoryTransport:
+    def __init__(self) -> None:
+        self.writes: list[bytes] = []
+
+    def write(self, data: bytes | bytearray | memoryview) -> None:
+        self.writes.append(bytes(data))
+
+    def get_extra_info(self, name: str, default: Any = None) -> Any:
+        return default
+
+    def is_closing(self) -> bool:
+        return False
+
+    def close(self) -> None: ...
+
+    def abort(self) -> None: ...
+
+
+def memory_connection() -> tuple[ServerConnection, MemoryTransport, Sink]:
+    conn = ServerConnection("main", parse_dsn("postgresql://app@127.0.0.1:5432/app"), "main")
+    transport = MemoryTransport()
+    conn.connection_made(transport)  # type: ignore[arg-type]
+    sink = Sink()
+    conn.attach(sink)
+    return conn, transport, sink
+
+
+def test_large_message_is_collected_in_chunks_and_joined_once() -> None:
+    conn, _, sink = memory_connection()
+    conn.push(Expect(K_SYNC))
+    big = m.data_row(["x" * (4 * COLLECT_FROM)])
+    replies = m.row_description([("x", 25)]) + big + m.command_complete("SELECT 1") + IDLE
+    chunk = 16 * 1024
+    pieces = [replies[i : i + chunk] for i in range(0, len(replies), chunk)]
+    conn.data_received(pieces[0])
+    assert conn._parts is not None  # collecting, not concatenating each read onto the buffer
+    for piece in pieces[1:]:
+        conn.data_received(piece)
+    assert sink.data == replies
+    assert sink.events[-1] == ("ready", "I")
+    assert conn.clean
+    # Nothing is collected for a message that is nearly there, and the offset of its header counts.
+    assert collector(big[: len(big) - COLLECT_FROM], 0) is None
+    assert collector(b"\0" * 10 + big[:100], 10) is not None
+
+
+# -- read-your-writes' capture ----------------------------------------------------------------------------
+
+
+class Client:
+    def __init__(self) -> None:
+        self.lsns: list[int | None] = []
+
+    def captured(self, capture: Capture, lsn: int | None) -> None:
+        self.lsns.append(lsn)
+
+
+def test_capture_reads_its_row_swallows_the_reply_and_ends_the_unit() -> None:
+    conn, transport, sink = memory_connection()
+    conn.identity = ("7000000000000000001", "00000001", "2026-12-06 22:00:00+00")
+    writes, client = Writes(), Client()
+    Capture(writes, ("user", "app"), conn, client).send()
+    assert transport.writes == [CAPTURE_QUERY]
+    row = m.row_description([("lsn", 3220)]) + m.data_row(["0/3000060"]) + m.command_complete("SELECT 1")
+    conn.data_received(row + IDLE)
+    assert client.lsns == [0x3000060]
+    assert writes.tokens[("user", "app")] == 0x3000060
+    assert sink.events == [("ready", "I")]  # nothing for the client to read, but its lease may end now
+
+
+def test_on_row_entry_sees_data_rows_only() -> None:
+    rows: list[bytes] = []
+    done = Done()
+    q, sink = queue(Expect(K_SYNC, SWALLOW, on_done=done, on_row=rows.append))
+    feed_all(q, m.row_description([("a", 25)]) + m.data_row(["1"]) + m.data_row([None]) + IDLE)
+    assert rows == [m.data_row(["1"])[5:], m.data_row([None])[5:]]
+    assert done.calls == [True]
+    assert sink.events == [("ready", "I")]
