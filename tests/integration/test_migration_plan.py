@@ -210,3 +210,19 @@ def test_join_of_moving_and_staying_tables_is_listed_by_plan_and_not_refused_mea
     assert [r["name"] for r in rows if r["kind"] == "table"] == ["business_metrics", "user_activity"]
     with pytest.raises(AssertionError, match="unknown domain role"):
         console(proxy, "MIGRATE main PLAN")
+
+
+def test_a_role_whose_own_database_holds_rows_is_in_service_whatever_main_holds(
+    pg: DevClusters, history: None, start_proxy: StartProxy, tmp_path: Path
+) -> None:
+    """Rows in main's copy (a fallback outage's writes, say) do not take a role in service back to main."""
+    pg.analytics.psql("INSERT INTO user_activity (user_id, action) VALUES (1, 'in-service')", superuser=False)
+    check = cli(pg, "check", tmp=tmp_path)
+    assert check.returncode == 0 and "migration" not in check.stderr, check.stderr
+    proxy = start(start_proxy)
+    with connect(proxy) as conn:
+        assert conn.execute("SELECT action FROM user_activity").fetchall() == [("in-service",)]
+    assert "event=migration_" not in proxy.log()
+    status = {row["role"]: row for row in console(proxy, "SHOW MIGRATION")}
+    assert (status["analytics"]["state"], status["analytics"]["served_by"]) == ("none", "analytics")
+    assert pg.main.psql("SELECT to_regclass('parafort_migration.migrations') IS NULL") == "t"
