@@ -152,7 +152,13 @@ def _state_row(facts: PlanFacts) -> PlanRow:
     if mig is not None:
         return PlanRow("state", mig.state.value, detail=MEANING[mig.state])
     if facts.configured:
-        return PlanRow("state", "none", detail=f"no migration recorded: {facts.role} serves its own tables")
+        role = facts.role
+        in_main = any(n for n in facts.counts.values()) or any(t.estimate > 0 for t in facts.tables)
+        in_target = facts.target is None or any(n != 0 for n in facts.target.values())
+        if in_main and not in_target:  # what the proxy's start does (proxy/migration/monitor.py)
+            why = f"rows in main, none in {role}: a proxy starting now keeps main serving them (planned)"
+            return PlanRow("state", "none", detail=f"no migration recorded; {why}")
+        return PlanRow("state", "none", detail=f"no migration recorded: {role} serves its own tables")
     return PlanRow(
         "state", "none", detail=f"no migration recorded: main serves {facts.role}'s tables (no URL)"
     )

@@ -66,7 +66,7 @@ TRANSITIONS: dict[tuple[State, Verb], State] = {
 }
 
 MEANING = {
-    State.PLANNED: "main serves its tables; nothing copied yet (next: migrate ROLE start)",
+    State.PLANNED: "main serves its tables; nothing copied yet (next verb: start)",
     State.COPYING: "main serves its tables; initial copy to the target under way",
     State.STREAMING: "main serves its tables; the target follows main by logical replication",
     State.CUTOVER: "the target serves its tables; main's copy is kept current for a rollback",

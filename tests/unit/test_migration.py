@@ -241,3 +241,14 @@ def test_cli_verbs_not_implemented_exit_non_zero_with_one_line(verb: str) -> Non
         f"parafort-proxy: migrate analytics {verb}: not available in this version (copying, cutover and "
         "rollback are not implemented yet); nothing changed"
     ]
+
+
+def test_plan_state_row_says_what_a_proxy_start_would_do() -> None:
+    table = Table("public", "user_activity", "user_activity", 8192, -1)
+    facts = PlanFacts("analytics", configured=True, tables=[table], counts={"user_activity": 3}, target={})
+    assert plan_rows(facts, None)[0].detail == (
+        "no migration recorded; rows in main, none in analytics: a proxy starting now keeps main serving "
+        "them (planned)"
+    )
+    facts.target = {"user_activity": 7}
+    assert plan_rows(facts, None)[0].detail == "no migration recorded: analytics serves its own tables"
