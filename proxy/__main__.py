@@ -12,8 +12,11 @@ from pathlib import Path
 from proxy import __version__
 from proxy.config import Config, ConfigError, load_config
 from proxy.config.render import render_config
+from proxy.config.values import DOMAINS
 from proxy.logs import setup_logging
 from proxy.protocol.auth import UserlistError
+
+MIGRATE_VERBS = ("plan", "start", "status", "cutover", "rollback", "finish")
 
 
 def _parser() -> argparse.ArgumentParser:
@@ -45,6 +48,16 @@ def _parser() -> argparse.ArgumentParser:
     sub.add_parser(
         "demo", help="start throwaway local PostgreSQL clusters with a ParaFort schema; Ctrl-C cleans up"
     )
+    migrate = sub.add_parser(
+        "migrate",
+        help="move a domain role's tables from main to its own database (plan works with no proxy running)",
+    )
+    migrate.add_argument("role", choices=DOMAINS, help="the domain role whose tables move")
+    migrate.add_argument(
+        "verb", choices=MIGRATE_VERBS, help="plan: from the catalogs; the others: through the running proxy"
+    )
+    migrate.add_argument("--config", type=Path, help="YAML configuration file (default: environment only)")
+    migrate.add_argument("--user", help="admin console user (default: the first of auth.admin_users)")
     return parser
 
 
@@ -137,6 +150,13 @@ def _ryw_note(config: Config) -> str:
     )
 
 
+def cmd_migrate(args: argparse.Namespace, config: Config) -> int:
+    """``migrate ROLE VERB``: plan from the catalogs, the rest through the running proxy's admin console."""
+    from proxy.migration.cli import run as run_migrate  # noqa: PLC0415  (asyncpg only when migrating)
+
+    return run_migrate(config, args.role, args.verb, args.user, os.environ)
+
+
 def cmd_demo(args: argparse.Namespace) -> int:
     from proxy.dev.demo import run_demo  # noqa: PLC0415  (the demo's imports are not needed by the daemon)
 
@@ -151,7 +171,7 @@ def main(argv: Sequence[str] | None = None) -> int:
     config = _load(args.config)  # every other command starts from the configuration
     if config is None:
         return 1
-    commands = {"check": cmd_check, "run": cmd_run, "explain": cmd_explain}
+    commands = {"check": cmd_check, "run": cmd_run, "explain": cmd_explain, "migrate": cmd_migrate}
     return commands[args.command](args, config)
 
 

@@ -1,30 +1,40 @@
 """The admin console, PgBouncer style: ``psql`` to the virtual database ``parafort`` as an admin user.
 
-    SHOW POOLS | CLIENTS | SERVERS | STATS | HEALTH | CONFIG | CONSISTENCY | HELP
+    SHOW POOLS | CLIENTS | SERVERS | STATS | HEALTH | CONFIG | CONSISTENCY | MIGRATION | HELP
     RELOAD
     PAUSE [role]      new transactions for the role (or every role) wait; nothing fails
     RESUME [role]
+    MIGRATE role PLAN | STATUS | START | CUTOVER | ROLLBACK | FINISH   moving a domain to its own database
 
 Commands are this console's own small language (keywords and a role name), not SQL.
 """
 
 from __future__ import annotations
 
+import datetime as dt
 import os
 import time
-from collections.abc import Callable, Sequence
+from collections.abc import Awaitable, Callable, Sequence
 
 from proxy.config.render import config_as_dict
-from proxy.config.values import ROLES
+from proxy.config.values import DOMAINS, ROLES
 from proxy.consistency import OUTCOMES
 from proxy.context import AdminContext
 from proxy.errors import FEATURE_NOT_SUPPORTED, ProxyError
 from proxy.frontend.ryw import format_lsn
+from proxy.migration import plan
+from proxy.migration.state import MEANING, OPERATOR_VERBS, NotImplementedVerb, TransitionError, next_state
 from proxy.protocol import messages as m
 
 SYNTAX_ERROR = "42601"
+OBJECT_NOT_IN_PREREQUISITE_STATE = "55000"
 TEXT, INT8, BOOL, FLOAT8 = 25, 20, 16, 701
 Row = Sequence[object]
+Reply = bytes | Awaitable[bytes]  # awaitable: a command that asks a database (the client waits for it)
+MIGRATION_COLUMNS = [("role", TEXT), ("state", TEXT), ("served_by", TEXT), ("started_at", TEXT)]
+MIGRATION_COLUMNS += [("updated_at", TEXT), ("lag_bytes", INT8), ("divergences", INT8)]
+MIGRATION_COLUMNS += [("held_transactions", INT8), ("detail", TEXT)]
+PLAN_TYPES = {"rows": INT8, "bytes": INT8, "seen": INT8}
 
 
 def _table(columns: Sequence[tuple[str, int]], rows: Sequence[Row], tag: str = "SHOW") -> bytes:
@@ -33,6 +43,10 @@ def _table(columns: Sequence[tuple[str, int]], rows: Sequence[Row], tag: str = "
         out += m.data_row([None if v is None else _text(v) for v in row])
     out += m.command_complete(f"{tag} {len(rows)}" if tag == "SHOW" else tag)
     return bytes(out)
+
+
+def _stamp(at: dt.datetime) -> str:
+    return at.astimezone(dt.UTC).strftime("%Y-%m-%dT%H:%M:%SZ")
 
 
 def _text(value: object) -> str:
@@ -48,14 +62,15 @@ class AdminConsole:
 
     def __init__(self, app: AdminContext) -> None:
         self.app = app
-        self.commands: dict[str, Callable[[list[str]], bytes]] = {
+        self.commands: dict[str, Callable[[list[str]], Reply]] = {
             "SHOW": self.show,
             "RELOAD": self.reload,
             "PAUSE": self.pause,
             "RESUME": self.resume,
+            "MIGRATE": self.migrate,
         }
 
-    def execute(self, text: str) -> bytes:
+    def execute(self, text: str) -> Reply:
         words = text.replace(";", " ").split()
         if not words:
             return m.empty_query_response()
@@ -74,7 +89,7 @@ class AdminConsole:
         return result
 
     def show_help(self) -> bytes:
-        rows = [(line,) for line in (__doc__ or "").strip().splitlines()[2:8] if line.strip()]
+        rows = [(line,) for line in (__doc__ or "").strip().splitlines()[2:9] if line.strip()]
         return _table([("command", TEXT)], rows)
 
     def show_pools(self) -> bytes:
@@ -180,6 +195,69 @@ class AdminConsole:
 
         walk("", config_as_dict(self.app.config))  # secrets are redacted there
         return _table([("key", TEXT), ("value", TEXT)], rows)
+
+    def show_migration(self, only: str | None = None) -> bytes:
+        """A row per domain role: its stored migration state and who serves its tables. lag_bytes,
+        divergences and held_transactions stay NULL: replication, shadow reads and cutover holds do not
+        exist in this build."""
+        app = self.app
+        monitor = app.migration
+        rows: list[Row] = []
+        for role in DOMAINS:
+            if only is not None and role != only:
+                continue
+            mig = monitor.migrations.get(role)
+            configured = app.config.roles.get(role).configured
+            served_by = "main" if role in monitor.held or not configured else role
+            if monitor.error is not None:
+                detail = f"state not read from main: {monitor.error}"
+            elif not monitor.loaded:
+                detail = "state not read from main yet"
+            elif mig is not None:
+                detail = MEANING[mig.state]
+            else:
+                detail = "no migration recorded" + ("" if configured else " (no URL: main serves its tables)")
+            when = (_stamp(mig.started_at), _stamp(mig.updated_at)) if mig else (None, None)
+            rows.append(
+                (role, mig.state.value if mig else "none", served_by, *when, None, None, None, detail)
+            )
+        return _table(MIGRATION_COLUMNS, rows)
+
+    # -- MIGRATE role VERB -------------------------------------------------------------------------------
+    def migrate(self, args: list[str]) -> Reply:
+        if len(args) != 2:
+            raise ProxyError(SYNTAX_ERROR, "usage: MIGRATE role PLAN|STATUS|START|CUTOVER|ROLLBACK|FINISH")
+        role, verb = args[0].lower(), args[1].lower()
+        if role not in DOMAINS:
+            raise ProxyError(
+                FEATURE_NOT_SUPPORTED, f"unknown domain role {args[0]!r}: one of {', '.join(DOMAINS)}"
+            )
+        if verb == "plan":
+            return self._plan(role)
+        if verb == "status":
+            return self.show_migration(role)
+        found = next((v for v in OPERATOR_VERBS if v.value == verb), None)
+        if found is None:
+            raise ProxyError(SYNTAX_ERROR, f"unknown MIGRATE verb {args[1]!r}", hint="try SHOW HELP")
+        mig = self.app.migration.migrations.get(role)
+        try:
+            next_state(role, mig.state if mig else None, found)
+        except NotImplementedVerb as exc:
+            raise ProxyError(FEATURE_NOT_SUPPORTED, str(exc)) from None
+        except TransitionError as exc:
+            raise ProxyError(OBJECT_NOT_IN_PREREQUISITE_STATE, str(exc)) from None
+        # next_state accepts only IMPLEMENTED_VERBS, none in this build: the verbs that copy, cut over
+        # and roll back arrive with the replication library, and with them the code that carries them out.
+        raise ProxyError(FEATURE_NOT_SUPPORTED, f"migrate {role} {verb}: not available in this version")
+
+    async def _plan(self, role: str) -> bytes:
+        try:
+            facts = await plan.gather(self.app.config, role)
+        except plan.PlanError as exc:
+            raise ProxyError("08006", f"migrate {role} plan: {exc}") from None
+        rows = plan.plan_rows(facts, self.app.joins.for_role(role))
+        columns = [(name, PLAN_TYPES.get(name, TEXT)) for name in plan.COLUMNS]
+        return _table(columns, [r.values() for r in rows])
 
     # -- actions -----------------------------------------------------------------------------------------
     def reload(self, args: list[str]) -> bytes:

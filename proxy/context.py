@@ -9,7 +9,7 @@ read only; a plain attribute is one the consumer also assigns.
 
 from __future__ import annotations
 
-from collections.abc import Collection, Mapping, Sequence, Sized
+from collections.abc import Awaitable, Collection, Mapping, Sequence, Sized
 from ssl import SSLContext
 from typing import Protocol, TypeVar
 
@@ -20,6 +20,8 @@ from proxy.consistency import Consistency
 from proxy.frontend.login_failures import LoginFailureLog
 from proxy.frontend.session import PreparedStatement
 from proxy.health import HealthMonitor
+from proxy.migration.joins import SeenJoins
+from proxy.migration.monitor import MigrationMonitor
 from proxy.pool import Pool
 from proxy.protocol.auth import ScramKeys, ServerAuth
 from proxy.router.classify import ClassificationCache
@@ -32,7 +34,7 @@ Client_contra = TypeVar("Client_contra", contravariant=True)
 class Console(Protocol):
     """The admin console as a client connection uses it."""
 
-    def execute(self, text: str) -> bytes: ...
+    def execute(self, text: str) -> bytes | Awaitable[bytes]: ...  # awaitable: it asks a database
 
 
 class ClientView(Protocol):
@@ -87,6 +89,8 @@ class Counters(Protocol):
     def down_refusals(self) -> Mapping[str, int]: ...
     @property
     def refusals(self) -> int: ...
+    @property
+    def migration(self) -> MigrationMonitor: ...
 
 
 class AdminContext(Counters, Protocol):
@@ -96,6 +100,8 @@ class AdminContext(Counters, Protocol):
     def reload(self, env: Mapping[str, str]) -> bool: ...
     def pause(self, role: str | None) -> None: ...
     def resume(self, role: str | None) -> None: ...
+    @property
+    def joins(self) -> SeenJoins: ...  # statements a migration would refuse, by fingerprint
 
 
 class MetricsContext(Counters, Protocol):

@@ -5,6 +5,9 @@
   after a failed load. The router treats a call of such a function as a read, as Pgpool-II does; anything
   not found, or VOLATILE, stays a write. Until the first load completes every function outside the built-in
   list is a write, which is safe.
+- **Migration state.** The rows of ``parafort_migration.migrations`` (proxy/migration/state.py), read at
+  start, on reload and at every health interval, and the row a role enters when its tables hold rows in main
+  (``run``: a short piece of work of another module on this connection).
 - **Startup parameters.** The value PostgreSQL reports for a client's startup setting (``utf8`` is reported
   as ``UTF8``, ``eucjp`` as ``EUC_JP``, ``iso, dmy`` as ``ISO, DMY``), or PostgreSQL's own error for an
   invalid one. Asked once per (name, value) and cached.
@@ -18,8 +21,8 @@ from __future__ import annotations
 
 import asyncio
 import logging
-from collections.abc import Iterable
-from typing import Any
+from collections.abc import Awaitable, Callable, Iterable
+from typing import Any, TypeVar
 
 import asyncpg
 
@@ -28,6 +31,7 @@ from proxy.errors import ProxyError
 from proxy.health import close, connect, describe_error
 
 log = logging.getLogger("parafort.lookups")
+T = TypeVar("T")
 
 LOOKUP_TIMEOUT = 5.0  # seconds for connecting to main, and for each query
 PARAMETER_CACHE_SIZE = 4096
@@ -97,6 +101,19 @@ class MainLookups:
         conn, self._conn = self._conn, None
         if conn is not None:
             conn.terminate()
+
+    async def run(self, work: Callable[[Any], Awaitable[T]]) -> T:
+        """``work(connection)`` on the look-up connection, alone on it and bounded by twice ``timeout``
+        (connecting included); LookupFailed if main cannot answer. Keep it short: logins may wait on it."""
+        async with self._lock:
+            try:
+                async with asyncio.timeout(self.timeout * 2):
+                    conn = await self._connection()
+                    self.queries += 1
+                    return await work(conn)
+            except (OSError, TimeoutError, asyncpg.PostgresError, asyncpg.InterfaceError) as exc:
+                self._drop()
+                raise LookupFailed(describe_error(exc, self.dsn, self.timeout)) from None
 
     # -- function volatility ----------------------------------------------------------------------------
     async def read_only_functions(self) -> frozenset[str]:

@@ -20,6 +20,7 @@ from proxy.config.values import DOMAINS, ROLES, table_label
 from proxy.consistency import OUTCOMES
 from proxy.consistency import WAIT_BUCKETS as RYW_WAIT_BUCKETS
 from proxy.context import MetricsContext
+from proxy.migration.state import State
 from proxy.pool.pool import WAIT_BUCKETS
 from proxy.router.policy import MAIN, READ, WRITE
 
@@ -129,6 +130,24 @@ class ProxyCollector(Collector):
         yield from _login_metrics(app)
         yield from _classification_metrics(app)
         yield from _health_metrics(app)
+        yield _migration_state(app)
+
+
+def _migration_state(app: MetricsContext) -> GaugeMetricFamily:
+    """Each domain role's migration state as a one-hot gauge (``none``: no migration recorded)."""
+    family = GaugeMetricFamily(
+        PREFIX + "migration_state",
+        "Moving a domain role's tables to its own database: 1 for the role's stored state (planned, "
+        "copying, streaming: main serves its tables; cutover, finished: its own database does; none: no "
+        "migration recorded), 0 for the others.",
+        labels=["role", "state"],
+    )
+    for role in DOMAINS:
+        mig = app.migration.migrations.get(role)
+        current = mig.state.value if mig is not None else "none"
+        for state in ("none", *(s.value for s in State)):
+            family.add_metric([role, state], 1 if state == current else 0)
+    return family
 
 
 def _buckets(bounds: tuple[float, ...], counts: Iterable[int]) -> list[tuple[str, float]]:

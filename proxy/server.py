@@ -29,6 +29,8 @@ from proxy.frontend.session import PreparedStatement
 from proxy.health import HealthMonitor
 from proxy.http import AdminServer
 from proxy.lookups import InvalidStartupParameter, LookupFailed, MainLookups
+from proxy.migration.joins import SeenJoins
+from proxy.migration.monitor import MigrationMonitor
 from proxy.pool import Pool
 from proxy.protocol.auth import ScramKeys, ServerAuth, UserlistError, load_userlist
 from proxy.protocol.framing import cancel_request, new_cancel_key
@@ -69,7 +71,12 @@ class ProxyApp:
         self._functions_failed = False  # the last load failed: retry when main is up again
         self._functions_again = False  # asked to load again while a load was under way
         self._parameters_failed = False  # the last startup-parameter look-up failed (logged once)
-        self.router = Router(config, self.usable, self.catalog_functions)
+        # Migrations (proxy/migration/): stored states, polled from main; statements a move would refuse.
+        self.joins = SeenJoins(self.classifier.fingerprint_of)
+        self.migration = MigrationMonitor(
+            self.lookups, lambda: self.config, lambda: self.config.health.interval, self._migration_changed
+        )
+        self.router = Router(config, self.usable, self.catalog_functions, frozenset(), self.joins)
         self.refusals = 0  # statements refused for needing two upstreams (a metric)
         self.routed: dict[tuple[str, str], int] = {}  # units sent upstream, by (role, read|write)
         self.fallbacks: dict[str, int] = {}  # units served by main for a down or unconfigured role, by role
@@ -150,6 +157,7 @@ class ProxyApp:
     async def start(self) -> None:
         loop = asyncio.get_running_loop()
         listen = self.config.listen
+        await self.migration.start()  # the first statements see the stored migration states
         self._server = await loop.create_server(
             lambda: ClientConnection(self), listen.host, listen.port, reuse_address=True, backlog=1024
         )
@@ -201,6 +209,7 @@ class ProxyApp:
         await self.health.stop()
         await self.consistency.stop()
         await self.classifier_worker.stop()
+        await self.migration.stop()
         if self._functions_task is not None:
             self._functions_task.cancel()
             await asyncio.gather(self._functions_task, return_exceptions=True)
@@ -255,7 +264,8 @@ class ProxyApp:
             if self.audit is not None:
                 self.audit.close()
             self.audit = AuditLog(new.audit.path) if new.audit.path else None
-        self.router = Router(new, self.usable, self.catalog_functions)
+        self.router = Router(new, self.usable, self.catalog_functions, self.migration.held, self.joins)
+        self.migration.refresh()
         self.consistency.settings = new.routing.read_your_writes
         self.load_functions()  # functions created or altered since: read main's catalog again
         for label, pool in self.pools.items():
@@ -320,6 +330,10 @@ class ProxyApp:
         if len(replicas) == 1:
             return replicas[0]
         return min(replicas, key=lambda label: self.pools[label].stats.active)
+
+    def _migration_changed(self, held: frozenset[str]) -> None:
+        """The stored migration states changed: these configured roles' tables are served by main."""
+        self.router.set_held(held)
 
     def _health_changed(self, label: str) -> None:
         self.router.invalidate()  # cached decisions assumed the old health

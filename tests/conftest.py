@@ -15,6 +15,7 @@ from proxy.dev.demo import SCHEMA
 from proxy.dev.testing import APP_PASSWORD, APP_USER, ProxyProcess
 
 INTEGRATION = Path(__file__).parent / "integration"
+DROP_MIGRATION_STATE = "DROP SCHEMA IF EXISTS parafort_migration CASCADE"
 
 
 def pytest_collection_modifyitems(items: list[pytest.Item]) -> None:
@@ -74,12 +75,16 @@ def dsn(proxy: ProxyProcess) -> str:
 
 @pytest.fixture(scope="module")
 def schema(pg: DevClusters) -> Iterator[None]:
-    """The ParaFort demo schema on every cluster (main holds every table); dropped after the module."""
+    """The ParaFort demo schema on every cluster (main holds every table); dropped after the module, with any
+    migration state a proxy stored in main (proxy/migration/state.py)."""
     for role, sql in SCHEMA.items():
         body = sql.split("INSERT INTO users")[0] if role == "main" else sql
         pg[role].psql(body, superuser=False)
+    pg.main.psql(DROP_MIGRATION_STATE)
     pg.wait_replica_caught_up()
     yield
     for role in SCHEMA:
         if pg[role].running:
             pg[role].psql("DROP SCHEMA public CASCADE; CREATE SCHEMA public", superuser=False)
+    if pg.main.running:
+        pg.main.psql(DROP_MIGRATION_STATE)

@@ -2,7 +2,9 @@
 
 A bare entry (``user_activity``) means ``public.user_activity`` only. A table of the same name in another
 schema (``reporting.user_activity``) is main's unless an entry of its own says otherwise, which may not be
-what the operator meant: ``check`` says so. It needs main reachable; when it is not, it says the check was
+what the operator meant: ``check`` says so. It also says which configured domain roles main keeps serving
+because of a migration (proxy/migration/): a new URL for tables whose rows are only in main starts in
+``planned``. It needs main reachable; when it is not, it says the check was
 skipped and nothing else changes (``check`` still validates the file offline).
 """
 
@@ -14,7 +16,7 @@ from dataclasses import dataclass
 import asyncpg
 
 from proxy.config.model import Config, DomainsConfig
-from proxy.config.values import PUBLIC, TableRef
+from proxy.config.values import DOMAINS, PUBLIC, TableRef
 from proxy.health import describe_error
 
 CATALOG_TIMEOUT = 3.0  # seconds for connecting to main and running the one query
@@ -60,7 +62,10 @@ def same_name_warnings(domains: DomainsConfig, found: list[tuple[str, str]]) -> 
     return out
 
 
-async def _same_name_tables(config: Config, names: list[str]) -> list[tuple[str, str]]:
+async def _read_catalog(config: Config, names: list[str]) -> tuple[list[tuple[str, str]], list[str]]:
+    """(tables of main sharing a bare entry's name, migration notes) from one connection to main."""
+    from proxy.migration.monitor import migration_notes  # noqa: PLC0415  (config must not import migration)
+
     url = config.roles.main.url
     assert url is not None  # the model requires main
     conn = await asyncpg.connect(
@@ -70,26 +75,28 @@ async def _same_name_tables(config: Config, names: list[str]) -> list[tuple[str,
         server_settings={"application_name": "parafort-proxy-check"},
     )
     try:
-        rows = await conn.fetch(SAME_NAME_QUERY, names, PUBLIC, timeout=CATALOG_TIMEOUT)
+        rows = await conn.fetch(SAME_NAME_QUERY, names, PUBLIC, timeout=CATALOG_TIMEOUT) if names else []
+        notes = await migration_notes(conn, config)
     finally:
         await conn.close(timeout=CATALOG_TIMEOUT)
-    return [(row[0], row[1]) for row in rows]
+    return [(row[0], row[1]) for row in rows], notes
 
 
 async def check_catalog(config: Config) -> CatalogReport:
-    """Compare the bare entries of the domain map with main's catalog (nothing to do without bare entries)."""
+    """Compare the bare entries of the domain map with main's catalog, and say which configured domain roles
+    main keeps serving because of a migration (nothing to do without bare entries or configured roles)."""
     names = sorted(config.domains.bare_entries)
-    if not names:
+    if not names and not any(config.roles.get(d).configured for d in DOMAINS):
         return CatalogReport()
     dsn = config.roles.main.dsn
     assert dsn is not None
     try:
-        async with asyncio.timeout(CATALOG_TIMEOUT * 2):
-            found = await _same_name_tables(config, names)
+        async with asyncio.timeout(CATALOG_TIMEOUT * 3):
+            found, notes = await _read_catalog(config, names)
     except (OSError, TimeoutError, asyncpg.PostgresError, asyncpg.InterfaceError) as exc:
         reason = describe_error(exc, dsn, CATALOG_TIMEOUT)
         return CatalogReport(skipped=f"main is not reachable ({reason})")
-    return CatalogReport(warnings=tuple(same_name_warnings(config.domains, found)))
+    return CatalogReport(warnings=(*same_name_warnings(config.domains, found), *notes))
 
 
 def run_catalog_check(config: Config) -> CatalogReport:

@@ -16,7 +16,7 @@ import logging
 import ssl
 import struct
 import time
-from collections.abc import Callable, Iterator
+from collections.abc import Awaitable, Callable, Iterator
 from typing import cast
 
 import pglast
@@ -181,6 +181,7 @@ class ClientConnection(asyncio.Protocol):
         self.waiting: Batch | None = None  # the batch waiting for an upstream connection (or classification)
         self._main_rechecked: Batch | None = None  # the batch being decided again after main_reachable
         self._classifying: asyncio.Task[None] | None = None  # large statements of ``waiting`` being analysed
+        self._console_task: asyncio.Task[None] | None = None  # an admin command that asks a database
         self.skip_until_sync = False
         self._auth: ServerAuth | None = None
         self._login_failure: str | None = None  # why the login failed, when ServerAuth does not say
@@ -980,7 +981,26 @@ class ClientConnection(asyncio.Protocol):
         except ProxyError as exc:
             reply = m.error_from(exc)
         log.info("event=admin_command client=%s user=%s", self.id, self.user)
-        self.write(reply + m.ready_for_query(b"I"))
+        if isinstance(reply, bytes):
+            self.write(reply + m.ready_for_query(b"I"))
+            return
+        # A command that asks a database (MIGRATE role PLAN): input waits until it has answered.
+        self.waiting = batch
+        self.pause("console")
+        self._console_task = asyncio.get_running_loop().create_task(self._console_answer(reply))
+
+    async def _console_answer(self, pending: Awaitable[bytes]) -> None:
+        try:
+            reply = await pending
+        except ProxyError as exc:
+            reply = m.error_from(exc)
+        except Exception:
+            log.exception("event=admin_command_error client=%s", self.id)
+            reply = m.error_from(ProxyError(INTERNAL_ERROR, "admin command failed (see the proxy's log)"))
+        self._console_task = None
+        if self.phase != CLOSED:
+            self.write(reply + m.ready_for_query(b"I"))
+            self._resume_batch("console", lambda: None)
 
     def _audit_batch(self, batch: Batch) -> None:
         """Remember the statements of a compliance unit; written when its ReadyForQuery arrives."""

@@ -596,6 +596,9 @@ class ClassificationCache:
         self._by_bytes: OrderedDict[bytes, Classification] = OrderedDict()
         self._by_text: OrderedDict[str, Classification] = OrderedDict()
         self._by_fingerprint: OrderedDict[str, Classification] = OrderedDict()
+        # The fingerprint of each classification in the fingerprint table (a migration plan lists the
+        # statements it has seen by fingerprint): Classification hashes by identity.
+        self._fingerprints: dict[Classification, str] = {}
         self.hits = 0
         self.misses = 0
 
@@ -632,6 +635,7 @@ class ClassificationCache:
             self.misses += 1
             found = classify(sql)
             if key is not None:
+                self._fingerprints[found] = key
                 self._remember(self._by_fingerprint, key, found)
         else:
             self.hits += 1
@@ -639,15 +643,22 @@ class ClassificationCache:
             self._remember(self._by_text, sql, found)
         return found
 
+    def fingerprint_of(self, info: Classification) -> str | None:
+        """pglast's fingerprint of the SQL ``info`` was made from, while the cache holds it (None for a
+        classification made elsewhere: several statements merged, or one classified in the worker)."""
+        return self._fingerprints.get(info)
+
     def _remember(self, table: OrderedDict[Any, Classification], key: Any, value: Classification) -> None:
         sized = table is not self._by_fingerprint
         if sized:
             self.key_bytes += len(key)
         table[key] = value
         if len(table) > self.size:
-            old, _ = table.popitem(last=False)
+            old, gone = table.popitem(last=False)
             if sized:
                 self.key_bytes -= len(old)
+            else:
+                self._fingerprints.pop(gone, None)
         while self.key_bytes > self.max_key_bytes:
             # Over the byte budget: the oldest entry of the larger exact-text table goes.
             big = self._by_bytes if len(self._by_bytes) >= len(self._by_text) else self._by_text

@@ -14,6 +14,7 @@ from dataclasses import dataclass, replace
 from proxy.config import Config
 from proxy.config.values import DOMAINS, table_label
 from proxy.errors import CANNOT_CONNECT_NOW, FEATURE_NOT_SUPPORTED, READ_ONLY_SQL_TRANSACTION
+from proxy.migration.joins import MovingJoin, SeenJoins
 from proxy.router.classify import TX_BEGIN_READ_ONLY, Classification, Flag, TableName, route_override
 
 MAIN = "main"
@@ -53,15 +54,23 @@ class Decision:
 
 class Router:
     """The policy over one configuration. ``usable(role)`` is the health interface: configured and
-    healthy (for read_replica: some replica healthy and within its lag limit)."""
+    healthy (for read_replica: some replica healthy and within its lag limit).
+
+    ``held``: configured domain roles whose migration has not been cut over (proxy/migration/state.py):
+    their tables are routed as if the role had no URL, so main serves them. ``joins``: where to count the
+    statements that moving a role still served by main would refuse (proxy/migration/joins.py)."""
 
     def __init__(
         self,
         config: Config,
         usable: Callable[[str], bool] | None = None,
         catalog_read_only: frozenset[str] = frozenset(),
+        held: frozenset[str] = frozenset(),
+        joins: SeenJoins | None = None,
     ) -> None:
         self.config = config
+        self.held = held
+        self.joins = joins
         self._usable = usable or self._configured
         self.read_only_functions = frozenset(f.lower() for f in config.routing.read_only_functions)
         # Main's own STABLE / IMMUTABLE functions (proxy/lookups.py), as the classifier spells calls.
@@ -70,11 +79,53 @@ class Router:
         # Decisions by (classification, override, tx): valid until what is usable changes (invalidate()).
         self._decisions: dict[tuple[Classification, str | None, str | None], Decision] = {}
         self._on_fallback: bool | None = None
+        self._moving: dict[Classification, tuple[MovingJoin, ...]] = {}
+        self._pending = self._pending_roles()
 
     def invalidate(self) -> None:
         """Health changed: forget cached decisions."""
         self._decisions = {}
         self._on_fallback = None
+
+    def set_held(self, held: frozenset[str]) -> None:
+        """The migration state changed: these configured roles' tables are served by main from now on."""
+        if held != self.held:
+            self.held = held
+            self._pending = self._pending_roles()
+            self._moving = {}
+            self.invalidate()
+
+    def _pending_roles(self) -> frozenset[str]:
+        """Domain roles whose tables main serves by configuration (no URL, or a migration not cut over)."""
+        return frozenset(d for d in DOMAINS if not self._configured(d))
+
+    def moving_joins(self, info: Classification) -> tuple[MovingJoin, ...]:
+        """For each role main serves by configuration: the statement joins its tables with others, so it
+        would be refused (0A000) once the role's own database serves them. Cached per classification."""
+        found = self._moving.get(info)
+        if found is None:
+            found = ()
+            if not info.bits & _F_PARSE_ERROR:
+                by_domain = self._tables_by_domain(info.tables)
+                if len(by_domain) > 1:
+                    found = tuple(
+                        MovingJoin(
+                            role,
+                            tuple(_labels(tables)),
+                            tuple(_labels(t for d, ts in by_domain.items() if d != role for t in ts)),
+                        )
+                        for role, tables in sorted(by_domain.items())
+                        if role in self._pending
+                    )
+            if len(self._moving) >= DECISION_CACHE_SIZE:
+                self._moving = {}
+            self._moving[info] = found
+        return found
+
+    def _note_joins(self, info: Classification) -> None:
+        joins = self.moving_joins(info)
+        if joins and self.joins is not None:
+            self.joins.record(info, joins)
 
     def set_catalog_read_only(self, names: frozenset[str]) -> None:
         """Main's catalog was (re)read: these functions are reads from now on."""
@@ -105,6 +156,8 @@ class Router:
         return tuple(sorted(writes))
 
     def decide_cached(self, info: Classification, override: str | None, tx: str | None) -> Decision:
+        if self._pending and override is None and self.joins is not None:
+            self._note_joins(info)
         key = (info, override, tx)
         decision = self._decisions.get(key)
         if decision is None:
@@ -114,13 +167,19 @@ class Router:
         return decision
 
     def _configured(self, role: str) -> bool:
-        return self.config.roles.get(role).configured
+        """Configured and not held by a migration: a held role routes as if it had no URL."""
+        return role not in self.held and self.config.roles.get(role).configured
 
     def effective(self, role: str) -> str:
         """The role that serves ``role``'s traffic now: itself, or main when it is unconfigured (its
-        tables live there) or down with ``fallback: main``. A configured role without a fallback (the
-        default) keeps its traffic while down: ``decide`` refuses it with 57P03."""
-        if role == MAIN or self._usable(role):
+        tables live there), held by a migration not cut over, or down with ``fallback: main``. A configured
+        role without a fallback (the default) keeps its traffic while down: ``decide`` refuses it with
+        57P03."""
+        if role == MAIN:
+            return role
+        if role in self.held:
+            return MAIN
+        if self._usable(role):
             return role
         rc = self.config.roles.get(role)
         if rc.configured and rc.fallback is None:
@@ -246,6 +305,8 @@ class Router:
         """A later unit of a transaction held on ``holding``: None when it can run there, else a refusal."""
         if info.flags & Flag.PARSE_ERROR:
             return None  # the server reports the syntax error (and the transaction fails there)
+        if self._pending and self.joins is not None:
+            self._note_joins(info)
         by_domain = self._tables_by_domain(info.tables)
         needs: dict[str, list[TableName]] = {}
         for domain, tables in by_domain.items():
@@ -263,6 +324,13 @@ class Router:
         parts = [f"{_names(tables)} on {role}" for role, tables in sorted(others.items())]
         message = f"this transaction runs on {holding}; the statement needs " + "; ".join(parts)
         return Decision(kind, tuple(sorted(by_domain)), None, message, FEATURE_NOT_SUPPORTED, message)
+
+
+_F_PARSE_ERROR = int(Flag.PARSE_ERROR)
+
+
+def _labels(tables: Iterable[TableName]) -> list[str]:
+    return [table_label(s or None, t) for s, t in tables]
 
 
 def _names(tables: Iterable[TableName]) -> str:

@@ -113,12 +113,17 @@ def test_unconfigured_analytics_falls_back_to_main(
     proxy = start_proxy(
         roles=("main", "documents", "compliance", "read_replica"), config={"domains": DEMO_DOMAINS}
     )
-    with connect(proxy) as conn:
-        conn.execute("INSERT INTO user_activity (user_id, action) VALUES (3, 'fallback-test')")
-        # With analytics on main, a join of users and user_activity is one upstream: fine.
-        conn.execute("SELECT count(*) FROM users u JOIN user_activity a ON a.user_id = u.id").fetchone()
-    assert count(pg, "main", "user_activity", "action = 'fallback-test'") == 1
-    assert count(pg, "analytics", "user_activity", "action = 'fallback-test'") == 0
+    try:
+        with connect(proxy) as conn:
+            conn.execute("INSERT INTO user_activity (user_id, action) VALUES (3, 'fallback-test')")
+            # With analytics on main, a join of users and user_activity is one upstream: fine.
+            conn.execute("SELECT count(*) FROM users u JOIN user_activity a ON a.user_id = u.id").fetchone()
+        assert count(pg, "main", "user_activity", "action = 'fallback-test'") == 1
+        assert count(pg, "analytics", "user_activity", "action = 'fallback-test'") == 0
+    finally:
+        # Analytics rows left in main would make the next proxy with an analytics URL keep serving them
+        # from main (migration state planned, issue 17) while analytics' copy is empty.
+        pg.main.psql("DELETE FROM user_activity WHERE action = 'fallback-test'", superuser=False)
     # Not a fallback write to reconcile: an unconfigured role's tables live on main.
     writes = "parafort_proxy_fallback_writes_total"
     assert proxy.metric(writes, role="analytics", table="user_activity") == 0

@@ -1,0 +1,1 @@
+"""Moving a domain role's tables from main to its own database (issue 17): state, plan, statements seen."""
