@@ -2,8 +2,9 @@
 
 ``DevClusters`` starts, in a temporary directory, one cluster per role — main, a streaming replica of main
 (pg_basebackup -R), analytics, documents, compliance — each on an ephemeral loopback port with its own login
-role and a random SCRAM password. When run as root the servers run as the ``postgres`` OS user. Everything is
-stopped and deleted on ``close()`` (also at interpreter exit, as a safety net).
+role and a random SCRAM password, plus a superuser login (``parafort_super``: PostgreSQL 15 lets only
+superusers create a migration's subscriptions). When run as root the servers run as the ``postgres`` OS
+user. Everything is stopped and deleted on ``close()`` (also at interpreter exit, as a safety net).
 
     with DevClusters.start() as pg:
         os.environ.update(pg.env())          # DATABASE_URL, ANALYTICS_DATABASE_URL, ...
@@ -33,6 +34,7 @@ from proxy.config.loader import ROLE_ENV
 from proxy.config.values import ROLES
 
 PRIMARIES = ("main", "analytics", "documents", "compliance")
+SUPERUSER = "parafort_super"
 
 # Speed over durability: these clusters hold nothing worth keeping.
 SERVER_SETTINGS = """
@@ -44,8 +46,10 @@ shared_buffers = 32MB
 fsync = off
 synchronous_commit = off
 full_page_writes = off
-wal_level = replica
-max_wal_senders = 5
+# logical: a migration (proxy/migration) publishes tables from one cluster and subscribes on another.
+wal_level = logical
+max_wal_senders = 10
+max_replication_slots = 10
 wal_keep_size = 256MB
 hot_standby = on
 hot_standby_feedback = on
@@ -147,6 +151,7 @@ class Cluster:
     database: str
     runner: _Runner = field(repr=False)
     logfile: Path = field(init=False)
+    super_password: str = field(default_factory=lambda: secrets.token_urlsafe(18), repr=False)
 
     def __post_init__(self) -> None:
         self.logfile = self.datadir.parent / f"{self.name}.log"
@@ -155,6 +160,11 @@ class Cluster:
     def dsn(self) -> str:
         """The TCP DSN with this cluster's own login role and password."""
         return f"postgresql://{self.user}:{self.password}@127.0.0.1:{self.port}/{self.database}"
+
+    @property
+    def super_dsn(self) -> str:
+        """The TCP DSN of the superuser login (``SUPERUSER``) in this cluster's database."""
+        return self.dsn_for(SUPERUSER, self.super_password)
 
     def dsn_for(self, user: str, password: str, database: str | None = None) -> str:
         return f"postgresql://{user}:{password}@127.0.0.1:{self.port}/{database or self.database}"
@@ -294,6 +304,8 @@ class DevClusters:
             self._start_on_free_port(cluster)
             pw = cluster.password.replace("'", "''")
             cluster.psql(f"CREATE ROLE {cluster.user} LOGIN PASSWORD '{pw}'", database="postgres")
+            spw = cluster.super_password.replace("'", "''")
+            cluster.psql(f"CREATE ROLE {SUPERUSER} LOGIN SUPERUSER PASSWORD '{spw}'", database="postgres")
             cluster.psql(f"CREATE DATABASE {cluster.database} OWNER {cluster.user}", database="postgres")
             if setup_sql.get(cluster.name):
                 cluster.psql(setup_sql[cluster.name], superuser=False)
@@ -335,6 +347,7 @@ class DevClusters:
         replica = Cluster(
             name=name, datadir=datadir, sockdir=sockdir, port=free_port(), user=main.user,
             password=main.password, database=main.database, runner=self.runner,
+            super_password=main.super_password,
         )  # fmt: skip
         self._start_on_free_port(replica)
         return replica

@@ -56,6 +56,8 @@ __all__ = [
 
 log = logging.getLogger("parafort.migration")
 
+# A record that is decoded, and so confirmed, like any commit; its end position is returned.
+POSITION_QUERY = "SELECT pg_logical_emit_message(true, 'parafort-migration', 'position')::text"
 READY = "r"  # pg_subscription_rel.srsubstate of a table whose initial copy is done and that streams
 
 
@@ -250,10 +252,17 @@ async def _progress(pub_conn: Any, sub_conn: Any, name: str, direction: str) -> 
 
 
 async def current_lsn(dsn: Dsn, side: str = "main") -> int:
-    """``side``'s current WAL position (``pg_current_wal_lsn``): what a hold waits for the subscription to
-    confirm. Raises ReplicationError."""
-    async with connected(dsn, side) as conn, step(f"reading {side}'s WAL position", dsn):
-        lsn = parse_lsn(await conn.fetchval("SELECT pg_current_wal_lsn()::text"))
+    """A WAL position of ``side`` past every transaction committed there so far: what a hold waits for the
+    subscription to confirm. Raises ReplicationError.
+
+    Not ``pg_current_wal_lsn()``: with ``synchronous_commit = off`` a commit can still sit in WAL buffers
+    behind the written position, so a wait for that position could end before the commit is replicated.
+    Instead this writes a small logical message in a transaction committed synchronously: every commit
+    before it is then flushed, and the message's position is past each of them.
+    """
+    async with connected(dsn, side) as conn, step(f"reading {side}'s WAL position", dsn), conn.transaction():
+        await conn.execute("SET LOCAL synchronous_commit = on")
+        lsn = parse_lsn(await conn.fetchval(POSITION_QUERY))
     assert lsn is not None
     return lsn
 
@@ -267,8 +276,8 @@ async def wait_caught_up(
     *,
     reverse: bool = False,
 ) -> bool:
-    """Poll until the subscription has confirmed WAL up to ``lsn`` of its publisher (main's position at the
-    start of a cutover hold; with ``reverse``, the target's, for a rollback): True, or False after
+    """Poll until the subscription has confirmed WAL up to ``lsn`` of its publisher (``current_lsn`` of main
+    at the start of a cutover hold; with ``reverse``, of the target, for a rollback): True, or False after
     ``timeout`` seconds. Raises ReplicationError if the publisher cannot be asked."""
     want = parse_lsn(lsn) if isinstance(lsn, str) else lsn
     n = names(role)
