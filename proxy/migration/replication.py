@@ -8,8 +8,15 @@ dropped before the next attempt. Rows are never copied twice: PostgreSQL's subsc
 copy itself.
 
 The caller (the migration's state machine) holds writes to the moving tables around ``reverse`` and
-``unreverse``: replication changes direction only while neither side writes them. ``finish`` removes the
-replication objects and never drops a table or a row.
+``unreverse``: replication changes direction only while neither side writes them.
+
+- cutover, inside the hold: ``lsn = current_lsn(main)``; ``wait_caught_up(main, target, role, lsn, t)``
+  (False: resume, nothing changed); ``sync_sequences(main, target, ...)``; ``reverse(...)``; route the
+  tables to the target; resume.
+- rollback, inside the hold: ``lsn = current_lsn(target, "target")``;
+  ``wait_caught_up(..., reverse=True)``; ``sync_sequences(target, main, ...)`` (swapped: main's past the
+  target's); ``unreverse(...)``; route the tables to main; resume.
+- ``finish`` removes the replication objects and never drops a table or a row.
 
 Errors are ``ReplicationError`` with a message safe to show: a subscription's CONNECTION string carries the
 publisher's password (PostgreSQL stores it), and no message or log line here ever contains it.

@@ -8,6 +8,7 @@ from __future__ import annotations
 
 import asyncio
 import contextlib
+import secrets
 import time
 from collections.abc import Awaitable, Callable, Iterator
 
@@ -15,7 +16,8 @@ import asyncpg
 import pytest
 
 from proxy.config.dsn import Dsn, parse_dsn
-from proxy.dev.cluster import Cluster, DevClusters, wait_until
+from proxy.dev.cluster import Cluster, DevClusters, free_port, wait_until
+from proxy.migration.objects import connected, ensure_subscription
 from proxy.migration.replication import (
     Progress,
     ReplicationError,
@@ -363,3 +365,28 @@ def test_missing_privileges_and_replica_identity_are_clear_errors(
         asyncio.run(start(bed[0], bed[1], ROLE, ["mig_nothere"]))
     assert leftovers(pg.main) == "" and leftovers(pg.analytics) == ""
     assert pg.analytics.psql("SELECT count(*) FROM pg_tables WHERE tablename LIKE 'mig_%'") == "0"
+
+
+@pytest.mark.timeout(120)
+def test_a_failed_create_subscription_leaves_its_password_in_no_log_or_message(
+    pg: DevClusters, bed: tuple[Dsn, Dsn]
+) -> None:
+    """CREATE SUBSCRIPTION carries the publisher's password; PostgreSQL logs a failed statement's text
+    unless the session says otherwise (the library does, as a superuser may)."""
+    main, target = bed
+    secret = "pw-" + secrets.token_hex(12)
+    nowhere = Dsn("127.0.0.1", free_port(), "nobody", secret, "nothing")  # nothing listens there
+
+    async def scenario() -> None:
+        async with connected(target, "target") as tconn, connected(main, "main") as mconn:
+            with pytest.raises(asyncpg.PostgresError) as caught:
+                name = "parafort_migrate_analytics_fwd"
+                await ensure_subscription(tconn, mconn, name, nowhere, None, copy_data=False)
+        assert "could not connect to the publisher" in str(caught.value)
+        assert secret not in str(caught.value)
+
+    run(scenario)
+    log = pg.analytics.logfile.read_text(errors="replace")
+    assert "could not connect to the publisher" in log  # the error is logged; the statement is not
+    assert secret not in log
+    assert leftovers(pg.analytics) == ""
