@@ -264,6 +264,35 @@ def test_start_again_is_harmless_and_resumes_after_an_interrupted_create(
 
 
 @pytest.mark.timeout(300)
+def test_a_target_crash_right_after_start_loses_and_duplicates_nothing(
+    pg: DevClusters, bed: tuple[Dsn, Dsn]
+) -> None:
+    """Whether the crash lands in the initial copy or after it is the machine's timing; the result must be
+    exact either way."""
+    main, target = bed
+
+    async def scenario() -> None:
+        async with Writers(pg.main.dsn) as writers:
+            await writers.until(10)
+            await start(main, target, ROLE, MOVING, owner=pg.analytics.user)
+            await asyncio.to_thread(pg.analytics.stop, "immediate")  # a crash, writers still writing
+            await asyncio.to_thread(pg.analytics.start)
+            again = await start(main, target, ROLE, MOVING)  # after a crash: continues
+            assert again.created_tables == ()
+            await until_done(main, target)
+            await writers.until(writers.ops + 30)
+        await caught_up(main, target)
+
+    try:
+        run(scenario)
+    finally:
+        if not pg.analytics.running:
+            pg.analytics.start()
+    for table in MOVING:
+        assert digest(pg.analytics, table) == digest(pg.main, table)
+
+
+@pytest.mark.timeout(300)
 def test_sequences_reverse_rollback_and_finish(pg: DevClusters, bed: tuple[Dsn, Dsn]) -> None:
     main, target = bed
 
