@@ -184,7 +184,11 @@ async def _target_tables(
         if facts.table not in subscribed:
             from_table = f"SELECT EXISTS (SELECT 1 FROM {qualified(facts.table)})"
             if await tconn.fetchval(from_table):
-                problems.append(f"table {facts.label} on the target already holds rows and is not subscribed")
+                problems.append(
+                    f"table {facts.label} on the target already holds rows and is not subscribed (if they "
+                    "are the copy of an abandoned start, empty it on the target: TRUNCATE; the proxy "
+                    "never does)"
+                )
     fail(problems)
     return missing, present
 
