@@ -66,6 +66,16 @@ from proxy.frontend.session import (
     startup_settings,
     startup_values,
 )
+from proxy.frontend.txstate import (
+    BETWEEN,
+    PROCEED,
+    ROLLBACK_INSTEAD,
+    SWITCH,
+    Input,
+    Lease,
+    LeaseEv,
+    TxState,
+)
 from proxy.lookups import InvalidStartupParameter
 from proxy.protocol import messages as m
 from proxy.protocol.auth import MALFORMED_AUTH_MESSAGE, ServerAuth
@@ -124,6 +134,11 @@ UNNAMED_CACHE_SIZE = 10_000  # distinct unnamed Parse payloads remembered (then 
 # quadratic cost of concatenating every read onto the buffer).
 COLLECT_FROM = 64 * 1024
 
+# States of TxState read on every batch, as module constants (a global is the cheapest look-up).
+_SKIPPING = Input.SKIPPING
+_LINGERING = Lease.LINGERING
+_PINNED = Lease.PINNED
+
 # Connection phases.
 STARTUP, AUTH, LOGIN, READY, CLOSED, TLS_HANDSHAKE = range(6)
 
@@ -159,7 +174,7 @@ class Batch:
 class ClientConnection(asyncio.Protocol):
     """See the module docstring."""
 
-    def __init__(self, app: ProxyApp) -> None:  # noqa: PLR0915  (one statement per attribute)
+    def __init__(self, app: ProxyApp) -> None:
         self.app = app
         self.id = next(_ids)
         self.transport: asyncio.Transport | None = None
@@ -173,26 +188,22 @@ class ClientConnection(asyncio.Protocol):
         self.server: ServerConnection | None = None
         self.server_role = ""  # the role of the connection held (or last held)
         self.server_pool = ""  # its pool: the role, or a replica's name
-        self.pending_begin: bytes | None = None  # a BEGIN the proxy answered; sent with the next unit
-        self.pending_begin_mode = ""
-        self.tx_failed = False  # the proxy refused a statement inside this transaction
+        # Transaction, lease and input state (proxy/frontend/txstate.py): a BEGIN the proxy answered, a
+        # refusal inside a transaction, lingering, pinning, the batch that waits and why.
+        self.tx: TxState[Batch] = TxState()
         self._stmt_info: dict[str, Classification] = {}
         self._unnamed_info: Classification | None = None
-        self.pinned: str | None = None
         self.buf = b""
         # A large message being received: its chunks so far, their length, and the length that completes it.
         self._parts: list[bytes] | None = None
         self._have = 0
         self._need = 0
-        self.waiting: Batch | None = None  # the batch waiting for an upstream connection (or classification)
         self._main_rechecked: Batch | None = None  # the batch being decided again after main_reachable
         self._classifying: asyncio.Task[None] | None = None  # large statements of ``waiting`` being analysed
-        self.skip_until_sync = False
         self._auth: ServerAuth | None = None
         self._login_failure: str | None = None  # why the login failed, when ServerAuth does not say
         self._paused_by: set[str] = set()
         self._write_paused = False
-        self._lingering = False  # between transactions, still holding the last connection (see Pool)
         self.connected_at = time.monotonic()
         self._login_timer: asyncio.TimerHandle | None = None
         self._audit_pending: list[str] = []  # normalized statements of compliance units in flight
@@ -224,7 +235,17 @@ class ClientConnection(asyncio.Protocol):
 
     @property
     def lingering(self) -> bool:
-        return self._lingering
+        return self.tx.lease is _LINGERING
+
+    @property
+    def pinned(self) -> str | None:
+        """Why this client is pinned to its connection (None: it is not)."""
+        return self.tx.pin_reason
+
+    @property
+    def waiting(self) -> Batch | None:
+        """The batch waiting for an upstream connection, a classification, a replica or main."""
+        return self.tx.waiting
 
     # -- asyncio.Protocol -----------------------------------------------------------------------------------
     def connection_made(self, transport: asyncio.BaseTransport) -> None:
@@ -262,9 +283,9 @@ class ClientConnection(asyncio.Protocol):
 
     def _idle_between_units(self) -> bool:
         server = self.server
-        if self.waiting is not None or self.pending_begin is not None:
-            return False
-        return server is None or (self._lingering or (server.status == _IDLE and not server.expect))
+        if server is None:
+            return self.tx.between_units(None, False)
+        return self.tx.between_units(server.status, bool(server.expect))
 
     async def _start_tls(self) -> None:
         """Upgrade this connection to TLS after answering 'S'; the startup packet follows encrypted."""
@@ -341,18 +362,24 @@ class ClientConnection(asyncio.Protocol):
             log.exception("event=internal_error client=%s", self.id)
             self.fatal(ProxyError(INTERNAL_ERROR, f"internal proxy error: {type(exc).__name__}"))
 
-    def _resume_batch(self, reason: str, dispatch: Callable[[], None]) -> None:
+    def _resume_batch(self, reason: Input, dispatch: Callable[[], None]) -> None:
         """A batch that waited (classification, a replica to catch up, main's recheck) goes on: reading
         resumes, the batch is dispatched, then whatever the client sent meanwhile."""
-        self.waiting = None
-        self.resume(reason)
+        self.tx.go_on()
+        self.resume(reason.value)
         self._guarded(dispatch)
-        if self.phase != CLOSED and self.waiting is None and self.buf:
+        if self.phase != CLOSED and self.tx.waiting is None and self.buf:
             self._guarded(self._process)
+
+    def _hold(self, batch: Batch, reason: Input) -> None:
+        """``batch`` waits, reading from the client paused, until ``reason`` is settled."""
+        self.tx.wait(batch, reason)
+        self.pause(reason.value)
 
     # -- input ----------------------------------------------------------------------------------------------
     def _process(self) -> None:
-        while self.phase != CLOSED and self.waiting is None:
+        tx = self.tx
+        while self.phase != CLOSED and tx.waiting is None:
             if self.phase == STARTUP:
                 if not self._startup_packet():
                     return
@@ -373,7 +400,8 @@ class ClientConnection(asyncio.Protocol):
         msgs: list[tuple[int, int, int]] = []
         limit = self.app.max_message_length
         unpack = _HEADER.unpack_from
-        while pos + 5 <= n and self.waiting is None and self.phase == READY:
+        tx = self.tx
+        while pos + 5 <= n and tx.waiting is None and self.phase == READY:
             mtype, length = unpack(buf, pos)
             if length < 4 or length > limit:
                 raise ProxyError(PROTOCOL_VIOLATION, f"invalid message length {length}", severity="FATAL")
@@ -402,7 +430,7 @@ class ClientConnection(asyncio.Protocol):
             pos = bstart = end
             if mtype in _COPY:
                 # COPY data goes straight to the upstream connection running the COPY.
-                if self.server is not None and not self.skip_until_sync:
+                if self.server is not None and tx.input is not _SKIPPING:
                     self.server.send(buf[end - 1 - length : end])
             elif mtype == _X:
                 self._shutdown()
@@ -415,7 +443,7 @@ class ClientConnection(asyncio.Protocol):
             self.buf = b""
             return
         self.buf = rest = buf[bstart:] if bstart else buf
-        if pos + 5 <= n and self.waiting is None and self.phase == READY:
+        if pos + 5 <= n and tx.waiting is None and self.phase == READY:
             # The loop stopped at an incomplete message (its length was checked): collect the rest.
             need = pos + 1 + unpack(buf, pos)[1] - bstart
             if need - len(rest) > COLLECT_FROM:
@@ -424,11 +452,13 @@ class ClientConnection(asyncio.Protocol):
                 self._need = need
                 self.buf = b""
 
-    def _dispatch(self, batch: Batch) -> None:  # noqa: PLR0915  (the routing decision tree)
-        if self.skip_until_sync:
+    def _dispatch(self, batch: Batch) -> None:
+        """Route one batch: answer it here, send it on the connection held, or lease one for it."""
+        tx = self.tx
+        if tx.input is _SKIPPING:
             # After an error the proxy reported itself, PostgreSQL's rule: ignore everything up to Sync.
             if batch.terminator == _S:
-                self.skip_until_sync = False
+                tx.synced()
                 self.write(m.ready_for_query(self._status()))
             return
         if self.admin:
@@ -443,33 +473,20 @@ class ClientConnection(asyncio.Protocol):
             batch.info = info
             if info is not None and info.bits & F_SESSION_SET and self._min_lsn_statement(batch, server):
                 return
-            if self.pinned is None and info is not None and info.bits & F_FORGET_PREPARED:
+            if tx.pin_reason is None and info is not None and info.bits & F_FORGET_PREPARED:
                 reply = self._local_deallocate(batch)
                 if reply is not None and (server is None or not server.expect):
                     self.write(reply + m.ready_for_query(self._status()))
                     return
-        router = self.app.router
-        if server is not None and self.pinned is None and server.expect and server.expect[-1].on_row:
+        if server is None or tx.lease is _LINGERING:
+            self._dispatch_unit(batch, info, override, single_query)
+        elif tx.lease is not _PINNED and server.expect and server.expect[-1].on_row:
             # Only main's WAL position after this client's write is in flight: the client is between
             # transactions, and the unit is routed afresh once that reply has ended the lease.
             self._wait(batch, MAIN)
-            return
-        if server is not None and not self._lingering:
-            if self.pinned is not None or server.status != _IDLE or self.tx_failed or server.needs_sync:
-                # Inside a transaction (or pinned, or after extended messages that no Sync has ended yet,
-                # such as asyncpg's Parse/Describe/Flush): the unit runs on the connection held, if it can.
-                if self.tx_failed and not self._failed_tx_unit(batch, info):
-                    return
-                refusal = router.check_in_transaction(info, self.server_role) if info is not None else None
-                if refusal is not None:
-                    self._refuse(batch, refusal, in_transaction=server.status != _IDLE)
-                    return
-                if info is not None:
-                    self._count_route(self.server_role, router.kind(info)[0])
-                    if router.on_fallback:
-                        self._count_fallback_writes(router.fallback_writes(info))
-                self._send(batch, server)
-                return
+        elif tx.stays_on_held(server.status, server.needs_sync):
+            self._dispatch_held(batch, info, server)
+        else:
             decision = self._decide(info, override)
             if decision.role is None:
                 self._refuse(batch, decision, in_transaction=False)
@@ -482,40 +499,39 @@ class ClientConnection(asyncio.Protocol):
                 self._send(batch, server)  # pipelined behind the unit in flight, same upstream
             else:
                 self._wait(batch, decision.role)  # another upstream: once this one is done with us
+
+    def _dispatch_held(self, batch: Batch, info: Classification | None, server: ServerConnection) -> None:
+        """Inside a transaction (or pinned, or after extended messages that no Sync has ended yet, such as
+        asyncpg's Parse/Describe/Flush): the unit runs on the connection held, if it can."""
+        if self.tx.failed and not self._failed_tx_unit(batch, info):
             return
-        if (
-            single_query
-            and info is not None
-            and info.tx is not None
-            and self.pinned is None
-            and self._deferred_transaction_control(batch, info)
+        router = self.app.router
+        refusal = router.check_in_transaction(info, self.server_role) if info is not None else None
+        if refusal is not None:
+            self._refuse(batch, refusal, in_transaction=server.status != _IDLE)
+            return
+        if info is not None:
+            self._count_route(self.server_role, router.kind(info)[0])
+            if router.on_fallback:
+                self._count_fallback_writes(router.fallback_writes(info))
+        self._send(batch, server)
+
+    def _dispatch_unit(
+        self, batch: Batch, info: Classification | None, override: str | None, single_query: bool
+    ) -> None:
+        """No connection held, or one lingering between transactions: answer the unit here (transaction
+        control the proxy defers), or route it and send it on a connection, leasing one if needed."""
+        tx = self.tx
+        if (tx.begin is not None or (info is not None and info.tx is not None)) and self._answer_control(
+            batch, info, single_query
         ):
-            return
-        if info is None and self.pending_begin is not None and not self.tx_failed and len(batch.msgs) == 1:
-            # A lone Sync (or Flush) after a BEGIN the proxy answered: still nothing to run anywhere.
-            if batch.terminator == _S:
-                self.write(m.ready_for_query(b"T"))
-                return
-            if batch.terminator == _H:
-                return
-        if (
-            info is not None
-            and info.tx in (TX_BEGIN, TX_BEGIN_READ_ONLY)
-            and not single_query
-            and self.pinned is None
-            and not self.tx_failed
-            and self._deferred_extended_begin(batch, info)
-        ):
-            return
-        if self.tx_failed and self.pending_begin is not None:
-            self._failed_tx_unit(batch, info)
             return
         decision = self._decide(info, override)
         if decision.role is None:
             if decision.sqlstate == READ_ONLY_SQL_TRANSACTION and batch is not self._main_rechecked:
                 self._recheck_main(batch)  # main down: unless it takes connections again
                 return
-            self._refuse(batch, decision, in_transaction=self.pending_begin is not None)
+            self._refuse(batch, decision, in_transaction=tx.begin is not None)
             return
         role = decision.role
         label: str | None = None
@@ -528,17 +544,17 @@ class ClientConnection(asyncio.Protocol):
             self._count_fallback(decision.fallback_from)
             self._count_fallback_writes(decision.fallback_writes)
         self._count_route(role, decision.kind)
+        server = self.server
         if self.app.is_paused(role):
             # PAUSE: the new transaction waits (no timeout) until RESUME; nothing fails.
             if server is not None:
                 self._release()
-            self.waiting = batch
-            self.pause("acquire")
+            self._hold(batch, Input.ACQUIRE)
             asyncio.get_running_loop().create_task(self._acquire(batch, role, self.app.pool_for(role)))
             return
         if server is not None:  # lingering between transactions
             if role == self.server_role and (label is None or label == self.server_pool):
-                self._lingering = False
+                tx.lease_event(LeaseEv.UNLINGER)
                 self.app.pools[self.server_pool].unlinger(server)
                 self._send(batch, server)
                 return
@@ -549,10 +565,40 @@ class ClientConnection(asyncio.Protocol):
             self._attach(conn, role, label)
             self._send(batch, conn)
             return
-        self.waiting = batch
-        self.pause("acquire")
+        self._hold(batch, Input.ACQUIRE)
         if not self.app.pools[label].wait(functools.partial(self._handed, batch, role, label)):
             asyncio.get_running_loop().create_task(self._acquire(batch, role, label))
+
+    def _answer_control(self, batch: Batch, info: Classification | None, single_query: bool) -> bool:
+        """BEGIN waits for the statement that decides the upstream; COMMIT/ROLLBACK of a transaction that
+        never reached one, and a lone Sync (or Flush) after such a BEGIN, are answered here, as is a unit
+        in a failed deferred transaction. True when the unit was answered."""
+        tx = self.tx
+        if single_query and info is not None and info.tx is not None and tx.pin_reason is None:
+            _, start, end = batch.msgs[0]
+            read_only = info.tx == TX_BEGIN_READ_ONLY
+            self.write(tx.transaction_control(info.tx, batch.buf[start:end], read_only))
+            return True
+        if info is None and tx.begin is not None and not tx.failed and len(batch.msgs) == 1:
+            # A lone Sync (or Flush) after a BEGIN the proxy answered: still nothing to run anywhere.
+            if batch.terminator == _S:
+                self.write(m.ready_for_query(b"T"))
+                return True
+            if batch.terminator == _H:
+                return True
+        if (
+            info is not None
+            and info.tx in (TX_BEGIN, TX_BEGIN_READ_ONLY)
+            and not single_query
+            and tx.pin_reason is None
+            and not tx.failed
+            and self._deferred_extended_begin(batch, info)
+        ):
+            return True
+        if tx.failed and tx.begin is not None:
+            self._failed_tx_unit(batch, info)
+            return True
+        return False
 
     def _handed(
         self, batch: Batch, role: str, label: str, conn: ServerConnection | None, error: ProxyError | None
@@ -591,8 +637,7 @@ class ClientConnection(asyncio.Protocol):
         else:
             verdict, outcome = consistency.check(self._ryw_key, self.min_lsn), REPLICA
             if verdict.wait:
-                self.waiting = batch
-                self.pause("consistency")
+                self._hold(batch, Input.CONSISTENCY)
                 asyncio.get_running_loop().create_task(self._ryw_wait(batch))
                 return None
         if verdict.main:
@@ -617,7 +662,7 @@ class ClientConnection(asyncio.Protocol):
         if self.phase == CLOSED:
             return
         self._ryw_forced = (batch, verdict)
-        self._resume_batch("consistency", lambda: self._dispatch(batch))
+        self._resume_batch(Input.CONSISTENCY, lambda: self._dispatch(batch))
 
     def _scope_name(self) -> str:
         key = self._ryw_key
@@ -641,13 +686,13 @@ class ClientConnection(asyncio.Protocol):
         """SET / RESET parafort.min_lsn: answered by the proxy; True when the unit was answered."""
         _, start, end = batch.msgs[0]
         sql = batch.buf[start + 5 : end - 1]
-        if b"parafort" not in sql.lower() or self.tx_failed:
+        if b"parafort" not in sql.lower() or self.tx.failed:
             return False
         found = min_lsn_statement(sql.decode(errors="replace"))
         if found is None:
             return False
         tag, value = found
-        if server is not None and (server.status == ord("E") or (server.expect and not self._lingering)):
+        if server is not None and (server.status == ord("E") or (server.expect and not self.tx.lingering)):
             return False  # in a failed transaction, or replies in flight: PostgreSQL answers (a placeholder)
         if value is None:
             self.min_lsn = None
@@ -681,8 +726,7 @@ class ClientConnection(asyncio.Protocol):
     def _recheck_main(self, batch: Batch) -> None:
         """Main is marked down, so this unit would be refused (25006): first let the app try one
         connect to main (shared by all clients asking meanwhile); if main is back, it runs there."""
-        self.waiting = batch
-        self.pause("recheck")
+        self._hold(batch, Input.RECHECK)
         asyncio.get_running_loop().create_task(self._after_main_recheck(batch))
 
     async def _after_main_recheck(self, batch: Batch) -> None:
@@ -697,15 +741,12 @@ class ClientConnection(asyncio.Protocol):
             finally:
                 self._main_rechecked = None
 
-        self._resume_batch("recheck", dispatch)
+        self._resume_batch(Input.RECHECK, dispatch)
 
     def _status(self) -> bytes:
         """The transaction status to report in a ReadyForQuery the proxy makes itself."""
-        if self.tx_failed:
-            return b"E"
-        if self.pending_begin is not None:
-            return b"T"
-        return b"I" if self.server is None else bytes([self.server.status])
+        server = self.server
+        return self.tx.status(None if server is None else server.status)
 
     def _unit_info(self, batch: Batch) -> tuple[Classification | None, str | None]:
         """The classification of everything the unit executes, and a /* route: */ override if any."""
@@ -777,8 +818,7 @@ class ClientConnection(asyncio.Protocol):
         batch.analyses = found
         if not pending:
             return False
-        self.waiting = batch
-        self.pause("classify")
+        self._hold(batch, Input.CLASSIFY)
         self._classifying = asyncio.get_running_loop().create_task(self._classify(batch, found, pending))
         return True
 
@@ -791,10 +831,10 @@ class ClientConnection(asyncio.Protocol):
         self._classifying = None
         if self.phase == CLOSED:
             return
-        self._resume_batch("classify", lambda: self._dispatch(batch))
+        self._resume_batch(Input.CLASSIFY, lambda: self._dispatch(batch))
 
     def _decide(self, info: Classification | None, override: str | None) -> Decision:
-        tx = self.pending_begin_mode if self.pending_begin is not None else None
+        tx = self.tx.begin_mode
         if info is None:
             # Nothing executes (Sync, Describe of a portal, Close...): wherever the client last was.
             if tx == TX_READ_WRITE:  # a BEGIN the proxy answered: a read-write transaction opens on main
@@ -804,37 +844,6 @@ class ClientConnection(asyncio.Protocol):
         if info.tx in (TX_BEGIN, TX_BEGIN_READ_ONLY) and tx is None:
             tx = TX_READ_ONLY if info.tx == TX_BEGIN_READ_ONLY else TX_READ_WRITE
         return self.app.router.decide_cached(info, override, tx)
-
-    def _deferred_transaction_control(self, batch: Batch, info: Classification) -> bool:
-        """BEGIN waits for the statement that decides the upstream; COMMIT/ROLLBACK of a transaction
-        that never reached one are answered here. Returns True when the unit was answered."""
-        _, start, end = batch.msgs[0]
-        if info.tx in (TX_BEGIN, TX_BEGIN_READ_ONLY):
-            if self.pending_begin is not None:
-                self.write(
-                    m.notice_response("WARNING", "25001", "there is already a transaction in progress")
-                    + m.command_complete("BEGIN")
-                    + m.ready_for_query(b"T")
-                )
-                return True
-            self.pending_begin = batch.buf[start:end]
-            self.pending_begin_mode = TX_READ_ONLY if info.tx == TX_BEGIN_READ_ONLY else TX_READ_WRITE
-            self.write(m.command_complete("BEGIN") + m.ready_for_query(b"T"))
-            return True
-        if self.pending_begin is not None and info.tx in (TX_COMMIT, TX_ROLLBACK):
-            tag = "ROLLBACK" if self.tx_failed else info.tx.upper()
-            self.pending_begin = None
-            self.tx_failed = False
-            self.write(m.command_complete(tag) + m.ready_for_query(b"I"))
-            return True
-        if self.pending_begin is None and info.tx in (TX_COMMIT, TX_ROLLBACK):
-            self.write(
-                m.notice_response("WARNING", "25P01", "there is no transaction in progress")
-                + m.command_complete(info.tx.upper())
-                + m.ready_for_query(b"I")
-            )
-            return True
-        return False
 
     def _deferred_extended_begin(self, batch: Batch, info: Classification) -> bool:
         """Parse/Bind/[Describe]/Execute of BEGIN alone up to Sync (or Flush), as pipelining drivers send it:
@@ -866,7 +875,7 @@ class ClientConnection(asyncio.Protocol):
                 replies.append(m.no_data())
             elif mtype == _E:
                 executed = True
-                if self.pending_begin is not None:
+                if self.tx.begin is not None:
                     replies.append(
                         m.notice_response("WARNING", "25001", "there is already a transaction in progress")
                     )
@@ -876,9 +885,7 @@ class ClientConnection(asyncio.Protocol):
         if not executed or parse is None:
             return False
         start, end = parse
-        if self.pending_begin is None:
-            self.pending_begin = m.query(m.decode_parse(buf[start + 5 : end])[1])
-            self.pending_begin_mode = TX_READ_ONLY if info.tx == TX_BEGIN_READ_ONLY else TX_READ_WRITE
+        self.tx.defer_begin(m.query(m.decode_parse(buf[start + 5 : end])[1]), info.tx == TX_BEGIN_READ_ONLY)
         # The client's unnamed statement is now this BEGIN: a later Bind of it re-parses it upstream.
         self._unnamed_stmt = None
         self._unnamed = buf[start:end]
@@ -892,17 +899,22 @@ class ClientConnection(asyncio.Protocol):
 
     def _failed_tx_unit(self, batch: Batch, info: Classification | None) -> bool:
         """The proxy refused a statement in this transaction, so to the client it is aborted: only
-        ROLLBACK (or ROLLBACK TO SAVEPOINT) proceeds; COMMIT becomes ROLLBACK, as PostgreSQL does."""
+        ROLLBACK (or ROLLBACK TO SAVEPOINT) proceeds; COMMIT becomes ROLLBACK, as PostgreSQL does.
+        True when the unit proceeds."""
         tx = info.tx if info is not None else None
-        if tx == TX_ROLLBACK or (
-            info is not None and info.bits & F_SAVEPOINT and self._is_rollback_to(batch)
-        ):
-            self.tx_failed = False
+        rollback = tx == TX_ROLLBACK or (
+            info is not None and bool(info.bits & F_SAVEPOINT) and self._is_rollback_to(batch)
+        )
+        server = self.server
+        commit_on_held = (
+            tx == TX_COMMIT and server is not None and len(batch.msgs) == 1 and batch.terminator == _Q
+        )
+        verdict = self.tx.failed_unit(rollback, commit_on_held)
+        if verdict is PROCEED:
             return True
-        if tx == TX_COMMIT and self.server is not None and len(batch.msgs) == 1 and batch.terminator == _Q:
-            self.tx_failed = False
-            self.server.push(Expect(K_SYNC))
-            self.server.send(m.query("ROLLBACK"))
+        if verdict is ROLLBACK_INSTEAD and server is not None:
+            server.push(Expect(K_SYNC))
+            server.send(m.query("ROLLBACK"))
             return False
         error = ProxyError(
             IN_FAILED_TRANSACTION,
@@ -939,14 +951,12 @@ class ClientConnection(asyncio.Protocol):
         self.write(
             m.error_from(ProxyError(decision.sqlstate or FEATURE_NOT_SUPPORTED, decision.message or ""))
         )
-        if in_transaction:
-            self.tx_failed = True
+        self.tx.refused(in_transaction)
         self._after_failed_batch(batch)
 
     def _wait(self, batch: Batch, role: str) -> None:
         """Hold ``batch`` until the connection in use finishes its units, then route it to ``role``."""
-        self.waiting = batch
-        self.pause("switch")
+        self._hold(batch, Input.SWITCH)
 
     def _console(self, batch: Batch) -> None:
         """The admin console: simple-query commands answered by the proxy itself."""
@@ -1054,7 +1064,7 @@ class ClientConnection(asyncio.Protocol):
             self._acquire_failed(batch, exc)
         except Exception as exc:
             log.exception("event=acquire_error client=%s", self.id)
-            self.waiting = None
+            self.tx.go_on()
             self.write(
                 m.error_from(ProxyError(INTERNAL_ERROR, f"internal proxy error: {type(exc).__name__}"))
             )
@@ -1071,7 +1081,7 @@ class ClientConnection(asyncio.Protocol):
 
     def _acquired(self, batch: Batch, conn: ServerConnection, role: str, label: str) -> bool:
         """Send the waiting batch on the connection just leased; False if that closed the client."""
-        self.waiting = None
+        self.tx.go_on()
         self._attach(conn, role, label)
         try:
             self._send(batch, conn)
@@ -1081,10 +1091,10 @@ class ClientConnection(asyncio.Protocol):
         return True
 
     def _acquire_failed(self, batch: Batch, exc: ProxyError) -> None:
-        self.waiting = None
+        tx = self.tx
+        tx.go_on()
         self.write(m.error_from(exc))
-        if self.pending_begin is not None:
-            self.tx_failed = True
+        tx.refused(tx.begin is not None)
         self._after_failed_batch(batch)
 
     def _after_failed_batch(self, batch: Batch) -> None:
@@ -1092,7 +1102,7 @@ class ClientConnection(asyncio.Protocol):
         if batch.terminator in (_S, _Q, _F):
             self.write(m.ready_for_query(self._status()))
         else:
-            self.skip_until_sync = True
+            self.tx.skip_until_sync()
 
     # -- sending a batch upstream ---------------------------------------------------------------------------
     def _send(self, batch: Batch, server: ServerConnection) -> None:  # noqa: PLR0915  (one loop)
@@ -1112,7 +1122,7 @@ class ClientConnection(asyncio.Protocol):
         special = False  # an expectation other than "forward the responses" is in the batch
         details = False
         # Nothing in flight and no transaction open: a failed first statement can be run again unseen.
-        fresh = server.status == _IDLE and not server.expect and self.pending_begin is None
+        fresh = server.status == _IDLE and not server.expect and self.tx.begin is None
         if len(server.prepared) > self.app.max_statements and server.status == _IDLE and not server.expect:
             # Between transactions no portal depends on a statement: close the least recently used.
             self._evict_statements(server, out)
@@ -1122,11 +1132,13 @@ class ClientConnection(asyncio.Protocol):
             server.push(Expect(K_SYNC, SWALLOW))
             server.applied = dict(self.session.settings)
             server.unnamed_owner = None
-        if self.pending_begin is not None:
+        tx = self.tx
+        begin = tx.begin
+        if begin is not None:
             # The BEGIN the proxy answered earlier: the transaction starts here, on this upstream.
-            out.append(self.pending_begin)
+            tx.unit_sent()
+            out.append(begin)
             server.push(Expect(K_SYNC, SWALLOW))
-            self.pending_begin = None
             server.unnamed_owner = None
         for mtype, start, end in batch.msgs:
             if mtype == _B:
@@ -1404,8 +1416,8 @@ class ClientConnection(asyncio.Protocol):
         flags = info.bits
         if not flags:
             return False
-        if flags & F_PIN and self.pinned is None:
-            self.pinned = info.pin_reason or "session state"
+        if flags & F_PIN and self.tx.pin_reason is None:
+            self.tx.pin(info.pin_reason or "session state")
             self.app.client_pinned(self)
             log.info("event=pinned client=%s role=%s reason=%r", self.id, self.server_role, self.pinned)
         details = False
@@ -1488,29 +1500,28 @@ class ClientConnection(asyncio.Protocol):
                 self._staged_in_tx = True
         elif self.session.has_staged or self._forget_prepared:
             self._settle(server)
-        if status == _IDLE:
-            self.tx_failed = False
-        if status == _IDLE and self.pinned is None and not server.expect:
-            if self.waiting is not None and self._classifying is None:
-                if "switch" in self._paused_by:
-                    # The next unit needs another upstream: this one is done with us now.
-                    batch, self.waiting = self.waiting, None
-                    self._release()
-                    self.resume("switch")
-                    self._dispatch(batch)
-                    if self.waiting is None and self.buf:
-                        self.data_received(b"")
-                return
+        tx = self.tx
+        verdict = tx.ready(status, server.expect)
+        if verdict is BETWEEN:
             if self.app.draining:
                 self._release()
                 self.fatal(ProxyError(ADMIN_SHUTDOWN, "terminating connection: the proxy is shutting down"))
-                return
-            if self._server_dirty and not server.cancels:
-                return  # what it holds is unknown: it serves this client only (and is closed after)
-            if self.app.pools[self.server_pool].linger(server, self._reclaim):
-                self._lingering = True
+            elif self._server_dirty and not server.cancels:
+                pass  # what it holds is unknown: it serves this client only (and is closed after)
+            elif self.app.pools[self.server_pool].linger(server, self._reclaim):
+                tx.lease_event(LeaseEv.LINGER)
             else:
                 self._release()  # a cancel still on its way parks it in the pool (Pool.release)
+        elif verdict is SWITCH:
+            # The next unit needs another upstream: this one is done with us now.
+            batch = tx.waiting
+            assert batch is not None
+            tx.go_on()
+            self._release()
+            self.resume(Input.SWITCH.value)
+            self._dispatch(batch)
+            if tx.waiting is None and self.buf:
+                self.data_received(b"")
 
     def _settle(self, server: ServerConnection) -> None:
         """A unit with session changes ended outside a transaction: did they take effect?
@@ -1546,7 +1557,10 @@ class ClientConnection(asyncio.Protocol):
         server = self.server
         if server is None:
             return
-        if self._lingering or (self.pinned is None and server.status == _IDLE and not server.expect):
+        tx = self.tx
+        if tx.lease is _LINGERING or (
+            tx.lease is not _PINNED and server.status == _IDLE and not server.expect
+        ):
             # Between transactions, nothing of the client's on it: the next unit just takes another.
             self._detach(reusable=False)
             return
@@ -1572,6 +1586,7 @@ class ClientConnection(asyncio.Protocol):
 
     # -- leases ---------------------------------------------------------------------------------------------
     def _attach(self, conn: ServerConnection, role: str, label: str) -> None:
+        self.tx.lease_event(LeaseEv.ATTACH)
         self.server = conn
         self.server_role = role
         self.server_pool = label
@@ -1582,17 +1597,17 @@ class ClientConnection(asyncio.Protocol):
     def _reclaim(self) -> None:
         """The pool takes back the connection this client kept between transactions."""
         server, self.server = self.server, None
-        self._lingering = False
         if server is not None:
+            self.tx.lease_event(LeaseEv.RECLAIM)
             server.detach()
 
     def _detach(self, reusable: bool) -> None:
         server, self.server = self.server, None
         if server is None:
             return
-        if self._lingering:
-            self._lingering = False
+        if self.tx.lingering:
             self.app.pools[self.server_pool].unlinger(server)
+        self.tx.lease_event(LeaseEv.RELEASE)
         server.detach()
         dirty = self._server_dirty
         self._server_dirty = False
@@ -1775,7 +1790,7 @@ class ClientConnection(asyncio.Protocol):
         """Whether all in flight on ``server`` is a read-your-writes capture, outside a transaction."""
         expect = server.expect
         return (
-            self.pinned is None
+            self.tx.lease is not _PINNED
             and server.status == _IDLE
             and len(expect) == 1
             and expect[0].on_row is not None
@@ -1804,7 +1819,7 @@ class ClientConnection(asyncio.Protocol):
         if server is not None and self._capture_only(server):
             pass  # the capture ends on its own; upstream_ready then releases the connection
         elif server is not None:
-            if server.clean and self.pinned is None:
+            if server.clean and self.tx.lease is not _PINNED:
                 self._release()
             else:
                 # Mid-transaction, mid-statement or pinned: never hand this connection to anyone else.
