@@ -23,7 +23,6 @@ from typing import TYPE_CHECKING, cast
 import pglast
 
 from proxy.backend.connection import (
-    FORWARD,
     K_BIND,
     K_CLOSE,
     K_DESCRIBE,
@@ -32,7 +31,6 @@ from proxy.backend.connection import (
     K_SYNC,
     K_SYNTH,
     SWALLOW,
-    SWALLOW_OK,
     Expect,
     ServerConnection,
 )
@@ -58,9 +56,18 @@ from proxy.frontend.login_failures import (
     LOGIN_TIMEOUT,
     UPSTREAM_UNAVAILABLE,
 )
+from proxy.frontend.prepared import (
+    B_HEADER,
+    SYNC_EXT,
+    SYNC_Q,
+    Piece,
+    StalePlanRetry,
+    Statements,
+    forget_on_failure,
+    sync_entry,
+)
 from proxy.frontend.ryw import PARAMETER, Capture, format_lsn, min_lsn_statement, parse_min_lsn
 from proxy.frontend.session import (
-    PreparedStatement,
     Session,
     proxy_settings,
     startup_settings,
@@ -126,10 +133,6 @@ _REFUSAL_HINT = (
     "domain map so these tables live together."
 )
 _IDLE = ord("I")
-_CLOSE_UNNAMED = m.close(b"S", "")
-_DESCRIBE_EXECUTE_SYNC = frozenset(b"DES")
-_B_HEADER = struct.Struct("!BIB")  # a Bind's type, length and its (empty) portal name
-UNNAMED_CACHE_SIZE = 10_000  # distinct unnamed Parse payloads remembered (then forgotten all at once)
 # A message still missing more than this is collected chunk by chunk and joined once (linear, not the
 # quadratic cost of concatenating every read onto the buffer).
 COLLECT_FROM = 64 * 1024
@@ -143,7 +146,6 @@ _PINNED = Lease.PINNED
 STARTUP, AUTH, LOGIN, READY, CLOSED, TLS_HANDSHAKE = range(6)
 
 _ids = itertools.count(1)
-Piece = bytes | memoryview
 
 
 class Batch:
@@ -216,11 +218,8 @@ class ClientConnection(asyncio.Protocol):
         self._staged_in_tx = False
         self._forget_prepared = False
         self._server_dirty = False
-        # The last unnamed statement this client parsed, and a token naming it on upstream connections.
-        self._unnamed: bytes | None = None
-        # statements.cache_unnamed: the upstream statement that stands for the client's unnamed one.
-        self._unnamed_stmt: PreparedStatement | None = None
-        self._unnamed_token: object | None = None
+        # The client's unnamed statement and the re-prepares its batches need (proxy/frontend/prepared.py).
+        self.statements = Statements(app)
         # SET statements sent through the extended protocol take effect when their portal is executed.
         self._stmt_changes: dict[str, list[SessionChange]] = {}
         self._unnamed_changes: list[SessionChange] = []
@@ -887,9 +886,7 @@ class ClientConnection(asyncio.Protocol):
         start, end = parse
         self.tx.defer_begin(m.query(m.decode_parse(buf[start + 5 : end])[1]), info.tx == TX_BEGIN_READ_ONLY)
         # The client's unnamed statement is now this BEGIN: a later Bind of it re-parses it upstream.
-        self._unnamed_stmt = None
-        self._unnamed = buf[start:end]
-        self._unnamed_token = object()
+        self.statements.answered_locally(buf[start:end])
         self._unnamed_info = info
         self._unnamed_changes = []
         if batch.terminator == _S:
@@ -994,10 +991,10 @@ class ClientConnection(asyncio.Protocol):
                 stmt = self.session.statements.get(name) if name else None
                 if stmt is not None:
                     self._audit_pending.append(audit.normalized(stmt.sql.encode()))
-                elif not name and self._unnamed_stmt is not None:
-                    self._audit_pending.append(audit.normalized(self._unnamed_stmt.sql.encode()))
-                elif self._unnamed is not None:
-                    raw = self._unnamed
+                elif not name and self.statements.unnamed_stmt is not None:
+                    self._audit_pending.append(audit.normalized(self.statements.unnamed_stmt.sql.encode()))
+                elif self.statements.unnamed is not None:
+                    raw = self.statements.unnamed
                     name_end = raw.index(0, 5)
                     self._audit_pending.append(
                         audit.normalized(raw[name_end + 1 : raw.index(0, name_end + 1)])
@@ -1123,9 +1120,10 @@ class ClientConnection(asyncio.Protocol):
         details = False
         # Nothing in flight and no transaction open: a failed first statement can be run again unseen.
         fresh = server.status == _IDLE and not server.expect and self.tx.begin is None
+        st = self.statements
         if len(server.prepared) > self.app.max_statements and server.status == _IDLE and not server.expect:
             # Between transactions no portal depends on a statement: close the least recently used.
-            self._evict_statements(server, out)
+            st.evict(server, out)
         sync_sql = self.session.sync_sql(server.applied)
         if sync_sql:
             out.append(m.query(sync_sql))
@@ -1143,18 +1141,19 @@ class ClientConnection(asyncio.Protocol):
         for mtype, start, end in batch.msgs:
             if mtype == _B:
                 if buf[start + 5] == 0 and buf[start + 6] == 0:  # unnamed portal, unnamed statement
-                    stmt = self._unnamed_stmt
+                    stmt = st.unnamed_stmt
                     if stmt is not None:
                         out.append(view[run:start])
                         run = end
-                        self._ensure_prepared(server, stmt, out, ents)
-                        # Bind: unnamed portal, the upstream name, the client's parameters as they are.
-                        out.append(_B_HEADER.pack(_B, end - start - 2 + len(stmt.name_field), 0))
+                        st.ensure(server, stmt, out, ents)
+                        # Bind: unnamed portal, the upstream name, the client's parameters as they are
+                        # (prepared.bind_header, inline: the hot path of statements.cache_unnamed).
+                        out.append(B_HEADER.pack(_B, end - start - 2 + len(stmt.name_field), 0))
                         out.append(stmt.name_field)
                         out.append(view[start + 7 : end])
-                        bind = Expect(K_BIND, on_done=_forget_on_failure(server, stmt.upstream_name))
+                        bind = Expect(K_BIND, on_done=forget_on_failure(server, stmt.upstream_name))
                         if fresh:
-                            bind.retry = _StalePlanRetry(
+                            bind.retry = StalePlanRetry(
                                 server, stmt, (start, end), batch, self.app.statement_events
                             )
                         ents.append(bind)
@@ -1162,24 +1161,24 @@ class ClientConnection(asyncio.Protocol):
                         if self._unnamed_changes:
                             self._bind_changes("", "")
                         continue
-                    if server.unnamed_owner is not self._unnamed_token:
+                    if server.unnamed_owner is not st.unnamed_token:
                         out.append(view[run:start])
                         run = start
-                        self._claim_unnamed(server, out, ents)
+                        st.claim_unnamed(server, out, ents)
                         special = True
                     portal, name = "", ""
                 else:
                     portal, name, _ = m.decode_bind_names(buf[start + 5 : end])
-                    stmt = self.session.statements.get(name) if name else self._unnamed_stmt
-                    if stmt is None and not name and server.unnamed_owner is not self._unnamed_token:
+                    stmt = self.session.statements.get(name) if name else st.unnamed_stmt
+                    if stmt is None and not name and server.unnamed_owner is not st.unnamed_token:
                         out.append(view[run:start])
                         run = start
-                        self._claim_unnamed(server, out, ents)
+                        st.claim_unnamed(server, out, ents)
                         special = True
                     if stmt is not None:
                         out.append(view[run:start])
                         run = end
-                        if self._ensure_prepared(server, stmt, out, ents):
+                        if st.ensure(server, stmt, out, ents):
                             special = True
                         out.append(m.rewrite_bind(buf[start + 5 : end], stmt.upstream_name))
                 if self._stmt_changes or self._unnamed_changes:
@@ -1190,7 +1189,7 @@ class ClientConnection(asyncio.Protocol):
                 if self._portal_changes:
                     self._execute_changes(buf, start)
             elif mtype == _S:
-                ents.append(_SYNC_EXT)
+                ents.append(SYNC_EXT)
             elif mtype == _P:
                 name_end = buf.index(0, start + 5, end)
                 sql_end = buf.index(0, name_end + 1, end)
@@ -1207,18 +1206,19 @@ class ClientConnection(asyncio.Protocol):
                 ):
                     out.append(view[run:start])
                     run = end
-                    self._parse_unnamed(server, buf[start + 5 : end], out, ents)
+                    st.parse_unnamed_cached(server, buf[start + 5 : end], out, ents)
                     special = True
-                elif name_end == start + 5:  # unnamed statement
-                    self._unnamed_stmt = None
-                    self._unnamed = buf[start:end]
-                    self._unnamed_token = object()
-                    server.unnamed_owner = self._unnamed_token
+                elif name_end == start + 5:  # unnamed statement: sent as it is, now this client's
+                    # As Statements.answered_locally, inline (the hot path of the extended protocol).
+                    st.unnamed_stmt = None
+                    st.unnamed = buf[start:end]
+                    st.unnamed_token = server.unnamed_owner = object()
                     ents.append(K_PARSE)
                 else:
                     out.append(view[run:start])
                     run = end
-                    self._send_parse(server, buf[start + 5 : end], out, ents)
+                    name, stmt = st.parse_named(server, buf[start + 5 : end], out, ents)
+                    self.session.statements[name] = stmt
                     special = True
             elif mtype == _D:
                 if buf[start + 5] == 83:  # 'S': a statement
@@ -1226,16 +1226,16 @@ class ClientConnection(asyncio.Protocol):
                         _, name = m.decode_describe_close(buf[start + 5 : end])
                         stmt = self.session.statements.get(name)
                     else:
-                        stmt = self._unnamed_stmt
-                        if stmt is None and server.unnamed_owner is not self._unnamed_token:
+                        stmt = st.unnamed_stmt
+                        if stmt is None and server.unnamed_owner is not st.unnamed_token:
                             out.append(view[run:start])
                             run = start
-                            self._claim_unnamed(server, out, ents)
+                            st.claim_unnamed(server, out, ents)
                             special = True
                     if stmt is not None:
                         out.append(view[run:start])
                         run = end
-                        if self._ensure_prepared(server, stmt, out, ents):
+                        if st.ensure(server, stmt, out, ents):
                             special = True
                         out.append(m.describe(b"S", stmt.upstream_name))
                 ents.append(K_DESCRIBE)
@@ -1243,15 +1243,15 @@ class ClientConnection(asyncio.Protocol):
                 deep = batch.analyses.get(start) if batch.analyses else None
                 details |= self._note_sql(buf[start + 5 : end - 1], server, None, batch.info, deep=deep)
                 server.unnamed_owner = None
-                ents.append(_SYNC_Q)
+                ents.append(SYNC_Q)
             elif mtype == _C:
                 kind, name = m.decode_describe_close(buf[start + 5 : end])
-                if kind == b"S" and (name or self._unnamed_stmt is not None):
+                if kind == b"S" and (name or st.unnamed_stmt is not None):
                     # The upstream statement stays for reuse (it is content-addressed); only the name goes.
                     if name:
                         self.session.statements.pop(name, None)
                     else:
-                        self._unnamed_stmt = None
+                        st.unnamed_stmt = None
                     out.append(view[run:start])
                     run = end
                     ents.append(Expect(K_SYNTH, data=m.close_complete()))
@@ -1261,7 +1261,7 @@ class ClientConnection(asyncio.Protocol):
                         server.unnamed_owner = None
                     ents.append(K_CLOSE)
             elif mtype == _F:
-                ents.append(_SYNC_Q)
+                ents.append(SYNC_Q)
             # Flush (H) has no reply of its own.
         if batch.terminator in (_S, _Q):
             self._portal_changes.clear()
@@ -1276,11 +1276,11 @@ class ClientConnection(asyncio.Protocol):
                 ents[last:] = ents[-1:]
             for entry in ents:
                 if isinstance(entry, int):
-                    push(Expect(entry) if entry >= 0 else _sync_entry(entry))
+                    push(Expect(entry) if entry >= 0 else sync_entry(entry))
                 else:
                     push(entry)
         else:
-            push(_sync_entry(ents[-1]))  # type: ignore[arg-type]
+            push(sync_entry(ents[-1]))  # type: ignore[arg-type]
         if batch.terminator not in (_S, _Q, _F):
             server.needs_sync = True
         if details or self.session.has_staged:
@@ -1293,98 +1293,6 @@ class ClientConnection(asyncio.Protocol):
         server.send(b"".join(out))
         if special:
             server.flush_synth()
-
-    def _send_parse(self, server: ServerConnection, payload: bytes, out: list[Piece],
-                    ents: list[Expect | int]) -> None:  # fmt: skip
-        """A named Parse: remember the statement under the client's name, prepare it upstream if new."""
-        name, sql, oids = m.decode_parse(payload)
-        stmt = PreparedStatement.make(sql, oids)
-        self.session.statements[name] = stmt
-        # A Close first: the client may be asking for a fresh prepare (asyncpg does after a schema change
-        # made the old one fail with "cached plan must not change result type"), or the connection may
-        # still hold a statement its books dropped after a failed Bind. Closing a missing one is no error.
-        server.prepared.pop(stmt.upstream_name, None)
-        out.append(m.close(b"S", stmt.upstream_name))
-        ents.append(Expect(K_CLOSE, SWALLOW))
-        out.append(m.parse(stmt.upstream_name, sql, oids))
-        server.prepared[stmt.upstream_name] = None
-        _count(self.app.statement_events, server.role, "prepared")
-        ents.append(Expect(K_PARSE, FORWARD, on_done=_forget_on_failure(server, stmt.upstream_name)))
-
-    def _parse_unnamed(
-        self, server: ServerConnection, payload: bytes, out: list[Piece], ents: list[Expect | int]
-    ) -> None:
-        """statements.cache_unnamed: an unnamed Parse becomes a named statement kept upstream; when the
-        connection already has it, the Parse is not sent and the client gets its ParseComplete."""
-        cache = self.app.unnamed_statements
-        stmt = cache.get(payload)
-        if stmt is None:
-            _, sql, oids = m.decode_parse(payload)
-            stmt = PreparedStatement.make(sql, oids)
-            if len(cache) >= UNNAMED_CACHE_SIZE:
-                cache.clear()
-            cache[payload] = stmt
-        self._unnamed_stmt = stmt
-        self._unnamed = None
-        name = stmt.upstream_name
-        prepared = server.prepared
-        if name in prepared:
-            del prepared[name]
-            prepared[name] = None
-            ents.append(Expect(K_SYNTH, data=m.parse_complete()))
-            _count(self.app.statement_events, server.role, "reused")
-            return
-        out.append(m.close(b"S", name))
-        ents.append(Expect(K_CLOSE, SWALLOW))
-        out.append(m.parse(name, stmt.sql, stmt.param_oids))
-        prepared[name] = None
-        _count(self.app.statement_events, server.role, "prepared")
-        ents.append(Expect(K_PARSE, FORWARD, on_done=_forget_on_failure(server, name)))
-
-    def _claim_unnamed(self, server: ServerConnection, out: list[Piece], ents: list[Expect | int]) -> None:
-        """Before a message that uses the connection's unnamed statement: make it this client's (its Parse
-        again), or none at all when the client never parsed one: never another client's statement."""
-        if self._unnamed is not None:
-            out.append(self._unnamed)
-            ents.append(Expect(K_PARSE, SWALLOW_OK))
-        else:
-            out.append(_CLOSE_UNNAMED)
-            ents.append(Expect(K_CLOSE, SWALLOW))
-        server.unnamed_owner = self._unnamed_token
-
-    def _evict_statements(self, server: ServerConnection, out: list[Piece]) -> None:
-        prepared = server.prepared
-        keep = self.app.max_statements
-        while len(prepared) > keep:
-            name = next(iter(prepared))
-            del prepared[name]
-            out.append(m.close(b"S", name))
-            server.push(Expect(K_CLOSE, SWALLOW))
-            _count(self.app.statement_events, server.role, "evicted")
-
-    def _ensure_prepared(
-        self,
-        server: ServerConnection,
-        stmt: PreparedStatement,
-        out: list[Piece],
-        ents: list[Expect | int],
-    ) -> bool:
-        """Prepare ``stmt`` on ``server`` first if it has not seen it (its reply is not the client's)."""
-        name = stmt.upstream_name
-        prepared = server.prepared
-        if name in prepared:
-            # Most recently used last: eviction takes the oldest first.
-            del prepared[name]
-            prepared[name] = None
-            return False
-        # A Close first: a statement whose Bind failed may still exist (closing a missing one is no error).
-        out.append(m.close(b"S", name))
-        ents.append(Expect(K_CLOSE, SWALLOW))
-        out.append(m.parse(name, stmt.sql, stmt.param_oids))
-        prepared[name] = None
-        _count(self.app.statement_events, server.role, "prepared")
-        ents.append(Expect(K_PARSE, SWALLOW_OK, on_done=_forget_on_failure(server, stmt.upstream_name)))
-        return True
 
     def _note_sql(
         self,
@@ -1839,87 +1747,6 @@ class ClientConnection(asyncio.Protocol):
         transport, self.transport = self.transport, None
         if transport is not None:
             transport.close()
-
-
-_SYNC_EXT = -1  # a Sync
-_SYNC_Q = -2  # a Query or FunctionCall
-
-
-class _StalePlanRetry:
-    """Runs a batch again after PostgreSQL said a kept statement's cached plan changed result type (DDL
-    since it was prepared): Close and Parse it afresh, then the batch's Bind and what followed it."""
-
-    __slots__ = ("batch", "bind_end", "bind_start", "events", "server", "stmt")
-
-    def __init__(
-        self,
-        server: ServerConnection,
-        stmt: PreparedStatement,
-        bind: tuple[int, int],
-        batch: Batch,
-        events: dict[tuple[str, str], int],
-    ) -> None:
-        self.events = events
-        self.server = server
-        self.stmt = stmt
-        self.batch = batch
-        self.bind_start, self.bind_end = bind
-
-    def applies(self) -> bool:
-        """Whether the batch is [unnamed Parse] Bind (Describe|Execute)* Sync with this Bind its first
-        message sent upstream: then all of it from the Bind on can be sent again."""
-        batch = self.batch
-        msgs = batch.msgs
-        if batch.terminator != _S:
-            return False
-        i = 0
-        if msgs[0][0] == _P:
-            if batch.buf[msgs[0][1] + 5] != 0:
-                return False
-            i = 1
-        if len(msgs) <= i or msgs[i][1] != self.bind_start:
-            return False
-        return all(t in _DESCRIBE_EXECUTE_SYNC for t, _, _ in msgs[i + 1 :])
-
-    def __call__(self) -> None:
-        server, stmt, buf = self.server, self.stmt, self.batch.buf
-        name = stmt.upstream_name
-        forget = _forget_on_failure(server, name)
-        server.push(Expect(K_CLOSE, SWALLOW))
-        server.push(Expect(K_PARSE, SWALLOW_OK, on_done=forget))
-        server.push(Expect(K_BIND, on_done=forget))
-        server.push(_sync_entry(_SYNC_EXT))  # the replies to Describe and Execute are the Sync's unit
-        server.prepared[name] = None
-        _count(self.events, server.role, "prepared_again_after_ddl")
-        log.info("event=statement_prepared_again upstream=%s reason=result_type_changed", server.label)
-        server.send(
-            b"".join(
-                (
-                    m.close(b"S", name),
-                    m.parse(name, stmt.sql, stmt.param_oids),
-                    _B_HEADER.pack(_B, self.bind_end - self.bind_start - 2 + len(stmt.name_field), 0),
-                    stmt.name_field,
-                    buf[self.bind_start + 7 : self.batch.end],
-                )
-            )
-        )
-
-
-def _count(events: dict[tuple[str, str], int], role: str, event: str) -> None:
-    key = (role, event)
-    events[key] = events.get(key, 0) + 1
-
-
-def _sync_entry(code: int) -> Expect:
-    return Expect(K_SYNC, extended=code == _SYNC_EXT)
-
-
-def _forget_on_failure(server: ServerConnection, name: str) -> Callable[[bool], None]:
-    def done(ok: bool) -> None:
-        if not ok:
-            server.prepared.pop(name, None)
-
-    return done
 
 
 def random_key() -> tuple[int, int]:
