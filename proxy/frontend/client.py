@@ -125,6 +125,7 @@ _P, _B, _D, _E, _C, _S, _H, _Q, _X, _F = b"PBDECSHQXF"
 _COPY = frozenset(b"dcf")
 _TERMINATORS = frozenset(b"SHQF")
 _BATCHED = frozenset(b"PBDECSHQF")
+_QUERY_PARSE = frozenset(b"QP")
 MAX_BATCH_BYTES = 256 * 1024
 MAX_AUTH_MESSAGE = 8192
 _OVERRIDE_START = (b"/", b" ", b"\t", b"\r", b"\n")
@@ -377,17 +378,17 @@ class ClientConnection(asyncio.Protocol):
 
     # -- input ----------------------------------------------------------------------------------------------
     def _process(self) -> None:
-        tx = self.tx
-        while self.phase != CLOSED and tx.waiting is None:
-            if self.phase == STARTUP:
-                if not self._startup_packet():
-                    return
-            elif self.phase == AUTH:
-                if not self._auth_message():
-                    return
-            elif self.phase == READY:
+        while self.phase != CLOSED and self.tx.waiting is None:
+            phase = self.phase
+            if phase == READY:
                 self._messages()
                 return
+            if phase == STARTUP:
+                if not self._startup_packet():
+                    return
+            elif phase == AUTH:
+                if not self._auth_message():
+                    return
             else:
                 return  # LOGIN: the greeting resumes processing
 
@@ -400,7 +401,8 @@ class ClientConnection(asyncio.Protocol):
         limit = self.app.max_message_length
         unpack = _HEADER.unpack_from
         tx = self.tx
-        while pos + 5 <= n and tx.waiting is None and self.phase == READY:
+        # Entered READY with no batch waiting; only a dispatch changes that (checked after each one).
+        while pos + 5 <= n:
             mtype, length = unpack(buf, pos)
             if length < 4 or length > limit:
                 raise ProxyError(PROTOCOL_VIOLATION, f"invalid message length {length}", severity="FATAL")
@@ -419,6 +421,8 @@ class ClientConnection(asyncio.Protocol):
                 msgs = []
                 bstart = pos
                 self._dispatch(batch)
+                if tx.waiting is not None or self.phase != READY:
+                    break
                 continue
             if msgs:
                 raise ProxyError(
@@ -751,17 +755,28 @@ class ClientConnection(asyncio.Protocol):
         """The classification of everything the unit executes, and a /* route: */ override if any."""
         buf = batch.buf
         classifier = self.app.classifier
+        msgs = batch.msgs
+        if len(msgs) == 1 and msgs[0][0] == _Q and msgs[0][2] - msgs[0][1] - 6 <= INLINE_BYTES:
+            # A lone simple query (the common unit): the loop below, for one message.
+            sql = buf[msgs[0][1] + 5 : msgs[0][2] - 1]
+            if sql[:1] in _OVERRIDE_START and sql.lstrip().startswith(b"/*"):
+                return classifier.classify_bytes(sql), route_override(sql.decode(errors="replace"))
+            return classifier.classify_bytes(sql), None
         infos: list[Classification] = []
         override = None
         parsed: set[str] = set()
-        for mtype, start, end in batch.msgs:
-            if mtype in (_Q, _P):
+        for mtype, start, end in msgs:
+            if mtype in _QUERY_PARSE:
                 if mtype == _Q:
                     lo, hi = start + 5, end - 1
                 else:
                     name_end = buf.index(0, start + 5, end)
                     lo, hi = name_end + 1, buf.index(0, name_end + 1, end)
-                    parsed.add(buf[start + 5 : name_end].decode(errors="surrogateescape"))
+                    parsed.add(
+                        buf[start + 5 : name_end].decode(errors="surrogateescape")
+                        if name_end > start + 5
+                        else ""
+                    )
                 if hi - lo > INLINE_BYTES:
                     deep = batch.analyses.get(start, UNCLASSIFIED) if batch.analyses else UNCLASSIFIED
                     infos.append(deep.info)
@@ -1119,7 +1134,9 @@ class ClientConnection(asyncio.Protocol):
         special = False  # an expectation other than "forward the responses" is in the batch
         details = False
         # Nothing in flight and no transaction open: a failed first statement can be run again unseen.
-        fresh = server.status == _IDLE and not server.expect and self.tx.begin is None
+        tx = self.tx
+        begin = tx.begin
+        fresh = server.status == _IDLE and not server.expect and begin is None
         st = self.statements
         if len(server.prepared) > self.app.max_statements and server.status == _IDLE and not server.expect:
             # Between transactions no portal depends on a statement: close the least recently used.
@@ -1130,8 +1147,6 @@ class ClientConnection(asyncio.Protocol):
             server.push(Expect(K_SYNC, SWALLOW))
             server.applied = dict(self.session.settings)
             server.unnamed_owner = None
-        tx = self.tx
-        begin = tx.begin
         if begin is not None:
             # The BEGIN the proxy answered earlier: the transaction starts here, on this upstream.
             tx.unit_sent()
@@ -1241,7 +1256,9 @@ class ClientConnection(asyncio.Protocol):
                 ents.append(K_DESCRIBE)
             elif mtype == _Q:
                 deep = batch.analyses.get(start) if batch.analyses else None
-                details |= self._note_sql(buf[start + 5 : end - 1], server, None, batch.info, deep=deep)
+                info = batch.info
+                if deep is not None or info is None or info.bits:  # else nothing to note
+                    details |= self._note_sql(buf[start + 5 : end - 1], server, None, info, deep=deep)
                 server.unnamed_owner = None
                 ents.append(SYNC_Q)
             elif mtype == _C:
@@ -1280,7 +1297,7 @@ class ClientConnection(asyncio.Protocol):
                 else:
                     push(entry)
         else:
-            push(sync_entry(ents[-1]))  # type: ignore[arg-type]
+            push(Expect(K_SYNC, extended=ents[-1] == SYNC_EXT))  # sync_entry, inline
         if batch.terminator not in (_S, _Q, _F):
             server.needs_sync = True
         if details or self.session.has_staged:
