@@ -1,4 +1,4 @@
-"""One client connection: startup and authentication, then batches leased to upstream connections.
+"""One client connection: after its login (proxy/frontend/startup.py), batches leased to upstream connections.
 
 The client's byte stream is cut into *batches* at Sync, Query, Flush and FunctionCall (and each COPY
 message on its own). A batch is sent upstream on the connection the client holds, or on one leased for it;
@@ -14,7 +14,6 @@ import functools
 import itertools
 import logging
 import secrets
-import ssl
 import struct
 import time
 from collections.abc import Callable, Iterator
@@ -41,20 +40,11 @@ from proxy.errors import (
     FEATURE_NOT_SUPPORTED,
     IN_FAILED_TRANSACTION,
     INTERNAL_ERROR,
-    INVALID_AUTHORIZATION,
     INVALID_PARAMETER_VALUE,
     PROTOCOL_VIOLATION,
     READ_ONLY_SQL_TRANSACTION,
     TOO_MANY_CONNECTIONS,
     ProxyError,
-)
-from proxy.frontend.login_failures import (
-    ABORTED,
-    ADMIN_NOT_ALLOWED,
-    CLIENT_DISCONNECTED,
-    INVALID_PARAMETER,
-    LOGIN_TIMEOUT,
-    UPSTREAM_UNAVAILABLE,
 )
 from proxy.frontend.prepared import (
     B_HEADER,
@@ -69,9 +59,15 @@ from proxy.frontend.prepared import (
 from proxy.frontend.ryw import PARAMETER, Capture, format_lsn, min_lsn_statement, parse_min_lsn
 from proxy.frontend.session import (
     Session,
-    proxy_settings,
-    startup_settings,
-    startup_values,
+)
+from proxy.frontend.startup import (
+    AUTH,
+    CLOSED,
+    LOGIN,
+    MAX_AUTH_MESSAGE,
+    READY,
+    STARTUP,
+    Login,
 )
 from proxy.frontend.txstate import (
     BETWEEN,
@@ -83,16 +79,7 @@ from proxy.frontend.txstate import (
     LeaseEv,
     TxState,
 )
-from proxy.lookups import InvalidStartupParameter
 from proxy.protocol import messages as m
-from proxy.protocol.auth import MALFORMED_AUTH_MESSAGE, ServerAuth
-from proxy.protocol.framing import (
-    CancelRequest,
-    GSSENCRequest,
-    SSLRequest,
-    StartupMessage,
-    read_startup,
-)
 from proxy.router.classify import (
     F_FORGET_PREPARED,
     F_PIN,
@@ -127,7 +114,6 @@ _TERMINATORS = frozenset(b"SHQF")
 _BATCHED = frozenset(b"PBDECSHQF")
 _QUERY_PARSE = frozenset(b"QP")
 MAX_BATCH_BYTES = 256 * 1024
-MAX_AUTH_MESSAGE = 8192
 _OVERRIDE_START = (b"/", b" ", b"\t", b"\r", b"\n")
 _REFUSAL_HINT = (
     "Each statement (and each transaction) runs on one upstream. Split the statement, or configure the "
@@ -142,9 +128,6 @@ COLLECT_FROM = 64 * 1024
 _SKIPPING = Input.SKIPPING
 _LINGERING = Lease.LINGERING
 _PINNED = Lease.PINNED
-
-# Connection phases.
-STARTUP, AUTH, LOGIN, READY, CLOSED, TLS_HANDSHAKE = range(6)
 
 _ids = itertools.count(1)
 
@@ -203,12 +186,10 @@ class ClientConnection(asyncio.Protocol):
         self._need = 0
         self._main_rechecked: Batch | None = None  # the batch being decided again after main_reachable
         self._classifying: asyncio.Task[None] | None = None  # large statements of ``waiting`` being analysed
-        self._auth: ServerAuth | None = None
-        self._login_failure: str | None = None  # why the login failed, when ServerAuth does not say
+        self.login = Login(self)  # startup, authentication, greeting (proxy/frontend/startup.py)
         self._paused_by: set[str] = set()
         self._write_paused = False
         self.connected_at = time.monotonic()
-        self._login_timer: asyncio.TimerHandle | None = None
         self._audit_pending: list[str] = []  # normalized statements of compliance units in flight
         self._audit_outcome = "ok"
         self.admin = False  # connected to the admin console (database admin.database)
@@ -228,7 +209,7 @@ class ClientConnection(asyncio.Protocol):
         # Read-your-writes (proxy/frontend/ryw.py, proxy/consistency.py): the scope's key (None: off), the
         # position this connection's reads need at least (SET parafort.min_lsn), whether a write on main
         # awaits its capture, and a verdict reached after waiting, with the batch it was reached for.
-        self._ryw_key: tuple[object, ...] | None = None
+        self.ryw_key: tuple[object, ...] | None = None
         self.min_lsn: int | None = None
         self._wrote = False
         self._ryw_forced: tuple[Batch, Verdict] | None = None
@@ -274,7 +255,7 @@ class ClientConnection(asyncio.Protocol):
         # flood the log (failed logins are logged, rate-limited, by LoginFailureLog; client_login names the
         # address of those that succeed).
         log.debug("event=client_open client=%s address=%s", self.id, self.peer)
-        self._login_timer = asyncio.get_running_loop().call_later(limits.login_timeout, self._login_timed_out)
+        self.login.start_timer(limits.login_timeout)
 
     def drain(self) -> None:
         """The proxy is shutting down: leave now if idle, else after the transaction in flight."""
@@ -287,41 +268,8 @@ class ClientConnection(asyncio.Protocol):
             return self.tx.between_units(None, False)
         return self.tx.between_units(server.status, bool(server.expect))
 
-    async def _start_tls(self) -> None:
-        """Upgrade this connection to TLS after answering 'S'; the startup packet follows encrypted."""
-        transport = self.transport
-        context = self.app.ssl_context
-        if transport is None or context is None:
-            return
-        try:
-            loop = asyncio.get_running_loop()
-            tls_transport = await loop.start_tls(transport, self, context, server_side=True)
-        except (OSError, ssl.SSLError, ConnectionError) as exc:
-            log.info("event=tls_handshake_failed client=%s error=%r", self.id, type(exc).__name__)
-            self._close_transport()
-            return
-        if tls_transport is None or self.phase == CLOSED:
-            return
-        self.transport = tls_transport
-        self.tls = True
-        self.phase = STARTUP
-        if self.buf:
-            self.data_received(b"")
-
-    def _login_timed_out(self) -> None:
-        if self.phase in (AUTH, LOGIN):
-            self._login_failure = LOGIN_TIMEOUT  # logged (rate-limited) as a failed login, with the user
-        elif self.phase in (STARTUP, TLS_HANDSHAKE):
-            log.warning("event=login_timeout client=%s address=%s", self.id, self.peer)
-        if self.phase in (STARTUP, AUTH, LOGIN, TLS_HANDSHAKE):
-            timeout = self.app.config.limits.login_timeout
-            self.fatal(
-                ProxyError(PROTOCOL_VIOLATION, f"login not completed within {timeout:g}s", severity="FATAL")
-            )
-
     def connection_lost(self, exc: Exception | None) -> None:
-        if self.phase in (AUTH, LOGIN) and self._login_failure is None:
-            self._login_failure = CLIENT_DISCONNECTED
+        self.login.disconnected()
         self._shutdown()
 
     def pause_writing(self) -> None:
@@ -384,10 +332,10 @@ class ClientConnection(asyncio.Protocol):
                 self._messages()
                 return
             if phase == STARTUP:
-                if not self._startup_packet():
+                if not self.login.startup_packet():
                     return
             elif phase == AUTH:
-                if not self._auth_message():
+                if not self.login.auth_message():
                     return
             else:
                 return  # LOGIN: the greeting resumes processing
@@ -538,7 +486,7 @@ class ClientConnection(asyncio.Protocol):
             return
         role = decision.role
         label: str | None = None
-        if role == REPLICA_ROLE and (self._ryw_key is not None or self.min_lsn is not None):
+        if role == REPLICA_ROLE and (self.ryw_key is not None or self.min_lsn is not None):
             routed = self._ryw_route(batch)
             if routed is None:
                 return  # waiting for a replica to catch up (or the scope's last write position)
@@ -625,7 +573,7 @@ class ClientConnection(asyncio.Protocol):
     def _count_route(self, role: str, kind: str) -> None:
         routed = self.app.routed
         routed[role, kind] = routed.get((role, kind), 0) + 1
-        if kind == WRITE and role == MAIN and self._ryw_key is not None:
+        if kind == WRITE and role == MAIN and self.ryw_key is not None:
             self._wrote = True  # its WAL position is captured when the unit (or its transaction) ends
 
     # -- read-your-writes -----------------------------------------------------------------------------------
@@ -638,7 +586,7 @@ class ClientConnection(asyncio.Protocol):
             self._ryw_forced = None
             verdict, outcome = forced[1], AFTER_WAIT
         else:
-            verdict, outcome = consistency.check(self._ryw_key, self.min_lsn), REPLICA
+            verdict, outcome = consistency.check(self.ryw_key, self.min_lsn), REPLICA
             if verdict.wait:
                 self._hold(batch, Input.CONSISTENCY)
                 asyncio.get_running_loop().create_task(self._ryw_wait(batch))
@@ -651,16 +599,16 @@ class ClientConnection(asyncio.Protocol):
 
     def _ryw_same_replica(self) -> bool:
         """A read pipelined behind another on the replica connection held: may it run there too?"""
-        if self._ryw_key is None and self.min_lsn is None:
+        if self.ryw_key is None and self.min_lsn is None:
             return True
-        verdict = self.app.consistency.check(self._ryw_key, self.min_lsn)
+        verdict = self.app.consistency.check(self.ryw_key, self.min_lsn)
         return not verdict.main and not verdict.wait and verdict.label in (None, self.server_pool)
 
     async def _ryw_wait(self, batch: Batch) -> None:
         consistency = self.app.consistency
         loop = asyncio.get_running_loop()
         started = loop.time()
-        verdict = await consistency.wait(self._ryw_key, self.min_lsn)
+        verdict = await consistency.wait(self.ryw_key, self.min_lsn)
         consistency.waited(loop.time() - started)
         if self.phase == CLOSED:
             return
@@ -668,7 +616,7 @@ class ClientConnection(asyncio.Protocol):
         self._resume_batch(Input.CONSISTENCY, lambda: self._dispatch(batch))
 
     def _scope_name(self) -> str:
-        key = self._ryw_key
+        key = self.ryw_key
         if key is None:
             return f"connection {self.id} (parafort.min_lsn)"
         return " ".join(str(part) for part in key)
@@ -1417,8 +1365,8 @@ class ClientConnection(asyncio.Protocol):
             # A write ended on main (autocommit, or its transaction's end) and nothing else is in flight:
             # read main's WAL position now, behind the reply the client already has. Its reply ends the lease.
             self._wrote = False
-            assert self._ryw_key is not None  # set only with read-your-writes on
-            Capture(self.app.consistency.writes, self._ryw_key, server, self).send()
+            assert self.ryw_key is not None  # set only with read-your-writes on
+            Capture(self.app.consistency.writes, self.ryw_key, server, self).send()
             return
         if status != _IDLE:
             if self.session.has_staged:
@@ -1541,152 +1489,6 @@ class ClientConnection(asyncio.Protocol):
     def _release(self) -> None:
         self._detach(reusable=True)
 
-    # -- startup and authentication -------------------------------------------------------------------------
-    def _startup_packet(self) -> bool:
-        packet, used = read_startup(self.buf)
-        if packet is None:
-            return False
-        self.buf = self.buf[used:]
-        if isinstance(packet, SSLRequest) and self.app.ssl_context is not None and not self.tls:
-            if self.buf:
-                raise ProxyError(
-                    PROTOCOL_VIOLATION, "data after SSLRequest before the handshake", severity="FATAL"
-                )
-            self.write(b"S")
-            self.phase = TLS_HANDSHAKE
-            asyncio.get_running_loop().create_task(self._start_tls())
-            return False
-        if isinstance(packet, SSLRequest | GSSENCRequest):
-            self.write(b"N")
-            return True
-        if isinstance(packet, CancelRequest):
-            self.app.cancel(packet.pid, packet.secret)
-            self._close_transport()
-            return False
-        assert isinstance(packet, StartupMessage)
-        if self.app.config.tls.mode == "require" and not self.tls:
-            raise ProxyError(
-                INVALID_AUTHORIZATION,
-                "TLS is required: connect with sslmode=require or stronger",
-                severity="FATAL",
-            )
-        if not packet.is_v3:
-            raise ProxyError(
-                FEATURE_NOT_SUPPORTED,
-                f"unsupported frontend protocol {packet.major}.{packet.minor}: server supports 3.0",
-                severity="FATAL",
-            )
-        self.params = dict(packet.params)
-        self.user = self.params.get("user", "")
-        if not self.user:
-            raise ProxyError(
-                INVALID_AUTHORIZATION, "no PostgreSQL user name specified in startup packet", severity="FATAL"
-            )
-        self.database = self.params.get("database") or self.user
-        if self.params.get("replication", "false").lower() not in ("false", "off", "no", "0"):
-            raise ProxyError(
-                FEATURE_NOT_SUPPORTED,
-                "replication connections are not supported through parafort-proxy; connect to the server",
-                severity="FATAL",
-            )
-        self._auth = self.app.server_auth(self.user)
-        self.phase = AUTH
-        first = self._auth.start()
-        self.write(first)
-        if self._auth.done:
-            self._authenticated()
-        return True
-
-    def _auth_message(self) -> bool:
-        """Feed one complete password message to the authenticator; False when more input is needed."""
-        assert self._auth is not None
-        buf = self.buf
-        if len(buf) < 5:
-            return False
-        mtype, length = _HEADER.unpack_from(buf, 0)
-        if length < 4 or length > MAX_AUTH_MESSAGE:
-            self._login_failure = MALFORMED_AUTH_MESSAGE
-            raise ProxyError(PROTOCOL_VIOLATION, f"invalid message length {length}", severity="FATAL")
-        if len(buf) < 1 + length:
-            return False
-        self.buf = buf[1 + length :]
-        reply, done = self._auth.feed(mtype, buf[5 : 1 + length])
-        self.write(reply)  # on success it ends with AuthenticationOk
-        if done:
-            self._authenticated()
-        return True
-
-    def _authenticated(self) -> None:
-        if self.database == self.app.config.admin.database:
-            if not self.app.admin_allowed(self.user):
-                self._login_failure = ADMIN_NOT_ALLOWED
-                raise ProxyError(
-                    INVALID_AUTHORIZATION,
-                    f'user "{self.user}" is not allowed to use the admin console (auth.admin_users)',
-                    severity="FATAL",
-                )
-            self.admin = True
-        self.phase = LOGIN
-        self._auth = None
-        own = proxy_settings(self.params)
-        if "parafort.min_lsn" in own:
-            value = own["parafort.min_lsn"]
-            try:
-                self.min_lsn = parse_min_lsn(value)
-            except ValueError:
-                self._login_failure = INVALID_PARAMETER
-                raise ProxyError(
-                    INVALID_PARAMETER_VALUE,
-                    f'invalid value for parameter "parafort.min_lsn": "{value}"',
-                    severity="FATAL",
-                ) from None
-        # Without a replica there is nothing to wait for: no capture at all.
-        scope = self.app.config.routing.read_your_writes.scope if self.app.replica_pools else "off"
-        if scope == "user":
-            self._ryw_key = ("user", self.user)
-        elif scope == "connection":
-            self._ryw_key = ("connection", self.id)
-        elif scope == "global":
-            self._ryw_key = ("global",)
-        self.session = Session(startup_settings(self.params))
-        asyncio.get_running_loop().create_task(self._greet())
-
-    async def _greet(self) -> None:
-        try:
-            reported = await self.app.startup_parameters(startup_values(self.params))
-        except ProxyError as exc:
-            bad = isinstance(exc, InvalidStartupParameter)
-            self._login_failure = INVALID_PARAMETER if bad else UPSTREAM_UNAVAILABLE
-            self.fatal(ProxyError(exc.sqlstate, exc.message, detail=exc.detail, severity="FATAL"))
-            return
-        if self.phase == CLOSED:
-            return
-        out = bytearray()
-        for name, value in reported.items():
-            out += m.parameter_status(name, value)
-        self.key = self.app.register_cancel_key(self)
-        out += m.backend_key_data(*self.key)
-        out += m.ready_for_query(b"I")
-        self.write(out)
-        self.phase = READY
-        if self._login_timer is not None:
-            self._login_timer.cancel()
-        log.info(
-            "event=client_login client=%s user=%s database=%s address=%s",
-            self.id,
-            self.user,
-            self.database,
-            self.peer,
-        )
-        if self.buf:
-            self.data_received(b"")
-
-    def _login_failed(self) -> None:
-        """Count and (rate-limited) log a login that ends before ReadyForQuery; never with a secret."""
-        auth_failure = self._auth.failure if self._auth is not None else None
-        reason = self._login_failure or auth_failure or ABORTED
-        self.app.login_failures.failed(self.user, self.peer, reason, self.id)
-
     # -- output and teardown --------------------------------------------------------------------------------
     def write(self, data: bytes | bytearray) -> None:
         if self.transport is not None and not self.transport.is_closing():
@@ -1722,7 +1524,8 @@ class ClientConnection(asyncio.Protocol):
             and not server.broken
         )
 
-    def _close_transport(self) -> None:
+    def close_transport(self) -> None:
+        """Close the client's connection at once (a cancel request served, a failed TLS handshake)."""
         self.phase = CLOSED
         if self.transport is not None:
             self.transport.close()
@@ -1732,10 +1535,9 @@ class ClientConnection(asyncio.Protocol):
             return
         logged_in = self.key != (0, 0)  # set with the greeting: this client reached ReadyForQuery
         if self.phase in (AUTH, LOGIN):
-            self._login_failed()
+            self.login.failed()
         self.phase = CLOSED
-        if self._login_timer is not None:
-            self._login_timer.cancel()
+        self.login.stop_timer()
         if self._classifying is not None:
             self._classifying.cancel()
             self._classifying = None
@@ -1770,4 +1572,4 @@ def random_key() -> tuple[int, int]:
     return secrets.randbits(31) or 1, secrets.randbits(32)
 
 
-__all__ = ["ClientConnection", "random_key"]
+__all__ = ["AUTH", "CLOSED", "MAX_AUTH_MESSAGE", "READY", "STARTUP", "ClientConnection", "random_key"]
