@@ -46,6 +46,7 @@ from proxy.errors import (
     TOO_MANY_CONNECTIONS,
     ProxyError,
 )
+from proxy.frontend.audited import AuditTrail
 from proxy.frontend.prepared import (
     B_HEADER,
     SYNC_EXT,
@@ -190,8 +191,7 @@ class ClientConnection(asyncio.Protocol):
         self._paused_by: set[str] = set()
         self._write_paused = False
         self.connected_at = time.monotonic()
-        self._audit_pending: list[str] = []  # normalized statements of compliance units in flight
-        self._audit_outcome = "ok"
+        self._audit = AuditTrail()  # compliance units in flight (proxy/frontend/audited.py)
         self.admin = False  # connected to the admin console (database admin.database)
         self.tls = False
         # Outcome tracking for session changes and DISCARD while a batch is in flight.
@@ -936,47 +936,6 @@ class ClientConnection(asyncio.Protocol):
         log.info("event=admin_command client=%s user=%s", self.id, self.user)
         self.write(reply + m.ready_for_query(b"I"))
 
-    def _audit_batch(self, batch: Batch) -> None:
-        """Remember the statements of a compliance unit; written when its ReadyForQuery arrives."""
-        audit = self.app.audit
-        assert audit is not None
-        buf = batch.buf
-        for mtype, start, end in batch.msgs:
-            if mtype == _Q:
-                self._audit_pending.append(audit.normalized(buf[start + 5 : end - 1]))
-            elif mtype == _P:
-                name_end = buf.index(0, start + 5, end)
-                self._audit_pending.append(
-                    audit.normalized(buf[name_end + 1 : buf.index(0, name_end + 1, end)])
-                )
-            elif mtype == _B and not any(t == _P for t, _, _ in batch.msgs):
-                _, name, _ = m.decode_bind_names(buf[start + 5 : end])
-                stmt = self.session.statements.get(name) if name else None
-                if stmt is not None:
-                    self._audit_pending.append(audit.normalized(stmt.sql.encode()))
-                elif not name and self.statements.unnamed_stmt is not None:
-                    self._audit_pending.append(audit.normalized(self.statements.unnamed_stmt.sql.encode()))
-                elif self.statements.unnamed is not None:
-                    raw = self.statements.unnamed
-                    name_end = raw.index(0, 5)
-                    self._audit_pending.append(
-                        audit.normalized(raw[name_end + 1 : raw.index(0, name_end + 1)])
-                    )
-
-    def _write_audit(self) -> None:
-        audit = self.app.audit
-        if audit is not None:
-            audit.write(
-                user=self.user,
-                address=self.peer,
-                application_name=self.params.get("application_name", ""),
-                statements=self._audit_pending,
-                role=self.server_role,
-                outcome=self._audit_outcome,
-            )
-        self._audit_pending = []
-        self._audit_outcome = "ok"
-
     def _local_deallocate(self, batch: Batch) -> bytes | None:
         """DEALLOCATE of a protocol-level statement (psycopg does this) is the proxy's to answer: the
         upstream name differs and other clients may share the upstream statement."""
@@ -1074,8 +1033,8 @@ class ClientConnection(asyncio.Protocol):
         buf = batch.buf
         view = memoryview(buf)
         out: list[Piece] = []
-        if self.server_role == "compliance" and self.app.audit is not None:
-            self._audit_batch(batch)
+        if self.server_role == "compliance" and (audit := self.app.audit) is not None:
+            self._audit.note(audit, buf, batch.msgs, self.session.statements, self.statements)
             server.track_details(True)
         run = batch.start  # start of the run of unchanged client bytes not yet in ``out``
         ents: list[Expect | int] = []  # plain kinds stand for Expect(kind); built only when needed
@@ -1340,18 +1299,20 @@ class ClientConnection(asyncio.Protocol):
 
     def upstream_error_seen(self, fields_payload: bytes) -> None:
         self._error_seen = True
-        if self._audit_pending and self._audit_outcome == "ok":
-            try:
-                self._audit_outcome = "error " + m.parse_fields(fields_payload).get("C", "")
-            except ProxyError:
-                self._audit_outcome = "error"
+        self._audit.error(fields_payload)
 
     def upstream_command_tag(self, tag: bytes) -> None:
         self._last_tag = tag
 
     def upstream_batch_end(self) -> None:
-        if self._audit_pending:
-            self._write_audit()
+        if self._audit.pending:
+            self._audit.write(
+                self.app.audit,
+                user=self.user,
+                address=self.peer,
+                application_name=self.params.get("application_name", ""),
+                role=self.server_role,
+            )
 
     def upstream_ready(self, status: int) -> None:
         server = self.server
