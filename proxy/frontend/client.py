@@ -33,14 +33,12 @@ from proxy.backend.connection import (
     Expect,
     ServerConnection,
 )
-from proxy.consistency import AFTER_WAIT, MAIN_FOR_CONSISTENCY, REPLICA, Verdict
 from proxy.errors import (
     ADMIN_SHUTDOWN,
     CANNOT_CONNECT_NOW,
     FEATURE_NOT_SUPPORTED,
     IN_FAILED_TRANSACTION,
     INTERNAL_ERROR,
-    INVALID_PARAMETER_VALUE,
     PROTOCOL_VIOLATION,
     READ_ONLY_SQL_TRANSACTION,
     TOO_MANY_CONNECTIONS,
@@ -57,7 +55,8 @@ from proxy.frontend.prepared import (
     forget_on_failure,
     sync_entry,
 )
-from proxy.frontend.ryw import PARAMETER, Capture, format_lsn, min_lsn_statement, parse_min_lsn
+from proxy.frontend.reads import Reads
+from proxy.frontend.ryw import PARAMETER, Capture, format_lsn
 from proxy.frontend.session import (
     Session,
 )
@@ -206,13 +205,8 @@ class ClientConnection(asyncio.Protocol):
         self._stmt_changes: dict[str, list[SessionChange]] = {}
         self._unnamed_changes: list[SessionChange] = []
         self._portal_changes: dict[str, list[SessionChange]] = {}
-        # Read-your-writes (proxy/frontend/ryw.py, proxy/consistency.py): the scope's key (None: off), the
-        # position this connection's reads need at least (SET parafort.min_lsn), whether a write on main
-        # awaits its capture, and a verdict reached after waiting, with the batch it was reached for.
-        self.ryw_key: tuple[object, ...] | None = None
-        self.min_lsn: int | None = None
-        self._wrote = False
-        self._ryw_forced: tuple[Batch, Verdict] | None = None
+        # Read-your-writes (proxy/frontend/reads.py): scope, parafort.min_lsn, a write awaiting capture.
+        self.reads: Reads[Batch] = Reads(self.id)
 
     @property
     def lingering(self) -> bool:
@@ -442,7 +436,8 @@ class ClientConnection(asyncio.Protocol):
             if decision.role is None:
                 self._refuse(batch, decision, in_transaction=False)
             elif (decision.role == self.server_role or info is None) and (
-                decision.role != REPLICA_ROLE or self._ryw_same_replica()
+                decision.role != REPLICA_ROLE
+                or self.reads.same_replica(self.app.consistency, self.server_pool)
             ):
                 self._count_route(self.server_role, decision.kind)
                 if decision.fallback_writes:
@@ -486,10 +481,14 @@ class ClientConnection(asyncio.Protocol):
             return
         role = decision.role
         label: str | None = None
-        if role == REPLICA_ROLE and (self.ryw_key is not None or self.min_lsn is not None):
-            routed = self._ryw_route(batch)
+        reads = self.reads
+        if role == REPLICA_ROLE and (reads.key is not None or reads.min_lsn is not None):
+            routed = reads.route(self.app.consistency, batch)
             if routed is None:
-                return  # waiting for a replica to catch up (or the scope's last write position)
+                # Wait for a replica to catch up (or the scope's last write position).
+                self._hold(batch, Input.CONSISTENCY)
+                asyncio.get_running_loop().create_task(self._ryw_wait(batch))
+                return
             role, label = routed
         if decision.fallback_from:
             self._count_fallback(decision.fallback_from)
@@ -573,53 +572,15 @@ class ClientConnection(asyncio.Protocol):
     def _count_route(self, role: str, kind: str) -> None:
         routed = self.app.routed
         routed[role, kind] = routed.get((role, kind), 0) + 1
-        if kind == WRITE and role == MAIN and self.ryw_key is not None:
-            self._wrote = True  # its WAL position is captured when the unit (or its transaction) ends
+        if kind == WRITE and role == MAIN and self.reads.key is not None:
+            self.reads.wrote = True  # its WAL position is captured when the unit (or its transaction) ends
 
     # -- read-your-writes -----------------------------------------------------------------------------------
-    def _ryw_route(self, batch: Batch) -> tuple[str, str | None] | None:
-        """A read the router sends to a replica: the replica that has replayed what it must see (its
-        pool label; None: any), or main; None when the batch waits for that (reading paused)."""
-        consistency = self.app.consistency
-        forced = self._ryw_forced
-        if forced is not None and forced[0] is batch:
-            self._ryw_forced = None
-            verdict, outcome = forced[1], AFTER_WAIT
-        else:
-            verdict, outcome = consistency.check(self.ryw_key, self.min_lsn), REPLICA
-            if verdict.wait:
-                self._hold(batch, Input.CONSISTENCY)
-                asyncio.get_running_loop().create_task(self._ryw_wait(batch))
-                return None
-        if verdict.main:
-            consistency.count(MAIN_FOR_CONSISTENCY, self._scope_name(), verdict.reason)
-            return MAIN, None
-        consistency.count(outcome)
-        return REPLICA_ROLE, verdict.label
-
-    def _ryw_same_replica(self) -> bool:
-        """A read pipelined behind another on the replica connection held: may it run there too?"""
-        if self.ryw_key is None and self.min_lsn is None:
-            return True
-        verdict = self.app.consistency.check(self.ryw_key, self.min_lsn)
-        return not verdict.main and not verdict.wait and verdict.label in (None, self.server_pool)
-
     async def _ryw_wait(self, batch: Batch) -> None:
-        consistency = self.app.consistency
-        loop = asyncio.get_running_loop()
-        started = loop.time()
-        verdict = await consistency.wait(self.ryw_key, self.min_lsn)
-        consistency.waited(loop.time() - started)
+        await self.reads.wait(self.app.consistency, batch)
         if self.phase == CLOSED:
             return
-        self._ryw_forced = (batch, verdict)
         self._resume_batch(Input.CONSISTENCY, lambda: self._dispatch(batch))
-
-    def _scope_name(self) -> str:
-        key = self.ryw_key
-        if key is None:
-            return f"connection {self.id} (parafort.min_lsn)"
-        return " ".join(str(part) for part in key)
 
     def captured(self, capture: Capture, lsn: int | None) -> None:
         """A capture's reply arrived: the client hears its position (a message boundary: the capture's
@@ -635,34 +596,15 @@ class ClientConnection(asyncio.Protocol):
 
     def _min_lsn_statement(self, batch: Batch, server: ServerConnection | None) -> bool:
         """SET / RESET parafort.min_lsn: answered by the proxy; True when the unit was answered."""
-        _, start, end = batch.msgs[0]
-        sql = batch.buf[start + 5 : end - 1]
-        if b"parafort" not in sql.lower() or self.tx.failed:
+        if self.tx.failed:
             return False
-        found = min_lsn_statement(sql.decode(errors="replace"))
+        _, start, end = batch.msgs[0]
+        found = Reads.min_lsn_command(batch.buf[start + 5 : end - 1])
         if found is None:
             return False
-        tag, value = found
         if server is not None and (server.status == ord("E") or (server.expect and not self.tx.lingering)):
             return False  # in a failed transaction, or replies in flight: PostgreSQL answers (a placeholder)
-        if value is None:
-            self.min_lsn = None
-        else:
-            try:
-                self.min_lsn = parse_min_lsn(value)
-            except ValueError:
-                self.write(
-                    m.error_from(
-                        ProxyError(
-                            INVALID_PARAMETER_VALUE,
-                            f'invalid value for parameter "parafort.min_lsn": "{value}"',
-                            hint="A WAL position as PostgreSQL prints one, such as 0/3000060.",
-                        )
-                    )
-                    + m.ready_for_query(self._status())
-                )
-                return True
-        self.write(m.command_complete(tag) + m.ready_for_query(self._status()))
+        self.write(self.reads.set_min_lsn(*found) + m.ready_for_query(self._status()))
         return True
 
     def _count_fallback(self, roles: tuple[str, ...]) -> None:
@@ -1322,12 +1264,13 @@ class ClientConnection(asyncio.Protocol):
             if not server.expect:  # a read-your-writes capture outlived its client: the connection is free
                 self._release()
             return
-        if self._wrote and status == _IDLE and not server.expect and self.server_role == MAIN:
+        if self.reads.wrote and status == _IDLE and not server.expect and self.server_role == MAIN:
+            reads = self.reads
             # A write ended on main (autocommit, or its transaction's end) and nothing else is in flight:
             # read main's WAL position now, behind the reply the client already has. Its reply ends the lease.
-            self._wrote = False
-            assert self.ryw_key is not None  # set only with read-your-writes on
-            Capture(self.app.consistency.writes, self.ryw_key, server, self).send()
+            reads.wrote = False
+            assert reads.key is not None  # set only with read-your-writes on
+            Capture(self.app.consistency.writes, reads.key, server, self).send()
             return
         if status != _IDLE:
             if self.session.has_staged:

@@ -211,7 +211,7 @@ class Login:
         if "parafort.min_lsn" in own:
             value = own["parafort.min_lsn"]
             try:
-                client.min_lsn = parse_min_lsn(value)
+                client.reads.min_lsn = parse_min_lsn(value)
             except ValueError:
                 self.failure = INVALID_PARAMETER
                 raise ProxyError(
@@ -222,11 +222,11 @@ class Login:
         # Without a replica there is nothing to wait for: no capture at all.
         scope = app.config.routing.read_your_writes.scope if app.replica_pools else "off"
         if scope == "user":
-            client.ryw_key = ("user", client.user)
+            client.reads.key = ("user", client.user)
         elif scope == "connection":
-            client.ryw_key = ("connection", client.id)
+            client.reads.key = ("connection", client.id)
         elif scope == "global":
-            client.ryw_key = ("global",)
+            client.reads.key = ("global",)
         client.session = Session(startup_settings(client.params))
         asyncio.get_running_loop().create_task(self.greet())
 
