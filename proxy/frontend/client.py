@@ -654,7 +654,9 @@ class ClientConnection(asyncio.Protocol):
             return classifier.classify_bytes(sql), None
         infos: list[Classification] = []
         override = None
-        parsed: set[str] = set()
+        # Statements parsed in this unit (their Binds are classified by their Parse): the unnamed, others.
+        unnamed_parsed = False
+        parsed: set[str] | None = None
         for mtype, start, end in msgs:
             if mtype in _QUERY_PARSE:
                 if mtype == _Q:
@@ -662,11 +664,12 @@ class ClientConnection(asyncio.Protocol):
                 else:
                     name_end = buf.index(0, start + 5, end)
                     lo, hi = name_end + 1, buf.index(0, name_end + 1, end)
-                    parsed.add(
-                        buf[start + 5 : name_end].decode(errors="surrogateescape")
-                        if name_end > start + 5
-                        else ""
-                    )
+                    if name_end == start + 5:
+                        unnamed_parsed = True
+                    else:
+                        if parsed is None:
+                            parsed = set()
+                        parsed.add(buf[start + 5 : name_end].decode(errors="surrogateescape"))
                 if hi - lo > INLINE_BYTES:
                     deep = batch.analyses.get(start, UNCLASSIFIED) if batch.analyses else UNCLASSIFIED
                     infos.append(deep.info)
@@ -678,11 +681,11 @@ class ClientConnection(asyncio.Protocol):
                     override = route_override(sql.decode(errors="replace")) or override
             elif mtype == _B:
                 if buf[start + 5] == 0 and buf[start + 6] == 0:
-                    if "" not in parsed and self._unnamed_info is not None:
+                    if not unnamed_parsed and self._unnamed_info is not None:
                         infos.append(self._unnamed_info)
                     continue
                 _, name, _ = m.decode_bind_names(buf[start + 5 : end])
-                if name not in parsed:
+                if not (unnamed_parsed if not name else parsed is not None and name in parsed):
                     stmt = self.session.statements.get(name)
                     if stmt is not None:
                         infos.append(self._stmt_info.get(name) or classifier.classify(stmt.sql))
@@ -990,11 +993,11 @@ class ClientConnection(asyncio.Protocol):
         if len(server.prepared) > self.app.max_statements and server.status == _IDLE and not server.expect:
             # Between transactions no portal depends on a statement: close the least recently used.
             st.evict(server, out)
-        sync_sql = self.session.sync_sql(server.applied)
-        if sync_sql:
-            out.append(m.query(sync_sql))
+        session = self.session
+        if server.applied != session.settings:  # else sync_sql is "" (asked inline: the common case)
+            out.append(m.query(session.sync_sql(server.applied)))
             server.push(Expect(K_SYNC, SWALLOW))
-            server.applied = dict(self.session.settings)
+            server.applied = dict(session.settings)
             server.unnamed_owner = None
         if begin is not None:
             # The BEGIN the proxy answered earlier: the transaction starts here, on this upstream.
