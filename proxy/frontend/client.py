@@ -1,4 +1,4 @@
-"""One client connection: startup and authentication, then batches leased to upstream connections.
+"""One client connection: after its login (proxy/frontend/startup.py), batches leased to upstream connections.
 
 The client's byte stream is cut into *batches* at Sync, Query, Flush and FunctionCall (and each COPY
 message on its own). A batch is sent upstream on the connection the client holds, or on one leased for it;
@@ -13,7 +13,6 @@ import asyncio
 import functools
 import itertools
 import logging
-import ssl
 import struct
 import time
 from collections.abc import Awaitable, Callable, Iterator
@@ -23,7 +22,6 @@ import pglast
 
 from proxy.backend.connection import ServerConnection
 from proxy.backend.expect import (
-    FORWARD,
     K_BIND,
     K_CLOSE,
     K_DESCRIBE,
@@ -32,10 +30,8 @@ from proxy.backend.expect import (
     K_SYNC,
     K_SYNTH,
     SWALLOW,
-    SWALLOW_OK,
     Expect,
 )
-from proxy.consistency import AFTER_WAIT, MAIN_FOR_CONSISTENCY, REPLICA, Verdict
 from proxy.context import ClientContext
 from proxy.errors import (
     ADMIN_SHUTDOWN,
@@ -43,41 +39,48 @@ from proxy.errors import (
     FEATURE_NOT_SUPPORTED,
     IN_FAILED_TRANSACTION,
     INTERNAL_ERROR,
-    INVALID_AUTHORIZATION,
-    INVALID_PARAMETER_VALUE,
     PROTOCOL_VIOLATION,
     READ_ONLY_SQL_TRANSACTION,
     TOO_MANY_CONNECTIONS,
     ProxyError,
 )
-from proxy.frontend.login_failures import (
-    ABORTED,
-    ADMIN_NOT_ALLOWED,
-    CLIENT_DISCONNECTED,
-    INVALID_PARAMETER,
-    LOGIN_TIMEOUT,
-    UPSTREAM_UNAVAILABLE,
+from proxy.frontend.audited import AuditTrail
+from proxy.frontend.prepared import (
+    B_HEADER,
+    SYNC_EXT,
+    SYNC_Q,
+    Piece,
+    StalePlanRetry,
+    Statements,
+    forget_on_failure,
+    sync_entry,
 )
-from proxy.frontend.ryw import MIN_LSN, PARAMETER, Capture, format_lsn, min_lsn_statement, parse_min_lsn
+from proxy.frontend.reads import Reads
+from proxy.frontend.ryw import PARAMETER, Capture, format_lsn, min_lsn_statement
 from proxy.frontend.session import (
-    PreparedStatement,
     Session,
-    proxy_settings,
-    startup_settings,
-    startup_values,
 )
-from proxy.lookups import InvalidStartupParameter
+from proxy.frontend.startup import (
+    AUTH,
+    CLOSED,
+    LOGIN,
+    MAX_AUTH_MESSAGE,
+    READY,
+    STARTUP,
+    Login,
+)
+from proxy.frontend.txstate import (
+    BETWEEN,
+    PROCEED,
+    ROLLBACK_INSTEAD,
+    SWITCH,
+    Input,
+    Lease,
+    LeaseEv,
+    TxState,
+)
 from proxy.protocol import messages as m
-from proxy.protocol.auth import MALFORMED_AUTH_MESSAGE, ServerAuth
-from proxy.protocol.framing import (
-    CancelRequest,
-    Collector,
-    GSSENCRequest,
-    SSLRequest,
-    StartupMessage,
-    collector,
-    read_startup,
-)
+from proxy.protocol.framing import Collector, collector
 from proxy.router.classify import (
     F_FORGET_PREPARED,
     F_PIN,
@@ -108,24 +111,21 @@ _P, _B, _D, _E, _C, _S, _H, _Q, _X, _F = b"PBDECSHQXF"
 _COPY = frozenset(b"dcf")
 _TERMINATORS = frozenset(b"SHQF")
 _BATCHED = frozenset(b"PBDECSHQF")
+_QUERY_PARSE = frozenset(b"QP")
 MAX_BATCH_BYTES = 256 * 1024
-MAX_AUTH_MESSAGE = 8192
 _OVERRIDE_START = (b"/", b" ", b"\t", b"\r", b"\n")
 _REFUSAL_HINT = (
     "Each statement (and each transaction) runs on one upstream. Split the statement, or configure the "
     "domain map so these tables live together."
 )
 _IDLE = ord("I")
-_CLOSE_UNNAMED = m.close(b"S", "")
-_DESCRIBE_EXECUTE_SYNC = frozenset(b"DES")
-_B_HEADER = struct.Struct("!BIB")  # a Bind's type, length and its (empty) portal name
-UNNAMED_CACHE_SIZE = 10_000  # distinct unnamed Parse payloads remembered (then forgotten all at once)
 
-# Connection phases.
-STARTUP, AUTH, LOGIN, READY, CLOSED, TLS_HANDSHAKE = range(6)
+# States of TxState read on every batch, as module constants (a global is the cheapest look-up).
+_SKIPPING = Input.SKIPPING
+_LINGERING = Lease.LINGERING
+_PINNED = Lease.PINNED
 
 _ids = itertools.count(1)
-Piece = bytes | memoryview
 
 
 class Batch:
@@ -156,7 +156,7 @@ class Batch:
 class ClientConnection(asyncio.Protocol):
     """See the module docstring."""
 
-    def __init__(self, app: ClientContext[ClientConnection]) -> None:  # noqa: PLR0915  (one statement per attribute)
+    def __init__(self, app: ClientContext[ClientConnection]) -> None:
         self.app = app
         self.id = next(_ids)
         self.transport: asyncio.Transport | None = None
@@ -170,28 +170,21 @@ class ClientConnection(asyncio.Protocol):
         self.server: ServerConnection | None = None
         self.server_role = ""  # the role of the connection held (or last held)
         self.server_pool = ""  # its pool: the role, or a replica's name
-        self.pending_begin: bytes | None = None  # a BEGIN the proxy answered; sent with the next unit
-        self.pending_begin_mode = ""
-        self.tx_failed = False  # the proxy refused a statement inside this transaction
+        # Transaction, lease and input state (proxy/frontend/txstate.py): a BEGIN the proxy answered, a
+        # refusal inside a transaction, lingering, pinning, the batch that waits and why.
+        self.tx: TxState[Batch] = TxState()
         self._stmt_info: dict[str, Classification] = {}
         self._unnamed_info: Classification | None = None
-        self.pinned: str | None = None
         self.buf = b""
         self._parts: Collector | None = None  # a large message being received
-        self.waiting: Batch | None = None  # the batch waiting for an upstream connection (or classification)
         self._main_rechecked: Batch | None = None  # the batch being decided again after main_reachable
         self._classifying: asyncio.Task[None] | None = None  # large statements of ``waiting`` being analysed
         self._console_task: asyncio.Task[None] | None = None  # an admin command that asks a database
-        self.skip_until_sync = False
-        self._auth: ServerAuth | None = None
-        self._login_failure: str | None = None  # why the login failed, when ServerAuth does not say
+        self.login = Login(self)  # startup, authentication, greeting (proxy/frontend/startup.py)
         self._paused_by: set[str] = set()
         self._write_paused = False
-        self._lingering = False  # between transactions, still holding the last connection (see Pool)
         self.connected_at = time.monotonic()
-        self._login_timer: asyncio.TimerHandle | None = None
-        self._audit_pending: list[str] = []  # normalized statements of compliance units in flight
-        self._audit_outcome = "ok"
+        self._audit = AuditTrail()  # compliance units in flight (proxy/frontend/audited.py)
         self.admin = False  # connected to the admin console (database admin.database)
         self.tls = False
         # Outcome tracking for session changes and DISCARD while a batch is in flight.
@@ -200,27 +193,28 @@ class ClientConnection(asyncio.Protocol):
         self._staged_in_tx = False
         self._forget_prepared = False
         self._server_dirty = False
-        # The last unnamed statement this client parsed, and a token naming it on upstream connections.
-        self._unnamed: bytes | None = None
-        # statements.cache_unnamed: the upstream statement that stands for the client's unnamed one.
-        self._unnamed_stmt: PreparedStatement | None = None
-        self._unnamed_token: object | None = None
+        # The client's unnamed statement and the re-prepares its batches need (proxy/frontend/prepared.py).
+        self.statements = Statements(app)
         # SET statements sent through the extended protocol take effect when their portal is executed.
         self._stmt_changes: dict[str, list[SessionChange]] = {}
         self._unnamed_changes: list[SessionChange] = []
         self._portal_changes: dict[str, list[SessionChange]] = {}
-        # Read-your-writes (proxy/frontend/ryw.py, proxy/consistency.py): the scope's key (None: off), the
-        # position this connection's reads need at least (SET parafort.min_lsn), whether a write on main
-        # awaits its capture, and a verdict reached after waiting, with the batch it was reached for.
-        self._ryw_key: tuple[object, ...] | None = None
-        self.min_lsn: int | None = None
-        self._startup_min_lsn: int | None = None  # RESET parafort.min_lsn goes back to it
-        self._wrote = False
-        self._ryw_forced: tuple[Batch, Verdict] | None = None
+        # Read-your-writes (proxy/frontend/reads.py): scope, parafort.min_lsn, a write awaiting capture.
+        self.reads: Reads[Batch] = Reads(self.id)
 
     @property
     def lingering(self) -> bool:
-        return self._lingering
+        return self.tx.lease is _LINGERING
+
+    @property
+    def pinned(self) -> str | None:
+        """Why this client is pinned to its connection (None: it is not)."""
+        return self.tx.pin_reason
+
+    @property
+    def waiting(self) -> Batch | None:
+        """The batch waiting for an upstream connection, a classification, a replica or main."""
+        return self.tx.waiting
 
     # -- asyncio.Protocol -----------------------------------------------------------------------------------
     def connection_made(self, transport: asyncio.BaseTransport) -> None:
@@ -245,7 +239,7 @@ class ClientConnection(asyncio.Protocol):
         # flood the log (failed logins are logged, rate-limited, by LoginFailureLog; client_login names the
         # address of those that succeed).
         log.debug("event=client_open client=%s address=%s", self.id, self.peer)
-        self._login_timer = asyncio.get_running_loop().call_later(limits.login_timeout, self._login_timed_out)
+        self.login.start_timer(limits.login_timeout)
 
     def drain(self) -> None:
         """The proxy is shutting down: leave now if idle, else after the transaction in flight."""
@@ -254,45 +248,12 @@ class ClientConnection(asyncio.Protocol):
 
     def _idle_between_units(self) -> bool:
         server = self.server
-        if self.waiting is not None or self.pending_begin is not None:
-            return False
-        return server is None or (self._lingering or (server.status == _IDLE and not server.expect))
-
-    async def _start_tls(self) -> None:
-        """Upgrade this connection to TLS after answering 'S'; the startup packet follows encrypted."""
-        transport = self.transport
-        context = self.app.ssl_context
-        if transport is None or context is None:
-            return
-        try:
-            loop = asyncio.get_running_loop()
-            tls_transport = await loop.start_tls(transport, self, context, server_side=True)
-        except (OSError, ssl.SSLError, ConnectionError) as exc:
-            log.info("event=tls_handshake_failed client=%s error=%r", self.id, type(exc).__name__)
-            self._close_transport()
-            return
-        if tls_transport is None or self.phase == CLOSED:
-            return
-        self.transport = tls_transport
-        self.tls = True
-        self.phase = STARTUP
-        if self.buf:
-            self.data_received(b"")
-
-    def _login_timed_out(self) -> None:
-        if self.phase in (AUTH, LOGIN):
-            self._login_failure = LOGIN_TIMEOUT  # logged (rate-limited) as a failed login, with the user
-        elif self.phase in (STARTUP, TLS_HANDSHAKE):
-            log.warning("event=login_timeout client=%s address=%s", self.id, self.peer)
-        if self.phase in (STARTUP, AUTH, LOGIN, TLS_HANDSHAKE):
-            timeout = self.app.config.limits.login_timeout
-            self.fatal(
-                ProxyError(PROTOCOL_VIOLATION, f"login not completed within {timeout:g}s", severity="FATAL")
-            )
+        if server is None:
+            return self.tx.between_units(None, False)
+        return self.tx.between_units(server.status, bool(server.expect))
 
     def connection_lost(self, exc: Exception | None) -> None:
-        if self.phase in (AUTH, LOGIN) and self._login_failure is None:
-            self._login_failure = CLIENT_DISCONNECTED
+        self.login.disconnected()
         self._shutdown()
 
     def pause_writing(self) -> None:
@@ -332,27 +293,33 @@ class ClientConnection(asyncio.Protocol):
             log.exception("event=internal_error client=%s", self.id)
             self.fatal(ProxyError(INTERNAL_ERROR, f"internal proxy error: {type(exc).__name__}"))
 
-    def _resume_batch(self, reason: str, dispatch: Callable[[], None]) -> None:
+    def _resume_batch(self, reason: Input, dispatch: Callable[[], None]) -> None:
         """A batch that waited (classification, a replica to catch up, main's recheck) goes on: reading
         resumes, the batch is dispatched, then whatever the client sent meanwhile."""
-        self.waiting = None
-        self.resume(reason)
+        self.tx.go_on()
+        self.resume(reason.value)
         self._guarded(dispatch)
-        if self.phase != CLOSED and self.waiting is None and self.buf:
+        if self.phase != CLOSED and self.tx.waiting is None and self.buf:
             self._guarded(self._process)
+
+    def _hold(self, batch: Batch, reason: Input) -> None:
+        """``batch`` waits, reading from the client paused, until ``reason`` is settled."""
+        self.tx.wait(batch, reason)
+        self.pause(reason.value)
 
     # -- input ----------------------------------------------------------------------------------------------
     def _process(self) -> None:
-        while self.phase != CLOSED and self.waiting is None:
-            if self.phase == STARTUP:
-                if not self._startup_packet():
-                    return
-            elif self.phase == AUTH:
-                if not self._auth_message():
-                    return
-            elif self.phase == READY:
+        while self.phase != CLOSED and self.tx.waiting is None:
+            phase = self.phase
+            if phase == READY:
                 self._messages()
                 return
+            if phase == STARTUP:
+                if not self.login.startup_packet():
+                    return
+            elif phase == AUTH:
+                if not self.login.auth_message():
+                    return
             else:
                 return  # LOGIN: the greeting resumes processing
 
@@ -364,7 +331,9 @@ class ClientConnection(asyncio.Protocol):
         msgs: list[tuple[int, int, int]] = []
         limit = self.app.max_message_length
         unpack = _HEADER.unpack_from
-        while pos + 5 <= n and self.waiting is None and self.phase == READY:
+        tx = self.tx
+        # Entered READY with no batch waiting; only a dispatch changes that (checked after each one).
+        while pos + 5 <= n:
             mtype, length = unpack(buf, pos)
             if length < 4 or length > limit:
                 raise ProxyError(PROTOCOL_VIOLATION, f"invalid message length {length}", severity="FATAL")
@@ -383,6 +352,8 @@ class ClientConnection(asyncio.Protocol):
                 msgs = []
                 bstart = pos
                 self._dispatch(batch)
+                if tx.waiting is not None or self.phase != READY:
+                    break
                 continue
             if msgs:
                 raise ProxyError(
@@ -393,7 +364,7 @@ class ClientConnection(asyncio.Protocol):
             pos = bstart = end
             if mtype in _COPY:
                 # COPY data goes straight to the upstream connection running the COPY.
-                if self.server is not None and not self.skip_until_sync:
+                if self.server is not None and tx.input is not _SKIPPING:
                     self.server.send(buf[end - 1 - length : end])
             elif mtype == _X:
                 self._shutdown()
@@ -406,17 +377,19 @@ class ClientConnection(asyncio.Protocol):
             self.buf = b""
             return
         self.buf = rest = buf[bstart:] if bstart else buf
-        if pos + 5 <= n and self.waiting is None and self.phase == READY:
+        if pos + 5 <= n and tx.waiting is None and self.phase == READY:
             # The loop stopped at an incomplete message (its length was checked): collect the rest.
             self._parts = collector(rest, pos - bstart)
             if self._parts is not None:
                 self.buf = b""
 
-    def _dispatch(self, batch: Batch) -> None:  # noqa: PLR0915  (the routing decision tree)
-        if self.skip_until_sync:
+    def _dispatch(self, batch: Batch) -> None:
+        """Route one batch: answer it here, send it on the connection held, or lease one for it."""
+        tx = self.tx
+        if tx.input is _SKIPPING:
             # After an error the proxy reported itself, PostgreSQL's rule: ignore everything up to Sync.
             if batch.terminator == _S:
-                self.skip_until_sync = False
+                tx.synced()
                 self.write(m.ready_for_query(self._status()))
             return
         if self.admin:
@@ -431,40 +404,28 @@ class ClientConnection(asyncio.Protocol):
             batch.info = info
             if info is not None and info.bits & F_SESSION_SET and self._min_lsn_statement(batch, server):
                 return
-            if self.pinned is None and info is not None and info.bits & F_FORGET_PREPARED:
+            if tx.pin_reason is None and info is not None and info.bits & F_FORGET_PREPARED:
                 reply = self._local_deallocate(batch)
                 if reply is not None and (server is None or not server.expect):
                     self.write(reply + m.ready_for_query(self._status()))
                     return
         elif info is not None and info.bits & F_SESSION_SET and self._min_lsn_extended(batch, server, info):
             return
-        router = self.app.router
-        if server is not None and self.pinned is None and server.expect and server.expect[-1].on_row:
+        if server is None or tx.lease is _LINGERING:
+            self._dispatch_unit(batch, info, override, single_query)
+        elif tx.lease is not _PINNED and server.expect and server.expect[-1].on_row:
             # Only main's WAL position after this client's write is in flight: the client is between
             # transactions, and the unit is routed afresh once that reply has ended the lease.
             self._wait(batch, MAIN)
-            return
-        if server is not None and not self._lingering:
-            if self.pinned is not None or server.status != _IDLE or self.tx_failed or server.needs_sync:
-                # Inside a transaction (or pinned, or after extended messages that no Sync has ended yet,
-                # such as asyncpg's Parse/Describe/Flush): the unit runs on the connection held, if it can.
-                if self.tx_failed and not self._failed_tx_unit(batch, info):
-                    return
-                refusal = router.check_in_transaction(info, self.server_role) if info is not None else None
-                if refusal is not None:
-                    self._refuse(batch, refusal, in_transaction=server.status != _IDLE)
-                    return
-                if info is not None:
-                    self._count_route(self.server_role, router.kind(info)[0])
-                    if router.on_fallback:
-                        self._count_fallback_writes(router.fallback_writes(info))
-                self._send(batch, server)
-                return
+        elif tx.stays_on_held(server.status, server.needs_sync):
+            self._dispatch_held(batch, info, server)
+        else:
             decision = self._decide(info, override)
             if decision.role is None:
                 self._refuse(batch, decision, in_transaction=False)
             elif (decision.role == self.server_role or info is None) and (
-                decision.role != REPLICA_ROLE or self._ryw_same_replica()
+                decision.role != REPLICA_ROLE
+                or self.reads.same_replica(self.app.consistency, self.server_pool)
             ):
                 self._count_route(self.server_role, decision.kind)
                 if decision.fallback_writes:
@@ -472,63 +433,66 @@ class ClientConnection(asyncio.Protocol):
                 self._send(batch, server)  # pipelined behind the unit in flight, same upstream
             else:
                 self._wait(batch, decision.role)  # another upstream: once this one is done with us
+
+    def _dispatch_held(self, batch: Batch, info: Classification | None, server: ServerConnection) -> None:
+        """Inside a transaction (or pinned, or after extended messages that no Sync has ended yet, such as
+        asyncpg's Parse/Describe/Flush): the unit runs on the connection held, if it can."""
+        if self.tx.failed and not self._failed_tx_unit(batch, info):
             return
-        if (
-            single_query
-            and info is not None
-            and info.tx is not None
-            and self.pinned is None
-            and self._deferred_transaction_control(batch, info)
+        router = self.app.router
+        refusal = router.check_in_transaction(info, self.server_role) if info is not None else None
+        if refusal is not None:
+            self._refuse(batch, refusal, in_transaction=server.status != _IDLE)
+            return
+        if info is not None:
+            self._count_route(self.server_role, router.kind(info)[0])
+            if router.on_fallback:
+                self._count_fallback_writes(router.fallback_writes(info))
+        self._send(batch, server)
+
+    def _dispatch_unit(
+        self, batch: Batch, info: Classification | None, override: str | None, single_query: bool
+    ) -> None:
+        """No connection held, or one lingering between transactions: answer the unit here (transaction
+        control the proxy defers), or route it and send it on a connection, leasing one if needed."""
+        tx = self.tx
+        if (tx.begin is not None or (info is not None and info.tx is not None)) and self._answer_control(
+            batch, info, single_query
         ):
-            return
-        if info is None and self.pending_begin is not None and not self.tx_failed and len(batch.msgs) == 1:
-            # A lone Sync (or Flush) after a BEGIN the proxy answered: still nothing to run anywhere.
-            if batch.terminator == _S:
-                self.write(m.ready_for_query(b"T"))
-                return
-            if batch.terminator == _H:
-                return
-        if (
-            info is not None
-            and info.tx in (TX_BEGIN, TX_BEGIN_READ_ONLY)
-            and not single_query
-            and self.pinned is None
-            and not self.tx_failed
-            and self._deferred_extended_begin(batch, info)
-        ):
-            return
-        if self.tx_failed and self.pending_begin is not None:
-            self._failed_tx_unit(batch, info)
             return
         decision = self._decide(info, override)
         if decision.role is None:
             if decision.sqlstate == READ_ONLY_SQL_TRANSACTION and batch is not self._main_rechecked:
                 self._recheck_main(batch)  # main down: unless it takes connections again
                 return
-            self._refuse(batch, decision, in_transaction=self.pending_begin is not None)
+            self._refuse(batch, decision, in_transaction=tx.begin is not None)
             return
         role = decision.role
         label: str | None = None
-        if role == REPLICA_ROLE and (self._ryw_key is not None or self.min_lsn is not None):
-            routed = self._ryw_route(batch)
+        reads = self.reads
+        if role == REPLICA_ROLE and (reads.key is not None or reads.min_lsn is not None):
+            routed = reads.route(self.app.consistency, batch)
             if routed is None:
-                return  # waiting for a replica to catch up (or the scope's last write position)
+                # Wait for a replica to catch up (or the scope's last write position).
+                self._hold(batch, Input.CONSISTENCY)
+                asyncio.get_running_loop().create_task(self._ryw_wait(batch))
+                return
             role, label = routed
         if decision.fallback_from:
             self._count_fallback(decision.fallback_from)
             self._count_fallback_writes(decision.fallback_writes)
         self._count_route(role, decision.kind)
+        server = self.server
         if self.app.is_paused(role):
             # PAUSE: the new transaction waits (no timeout) until RESUME; nothing fails.
             if server is not None:
                 self._release()
-            self.waiting = batch
-            self.pause("acquire")
+            self._hold(batch, Input.ACQUIRE)
             asyncio.get_running_loop().create_task(self._acquire(batch, role, self.app.pool_for(role)))
             return
         if server is not None:  # lingering between transactions
             if role == self.server_role and (label is None or label == self.server_pool):
-                self._lingering = False
+                tx.lease_event(LeaseEv.UNLINGER)
                 self.app.pools[self.server_pool].unlinger(server)
                 self._send(batch, server)
                 return
@@ -539,10 +503,40 @@ class ClientConnection(asyncio.Protocol):
             self._attach(conn, role, label)
             self._send(batch, conn)
             return
-        self.waiting = batch
-        self.pause("acquire")
+        self._hold(batch, Input.ACQUIRE)
         if not self.app.pools[label].wait(functools.partial(self._handed, batch, role, label)):
             asyncio.get_running_loop().create_task(self._acquire(batch, role, label))
+
+    def _answer_control(self, batch: Batch, info: Classification | None, single_query: bool) -> bool:
+        """BEGIN waits for the statement that decides the upstream; COMMIT/ROLLBACK of a transaction that
+        never reached one, and a lone Sync (or Flush) after such a BEGIN, are answered here, as is a unit
+        in a failed deferred transaction. True when the unit was answered."""
+        tx = self.tx
+        if single_query and info is not None and info.tx is not None and tx.pin_reason is None:
+            _, start, end = batch.msgs[0]
+            read_only = info.tx == TX_BEGIN_READ_ONLY
+            self.write(tx.transaction_control(info.tx, batch.buf[start:end], read_only))
+            return True
+        if info is None and tx.begin is not None and not tx.failed and len(batch.msgs) == 1:
+            # A lone Sync (or Flush) after a BEGIN the proxy answered: still nothing to run anywhere.
+            if batch.terminator == _S:
+                self.write(m.ready_for_query(b"T"))
+                return True
+            if batch.terminator == _H:
+                return True
+        if (
+            info is not None
+            and info.tx in (TX_BEGIN, TX_BEGIN_READ_ONLY)
+            and not single_query
+            and tx.pin_reason is None
+            and not tx.failed
+            and self._deferred_extended_begin(batch, info)
+        ):
+            return True
+        if tx.failed and tx.begin is not None:
+            self._failed_tx_unit(batch, info)
+            return True
+        return False
 
     def _handed(
         self, batch: Batch, role: str, label: str, conn: ServerConnection | None, error: ProxyError | None
@@ -566,54 +560,15 @@ class ClientConnection(asyncio.Protocol):
     def _count_route(self, role: str, kind: str) -> None:
         routed = self.app.routed
         routed[role, kind] = routed.get((role, kind), 0) + 1
-        if kind == WRITE and role == MAIN and self._ryw_key is not None:
-            self._wrote = True  # its WAL position is captured when the unit (or its transaction) ends
+        if kind == WRITE and role == MAIN and self.reads.key is not None:
+            self.reads.wrote = True  # its WAL position is captured when the unit (or its transaction) ends
 
     # -- read-your-writes -----------------------------------------------------------------------------------
-    def _ryw_route(self, batch: Batch) -> tuple[str, str | None] | None:
-        """A read the router sends to a replica: the replica that has replayed what it must see (its
-        pool label; None: any), or main; None when the batch waits for that (reading paused)."""
-        consistency = self.app.consistency
-        forced = self._ryw_forced
-        if forced is not None and forced[0] is batch:
-            self._ryw_forced = None
-            verdict, outcome = forced[1], AFTER_WAIT
-        else:
-            verdict, outcome = consistency.check(self._ryw_key, self.min_lsn), REPLICA
-            if verdict.wait:
-                self.waiting = batch
-                self.pause("consistency")
-                asyncio.get_running_loop().create_task(self._ryw_wait(batch))
-                return None
-        if verdict.main:
-            consistency.count(MAIN_FOR_CONSISTENCY, self._scope_name(), verdict.reason)
-            return MAIN, None
-        consistency.count(outcome)
-        return REPLICA_ROLE, verdict.label
-
-    def _ryw_same_replica(self) -> bool:
-        """A read pipelined behind another on the replica connection held: may it run there too?"""
-        if self._ryw_key is None and self.min_lsn is None:
-            return True
-        verdict = self.app.consistency.check(self._ryw_key, self.min_lsn)
-        return not verdict.main and not verdict.wait and verdict.label in (None, self.server_pool)
-
     async def _ryw_wait(self, batch: Batch) -> None:
-        consistency = self.app.consistency
-        loop = asyncio.get_running_loop()
-        started = loop.time()
-        verdict = await consistency.wait(self._ryw_key, self.min_lsn)
-        consistency.waited(loop.time() - started)
+        await self.reads.wait(self.app.consistency, batch)
         if self.phase == CLOSED:
             return
-        self._ryw_forced = (batch, verdict)
-        self._resume_batch("consistency", lambda: self._dispatch(batch))
-
-    def _scope_name(self) -> str:
-        key = self._ryw_key
-        if key is None:
-            return f"connection {self.id} (parafort.min_lsn)"
-        return " ".join(str(part) for part in key)
+        self._resume_batch(Input.CONSISTENCY, lambda: self._dispatch(batch))
 
     def captured(self, capture: Capture, lsn: int | None) -> None:
         """A capture's reply arrived: the client hears its position (a message boundary: the capture's
@@ -629,18 +584,15 @@ class ClientConnection(asyncio.Protocol):
 
     def _min_lsn_statement(self, batch: Batch, server: ServerConnection | None) -> bool:
         """SET / RESET parafort.min_lsn: answered by the proxy; True when the unit was answered."""
-        _, start, end = batch.msgs[0]
-        sql = batch.buf[start + 5 : end - 1]
-        if b"parafort" not in sql.lower() or self.tx_failed:
+        if self.tx.failed:
             return False
-        found = min_lsn_statement(sql.decode(errors="replace"))
+        _, start, end = batch.msgs[0]
+        found = Reads.min_lsn_command(batch.buf[start + 5 : end - 1])
         if found is None:
             return False
-        tag, value = found
-        if server is not None and (server.status == ord("E") or (server.expect and not self._lingering)):
+        if server is not None and (server.status == ord("E") or (server.expect and not self.tx.lingering)):
             return False  # in a failed transaction, or replies in flight: PostgreSQL answers (a placeholder)
-        error = self._apply_min_lsn(value)
-        self.write((error or m.command_complete(tag)) + m.ready_for_query(self._status()))
+        self.write(self.reads.set_min_lsn(*found) + m.ready_for_query(self._status()))
         return True
 
     def _count_fallback(self, roles: tuple[str, ...]) -> None:
@@ -655,8 +607,7 @@ class ClientConnection(asyncio.Protocol):
     def _recheck_main(self, batch: Batch) -> None:
         """Main is marked down, so this unit would be refused (25006): first let the app try one
         connect to main (shared by all clients asking meanwhile); if main is back, it runs there."""
-        self.waiting = batch
-        self.pause("recheck")
+        self._hold(batch, Input.RECHECK)
         asyncio.get_running_loop().create_task(self._after_main_recheck(batch))
 
     async def _after_main_recheck(self, batch: Batch) -> None:
@@ -671,31 +622,42 @@ class ClientConnection(asyncio.Protocol):
             finally:
                 self._main_rechecked = None
 
-        self._resume_batch("recheck", dispatch)
+        self._resume_batch(Input.RECHECK, dispatch)
 
     def _status(self) -> bytes:
         """The transaction status to report in a ReadyForQuery the proxy makes itself."""
-        if self.tx_failed:
-            return b"E"
-        if self.pending_begin is not None:
-            return b"T"
-        return b"I" if self.server is None else bytes([self.server.status])
+        server = self.server
+        return self.tx.status(None if server is None else server.status)
 
     def _unit_info(self, batch: Batch) -> tuple[Classification | None, str | None]:
         """The classification of everything the unit executes, and a /* route: */ override if any."""
         buf = batch.buf
         classifier = self.app.classifier
+        msgs = batch.msgs
+        if len(msgs) == 1 and msgs[0][0] == _Q and msgs[0][2] - msgs[0][1] - 6 <= INLINE_BYTES:
+            # A lone simple query (the common unit): the loop below, for one message.
+            sql = buf[msgs[0][1] + 5 : msgs[0][2] - 1]
+            if sql[:1] in _OVERRIDE_START and sql.lstrip().startswith(b"/*"):
+                return classifier.classify_bytes(sql), route_override(sql.decode(errors="replace"))
+            return classifier.classify_bytes(sql), None
         infos: list[Classification] = []
         override = None
-        parsed: set[str] = set()
-        for mtype, start, end in batch.msgs:
-            if mtype in (_Q, _P):
+        # Statements parsed in this unit (their Binds are classified by their Parse): the unnamed, others.
+        unnamed_parsed = False
+        parsed: set[str] | None = None
+        for mtype, start, end in msgs:
+            if mtype in _QUERY_PARSE:
                 if mtype == _Q:
                     lo, hi = start + 5, end - 1
                 else:
                     name_end = buf.index(0, start + 5, end)
                     lo, hi = name_end + 1, buf.index(0, name_end + 1, end)
-                    parsed.add(buf[start + 5 : name_end].decode(errors="surrogateescape"))
+                    if name_end == start + 5:
+                        unnamed_parsed = True
+                    else:
+                        if parsed is None:
+                            parsed = set()
+                        parsed.add(buf[start + 5 : name_end].decode(errors="surrogateescape"))
                 if hi - lo > INLINE_BYTES:
                     deep = batch.analyses.get(start, UNCLASSIFIED) if batch.analyses else UNCLASSIFIED
                     infos.append(deep.info)
@@ -707,11 +669,11 @@ class ClientConnection(asyncio.Protocol):
                     override = route_override(sql.decode(errors="replace")) or override
             elif mtype == _B:
                 if buf[start + 5] == 0 and buf[start + 6] == 0:
-                    if "" not in parsed and self._unnamed_info is not None:
+                    if not unnamed_parsed and self._unnamed_info is not None:
                         infos.append(self._unnamed_info)
                     continue
                 _, name, _ = m.decode_bind_names(buf[start + 5 : end])
-                if name not in parsed:
+                if not (unnamed_parsed if not name else parsed is not None and name in parsed):
                     stmt = self.session.statements.get(name)
                     if stmt is not None:
                         infos.append(self._stmt_info.get(name) or classifier.classify(stmt.sql))
@@ -751,8 +713,7 @@ class ClientConnection(asyncio.Protocol):
         batch.analyses = found
         if not pending:
             return False
-        self.waiting = batch
-        self.pause("classify")
+        self._hold(batch, Input.CLASSIFY)
         self._classifying = asyncio.get_running_loop().create_task(self._classify(batch, found, pending))
         return True
 
@@ -765,10 +726,10 @@ class ClientConnection(asyncio.Protocol):
         self._classifying = None
         if self.phase == CLOSED:
             return
-        self._resume_batch("classify", lambda: self._dispatch(batch))
+        self._resume_batch(Input.CLASSIFY, lambda: self._dispatch(batch))
 
     def _decide(self, info: Classification | None, override: str | None) -> Decision:
-        tx = self.pending_begin_mode if self.pending_begin is not None else None
+        tx = self.tx.begin_mode
         if info is None:
             # Nothing executes (Sync, Describe of a portal, Close...): wherever the client last was.
             if tx == TX_READ_WRITE:  # a BEGIN the proxy answered: a read-write transaction opens on main
@@ -778,37 +739,6 @@ class ClientConnection(asyncio.Protocol):
         if info.tx in (TX_BEGIN, TX_BEGIN_READ_ONLY) and tx is None:
             tx = TX_READ_ONLY if info.tx == TX_BEGIN_READ_ONLY else TX_READ_WRITE
         return self.app.router.decide_cached(info, override, tx)
-
-    def _deferred_transaction_control(self, batch: Batch, info: Classification) -> bool:
-        """BEGIN waits for the statement that decides the upstream; COMMIT/ROLLBACK of a transaction
-        that never reached one are answered here. Returns True when the unit was answered."""
-        _, start, end = batch.msgs[0]
-        if info.tx in (TX_BEGIN, TX_BEGIN_READ_ONLY):
-            if self.pending_begin is not None:
-                self.write(
-                    m.notice_response("WARNING", "25001", "there is already a transaction in progress")
-                    + m.command_complete("BEGIN")
-                    + m.ready_for_query(b"T")
-                )
-                return True
-            self.pending_begin = batch.buf[start:end]
-            self.pending_begin_mode = TX_READ_ONLY if info.tx == TX_BEGIN_READ_ONLY else TX_READ_WRITE
-            self.write(m.command_complete("BEGIN") + m.ready_for_query(b"T"))
-            return True
-        if self.pending_begin is not None and info.tx in (TX_COMMIT, TX_ROLLBACK):
-            tag = "ROLLBACK" if self.tx_failed else info.tx.upper()
-            self.pending_begin = None
-            self.tx_failed = False
-            self.write(m.command_complete(tag) + m.ready_for_query(b"I"))
-            return True
-        if self.pending_begin is None and info.tx in (TX_COMMIT, TX_ROLLBACK):
-            self.write(
-                m.notice_response("WARNING", "25P01", "there is no transaction in progress")
-                + m.command_complete(info.tx.upper())
-                + m.ready_for_query(b"I")
-            )
-            return True
-        return False
 
     def _deferred_extended_begin(self, batch: Batch, info: Classification) -> bool:
         """Parse/Bind/[Describe]/Execute of BEGIN alone up to Sync (or Flush), as pipelining drivers send it:
@@ -820,18 +750,14 @@ class ClientConnection(asyncio.Protocol):
             return False
         (start, end), replies = lone
         buf = batch.buf
-        if self.pending_begin is not None:
+        if self.tx.begin is not None:
             replies.append(
                 m.notice_response("WARNING", "25001", "there is already a transaction in progress")
             )
         replies.append(m.command_complete("BEGIN"))
-        if self.pending_begin is None:
-            self.pending_begin = m.query(m.decode_parse(buf[start + 5 : end])[1])
-            self.pending_begin_mode = TX_READ_ONLY if info.tx == TX_BEGIN_READ_ONLY else TX_READ_WRITE
+        self.tx.defer_begin(m.query(m.decode_parse(buf[start + 5 : end])[1]), info.tx == TX_BEGIN_READ_ONLY)
         # The client's unnamed statement is now this BEGIN: a later Bind of it re-parses it upstream.
-        self._unnamed_stmt = None
-        self._unnamed = buf[start:end]
-        self._unnamed_token = object()
+        self.statements.answered_locally(buf[start:end])
         self._unnamed_info = info
         self._unnamed_changes = []
         if batch.terminator == _S:
@@ -841,11 +767,11 @@ class ClientConnection(asyncio.Protocol):
 
     def _min_lsn_extended(self, batch: Batch, server: ServerConnection | None, info: Classification) -> bool:
         """Parse/Bind/[Describe]/Execute of ``SET parafort.min_lsn`` (or RESET) alone up to Sync or Flush, as
-        JDBC, psycopg's pipeline mode and ``prepare=True`` send it: answered here like the simple-protocol
-        statement. True when the unit was answered. The same statement sent any other way (a named
-        statement, or among other statements before the Sync) reaches PostgreSQL as a placeholder setting
-        and takes effect in the proxy when it succeeds (``_settle``)."""
-        if self.tx_failed or (server is not None and (server.status == ord("E") or server.expect)):
+        JDBC and psycopg's pipeline mode send it: answered here like the simple-protocol statement. True
+        when the unit was answered. The same statement sent any other way (a named statement, or among
+        other statements before the Sync) reaches PostgreSQL as a placeholder setting and takes effect in
+        the proxy once it succeeded (``_settle``, ``Reads.settled``)."""
+        if self.tx.failed or (server is not None and (server.status == ord("E") or server.expect)):
             return False
         lone = _lone_unnamed_statement(batch)
         if lone is None:
@@ -855,12 +781,10 @@ class ClientConnection(asyncio.Protocol):
         found = min_lsn_statement(sql) if "parafort" in sql.lower() else None
         if found is None:
             return False
-        error = self._apply_min_lsn(found[1])
+        error = self.reads.apply_min_lsn(found[1])
         # The client's unnamed statement is now this one: a later Bind of it re-parses it upstream, where it
         # is a placeholder setting that takes effect here once it succeeds.
-        self._unnamed_stmt = None
-        self._unnamed = batch.buf[start:end]
-        self._unnamed_token = object()
+        self.statements.answered_locally(batch.buf[start:end])
         self._unnamed_info = info
         self._unnamed_changes = session_changes(sql)
         if error is None:
@@ -868,58 +792,30 @@ class ClientConnection(asyncio.Protocol):
         else:
             replies.append(error)
             if batch.terminator != _S:
-                self.skip_until_sync = True  # PostgreSQL's rule after an error: up to the next Sync
+                self.tx.skip_until_sync()  # PostgreSQL's rule after an error: up to the next Sync
         if batch.terminator == _S:
             replies.append(m.ready_for_query(self._status()))
         self.write(b"".join(replies))
         return True
 
-    def _apply_min_lsn(self, value: str | None) -> bytes | None:
-        """SET (``value``) or RESET (None) of parafort.min_lsn; an ErrorResponse for a value that is not a WAL
-        position (nothing changes then)."""
-        if value is None:
-            self.min_lsn = self._startup_min_lsn
-            return None
-        try:
-            self.min_lsn = parse_min_lsn(value)
-        except ValueError:
-            return m.error_from(
-                ProxyError(
-                    INVALID_PARAMETER_VALUE,
-                    f'invalid value for parameter "parafort.min_lsn": "{value}"',
-                    hint="A WAL position as PostgreSQL prints one, such as 0/3000060.",
-                )
-            )
-        return None
-
-    def _settled_min_lsn(self) -> None:
-        """SET / RESET parafort.min_lsn that PostgreSQL ran (as a placeholder setting) and that took effect:
-        the proxy's routing follows it. RESET ALL and DISCARD ALL go back to the startup value."""
-        for change in self.session.staged_settings():
-            if change.name is None or (change.name == MIN_LSN and change.sql is None):
-                self.min_lsn = self._startup_min_lsn
-            elif change.name == MIN_LSN and change.sql is not None:
-                found = min_lsn_statement(change.sql)
-                if found is not None and self._apply_min_lsn(found[1]) is not None:
-                    log.warning(
-                        "event=min_lsn_ignored client=%s reason=%r",
-                        self.id,
-                        "parafort.min_lsn sent with other statements is not a WAL position",
-                    )
-
     def _failed_tx_unit(self, batch: Batch, info: Classification | None) -> bool:
         """The proxy refused a statement in this transaction, so to the client it is aborted: only
-        ROLLBACK (or ROLLBACK TO SAVEPOINT) proceeds; COMMIT becomes ROLLBACK, as PostgreSQL does."""
+        ROLLBACK (or ROLLBACK TO SAVEPOINT) proceeds; COMMIT becomes ROLLBACK, as PostgreSQL does.
+        True when the unit proceeds."""
         tx = info.tx if info is not None else None
-        if tx == TX_ROLLBACK or (
-            info is not None and info.bits & F_SAVEPOINT and self._is_rollback_to(batch)
-        ):
-            self.tx_failed = False
+        rollback = tx == TX_ROLLBACK or (
+            info is not None and bool(info.bits & F_SAVEPOINT) and self._is_rollback_to(batch)
+        )
+        server = self.server
+        commit_on_held = (
+            tx == TX_COMMIT and server is not None and len(batch.msgs) == 1 and batch.terminator == _Q
+        )
+        verdict = self.tx.failed_unit(rollback, commit_on_held)
+        if verdict is PROCEED:
             return True
-        if tx == TX_COMMIT and self.server is not None and len(batch.msgs) == 1 and batch.terminator == _Q:
-            self.tx_failed = False
-            self.server.push(Expect(K_SYNC))
-            self.server.send(m.query("ROLLBACK"))
+        if verdict is ROLLBACK_INSTEAD and server is not None:
+            server.push(Expect(K_SYNC))
+            server.send(m.query("ROLLBACK"))
             return False
         error = ProxyError(
             IN_FAILED_TRANSACTION,
@@ -956,14 +852,12 @@ class ClientConnection(asyncio.Protocol):
         self.write(
             m.error_from(ProxyError(decision.sqlstate or FEATURE_NOT_SUPPORTED, decision.message or ""))
         )
-        if in_transaction:
-            self.tx_failed = True
+        self.tx.refused(in_transaction)
         self._after_failed_batch(batch)
 
     def _wait(self, batch: Batch, role: str) -> None:
         """Hold ``batch`` until the connection in use finishes its units, then route it to ``role``."""
-        self.waiting = batch
-        self.pause("switch")
+        self._hold(batch, Input.SWITCH)
 
     def _console(self, batch: Batch) -> None:
         """The admin console: simple-query commands answered by the proxy itself."""
@@ -985,8 +879,7 @@ class ClientConnection(asyncio.Protocol):
             self.write(reply + m.ready_for_query(b"I"))
             return
         # A command that asks a database (MIGRATE role PLAN): input waits until it has answered.
-        self.waiting = batch
-        self.pause("console")
+        self._hold(batch, Input.CONSOLE)
         self._console_task = asyncio.get_running_loop().create_task(self._console_answer(reply))
 
     async def _console_answer(self, pending: Awaitable[bytes]) -> None:
@@ -1000,48 +893,7 @@ class ClientConnection(asyncio.Protocol):
         self._console_task = None
         if self.phase != CLOSED:
             self.write(reply + m.ready_for_query(b"I"))
-            self._resume_batch("console", lambda: None)
-
-    def _audit_batch(self, batch: Batch) -> None:
-        """Remember the statements of a compliance unit; written when its ReadyForQuery arrives."""
-        audit = self.app.audit
-        assert audit is not None
-        buf = batch.buf
-        for mtype, start, end in batch.msgs:
-            if mtype == _Q:
-                self._audit_pending.append(audit.normalized(buf[start + 5 : end - 1]))
-            elif mtype == _P:
-                name_end = buf.index(0, start + 5, end)
-                self._audit_pending.append(
-                    audit.normalized(buf[name_end + 1 : buf.index(0, name_end + 1, end)])
-                )
-            elif mtype == _B and not any(t == _P for t, _, _ in batch.msgs):
-                _, name, _ = m.decode_bind_names(buf[start + 5 : end])
-                stmt = self.session.statements.get(name) if name else None
-                if stmt is not None:
-                    self._audit_pending.append(audit.normalized(stmt.sql.encode()))
-                elif not name and self._unnamed_stmt is not None:
-                    self._audit_pending.append(audit.normalized(self._unnamed_stmt.sql.encode()))
-                elif self._unnamed is not None:
-                    raw = self._unnamed
-                    name_end = raw.index(0, 5)
-                    self._audit_pending.append(
-                        audit.normalized(raw[name_end + 1 : raw.index(0, name_end + 1)])
-                    )
-
-    def _write_audit(self) -> None:
-        audit = self.app.audit
-        if audit is not None:
-            audit.write(
-                user=self.user,
-                address=self.peer,
-                application_name=self.params.get("application_name", ""),
-                statements=self._audit_pending,
-                role=self.server_role,
-                outcome=self._audit_outcome,
-            )
-        self._audit_pending = []
-        self._audit_outcome = "ok"
+            self._resume_batch(Input.CONSOLE, lambda: None)
 
     def _local_deallocate(self, batch: Batch) -> bytes | None:
         """DEALLOCATE of a protocol-level statement (psycopg does this) is the proxy's to answer: the
@@ -1090,7 +942,7 @@ class ClientConnection(asyncio.Protocol):
             self._acquire_failed(batch, exc)
         except Exception as exc:
             log.exception("event=acquire_error client=%s", self.id)
-            self.waiting = None
+            self.tx.go_on()
             self.write(
                 m.error_from(ProxyError(INTERNAL_ERROR, f"internal proxy error: {type(exc).__name__}"))
             )
@@ -1107,7 +959,7 @@ class ClientConnection(asyncio.Protocol):
 
     def _acquired(self, batch: Batch, conn: ServerConnection, role: str, label: str) -> bool:
         """Send the waiting batch on the connection just leased; False if that closed the client."""
-        self.waiting = None
+        self.tx.go_on()
         self._attach(conn, role, label)
         try:
             self._send(batch, conn)
@@ -1117,10 +969,10 @@ class ClientConnection(asyncio.Protocol):
         return True
 
     def _acquire_failed(self, batch: Batch, exc: ProxyError) -> None:
-        self.waiting = None
+        tx = self.tx
+        tx.go_on()
         self.write(m.error_from(exc))
-        if self.pending_begin is not None:
-            self.tx_failed = True
+        tx.refused(tx.begin is not None)
         self._after_failed_batch(batch)
 
     def _after_failed_batch(self, batch: Batch) -> None:
@@ -1128,7 +980,7 @@ class ClientConnection(asyncio.Protocol):
         if batch.terminator in (_S, _Q, _F):
             self.write(m.ready_for_query(self._status()))
         else:
-            self.skip_until_sync = True
+            self.tx.skip_until_sync()
 
     # -- sending a batch upstream ---------------------------------------------------------------------------
     def _send(self, batch: Batch, server: ServerConnection) -> None:  # noqa: PLR0915  (one loop)
@@ -1140,45 +992,49 @@ class ClientConnection(asyncio.Protocol):
         buf = batch.buf
         view = memoryview(buf)
         out: list[Piece] = []
-        if self.server_role == "compliance" and self.app.audit is not None:
-            self._audit_batch(batch)
+        if self.server_role == "compliance" and (audit := self.app.audit) is not None:
+            self._audit.note(audit, buf, batch.msgs, self.session.statements, self.statements)
             server.track_details(True)
         run = batch.start  # start of the run of unchanged client bytes not yet in ``out``
         ents: list[Expect | int] = []  # plain kinds stand for Expect(kind); built only when needed
         special = False  # an expectation other than "forward the responses" is in the batch
         details = False
         # Nothing in flight and no transaction open: a failed first statement can be run again unseen.
-        fresh = server.status == _IDLE and not server.expect and self.pending_begin is None
+        tx = self.tx
+        begin = tx.begin
+        fresh = server.status == _IDLE and not server.expect and begin is None
+        st = self.statements
         if len(server.prepared) > self.app.max_statements and server.status == _IDLE and not server.expect:
             # Between transactions no portal depends on a statement: close the least recently used.
-            self._evict_statements(server, out)
-        sync_sql = self.session.sync_sql(server.applied)
-        if sync_sql:
-            out.append(m.query(sync_sql))
+            st.evict(server, out)
+        session = self.session
+        if server.applied != session.settings:  # else sync_sql is "" (asked inline: the common case)
+            out.append(m.query(session.sync_sql(server.applied)))
             server.push(Expect(K_SYNC, SWALLOW))
-            server.applied = dict(self.session.settings)
+            server.applied = dict(session.settings)
             server.unnamed_owner = None
-        if self.pending_begin is not None:
+        if begin is not None:
             # The BEGIN the proxy answered earlier: the transaction starts here, on this upstream.
-            out.append(self.pending_begin)
+            tx.unit_sent()
+            out.append(begin)
             server.push(Expect(K_SYNC, SWALLOW))
-            self.pending_begin = None
             server.unnamed_owner = None
         for mtype, start, end in batch.msgs:
             if mtype == _B:
                 if buf[start + 5] == 0 and buf[start + 6] == 0:  # unnamed portal, unnamed statement
-                    stmt = self._unnamed_stmt
+                    stmt = st.unnamed_stmt
                     if stmt is not None:
                         out.append(view[run:start])
                         run = end
-                        self._ensure_prepared(server, stmt, out, ents)
-                        # Bind: unnamed portal, the upstream name, the client's parameters as they are.
-                        out.append(_B_HEADER.pack(_B, end - start - 2 + len(stmt.name_field), 0))
+                        st.ensure(server, stmt, out, ents)
+                        # Bind: unnamed portal, the upstream name, the client's parameters as they are
+                        # (prepared.bind_header, inline: the hot path of statements.cache_unnamed).
+                        out.append(B_HEADER.pack(_B, end - start - 2 + len(stmt.name_field), 0))
                         out.append(stmt.name_field)
                         out.append(view[start + 7 : end])
-                        bind = Expect(K_BIND, on_done=_forget_on_failure(server, stmt.upstream_name))
+                        bind = Expect(K_BIND, on_done=forget_on_failure(server, stmt.upstream_name))
                         if fresh:
-                            bind.retry = _StalePlanRetry(
+                            bind.retry = StalePlanRetry(
                                 server, stmt, (start, end), batch, self.app.statement_events
                             )
                         ents.append(bind)
@@ -1186,24 +1042,24 @@ class ClientConnection(asyncio.Protocol):
                         if self._unnamed_changes:
                             self._bind_changes("", "")
                         continue
-                    if server.unnamed_owner is not self._unnamed_token:
+                    if server.unnamed_owner is not st.unnamed_token:
                         out.append(view[run:start])
                         run = start
-                        self._claim_unnamed(server, out, ents)
+                        st.claim_unnamed(server, out, ents)
                         special = True
                     portal, name = "", ""
                 else:
                     portal, name, _ = m.decode_bind_names(buf[start + 5 : end])
-                    stmt = self.session.statements.get(name) if name else self._unnamed_stmt
-                    if stmt is None and not name and server.unnamed_owner is not self._unnamed_token:
+                    stmt = self.session.statements.get(name) if name else st.unnamed_stmt
+                    if stmt is None and not name and server.unnamed_owner is not st.unnamed_token:
                         out.append(view[run:start])
                         run = start
-                        self._claim_unnamed(server, out, ents)
+                        st.claim_unnamed(server, out, ents)
                         special = True
                     if stmt is not None:
                         out.append(view[run:start])
                         run = end
-                        if self._ensure_prepared(server, stmt, out, ents):
+                        if st.ensure(server, stmt, out, ents):
                             special = True
                         out.append(m.rewrite_bind(buf[start + 5 : end], stmt.upstream_name))
                 if self._stmt_changes or self._unnamed_changes:
@@ -1214,7 +1070,7 @@ class ClientConnection(asyncio.Protocol):
                 if self._portal_changes:
                     self._execute_changes(buf, start)
             elif mtype == _S:
-                ents.append(_SYNC_EXT)
+                ents.append(SYNC_EXT)
             elif mtype == _P:
                 name_end = buf.index(0, start + 5, end)
                 sql_end = buf.index(0, name_end + 1, end)
@@ -1231,18 +1087,19 @@ class ClientConnection(asyncio.Protocol):
                 ):
                     out.append(view[run:start])
                     run = end
-                    self._parse_unnamed(server, buf[start + 5 : end], out, ents)
+                    st.parse_unnamed_cached(server, buf[start + 5 : end], out, ents)
                     special = True
-                elif name_end == start + 5:  # unnamed statement
-                    self._unnamed_stmt = None
-                    self._unnamed = buf[start:end]
-                    self._unnamed_token = object()
-                    server.unnamed_owner = self._unnamed_token
+                elif name_end == start + 5:  # unnamed statement: sent as it is, now this client's
+                    # As Statements.answered_locally, inline (the hot path of the extended protocol).
+                    st.unnamed_stmt = None
+                    st.unnamed = buf[start:end]
+                    st.unnamed_token = server.unnamed_owner = object()
                     ents.append(K_PARSE)
                 else:
                     out.append(view[run:start])
                     run = end
-                    self._send_parse(server, buf[start + 5 : end], out, ents)
+                    name, stmt = st.parse_named(server, buf[start + 5 : end], out, ents)
+                    self.session.statements[name] = stmt
                     special = True
             elif mtype == _D:
                 if buf[start + 5] == 83:  # 'S': a statement
@@ -1250,32 +1107,34 @@ class ClientConnection(asyncio.Protocol):
                         _, name = m.decode_describe_close(buf[start + 5 : end])
                         stmt = self.session.statements.get(name)
                     else:
-                        stmt = self._unnamed_stmt
-                        if stmt is None and server.unnamed_owner is not self._unnamed_token:
+                        stmt = st.unnamed_stmt
+                        if stmt is None and server.unnamed_owner is not st.unnamed_token:
                             out.append(view[run:start])
                             run = start
-                            self._claim_unnamed(server, out, ents)
+                            st.claim_unnamed(server, out, ents)
                             special = True
                     if stmt is not None:
                         out.append(view[run:start])
                         run = end
-                        if self._ensure_prepared(server, stmt, out, ents):
+                        if st.ensure(server, stmt, out, ents):
                             special = True
                         out.append(m.describe(b"S", stmt.upstream_name))
                 ents.append(K_DESCRIBE)
             elif mtype == _Q:
                 deep = batch.analyses.get(start) if batch.analyses else None
-                details |= self._note_sql(buf[start + 5 : end - 1], server, None, batch.info, deep=deep)
+                info = batch.info
+                if deep is not None or info is None or info.bits:  # else nothing to note
+                    details |= self._note_sql(buf[start + 5 : end - 1], server, None, info, deep=deep)
                 server.unnamed_owner = None
-                ents.append(_SYNC_Q)
+                ents.append(SYNC_Q)
             elif mtype == _C:
                 kind, name = m.decode_describe_close(buf[start + 5 : end])
-                if kind == b"S" and (name or self._unnamed_stmt is not None):
+                if kind == b"S" and (name or st.unnamed_stmt is not None):
                     # The upstream statement stays for reuse (it is content-addressed); only the name goes.
                     if name:
                         self.session.statements.pop(name, None)
                     else:
-                        self._unnamed_stmt = None
+                        st.unnamed_stmt = None
                     out.append(view[run:start])
                     run = end
                     ents.append(Expect(K_SYNTH, data=m.close_complete()))
@@ -1285,7 +1144,7 @@ class ClientConnection(asyncio.Protocol):
                         server.unnamed_owner = None
                     ents.append(K_CLOSE)
             elif mtype == _F:
-                ents.append(_SYNC_Q)
+                ents.append(SYNC_Q)
             # Flush (H) has no reply of its own.
         if batch.terminator in (_S, _Q):
             self._portal_changes.clear()
@@ -1300,11 +1159,11 @@ class ClientConnection(asyncio.Protocol):
                 ents[last:] = ents[-1:]
             for entry in ents:
                 if isinstance(entry, int):
-                    push(Expect(entry) if entry >= 0 else _sync_entry(entry))
+                    push(Expect(entry) if entry >= 0 else sync_entry(entry))
                 else:
                     push(entry)
         else:
-            push(_sync_entry(ents[-1]))  # type: ignore[arg-type]
+            push(Expect(K_SYNC, extended=ents[-1] == SYNC_EXT))  # sync_entry, inline
         if batch.terminator not in (_S, _Q, _F):
             server.needs_sync = True
         if details or self.session.has_staged:
@@ -1317,98 +1176,6 @@ class ClientConnection(asyncio.Protocol):
         server.send(b"".join(out))
         if special:
             server.flush_synth()
-
-    def _send_parse(self, server: ServerConnection, payload: bytes, out: list[Piece],
-                    ents: list[Expect | int]) -> None:  # fmt: skip
-        """A named Parse: remember the statement under the client's name, prepare it upstream if new."""
-        name, sql, oids = m.decode_parse(payload)
-        stmt = PreparedStatement.make(sql, oids)
-        self.session.statements[name] = stmt
-        # A Close first: the client may be asking for a fresh prepare (asyncpg does after a schema change
-        # made the old one fail with "cached plan must not change result type"), or the connection may
-        # still hold a statement its books dropped after a failed Bind. Closing a missing one is no error.
-        server.prepared.pop(stmt.upstream_name, None)
-        out.append(m.close(b"S", stmt.upstream_name))
-        ents.append(Expect(K_CLOSE, SWALLOW))
-        out.append(m.parse(stmt.upstream_name, sql, oids))
-        server.prepared[stmt.upstream_name] = None
-        _count(self.app.statement_events, server.role, "prepared")
-        ents.append(Expect(K_PARSE, FORWARD, on_done=_forget_on_failure(server, stmt.upstream_name)))
-
-    def _parse_unnamed(
-        self, server: ServerConnection, payload: bytes, out: list[Piece], ents: list[Expect | int]
-    ) -> None:
-        """statements.cache_unnamed: an unnamed Parse becomes a named statement kept upstream; when the
-        connection already has it, the Parse is not sent and the client gets its ParseComplete."""
-        cache = self.app.unnamed_statements
-        stmt = cache.get(payload)
-        if stmt is None:
-            _, sql, oids = m.decode_parse(payload)
-            stmt = PreparedStatement.make(sql, oids)
-            if len(cache) >= UNNAMED_CACHE_SIZE:
-                cache.clear()
-            cache[payload] = stmt
-        self._unnamed_stmt = stmt
-        self._unnamed = None
-        name = stmt.upstream_name
-        prepared = server.prepared
-        if name in prepared:
-            del prepared[name]
-            prepared[name] = None
-            ents.append(Expect(K_SYNTH, data=m.parse_complete()))
-            _count(self.app.statement_events, server.role, "reused")
-            return
-        out.append(m.close(b"S", name))
-        ents.append(Expect(K_CLOSE, SWALLOW))
-        out.append(m.parse(name, stmt.sql, stmt.param_oids))
-        prepared[name] = None
-        _count(self.app.statement_events, server.role, "prepared")
-        ents.append(Expect(K_PARSE, FORWARD, on_done=_forget_on_failure(server, name)))
-
-    def _claim_unnamed(self, server: ServerConnection, out: list[Piece], ents: list[Expect | int]) -> None:
-        """Before a message that uses the connection's unnamed statement: make it this client's (its Parse
-        again), or none at all when the client never parsed one: never another client's statement."""
-        if self._unnamed is not None:
-            out.append(self._unnamed)
-            ents.append(Expect(K_PARSE, SWALLOW_OK))
-        else:
-            out.append(_CLOSE_UNNAMED)
-            ents.append(Expect(K_CLOSE, SWALLOW))
-        server.unnamed_owner = self._unnamed_token
-
-    def _evict_statements(self, server: ServerConnection, out: list[Piece]) -> None:
-        prepared = server.prepared
-        keep = self.app.max_statements
-        while len(prepared) > keep:
-            name = next(iter(prepared))
-            del prepared[name]
-            out.append(m.close(b"S", name))
-            server.push(Expect(K_CLOSE, SWALLOW))
-            _count(self.app.statement_events, server.role, "evicted")
-
-    def _ensure_prepared(
-        self,
-        server: ServerConnection,
-        stmt: PreparedStatement,
-        out: list[Piece],
-        ents: list[Expect | int],
-    ) -> bool:
-        """Prepare ``stmt`` on ``server`` first if it has not seen it (its reply is not the client's)."""
-        name = stmt.upstream_name
-        prepared = server.prepared
-        if name in prepared:
-            # Most recently used last: eviction takes the oldest first.
-            del prepared[name]
-            prepared[name] = None
-            return False
-        # A Close first: a statement whose Bind failed may still exist (closing a missing one is no error).
-        out.append(m.close(b"S", name))
-        ents.append(Expect(K_CLOSE, SWALLOW))
-        out.append(m.parse(name, stmt.sql, stmt.param_oids))
-        prepared[name] = None
-        _count(self.app.statement_events, server.role, "prepared")
-        ents.append(Expect(K_PARSE, SWALLOW_OK, on_done=_forget_on_failure(server, stmt.upstream_name)))
-        return True
 
     def _note_sql(
         self,
@@ -1440,8 +1207,8 @@ class ClientConnection(asyncio.Protocol):
         flags = info.bits
         if not flags:
             return False
-        if flags & F_PIN and self.pinned is None:
-            self.pinned = info.pin_reason or "session state"
+        if flags & F_PIN and self.tx.pin_reason is None:
+            self.tx.pin(info.pin_reason or "session state")
             self.app.client_pinned(self)
             log.info("event=pinned client=%s role=%s reason=%r", self.id, self.server_role, self.pinned)
         details = False
@@ -1491,18 +1258,20 @@ class ClientConnection(asyncio.Protocol):
 
     def upstream_error_seen(self, fields_payload: bytes) -> None:
         self._error_seen = True
-        if self._audit_pending and self._audit_outcome == "ok":
-            try:
-                self._audit_outcome = "error " + m.parse_fields(fields_payload).get("C", "")
-            except ProxyError:
-                self._audit_outcome = "error"
+        self._audit.error(fields_payload)
 
     def upstream_command_tag(self, tag: bytes) -> None:
         self._last_tag = tag
 
     def upstream_batch_end(self) -> None:
-        if self._audit_pending:
-            self._write_audit()
+        if self._audit.pending:
+            self._audit.write(
+                self.app.audit,
+                user=self.user,
+                address=self.peer,
+                application_name=self.params.get("application_name", ""),
+                role=self.server_role,
+            )
 
     def upstream_ready(self, status: int) -> None:
         server = self.server
@@ -1512,41 +1281,41 @@ class ClientConnection(asyncio.Protocol):
             if not server.expect:  # a read-your-writes capture outlived its client: the connection is free
                 self._release()
             return
-        if self._wrote and status == _IDLE and not server.expect and self.server_role == MAIN:
+        if self.reads.wrote and status == _IDLE and not server.expect and self.server_role == MAIN:
+            reads = self.reads
             # A write ended on main (autocommit, or its transaction's end) and nothing else is in flight:
             # read main's WAL position now, behind the reply the client already has. Its reply ends the lease.
-            self._wrote = False
-            assert self._ryw_key is not None  # set only with read-your-writes on
-            Capture(self.app.consistency.writes, self._ryw_key, server, self).send()
+            reads.wrote = False
+            assert reads.key is not None  # set only with read-your-writes on
+            Capture(self.app.consistency.writes, reads.key, server, self).send()
             return
         if status != _IDLE:
             if self.session.has_staged:
                 self._staged_in_tx = True
         elif self.session.has_staged or self._forget_prepared:
             self._settle(server)
-        if status == _IDLE:
-            self.tx_failed = False
-        if status == _IDLE and self.pinned is None and not server.expect:
-            if self.waiting is not None and self._classifying is None:
-                if "switch" in self._paused_by:
-                    # The next unit needs another upstream: this one is done with us now.
-                    batch, self.waiting = self.waiting, None
-                    self._release()
-                    self.resume("switch")
-                    self._dispatch(batch)
-                    if self.waiting is None and self.buf:
-                        self.data_received(b"")
-                return
+        tx = self.tx
+        verdict = tx.ready(status, server.expect)
+        if verdict is BETWEEN:
             if self.app.draining:
                 self._release()
                 self.fatal(ProxyError(ADMIN_SHUTDOWN, "terminating connection: the proxy is shutting down"))
-                return
-            if self._server_dirty and not server.cancels:
-                return  # what it holds is unknown: it serves this client only (and is closed after)
-            if self.app.pools[self.server_pool].linger(server, self._reclaim):
-                self._lingering = True
+            elif self._server_dirty and not server.cancels:
+                pass  # what it holds is unknown: it serves this client only (and is closed after)
+            elif self.app.pools[self.server_pool].linger(server, self._reclaim):
+                tx.lease_event(LeaseEv.LINGER)
             else:
                 self._release()  # a cancel still on its way parks it in the pool (Pool.release)
+        elif verdict is SWITCH:
+            # The next unit needs another upstream: this one is done with us now.
+            batch = tx.waiting
+            assert batch is not None
+            tx.go_on()
+            self._release()
+            self.resume(Input.SWITCH.value)
+            self._dispatch(batch)
+            if tx.waiting is None and self.buf:
+                self.data_received(b"")
 
     def _settle(self, server: ServerConnection) -> None:
         """A unit with session changes ended outside a transaction: did they take effect?
@@ -1559,7 +1328,7 @@ class ClientConnection(asyncio.Protocol):
         if self.session.has_staged:
             if ok:
                 if self.session.has_staged_settings:
-                    self._settled_min_lsn()
+                    self.reads.settled(self.session.staged_settings())
                 self.session.commit_staged(server.applied)
             else:
                 self.session.discard_staged()
@@ -1584,7 +1353,10 @@ class ClientConnection(asyncio.Protocol):
         server = self.server
         if server is None:
             return
-        if self._lingering or (self.pinned is None and server.status == _IDLE and not server.expect):
+        tx = self.tx
+        if tx.lease is _LINGERING or (
+            tx.lease is not _PINNED and server.status == _IDLE and not server.expect
+        ):
             # Between transactions, nothing of the client's on it: the next unit just takes another.
             self._detach(reusable=False)
             return
@@ -1610,6 +1382,7 @@ class ClientConnection(asyncio.Protocol):
 
     # -- leases ---------------------------------------------------------------------------------------------
     def _attach(self, conn: ServerConnection, role: str, label: str) -> None:
+        self.tx.lease_event(LeaseEv.ATTACH)
         self.server = conn
         self.server_role = role
         self.server_pool = label
@@ -1620,17 +1393,17 @@ class ClientConnection(asyncio.Protocol):
     def _reclaim(self) -> None:
         """The pool takes back the connection this client kept between transactions."""
         server, self.server = self.server, None
-        self._lingering = False
         if server is not None:
+            self.tx.lease_event(LeaseEv.RECLAIM)
             server.detach()
 
     def _detach(self, reusable: bool) -> None:
         server, self.server = self.server, None
         if server is None:
             return
-        if self._lingering:
-            self._lingering = False
+        if self.tx.lingering:
             self.app.pools[self.server_pool].unlinger(server)
+        self.tx.lease_event(LeaseEv.RELEASE)
         server.detach()
         dirty = self._server_dirty
         self._server_dirty = False
@@ -1638,152 +1411,6 @@ class ClientConnection(asyncio.Protocol):
 
     def _release(self) -> None:
         self._detach(reusable=True)
-
-    # -- startup and authentication -------------------------------------------------------------------------
-    def _startup_packet(self) -> bool:
-        packet, used = read_startup(self.buf)
-        if packet is None:
-            return False
-        self.buf = self.buf[used:]
-        if isinstance(packet, SSLRequest) and self.app.ssl_context is not None and not self.tls:
-            if self.buf:
-                raise ProxyError(
-                    PROTOCOL_VIOLATION, "data after SSLRequest before the handshake", severity="FATAL"
-                )
-            self.write(b"S")
-            self.phase = TLS_HANDSHAKE
-            asyncio.get_running_loop().create_task(self._start_tls())
-            return False
-        if isinstance(packet, SSLRequest | GSSENCRequest):
-            self.write(b"N")
-            return True
-        if isinstance(packet, CancelRequest):
-            self.app.cancel(packet.pid, packet.secret)
-            self._close_transport()
-            return False
-        assert isinstance(packet, StartupMessage)
-        if self.app.config.tls.mode == "require" and not self.tls:
-            raise ProxyError(
-                INVALID_AUTHORIZATION,
-                "TLS is required: connect with sslmode=require or stronger",
-                severity="FATAL",
-            )
-        if not packet.is_v3:
-            raise ProxyError(
-                FEATURE_NOT_SUPPORTED,
-                f"unsupported frontend protocol {packet.major}.{packet.minor}: server supports 3.0",
-                severity="FATAL",
-            )
-        self.params = dict(packet.params)
-        self.user = self.params.get("user", "")
-        if not self.user:
-            raise ProxyError(
-                INVALID_AUTHORIZATION, "no PostgreSQL user name specified in startup packet", severity="FATAL"
-            )
-        self.database = self.params.get("database") or self.user
-        if self.params.get("replication", "false").lower() not in ("false", "off", "no", "0"):
-            raise ProxyError(
-                FEATURE_NOT_SUPPORTED,
-                "replication connections are not supported through parafort-proxy; connect to the server",
-                severity="FATAL",
-            )
-        self._auth = self.app.server_auth(self.user)
-        self.phase = AUTH
-        first = self._auth.start()
-        self.write(first)
-        if self._auth.done:
-            self._authenticated()
-        return True
-
-    def _auth_message(self) -> bool:
-        """Feed one complete password message to the authenticator; False when more input is needed."""
-        assert self._auth is not None
-        buf = self.buf
-        if len(buf) < 5:
-            return False
-        mtype, length = _HEADER.unpack_from(buf, 0)
-        if length < 4 or length > MAX_AUTH_MESSAGE:
-            self._login_failure = MALFORMED_AUTH_MESSAGE
-            raise ProxyError(PROTOCOL_VIOLATION, f"invalid message length {length}", severity="FATAL")
-        if len(buf) < 1 + length:
-            return False
-        self.buf = buf[1 + length :]
-        reply, done = self._auth.feed(mtype, buf[5 : 1 + length])
-        self.write(reply)  # on success it ends with AuthenticationOk
-        if done:
-            self._authenticated()
-        return True
-
-    def _authenticated(self) -> None:
-        if self.database == self.app.config.admin.database:
-            if not self.app.admin_allowed(self.user):
-                self._login_failure = ADMIN_NOT_ALLOWED
-                raise ProxyError(
-                    INVALID_AUTHORIZATION,
-                    f'user "{self.user}" is not allowed to use the admin console (auth.admin_users)',
-                    severity="FATAL",
-                )
-            self.admin = True
-        self.phase = LOGIN
-        self._auth = None
-        own = proxy_settings(self.params)
-        if "parafort.min_lsn" in own:
-            value = own["parafort.min_lsn"]
-            try:
-                self.min_lsn = self._startup_min_lsn = parse_min_lsn(value)
-            except ValueError:
-                self._login_failure = INVALID_PARAMETER
-                raise ProxyError(
-                    INVALID_PARAMETER_VALUE,
-                    f'invalid value for parameter "parafort.min_lsn": "{value}"',
-                    severity="FATAL",
-                ) from None
-        # Without a replica there is nothing to wait for: no capture at all.
-        scope = self.app.config.routing.read_your_writes.scope if self.app.replica_pools else "off"
-        if scope == "user":
-            self._ryw_key = ("user", self.user)
-        elif scope == "connection":
-            self._ryw_key = ("connection", self.id)
-        elif scope == "global":
-            self._ryw_key = ("global",)
-        self.session = Session(startup_settings(self.params))
-        asyncio.get_running_loop().create_task(self._greet())
-
-    async def _greet(self) -> None:
-        try:
-            reported = await self.app.startup_parameters(startup_values(self.params))
-        except ProxyError as exc:
-            bad = isinstance(exc, InvalidStartupParameter)
-            self._login_failure = INVALID_PARAMETER if bad else UPSTREAM_UNAVAILABLE
-            self.fatal(ProxyError(exc.sqlstate, exc.message, detail=exc.detail, severity="FATAL"))
-            return
-        if self.phase == CLOSED:
-            return
-        out = bytearray()
-        for name, value in reported.items():
-            out += m.parameter_status(name, value)
-        self.key = self.app.register_cancel_key(self)
-        out += m.backend_key_data(*self.key)
-        out += m.ready_for_query(b"I")
-        self.write(out)
-        self.phase = READY
-        if self._login_timer is not None:
-            self._login_timer.cancel()
-        log.info(
-            "event=client_login client=%s user=%s database=%s address=%s",
-            self.id,
-            self.user,
-            self.database,
-            self.peer,
-        )
-        if self.buf:
-            self.data_received(b"")
-
-    def _login_failed(self) -> None:
-        """Count and (rate-limited) log a login that ends before ReadyForQuery; never with a secret."""
-        auth_failure = self._auth.failure if self._auth is not None else None
-        reason = self._login_failure or auth_failure or ABORTED
-        self.app.login_failures.failed(self.user, self.peer, reason, self.id)
 
     # -- output and teardown --------------------------------------------------------------------------------
     def write(self, data: bytes | bytearray) -> None:
@@ -1813,14 +1440,15 @@ class ClientConnection(asyncio.Protocol):
         """Whether all in flight on ``server`` is a read-your-writes capture, outside a transaction."""
         expect = server.expect
         return (
-            self.pinned is None
+            self.tx.lease is not _PINNED
             and server.status == _IDLE
             and len(expect) == 1
             and expect[0].on_row is not None
             and not server.broken
         )
 
-    def _close_transport(self) -> None:
+    def close_transport(self) -> None:
+        """Close the client's connection at once (a cancel request served, a failed TLS handshake)."""
         self.phase = CLOSED
         if self.transport is not None:
             self.transport.close()
@@ -1830,10 +1458,9 @@ class ClientConnection(asyncio.Protocol):
             return
         logged_in = self.key != (0, 0)  # set with the greeting: this client reached ReadyForQuery
         if self.phase in (AUTH, LOGIN):
-            self._login_failed()
+            self.login.failed()
         self.phase = CLOSED
-        if self._login_timer is not None:
-            self._login_timer.cancel()
+        self.login.stop_timer()
         if self._classifying is not None:
             self._classifying.cancel()
             self._classifying = None
@@ -1842,7 +1469,7 @@ class ClientConnection(asyncio.Protocol):
         if server is not None and self._capture_only(server):
             pass  # the capture ends on its own; upstream_ready then releases the connection
         elif server is not None:
-            if server.clean and self.pinned is None:
+            if server.clean and self.tx.lease is not _PINNED:
                 self._release()
             else:
                 # Mid-transaction, mid-statement or pinned: never hand this connection to anyone else.
@@ -1862,75 +1489,6 @@ class ClientConnection(asyncio.Protocol):
         transport, self.transport = self.transport, None
         if transport is not None:
             transport.close()
-
-
-_SYNC_EXT = -1  # a Sync
-_SYNC_Q = -2  # a Query or FunctionCall
-
-
-class _StalePlanRetry:
-    """Runs a batch again after PostgreSQL said a kept statement's cached plan changed result type (DDL
-    since it was prepared): Close and Parse it afresh, then the batch's Bind and what followed it."""
-
-    __slots__ = ("batch", "bind_end", "bind_start", "events", "server", "stmt")
-
-    def __init__(
-        self,
-        server: ServerConnection,
-        stmt: PreparedStatement,
-        bind: tuple[int, int],
-        batch: Batch,
-        events: dict[tuple[str, str], int],
-    ) -> None:
-        self.events = events
-        self.server = server
-        self.stmt = stmt
-        self.batch = batch
-        self.bind_start, self.bind_end = bind
-
-    def applies(self) -> bool:
-        """Whether the batch is [unnamed Parse] Bind (Describe|Execute)* Sync with this Bind its first
-        message sent upstream: then all of it from the Bind on can be sent again."""
-        batch = self.batch
-        msgs = batch.msgs
-        if batch.terminator != _S:
-            return False
-        i = 0
-        if msgs[0][0] == _P:
-            if batch.buf[msgs[0][1] + 5] != 0:
-                return False
-            i = 1
-        if len(msgs) <= i or msgs[i][1] != self.bind_start:
-            return False
-        return all(t in _DESCRIBE_EXECUTE_SYNC for t, _, _ in msgs[i + 1 :])
-
-    def __call__(self) -> None:
-        server, stmt, buf = self.server, self.stmt, self.batch.buf
-        name = stmt.upstream_name
-        forget = _forget_on_failure(server, name)
-        server.push(Expect(K_CLOSE, SWALLOW))
-        server.push(Expect(K_PARSE, SWALLOW_OK, on_done=forget))
-        server.push(Expect(K_BIND, on_done=forget))
-        server.push(_sync_entry(_SYNC_EXT))  # the replies to Describe and Execute are the Sync's unit
-        server.prepared[name] = None
-        _count(self.events, server.role, "prepared_again_after_ddl")
-        log.info("event=statement_prepared_again upstream=%s reason=result_type_changed", server.label)
-        server.send(
-            b"".join(
-                (
-                    m.close(b"S", name),
-                    m.parse(name, stmt.sql, stmt.param_oids),
-                    _B_HEADER.pack(_B, self.bind_end - self.bind_start - 2 + len(stmt.name_field), 0),
-                    stmt.name_field,
-                    buf[self.bind_start + 7 : self.batch.end],
-                )
-            )
-        )
-
-
-def _count(events: dict[tuple[str, str], int], role: str, event: str) -> None:
-    key = (role, event)
-    events[key] = events.get(key, 0) + 1
 
 
 def _lone_unnamed_statement(batch: Batch) -> tuple[tuple[int, int], list[bytes]] | None:
@@ -1969,16 +1527,4 @@ def _lone_unnamed_statement(batch: Batch) -> tuple[tuple[int, int], list[bytes]]
     return parse, replies
 
 
-def _sync_entry(code: int) -> Expect:
-    return Expect(K_SYNC, extended=code == _SYNC_EXT)
-
-
-def _forget_on_failure(server: ServerConnection, name: str) -> Callable[[bool], None]:
-    def done(ok: bool) -> None:
-        if not ok:
-            server.prepared.pop(name, None)
-
-    return done
-
-
-__all__ = ["ClientConnection"]
+__all__ = ["AUTH", "CLOSED", "MAX_AUTH_MESSAGE", "READY", "STARTUP", "ClientConnection"]

@@ -1,0 +1,284 @@
+"""Prepared statements on upstream connections: content-addressed names, re-prepares where a connection
+lacks a statement, the client's unnamed statement, eviction, and the retry after a stale cached plan.
+
+Nothing here writes to a socket: messages to send go into the caller's ``out`` (pieces joined into one
+write) and their expectations into ``ents`` (registered on the connection in order). The sequence that puts
+a statement on a connection, Close + Parse with their expectations, is ``prepare``, and only there.
+"""
+
+from __future__ import annotations
+
+import logging
+import struct
+from collections.abc import Callable
+from typing import Protocol
+
+from proxy.backend.connection import ServerConnection
+from proxy.backend.expect import (
+    FORWARD,
+    K_BIND,
+    K_CLOSE,
+    K_PARSE,
+    K_SYNC,
+    K_SYNTH,
+    SWALLOW,
+    SWALLOW_OK,
+    Expect,
+)
+from proxy.frontend.session import PreparedStatement
+from proxy.protocol import messages as m
+
+log = logging.getLogger("parafort.client")
+
+Piece = bytes | memoryview
+Entry = Expect | int  # a plain kind stands for Expect(kind); SYNC_EXT / SYNC_Q for a Sync / a Query
+
+SYNC_EXT = -1  # a Sync
+SYNC_Q = -2  # a Query or FunctionCall
+_P, _B, _S = b"PBS"
+_DESCRIBE_EXECUTE_SYNC = frozenset(b"DES")
+B_HEADER = struct.Struct("!BIB")  # a Bind's type, length and its (empty) portal name
+_CLOSE_UNNAMED = m.close(b"S", "")
+UNNAMED_CACHE_SIZE = 10_000  # distinct unnamed Parse payloads remembered (then forgotten all at once)
+
+
+class Context(Protocol):
+    """What the bookkeeping reads from the process (settings may change on reload)."""
+
+    @property
+    def unnamed_statements(self) -> dict[bytes, PreparedStatement]: ...  # statements.cache_unnamed: shared
+    @property
+    def max_statements(self) -> int: ...  # statements.max_per_connection
+    @property
+    def statement_events(self) -> dict[tuple[str, str], int]: ...  # (role, event) -> count, for metrics
+
+
+class RetryBatch(Protocol):
+    """The parts of a client batch the stale-plan retry reads."""
+
+    buf: bytes
+    msgs: list[tuple[int, int, int]]
+    end: int
+    terminator: int
+
+
+def count(events: dict[tuple[str, str], int], role: str, event: str) -> None:
+    key = (role, event)
+    events[key] = events.get(key, 0) + 1
+
+
+def sync_entry(code: int) -> Expect:
+    return Expect(K_SYNC, extended=code == SYNC_EXT)
+
+
+def forget_on_failure(server: ServerConnection, name: str) -> Callable[[bool], None]:
+    """An ``on_done`` that drops ``name`` from the connection's books if its message failed."""
+
+    def done(ok: bool) -> None:
+        if not ok:
+            server.prepared.pop(name, None)
+
+    return done
+
+
+def prepare(
+    server: ServerConnection,
+    stmt: PreparedStatement,
+    action: int,
+    out: list[Piece],
+    ents: list[Entry],
+    *,
+    events: dict[tuple[str, str], int],
+    event: str = "prepared",
+) -> None:
+    """Close + Parse of ``stmt`` on ``server``, and their expectations: the Close's reply is swallowed
+    (a statement whose Bind failed may still exist there; closing a missing one is no error), the Parse's
+    goes by ``action`` (FORWARD: the client's own Parse; SWALLOW_OK: injected, only its error is the
+    client's). The connection's books list the statement most recently used last; a failed Parse leaves
+    them."""
+    name = stmt.upstream_name
+    out.append(m.close(b"S", name))
+    ents.append(Expect(K_CLOSE, SWALLOW))
+    out.append(m.parse(name, stmt.sql, stmt.param_oids))
+    server.prepared[name] = None
+    count(events, server.role, event)
+    ents.append(Expect(K_PARSE, action, on_done=forget_on_failure(server, name)))
+
+
+class Statements:
+    """One client's unnamed statement and the re-prepares its batches need (named statements live in the
+    client's ``Session``)."""
+
+    __slots__ = ("ctx", "unnamed", "unnamed_stmt", "unnamed_token")
+
+    def __init__(self, ctx: Context) -> None:
+        self.ctx = ctx
+        # The last unnamed statement this client parsed (its Parse message), and a token naming it on
+        # upstream connections (``ServerConnection.unnamed_owner``).
+        self.unnamed: bytes | None = None
+        # statements.cache_unnamed: the upstream statement that stands for the client's unnamed one.
+        self.unnamed_stmt: PreparedStatement | None = None
+        self.unnamed_token: object | None = None
+
+    def parse_named(
+        self, server: ServerConnection, payload: bytes, out: list[Piece], ents: list[Entry]
+    ) -> tuple[str, PreparedStatement]:
+        """A named Parse: the statement under the client's name (the caller remembers it), prepared
+        upstream. A Close first: the client may be asking for a fresh prepare (asyncpg does after a schema
+        change made the old one fail with "cached plan must not change result type"), or the connection
+        may still hold a statement its books dropped after a failed Bind."""
+        name, sql, oids = m.decode_parse(payload)
+        stmt = PreparedStatement.make(sql, oids)
+        server.prepared.pop(stmt.upstream_name, None)
+        prepare(server, stmt, FORWARD, out, ents, events=self.ctx.statement_events)
+        return name, stmt
+
+    def parse_unnamed_cached(
+        self, server: ServerConnection, payload: bytes, out: list[Piece], ents: list[Entry]
+    ) -> None:
+        """statements.cache_unnamed: an unnamed Parse becomes a named statement kept upstream; when the
+        connection already has it, the Parse is not sent and the client gets its ParseComplete."""
+        ctx = self.ctx
+        cache = ctx.unnamed_statements
+        stmt = cache.get(payload)
+        if stmt is None:
+            _, sql, oids = m.decode_parse(payload)
+            stmt = PreparedStatement.make(sql, oids)
+            if len(cache) >= UNNAMED_CACHE_SIZE:
+                cache.clear()
+            cache[payload] = stmt
+        self.unnamed_stmt = stmt
+        self.unnamed = None
+        name = stmt.upstream_name
+        prepared = server.prepared
+        if name in prepared:
+            del prepared[name]
+            prepared[name] = None
+            ents.append(Expect(K_SYNTH, data=m.parse_complete()))
+            count(ctx.statement_events, server.role, "reused")
+            return
+        prepare(server, stmt, FORWARD, out, ents, events=ctx.statement_events)
+
+    def answered_locally(self, raw: bytes) -> None:
+        """The client's unnamed statement is ``raw`` (a Parse the proxy answered itself, such as a deferred
+        BEGIN's): a later Bind of it parses it upstream first. (An unnamed Parse sent upstream as it is
+        does the same and makes the connection's ``unnamed_owner`` the new token: inline in
+        ``ClientConnection._send``, the extended protocol's hot path.)"""
+        self.unnamed_stmt = None
+        self.unnamed = raw
+        self.unnamed_token = object()
+
+    def claim_unnamed(self, server: ServerConnection, out: list[Piece], ents: list[Entry]) -> None:
+        """Before a message that uses the connection's unnamed statement: make it this client's (its Parse
+        again), or none at all when the client never parsed one: never another client's statement."""
+        if self.unnamed is not None:
+            out.append(self.unnamed)
+            ents.append(Expect(K_PARSE, SWALLOW_OK))
+        else:
+            out.append(_CLOSE_UNNAMED)
+            ents.append(Expect(K_CLOSE, SWALLOW))
+        server.unnamed_owner = self.unnamed_token
+
+    def ensure(
+        self, server: ServerConnection, stmt: PreparedStatement, out: list[Piece], ents: list[Entry]
+    ) -> bool:
+        """Prepare ``stmt`` on ``server`` first if it has not seen it (its reply is not the client's);
+        True when it was."""
+        name = stmt.upstream_name
+        prepared = server.prepared
+        if name in prepared:
+            # Most recently used last: eviction takes the oldest first.
+            del prepared[name]
+            prepared[name] = None
+            return False
+        prepare(server, stmt, SWALLOW_OK, out, ents, events=self.ctx.statement_events)
+        return True
+
+    def evict(self, server: ServerConnection, out: list[Piece]) -> None:
+        """Between transactions no portal depends on a statement: close the least recently used beyond
+        statements.max_per_connection."""
+        prepared = server.prepared
+        keep = self.ctx.max_statements
+        while len(prepared) > keep:
+            name = next(iter(prepared))
+            del prepared[name]
+            out.append(m.close(b"S", name))
+            server.push(Expect(K_CLOSE, SWALLOW))
+            count(self.ctx.statement_events, server.role, "evicted")
+
+
+class StalePlanRetry:
+    """Runs a batch again after PostgreSQL said a kept statement's cached plan changed result type (DDL
+    since it was prepared): Close and Parse it afresh, then the batch's Bind and what followed it."""
+
+    __slots__ = ("batch", "bind_end", "bind_start", "events", "server", "stmt")
+
+    def __init__(
+        self,
+        server: ServerConnection,
+        stmt: PreparedStatement,
+        bind: tuple[int, int],
+        batch: RetryBatch,
+        events: dict[tuple[str, str], int],
+    ) -> None:
+        self.events = events
+        self.server = server
+        self.stmt = stmt
+        self.batch = batch
+        self.bind_start, self.bind_end = bind
+
+    def applies(self) -> bool:
+        """Whether the batch is [unnamed Parse] Bind (Describe|Execute)* Sync with this Bind its first
+        message sent upstream: then all of it from the Bind on can be sent again."""
+        batch = self.batch
+        msgs = batch.msgs
+        if batch.terminator != _S:
+            return False
+        i = 0
+        if msgs[0][0] == _P:
+            if batch.buf[msgs[0][1] + 5] != 0:
+                return False
+            i = 1
+        if len(msgs) <= i or msgs[i][1] != self.bind_start:
+            return False
+        return all(t in _DESCRIBE_EXECUTE_SYNC for t, _, _ in msgs[i + 1 :])
+
+    def __call__(self) -> None:
+        server, stmt, buf = self.server, self.stmt, self.batch.buf
+        out: list[Piece] = []
+        ents: list[Entry] = []
+        prepare(server, stmt, SWALLOW_OK, out, ents, events=self.events, event="prepared_again_after_ddl")
+        ents.append(Expect(K_BIND, on_done=forget_on_failure(server, stmt.upstream_name)))
+        ents.append(sync_entry(SYNC_EXT))  # the replies to Describe and Execute are the Sync's unit
+        for entry in ents:
+            assert isinstance(entry, Expect)
+            server.push(entry)
+        log.info("event=statement_prepared_again upstream=%s reason=result_type_changed", server.label)
+        out.append(bind_header(stmt, self.bind_end - self.bind_start))
+        out.append(stmt.name_field)
+        out.append(buf[self.bind_start + 7 : self.batch.end])
+        server.send(b"".join(out))
+
+
+def bind_header(stmt: PreparedStatement, size: int) -> bytes:
+    """The start of a Bind of ``stmt`` to the unnamed portal that replaces a client's Bind of its unnamed
+    statement (``size``: that message's bytes, type byte included); then ``stmt.name_field``, then the
+    client's parameters as they are (its message from offset 7 on)."""
+    return B_HEADER.pack(_B, size - 2 + len(stmt.name_field), 0)
+
+
+__all__ = [
+    "SYNC_EXT",
+    "SYNC_Q",
+    "UNNAMED_CACHE_SIZE",
+    "Context",
+    "Entry",
+    "Piece",
+    "StalePlanRetry",
+    "Statements",
+    "bind_header",
+    "count",
+    "forget_on_failure",
+    "prepare",
+    "sync_entry",
+]
