@@ -8,7 +8,6 @@ import asyncio
 import concurrent.futures
 import threading
 from collections.abc import Iterator
-from pathlib import Path
 
 import pytest
 
@@ -57,7 +56,9 @@ def moving(pg: DevClusters, schema: None) -> Iterator[None]:
         assert all(leftovers(c) == "" for c in used if c.running)
 
 
-def start(start_proxy: StartProxy, pg: DevClusters, *, logins: bool = True) -> ProxyProcess:
+def start(
+    start_proxy: StartProxy, pg: DevClusters, *, logins: bool = True, expect: str = "planned"
+) -> ProxyProcess:
     roles: dict[str, object] = {}
     if logins:
         roles = {
@@ -74,7 +75,7 @@ def start(start_proxy: StartProxy, pg: DevClusters, *, logins: bool = True) -> P
         },
         users={APP_USER: APP_PASSWORD, ADMIN: ADMIN_PASSWORD},
     )
-    wait_until(lambda: status(proxy)["state"] == "planned", DEADLINE, "analytics planned")
+    wait_until(lambda: status(proxy)["state"] == expect, DEADLINE, f"analytics {expect}")
     return proxy
 
 
@@ -125,8 +126,22 @@ class Writers:
         assert not self.thread.is_alive()
 
 
+def after_rollback(pg: DevClusters, proxy: ProxyProcess, copied: int) -> None:
+    """Planned again: main serves, the copied rows stay in analytics, and a new start says what to do."""
+    assert count(pg, "analytics", "SELECT count(*) FROM user_activity") == copied  # rows stay
+    with connect(proxy) as conn:
+        conn.execute("INSERT INTO user_activity (user_id, action) VALUES (7, 'after-rollback')")
+    assert count(pg, "main", "SELECT count(*) FROM user_activity WHERE action = 'after-rollback'") == 1
+    assert count(pg, "analytics", "SELECT count(*) FROM user_activity WHERE action = 'after-rollback'") == 0
+    # A new start finds the copied rows and says what to do (the proxy never empties a table).
+    line = refused(proxy, "MIGRATE analytics START")
+    assert "already holds rows and is not subscribed" in line and "the state is unchanged" in line
+    assert status(proxy)["state"] == "planned"
+    assert leftovers(pg.main) == leftovers(pg.analytics) == ""
+
+
 def test_start_with_writers_streams_then_rollback_returns_to_planned(
-    pg: DevClusters, moving: None, start_proxy: StartProxy, tmp_path: Path
+    pg: DevClusters, moving: None, start_proxy: StartProxy
 ) -> None:
     proxy = start(start_proxy, pg)
     with Writers(proxy) as writers:
@@ -140,6 +155,7 @@ def test_start_with_writers_streams_then_rollback_returns_to_planned(
         row = status(proxy)
         assert row["served_by"] == "main" and int(row["lag_bytes"]) >= 0
         assert "tables copied: 2/2, streaming" in row["detail"]
+        assert 'parafort_proxy_migration_lag_bytes{role="analytics"}' in proxy.metrics()
         before = writers.written
         wait_until(lambda: writers.written > before, DEADLINE, "writes while streaming")
     caught_up(pg)
@@ -158,6 +174,16 @@ def test_start_with_writers_streams_then_rollback_returns_to_planned(
     assert out.returncode == 1 and "cutover: not available in this version" in out.stderr
     assert status(proxy)["state"] == "streaming"
 
+    # A restarted proxy resumes from the stored state: main serves, the lag is read again.
+    proxy.stop()
+    proxy = start(start_proxy, pg, expect="streaming")
+    wait_until(lambda: status(proxy)["lag_bytes"] != "", DEADLINE, "lag read after the restart")
+    with connect(proxy) as conn:
+        conn.execute("INSERT INTO user_activity (user_id, action) VALUES (7, 'after-restart')")
+    assert count(pg, "main", "SELECT count(*) FROM user_activity WHERE action = 'after-restart'") == 1
+    written += 1
+    caught_up(pg)  # the row reached the target before the rollback removes the subscription
+
     out = cli(pg, "migrate", "analytics", "rollback", config=proxy.config_path)
     assert out.returncode == 0, out.stderr
     assert [c.strip() for c in out.stdout.splitlines()[2].split(" | ")][:2] == ["state", "planned"]
@@ -165,16 +191,8 @@ def test_start_with_writers_streams_then_rollback_returns_to_planned(
     assert leftovers(pg.main) == leftovers(pg.analytics) == ""
     wait_until(lambda: status(proxy)["state"] == "planned", DEADLINE, "analytics planned again")
     assert status(proxy)["lag_bytes"] == ""
-    assert count(pg, "analytics", "SELECT count(*) FROM user_activity") == 500 + written  # rows stay
-    with connect(proxy) as conn:
-        conn.execute("INSERT INTO user_activity (user_id, action) VALUES (7, 'after-rollback')")
-    assert count(pg, "main", "SELECT count(*) FROM user_activity WHERE action = 'after-rollback'") == 1
-    assert count(pg, "analytics", "SELECT count(*) FROM user_activity WHERE action = 'after-rollback'") == 0
-    # A new start finds the copied rows and says what to do (the proxy never empties a table).
-    line = refused(proxy, "MIGRATE analytics START")
-    assert "already holds rows and is not subscribed" in line and "the state is unchanged" in line
-    assert status(proxy)["state"] == "planned"
-    assert leftovers(pg.main) == leftovers(pg.analytics) == ""
+    assert "parafort_proxy_migration_lag_bytes{" not in proxy.metrics()
+    after_rollback(pg, proxy, 500 + written)
 
 
 def test_two_proxies_racing_to_start_one_wins_the_other_is_told(
