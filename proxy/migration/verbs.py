@@ -35,6 +35,9 @@ log = logging.getLogger("parafort.migration")
 COLUMNS = ("kind", "name", "detail")
 LOCK_SQL = "SELECT pg_catalog.pg_try_advisory_lock(pg_catalog.hashtext('parafort_migration:' || $1))"
 UNLOCK_SQL = "SELECT pg_catalog.pg_advisory_unlock(pg_catalog.hashtext('parafort_migration:' || $1))"
+# Which database a connection reached: a login that reaches another database (or server) than the role's
+# url would copy from, or into, the wrong place.
+IDENTITY_SQL = "SELECT pg_catalog.current_database()::text, pg_catalog.pg_postmaster_start_time()::text"
 FOLLOWED = frozenset({State.COPYING, State.STREAMING})  # states whose replication progress is read
 
 # SQLSTATEs of the console's errors.
@@ -139,6 +142,31 @@ async def claimed(main: Dsn, role: str, verb: Verb) -> AsyncIterator[Claim]:
                 await conn.execute(UNLOCK_SQL, role)
 
 
+async def same_database(config: Config, role: str, side: str, verb: str) -> None:
+    """VerbError unless ``side``'s migration login reaches the same database as its url (same name, same
+    server: its postmaster's start time)."""
+    rc = config.roles.get(side)
+    found = []
+    for what, dsn in (("url", rc.dsn), ("migration_url", rc.migration_dsn)):
+        assert dsn is not None
+        async with connected(dsn, f"{side} ({what})") as conn, step(f"identifying {side}'s database", dsn):
+            found.append(tuple(await conn.fetchrow(IDENTITY_SQL)))
+    if found[0] != found[1]:
+        raise VerbError(
+            NOT_IN_PREREQUISITE_STATE,
+            f"migrate {role} {verb}: roles.{side}.migration_url reaches database {found[1][0]!r} of a server "
+            f"started at {found[1][1]}, not roles.{side}.url's {found[0][0]!r} of a server started at "
+            f"{found[0][1]}; nothing changed",
+        )
+
+
+async def same_databases(config: Config, role: str, verb: str) -> None:
+    """Both migration logins reach the databases the proxy serves (the state is stored in main's, the
+    tables are copied from main's into the role's)."""
+    for side in ("main", role):
+        await same_database(config, role, side, verb)
+
+
 async def moving_tables(conn: Any, config: Config, role: str) -> list[TableRef]:
     """The role's tables in main by the domain map, exactly as the plan lists them."""
     tables = await catalog.domain_tables(conn, config.domains, role)
@@ -148,6 +176,7 @@ async def moving_tables(conn: Any, config: Config, role: str) -> list[TableRef]:
 async def start(config: Config, role: str) -> list[Row]:
     """planned -> copying: the target's tables, main's publication, the target's subscription."""
     main, target = migration_dsns(config, role, Verb.START)
+    await same_databases(config, role, Verb.START)
     async with claimed(main, role, Verb.START) as claim:
         async with step("reading main's catalog", main):
             tables = await moving_tables(claim.conn, config, role)
@@ -176,6 +205,7 @@ async def start(config: Config, role: str) -> list[Row]:
 async def rollback(config: Config, role: str) -> list[Row]:
     """copying/streaming -> planned: replication removed on both sides; the target's copied rows stay."""
     main, target = migration_dsns(config, role, Verb.ROLLBACK)
+    await same_databases(config, role, Verb.ROLLBACK)
     async with claimed(main, role, Verb.ROLLBACK) as claim:
         report = await replication.finish(main, target, role)
         note = (
@@ -192,6 +222,7 @@ async def rollback(config: Config, role: str) -> list[Row]:
 async def finish(config: Config, role: str) -> list[Row]:
     """cutover -> finished: replication removed; the operator is told which copies may be dropped."""
     main, target = migration_dsns(config, role, Verb.FINISH)
+    await same_databases(config, role, Verb.FINISH)
     async with claimed(main, role, Verb.FINISH) as claim:
         report = await replication.finish(main, target, role)
         await claim.store("finished: replication removed")

@@ -57,12 +57,17 @@ def moving(pg: DevClusters, schema: None) -> Iterator[None]:
 
 
 def start(
-    start_proxy: StartProxy, pg: DevClusters, *, logins: bool = True, expect: str = "planned"
+    start_proxy: StartProxy,
+    pg: DevClusters,
+    *,
+    logins: bool = True,
+    expect: str = "planned",
+    main_login: str | None = None,
 ) -> ProxyProcess:
     roles: dict[str, object] = {}
     if logins:
         roles = {
-            "main": {"migration_url": pg.main.super_dsn},
+            "main": {"migration_url": main_login or pg.main.super_dsn},
             "analytics": {"migration_url": pg.analytics.super_dsn},
         }
     proxy = start_proxy(
@@ -234,3 +239,14 @@ def test_without_migration_logins_the_verbs_say_what_is_missing(
     ]
     assert status(proxy)["state"] == "planned"
     assert leftovers(pg.main) == leftovers(pg.analytics) == ""
+
+
+def test_a_migration_login_to_another_database_is_refused_before_anything_is_created(
+    pg: DevClusters, moving: None, start_proxy: StartProxy
+) -> None:
+    proxy = start(start_proxy, pg, main_login=pg.documents.super_dsn)
+    line = refused(proxy, "MIGRATE analytics START")
+    assert "roles.main.migration_url reaches database" in line and "nothing changed" in line
+    assert pg.documents.super_password not in line and pg.main.super_password not in line
+    assert status(proxy)["state"] == "planned"
+    assert leftovers(pg.main) == leftovers(pg.analytics) == leftovers(pg.documents) == ""
