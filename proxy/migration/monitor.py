@@ -234,7 +234,7 @@ class MigrationMonitor:
                 if moved:
                     log.info("event=migration_copied role=%s tables=%d", role, found.tables_total)
                 self._apply(await self.lookups.run(state.load))
-            except LookupFailed as exc:
+            except (LookupFailed, ValueError) as exc:  # ValueError: a state this version does not know
                 self.progress_error[role] = f"initial copy done, but the state could not be stored: {exc}"
 
     async def _judge_new_roles(self, migrations: dict[str, Migration]) -> dict[str, Migration]:
