@@ -22,8 +22,8 @@ from proxy.consistency import OUTCOMES
 from proxy.context import AdminContext
 from proxy.errors import FEATURE_NOT_SUPPORTED, ProxyError
 from proxy.frontend.ryw import format_lsn
-from proxy.migration import plan
-from proxy.migration.state import MEANING, OPERATOR_VERBS, NotImplementedVerb, TransitionError, next_state
+from proxy.migration import plan, verbs
+from proxy.migration.state import MEANING, OPERATOR_VERBS, Verb
 from proxy.protocol import messages as m
 
 SYNTAX_ERROR = "42601"
@@ -197,9 +197,10 @@ class AdminConsole:
         return _table([("key", TEXT), ("value", TEXT)], rows)
 
     def show_migration(self, only: str | None = None) -> bytes:
-        """A row per domain role: its stored migration state and who serves its tables. lag_bytes,
-        divergences and held_transactions stay NULL: replication, shadow reads and cutover holds do not
-        exist in this build."""
+        """A row per domain role: its stored migration state, who serves its tables, and while copying or
+        streaming the replication's lag (main's WAL position minus what the subscription confirmed, as
+        read at the last poll). divergences and held_transactions stay NULL: shadow reads and cutover
+        holds do not exist in this build."""
         app = self.app
         monitor = app.migration
         rows: list[Row] = []
@@ -214,14 +215,30 @@ class AdminConsole:
             elif not monitor.loaded:
                 detail = "state not read from main yet"
             elif mig is not None:
-                detail = MEANING[mig.state]
+                detail = MEANING[mig.state] + self._progress_note(role)
             else:
                 detail = "no migration recorded" + ("" if configured else " (no URL: main serves its tables)")
             when = (_stamp(mig.started_at), _stamp(mig.updated_at)) if mig else (None, None)
-            rows.append(
-                (role, mig.state.value if mig else "none", served_by, *when, None, None, None, detail)
-            )
+            found = monitor.progress.get(role) if mig is not None and mig.state in verbs.FOLLOWED else None
+            lag = found.lag_bytes if found is not None else None
+            rows.append((role, mig.state.value if mig else "none", served_by, *when, lag, None, None, detail))
         return _table(MIGRATION_COLUMNS, rows)
+
+    def _progress_note(self, role: str) -> str:
+        monitor = self.app.migration
+        mig = monitor.migrations.get(role)
+        if mig is None or mig.state not in verbs.FOLLOWED:
+            return ""
+        error = monitor.progress_error.get(role)
+        if error is not None:
+            return f"; replication not read: {error}"
+        found = monitor.progress.get(role)
+        if found is None:
+            return ""
+        if found.direction == "none":
+            return "; no replication found (run: migrate start again, or rollback)"
+        stream = "streaming" if found.streaming else "apply worker not connected"
+        return f"; tables copied: {found.tables_ready}/{found.tables_total}, {stream}"
 
     # -- MIGRATE role VERB -------------------------------------------------------------------------------
     def migrate(self, args: list[str]) -> Reply:
@@ -235,20 +252,26 @@ class AdminConsole:
         if verb == "plan":
             return self._plan(role)
         if verb == "status":
-            return self.show_migration(role)
+            return self._status(role)
         found = next((v for v in OPERATOR_VERBS if v.value == verb), None)
         if found is None:
             raise ProxyError(SYNTAX_ERROR, f"unknown MIGRATE verb {args[1]!r}", hint="try SHOW HELP")
-        mig = self.app.migration.migrations.get(role)
+        return self._act(role, found)
+
+    async def _status(self, role: str) -> bytes:
+        await self.app.migration.follow(role)  # fresh progress (and copying -> streaming when done)
+        return self.show_migration(role)
+
+    async def _act(self, role: str, verb: Verb) -> bytes:
+        """START, ROLLBACK, FINISH (proxy/migration/verbs.py): checked against the state stored in main,
+        not this instance's last read of it."""
         try:
-            next_state(role, mig.state if mig else None, found)
-        except NotImplementedVerb as exc:
-            raise ProxyError(FEATURE_NOT_SUPPORTED, str(exc)) from None
-        except TransitionError as exc:
-            raise ProxyError(OBJECT_NOT_IN_PREREQUISITE_STATE, str(exc)) from None
-        # next_state accepts only IMPLEMENTED_VERBS, none in this build: the verbs that copy, cut over
-        # and roll back arrive with the replication library, and with them the code that carries them out.
-        raise ProxyError(FEATURE_NOT_SUPPORTED, f"migrate {role} {verb}: not available in this version")
+            rows = await verbs.carry_out(self.app.config, role, verb)
+        except verbs.VerbError as exc:
+            raise ProxyError(exc.sqlstate, exc.message) from None
+        finally:
+            self.app.migration.refresh()
+        return _table([(name, TEXT) for name in verbs.COLUMNS], [r.values() for r in rows], f"MIGRATE {verb}")
 
     async def _plan(self, role: str) -> bytes:
         try:

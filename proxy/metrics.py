@@ -21,6 +21,7 @@ from proxy.consistency import OUTCOMES
 from proxy.consistency import WAIT_BUCKETS as RYW_WAIT_BUCKETS
 from proxy.context import MetricsContext
 from proxy.migration.state import State
+from proxy.migration.verbs import FOLLOWED
 from proxy.pool.pool import WAIT_BUCKETS
 from proxy.router.policy import MAIN, READ, WRITE
 
@@ -131,6 +132,7 @@ class ProxyCollector(Collector):
         yield from _classification_metrics(app)
         yield from _health_metrics(app)
         yield _migration_state(app)
+        yield _migration_lag(app)
 
 
 def _migration_state(app: MetricsContext) -> GaugeMetricFamily:
@@ -147,6 +149,23 @@ def _migration_state(app: MetricsContext) -> GaugeMetricFamily:
         current = mig.state.value if mig is not None else "none"
         for state in ("none", *(s.value for s in State)):
             family.add_metric([role, state], 1 if state == current else 0)
+    return family
+
+
+def _migration_lag(app: MetricsContext) -> GaugeMetricFamily:
+    """Replication lag of each role being copied or streamed, as read at the migration monitor's last poll."""
+    family = GaugeMetricFamily(
+        PREFIX + "migration_lag_bytes",
+        "Moving a domain role's tables: main's WAL position minus what the role's subscription has "
+        "confirmed, at the last poll (only roles in copying or streaming whose replication was read).",
+        labels=["role"],
+    )
+    monitor = app.migration
+    for role in DOMAINS:
+        mig = monitor.migrations.get(role)
+        found = monitor.progress.get(role)
+        if mig is not None and mig.state in FOLLOWED and found is not None and found.lag_bytes is not None:
+            family.add_metric([role], found.lag_bytes)
     return family
 
 

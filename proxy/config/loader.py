@@ -20,6 +20,13 @@ ROLE_ENV = {
     "compliance": "COMPLIANCE_DATABASE_URL",
     "read_replica": "READ_REPLICA_DATABASE_URL",
 }
+# A login per database that may set up logical replication, for `migrate` (roles.<role>.migration_url).
+MIGRATION_ENV = {
+    "main": "MIGRATION_DATABASE_URL",
+    "analytics": "ANALYTICS_MIGRATION_DATABASE_URL",
+    "documents": "DOCUMENTS_MIGRATION_DATABASE_URL",
+    "compliance": "COMPLIANCE_MIGRATION_DATABASE_URL",
+}
 ROLE_DEFAULTS: dict[str, dict[str, Any]] = {
     "main": {"pool_size": 20, "acquire_timeout": 30, "fallback": None},
     # A configured domain role that is down is refused (57P03) unless it sets fallback: main; an
@@ -129,6 +136,10 @@ def _with_defaults_and_env(
             role["url"] = url
             role.pop("replicas", None)
             env_keys[f"roles.{name}.url"] = ROLE_ENV[name]
+        migration = env.get(MIGRATION_ENV.get(name, ""), "").strip()
+        if name in MIGRATION_ENV and migration:
+            role["migration_url"] = migration
+            env_keys[f"roles.{name}.migration_url"] = MIGRATION_ENV[name]
         merged[name] = role
     return {**raw, "roles": merged}, env_keys
 

@@ -56,16 +56,23 @@ class AuthConfig(Frozen):
 
 
 class RoleConfig(Frozen):
-    """One role's upstream and pool. ``url`` None means the role is not configured."""
+    """One role's upstream and pool. ``url`` None means the role is not configured.
+
+    ``migration_url`` (main and the domain roles): a login to the same database that may set up logical
+    replication (PostgreSQL 15: a superuser), used only by ``migrate ROLE start|rollback|finish`` for the
+    publication, the subscription and their slots; never for clients' statements. None: those verbs say
+    it is missing.
+    """
 
     url: str | None = Field(default=None, repr=False)
+    migration_url: str | None = Field(default=None, repr=False)
     pool_size: PoolSize
     acquire_timeout: PositiveDuration
     idle_timeout: Duration = 600.0
     max_lifetime: Duration = 3600.0
     fallback: RoleName | None = None
 
-    @field_validator("url")
+    @field_validator("url", "migration_url")
     @classmethod
     def _valid_url(cls, value: str | None) -> str | None:
         return _check_url(value)
@@ -77,6 +84,10 @@ class RoleConfig(Frozen):
     @cached_property
     def dsn(self) -> Dsn | None:
         return parse_dsn(self.url) if self.url is not None else None
+
+    @cached_property
+    def migration_dsn(self) -> Dsn | None:
+        return parse_dsn(self.migration_url) if self.migration_url is not None else None
 
 
 class ReplicaConfig(Frozen):
@@ -108,6 +119,8 @@ class ReadReplicaConfig(RoleConfig):
     def _one_form(self) -> ReadReplicaConfig:
         if self.url is not None and self.replicas:
             raise ValueError("give either url or replicas, not both")
+        if self.migration_url is not None:
+            raise ValueError("migration_url: a replica is never a migration's source or target")
         names = [r.name for r in self.replicas]
         dupes = sorted({n for n in names if names.count(n) > 1})
         if dupes:

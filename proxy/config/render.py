@@ -20,6 +20,8 @@ def _role(role: RoleConfig) -> dict[str, Any]:
         "max_lifetime": format_duration(role.max_lifetime),
         "fallback": role.fallback,
     }
+    if role.migration_url is not None:  # shown only where set: most configurations never migrate
+        out["migration_url"] = redact_url(role.migration_url)
     replicas = getattr(role, "replicas", ())
     if replicas:
         del out["url"]

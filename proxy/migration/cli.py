@@ -18,6 +18,7 @@ from proxy.migration.state import IMPLEMENTED_VERBS, OPERATOR_VERBS, unavailable
 from proxy.protocol.auth import UserlistError, load_userlist
 
 ANY_ADDRESS = ("", "0.0.0.0", "::", "*")
+VERB_TIMEOUT = 600.0  # seconds the CLI waits for start, rollback or finish
 
 
 class UsageError(Exception):
@@ -72,9 +73,13 @@ def run(config: Config, role: str, verb: str, user: str | None, env: Mapping[str
             print(f"parafort-proxy: {unavailable(role, operator)}", file=sys.stderr)
             return 1
         target = console_target(config, user, env)
-        result = asyncio.run(console.query(target, f"MIGRATE {role} {verb.upper()}"))
+        # start runs pg_dump and creates the replication: longer than a look-up on a loaded machine.
+        seconds = VERB_TIMEOUT if operator is not None else console.TIMEOUT
+        result = asyncio.run(console.query(target, f"MIGRATE {role} {verb.upper()}", seconds))
     except (plan.PlanError, console.ConsoleError, UsageError) as exc:
-        print(f"parafort-proxy: migrate {role} {verb}: {exc}", file=sys.stderr)
+        prefix = f"migrate {role} {verb}: "
+        text = str(exc)
+        print(f"parafort-proxy: {text if text.startswith(prefix) else prefix + text}", file=sys.stderr)
         return 1
     sys.stdout.write(plan.render(result.columns, result.rows))
     return 0

@@ -19,6 +19,7 @@ from proxy.protocol.auth import ClientAuth
 from proxy.protocol.framing import ssl_request, startup_message
 
 MAX_MESSAGE = 64 * 1024 * 1024
+TIMEOUT = 60.0  # seconds for one console command
 
 
 class ConsoleError(Exception):
@@ -65,7 +66,7 @@ async def _read(reader: asyncio.StreamReader) -> tuple[int, bytes]:
     return header[0], await reader.readexactly(length - 4)
 
 
-async def query(target: Target, sql: str, seconds: float = 60.0) -> Result:
+async def query(target: Target, sql: str, seconds: float = TIMEOUT) -> Result:
     """Run one console command; ConsoleError with one line on any failure."""
     where = f"the admin console at {target.host}:{target.port}"
     try:

@@ -25,7 +25,9 @@ from proxy.config import Config
 from proxy.config.values import DOMAINS
 from proxy.health import close, connect, describe_error
 from proxy.lookups import LookupFailed, MainLookups
-from proxy.migration import catalog, state
+from proxy.migration import catalog, state, verbs
+from proxy.migration.objects import ReplicationError
+from proxy.migration.replication import Progress
 from proxy.migration.state import Migration, State
 
 log = logging.getLogger("parafort.migration")
@@ -134,6 +136,9 @@ class MigrationMonitor:
         self._unstored: dict[str, Migration] = {}  # planned, but main refused to store it
         self._task: asyncio.Task[None] | None = None
         self._wake = asyncio.Event()
+        # Replication of roles in copying or streaming, read at every poll (with their migration logins).
+        self.progress: dict[str, Progress] = {}
+        self.progress_error: dict[str, str] = {}  # why a role's progress could not be read
 
     @property
     def held(self) -> frozenset[str]:
@@ -192,6 +197,45 @@ class MigrationMonitor:
             return
         self.error = None
         self._apply(migrations)
+        await self._follow_all()
+
+    async def _follow_all(self) -> None:
+        config = self.config()
+        for role in DOMAINS:
+            mig = self.migrations.get(role)
+            if mig is None or mig.state not in verbs.FOLLOWED or not config.roles.get(role).configured:
+                self.progress.pop(role, None)
+                self.progress_error.pop(role, None)
+                continue
+            await self.follow(role)
+
+    async def follow(self, role: str) -> None:
+        """Read ``role``'s replication progress (kept for SHOW MIGRATION); when the initial copy is done,
+        store copying -> streaming (conditionally: another instance may have done it first)."""
+        mig = self.migrations.get(role)
+        if mig is None or mig.state not in verbs.FOLLOWED:
+            return
+        try:
+            found = await verbs.progress(self.config(), role)
+        except verbs.VerbError as exc:
+            self.progress_error[role] = exc.message
+            return
+        except ReplicationError as exc:
+            self.progress_error[role] = str(exc)
+            return
+        self.progress[role] = found
+        self.progress_error.pop(role, None)
+        if mig.state is State.COPYING and found.done:
+            detail = "initial copy done: changes stream from main"
+            try:
+                moved = await self.lookups.run(
+                    lambda conn: state.move(conn, role, State.COPYING, State.STREAMING, detail)
+                )
+                if moved:
+                    log.info("event=migration_copied role=%s tables=%d", role, found.tables_total)
+                self._apply(await self.lookups.run(state.load))
+            except (LookupFailed, ValueError) as exc:  # ValueError: a state this version does not know
+                self.progress_error[role] = f"initial copy done, but the state could not be stored: {exc}"
 
     async def _judge_new_roles(self, migrations: dict[str, Migration]) -> dict[str, Migration]:
         config = self.config()

@@ -49,9 +49,11 @@ class Verb(StrEnum):
 
 
 OPERATOR_VERBS = (Verb.START, Verb.CUTOVER, Verb.ROLLBACK, Verb.FINISH)
-# Verbs this build carries out. Copying (logical replication), cutover and rollback are not wired yet:
-# asking for them says so and changes nothing.
-IMPLEMENTED_VERBS: frozenset[Verb] = frozenset()
+# Verbs this build carries out (proxy/migration/verbs.py). Cutover (and so a rollback from cutover) is not
+# wired yet: asking for it says so and changes nothing.
+IMPLEMENTED_VERBS: frozenset[Verb] = frozenset({Verb.START, Verb.ROLLBACK, Verb.FINISH})
+# (state, verb) pairs of the transition table this build cannot carry out although the verb is implemented.
+UNAVAILABLE_FROM: frozenset[tuple[State, Verb]] = frozenset({(State.CUTOVER, Verb.ROLLBACK)})
 
 SERVED_BY_MAIN = frozenset({State.PLANNED, State.COPYING, State.STREAMING})
 
@@ -85,8 +87,8 @@ class NotImplementedVerb(TransitionError):
 def unavailable(role: str, verb: Verb) -> str:
     """The line for a verb this build cannot carry out."""
     return (
-        f"migrate {role} {verb}: not available in this version (copying, cutover and rollback are not "
-        "implemented yet); nothing changed"
+        f"migrate {role} {verb}: not available in this version (cutover is not implemented yet); "
+        "nothing changed"
     )
 
 
@@ -102,6 +104,8 @@ def next_state(role: str, current: State | None, verb: Verb) -> State:
     if current is None:
         raise TransitionError(f"migrate {role} {verb}: no migration recorded for {role}")
     found = TRANSITIONS.get((current, verb))
+    if (current, verb) in UNAVAILABLE_FROM:
+        raise NotImplementedVerb(f"{unavailable(role, verb)} ({role}: state {current})")
     if found is None:
         allowed = sorted(v.value for (s, v) in TRANSITIONS if s == current and v in OPERATOR_VERBS)
         raise TransitionError(
@@ -149,6 +153,8 @@ CREATE TABLE IF NOT EXISTS {TABLE} (
 LOCK_SQL = "SELECT pg_catalog.pg_advisory_xact_lock(pg_catalog.hashtext('parafort_migration'))"
 EXISTS_SQL = f"SELECT pg_catalog.to_regclass('{TABLE}') IS NOT NULL"
 LOAD_SQL = f"SELECT role, state, started_at, updated_at, detail FROM {TABLE} ORDER BY role"
+# The one write of a transition: it applies only if the state is still the one the verb was checked against.
+MOVE_SQL = f"UPDATE {TABLE} SET state = $3, detail = $4, updated_at = now() WHERE role = $1 AND state = $2"
 INSERT_SQL = f"INSERT INTO {TABLE} (role, state, detail) VALUES ($1, $2, $3) ON CONFLICT (role) DO NOTHING"
 
 
@@ -176,3 +182,10 @@ async def enter(conn: Any, role: str, state: State, detail: str) -> dict[str, Mi
         await conn.execute(CREATE_SQL)
         await conn.execute(INSERT_SQL, role, state.value, detail)
     return await load(conn)
+
+
+async def move(conn: Any, role: str, current: State, new: State, detail: str) -> bool:
+    """Store ``role``'s transition from ``current`` to ``new``: True, or False when the stored state is no
+    longer ``current`` (another instance moved it first) and nothing was written."""
+    tag = await conn.execute(MOVE_SQL, role, current.value, new.value, detail)
+    return bool(tag == "UPDATE 1")

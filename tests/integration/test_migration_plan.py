@@ -155,8 +155,10 @@ def test_new_url_with_rows_in_main_starts_planned_and_survives_a_restart(
     out = cli(pg, "migrate", "analytics", "cutover", config=proxy.config_path)
     assert (out.returncode, out.stdout) == (1, "")
     assert "not available in this version" in out.stderr and len(out.stderr.splitlines()) == 1
-    with pytest.raises(AssertionError, match="not available in this version"):
-        console(proxy, "MIGRATE analytics START")
+    with pytest.raises(
+        AssertionError, match=r"roles\.main\.migration_url \(MIGRATION_DATABASE_URL\) is not set"
+    ):
+        console(proxy, "MIGRATE analytics START")  # this proxy has no migration logins
 
     # Restarted with main's copy emptied: the stored state, not the rows, keeps main serving analytics.
     proxy.stop()

@@ -338,6 +338,46 @@ def test_check_prints_resolved_config_without_secrets(
     assert not [s for s in SECRETS if s in out]
 
 
+def test_migration_urls_from_file_and_env_are_redacted_in_check(
+    tmp_path: Path, monkeypatch: pytest.MonkeyPatch, capsys: pytest.CaptureFixture[str]
+) -> None:
+    for key, value in FIVE.items():
+        monkeypatch.setenv(key, value)
+    monkeypatch.setenv("MIGRATION_DATABASE_URL", "postgresql://su:mig-main-secret@db-main/parafort_main")
+    path = write(
+        tmp_path,
+        "roles:\n  analytics:\n    migration_url: postgresql://su:mig-an-secret@db-an/an\n",
+    )
+    config = load_config(path, dict(FIVE, MIGRATION_DATABASE_URL="postgresql://su:mig-main-secret@m/p"))
+    assert config.roles.main.migration_dsn is not None and config.roles.main.migration_dsn.user == "su"
+    assert config.roles.analytics.migration_dsn is not None
+    assert config.roles.analytics.migration_dsn.host == "db-an"
+    assert config.roles.documents.migration_dsn is None
+    assert "mig-an-secret" not in repr(config.roles.analytics)
+    env = dict(FIVE, ANALYTICS_MIGRATION_DATABASE_URL="postgresql://su2:x-secret@other/an")
+    overridden = load_config(path, env).roles.analytics.migration_dsn
+    assert overridden is not None and overridden.host == "other"  # the environment wins over the file
+
+    assert main(["check", "--config", str(path)]) == 0
+    out = capsys.readouterr().out
+    assert "migration_url: postgresql://su:***@db-main/parafort_main" in out
+    assert "migration_url: postgresql://su:***@db-an/an" in out
+    assert "mig-main-secret" not in out and "mig-an-secret" not in out
+
+
+def test_a_replica_has_no_migration_url(tmp_path: Path) -> None:
+    path = write(tmp_path, "roles:\n  read_replica:\n    migration_url: postgresql://su:pw@r/db\n")
+    with pytest.raises(ConfigError) as info:
+        load_config(path, FIVE)
+    assert info.value.problems == [
+        "roles.read_replica.migration_url: a replica is never a migration's source or target"
+    ]
+    bad = write(tmp_path, "roles:\n  main:\n    migration_url: mysql://su:pw-secret@r/db\n")
+    with pytest.raises(ConfigError) as info:
+        load_config(bad, FIVE)
+    assert len(info.value.problems) == 1 and "pw-secret" not in info.value.problems[0]
+
+
 def test_example_config_is_accepted(
     capsys: pytest.CaptureFixture[str], monkeypatch: pytest.MonkeyPatch
 ) -> None:

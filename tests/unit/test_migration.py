@@ -13,7 +13,7 @@ import pytest
 
 from proxy.config import Config, load_config
 from proxy.config.loader import ROLE_ENV
-from proxy.migration import state
+from proxy.migration import state, verbs
 from proxy.migration.catalog import ForeignKey, Table
 from proxy.migration.joins import MAX_STATEMENTS, OTHER, MovingJoin, SeenJoins
 from proxy.migration.plan import COLUMNS, PlanFacts, plan_rows, render
@@ -61,14 +61,37 @@ def test_transition_table() -> None:
     assert sorted(SERVED_BY_MAIN) == sorted([State.PLANNED, State.COPYING, State.STREAMING])
 
 
-@pytest.mark.parametrize("verb", [Verb.START, Verb.CUTOVER, Verb.ROLLBACK, Verb.FINISH])
 @pytest.mark.parametrize("current", [None, *State])
-def test_operator_verbs_not_implemented_say_so_and_change_nothing(verb: Verb, current: State | None) -> None:
+def test_cutover_is_not_implemented_says_so_and_changes_nothing(current: State | None) -> None:
     with pytest.raises(NotImplementedVerb) as info:
-        next_state("analytics", current, verb)
+        next_state("analytics", current, Verb.CUTOVER)
     message = str(info.value)
-    assert message.startswith(f"migrate analytics {verb}: not available in this version")
+    assert message.startswith("migrate analytics cutover: not available in this version")
     assert "nothing changed" in message and "\n" not in message
+
+
+def test_rollback_from_cutover_is_not_implemented_but_from_copying_and_streaming_it_is() -> None:
+    with pytest.raises(NotImplementedVerb, match="rollback: not available in this version"):
+        next_state("analytics", State.CUTOVER, Verb.ROLLBACK)
+    assert next_state("analytics", State.COPYING, Verb.ROLLBACK) == State.PLANNED
+    assert next_state("analytics", State.STREAMING, Verb.ROLLBACK) == State.PLANNED
+
+
+def test_start_and_finish_follow_the_table_and_refuse_the_rest() -> None:
+    assert next_state("analytics", State.PLANNED, Verb.START) == State.COPYING
+    assert next_state("analytics", State.CUTOVER, Verb.FINISH) == State.FINISHED
+    for current in (State.COPYING, State.STREAMING, State.CUTOVER, State.FINISHED):
+        with pytest.raises(TransitionError, match=f"start: not possible in state {current}"):
+            next_state("analytics", current, Verb.START)
+    for current in (State.PLANNED, State.COPYING, State.STREAMING, State.FINISHED):
+        with pytest.raises(TransitionError, match=f"finish: not possible in state {current}") as info:
+            next_state("analytics", current, Verb.FINISH)
+        assert not isinstance(info.value, NotImplementedVerb)
+    with pytest.raises(TransitionError, match="rollback: not possible in state planned"):
+        next_state("analytics", State.PLANNED, Verb.ROLLBACK)
+    for verb in (Verb.START, Verb.ROLLBACK, Verb.FINISH):
+        with pytest.raises(TransitionError, match="no migration recorded for analytics"):
+            next_state("analytics", None, verb)
 
 
 def test_internal_transition_and_illegal_ones() -> None:
@@ -82,6 +105,7 @@ def test_internal_transition_and_illegal_ones() -> None:
 def test_every_transition_once_verbs_are_implemented(monkeypatch: pytest.MonkeyPatch) -> None:
     """The table is the one door: with every verb enabled, next_state follows it and refuses the rest."""
     monkeypatch.setattr(state, "IMPLEMENTED_VERBS", frozenset(Verb))
+    monkeypatch.setattr(state, "UNAVAILABLE_FROM", frozenset())
     for current in State:
         for verb in Verb:
             expected = TRANSITIONS.get((current, verb))
@@ -226,8 +250,30 @@ def test_plan_statement_rows() -> None:
     assert rows[-1].detail.startswith("joins documents (moves to documents) with users (stays)")
 
 
+# -- verbs: what they need before touching anything --------------------------------------------------------
+def test_verbs_name_the_missing_migration_login_in_one_line(tmp_path: Path) -> None:
+    config = config_for(tmp_path, ("analytics",))
+    with pytest.raises(verbs.VerbError) as info:
+        verbs.migration_dsns(config, "analytics", "start")
+    assert info.value.sqlstate == "F0000"
+    assert info.value.message == (
+        "migrate analytics start: roles.main.migration_url (MIGRATION_DATABASE_URL) is not set: it needs a "
+        "login to main's database that may set up logical replication (PostgreSQL 15: a superuser)"
+    )
+    env = {ROLE_ENV[r]: f"postgresql://u:p@{r}.internal/db" for r in ("main", "analytics")}
+    env["MIGRATION_DATABASE_URL"] = "postgresql://su:pw@main.internal/db"
+    config = load_config(tmp_path / "proxy.yaml", env)
+    with pytest.raises(verbs.VerbError, match=r"roles.analytics.migration_url \(ANALYTICS_MIGRATION_"):
+        verbs.migration_dsns(config, "analytics", "rollback")
+    env["ANALYTICS_MIGRATION_DATABASE_URL"] = "postgresql://su:pw@analytics.internal/db"
+    main, target = verbs.migration_dsns(load_config(tmp_path / "proxy.yaml", env), "analytics", "finish")
+    assert (main.host, target.host) == ("main.internal", "analytics.internal")
+    with pytest.raises(verbs.VerbError, match=r"roles\.documents\.url is not set: no database to move to"):
+        verbs.migration_dsns(load_config(tmp_path / "proxy.yaml", env), "documents", "start")
+
+
 # -- the CLI -------------------------------------------------------------------------------------------------
-@pytest.mark.parametrize("verb", ["start", "cutover", "rollback", "finish"])
+@pytest.mark.parametrize("verb", ["cutover"])
 def test_cli_verbs_not_implemented_exit_non_zero_with_one_line(verb: str) -> None:
     env = {k: v for k, v in os.environ.items() if not k.endswith("DATABASE_URL")}
     env["DATABASE_URL"] = "postgresql://app:secret@127.0.0.1:1/app"
@@ -238,8 +284,8 @@ def test_cli_verbs_not_implemented_exit_non_zero_with_one_line(verb: str) -> Non
     assert out.returncode == 1
     assert out.stdout == ""
     assert out.stderr.splitlines() == [
-        f"parafort-proxy: migrate analytics {verb}: not available in this version (copying, cutover and "
-        "rollback are not implemented yet); nothing changed"
+        f"parafort-proxy: migrate analytics {verb}: not available in this version (cutover is not "
+        "implemented yet); nothing changed"
     ]
 
 
