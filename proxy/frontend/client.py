@@ -398,6 +398,10 @@ class ClientConnection(asyncio.Protocol):
         if batch.end - batch.start > INLINE_BYTES and batch.analyses is None and self._classify_later(batch):
             return
         server = self.server
+        if batch.terminator == _H and len(batch.msgs) == 1 and (server is None or not server.expect):
+            # A Flush with nothing in flight (psycopg's pipeline sends one after its Sync): nothing to flush.
+            # Sent upstream it would hold that connection for this client until the next Sync.
+            return
         single_query = len(batch.msgs) == 1 and batch.terminator == _Q
         info, override = self._unit_info(batch)
         if single_query:

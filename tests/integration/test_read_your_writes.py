@@ -278,7 +278,10 @@ def test_min_lsn_through_the_extended_protocol(paused: None, start_proxy: StartP
         reader.execute(f"SET parafort.min_lsn = '{token}'", prepare=True)
         assert count(reader, 2) == 1
         with reader.pipeline():
-            reader.execute("RESET parafort.min_lsn")
+            # Not the text prepared above (psycopg would Bind that statement): Parse/Bind/Execute up to Sync,
+            # answered by the proxy. psycopg then sends a lone Flush, which must not hold an upstream
+            # connection for this client (the read below would then run on main).
+            reader.execute("reset parafort.min_lsn")
         assert count(reader, 2) == 0
 
         with pytest.raises(psycopg.errors.InvalidParameterValue), reader.pipeline():
