@@ -537,10 +537,39 @@ class ClientConnection(asyncio.Protocol):
             and self._deferred_extended_begin(batch, info)
         ):
             return True
-        if tx.failed and tx.begin is not None:
-            self._failed_tx_unit(batch, info)
+        if (
+            info is not None
+            and info.tx in (TX_COMMIT, TX_ROLLBACK)
+            and not single_query
+            and tx.begin is not None
+            and tx.pin_reason is None
+            and self._deferred_extended_end(batch, info)
+        ):
             return True
+        if tx.failed and tx.begin is not None:
+            # Refused, or answered 25P02 here; a ROLLBACK [TO SAVEPOINT] among other messages goes on.
+            return not self._failed_tx_unit(batch, info)
         return False
+
+    def _deferred_extended_end(self, batch: Batch, info: Classification) -> bool:
+        """COMMIT or ROLLBACK as Parse/Bind/[Describe]/Execute alone up to Sync or Flush (JDBC ends every
+        transaction so) in a transaction whose BEGIN the proxy answered and no statement has run: answered
+        here, as the simple-protocol one is (COMMIT of a transaction the proxy failed reports ROLLBACK, as
+        PostgreSQL does). True when the unit was answered."""
+        lone = _lone_unnamed_statement(batch)
+        if lone is None:
+            return False
+        (start, end), replies = lone
+        tag = "ROLLBACK" if self.tx.failed else str(info.tx).upper()
+        self.tx.transaction_control(str(info.tx), b"", False)  # the transaction ends here
+        self.statements.answered_locally(batch.buf[start:end])
+        self._unnamed_info = info
+        self._unnamed_changes = []
+        replies.append(m.command_complete(tag))
+        if batch.terminator == _S:
+            replies.append(m.ready_for_query(b"I"))
+        self.write(b"".join(replies))
+        return True
 
     def _handed(
         self, batch: Batch, role: str, label: str, conn: ServerConnection | None, error: ProxyError | None

@@ -234,3 +234,43 @@ def test_extended_begin_up_to_flush_then_a_lone_sync(
     finally:
         s.close()
     assert rows_on_main(pg) == 1
+
+
+@pytest.mark.parametrize("end", ["ROLLBACK", "COMMIT"])
+def test_extended_end_of_a_deferred_transaction_the_proxy_failed(routed: ProxyProcess, end: str) -> None:
+    """BEGIN (answered by the proxy), a statement the proxy refuses (two upstreams: 0A000), then the end of
+    the transaction sent with Parse/Bind/Execute/Sync, as JDBC sends it: PostgreSQL's replies (COMMIT of a
+    failed transaction reports ROLLBACK), and the connection goes on. Before: 25P02 for either."""
+    s = Session(routed)
+    try:
+        got = _replies(s, m.query("BEGIN"))
+        assert got[-1] == (m.B.READY_FOR_QUERY, b"T")
+        got = _replies(s, m.query("SELECT count(*) FROM users u JOIN documents d ON d.owner_id = u.id"))
+        assert [t for t, _ in got] == [ord("E"), ord("Z")], got
+        assert m.parse_fields(got[0][1])["C"] == "0A000"
+        assert got[-1][1] == b"E"
+        got = _replies(s, m.parse("", end) + m.bind_raw("", "", b"\x00" * 6) + EXECUTE + m.sync())
+        assert [t for t, _ in got] == [ord("1"), ord("2"), ord("C"), ord("Z")], got
+        assert got[2][1] == b"ROLLBACK\x00"
+        assert got[3][1] == b"I"
+        got = _replies(s, m.query("SELECT 1"))
+        assert [t for t, _ in got] == [ord("T"), ord("D"), ord("C"), ord("Z")], got
+    finally:
+        s.close()
+
+
+def test_rollback_to_a_savepoint_in_a_failed_deferred_transaction(routed: ProxyProcess) -> None:
+    """ROLLBACK TO SAVEPOINT after the proxy failed a transaction that never reached an upstream: PostgreSQL's
+    own answer (no such savepoint, 3B001), as on a direct connection; before, no reply came at all."""
+    s = Session(routed)
+    try:
+        _replies(s, m.query("BEGIN"))
+        got = _replies(s, m.query("SELECT count(*) FROM users u JOIN documents d ON d.owner_id = u.id"))
+        assert m.parse_fields(got[0][1])["C"] == "0A000"
+        got = _replies(s, m.query("ROLLBACK TO SAVEPOINT s"))
+        assert [t for t, _ in got] == [ord("E"), ord("Z")], got
+        assert m.parse_fields(got[0][1])["C"] == "3B001"
+        got = _replies(s, m.query("ROLLBACK"))
+        assert got[-1] == (m.B.READY_FOR_QUERY, b"I")
+    finally:
+        s.close()
