@@ -560,16 +560,21 @@ class ClientConnection(asyncio.Protocol):
         if lone is None:
             return False
         (start, end), replies = lone
-        tag = "ROLLBACK" if self.tx.failed else str(info.tx).upper()
-        self.tx.transaction_control(str(info.tx), b"", False)  # the transaction ends here
-        self.statements.answered_locally(batch.buf[start:end])
-        self._unnamed_info = info
-        self._unnamed_changes = []
-        replies.append(m.command_complete(tag))
+        replies.append(
+            m.command_complete(self.tx.end_deferred(TX_COMMIT if info.tx == TX_COMMIT else TX_ROLLBACK))
+        )
+        self._unnamed_answered(batch.buf[start:end], info, [])
         if batch.terminator == _S:
             replies.append(m.ready_for_query(b"I"))
         self.write(b"".join(replies))
         return True
+
+    def _unnamed_answered(self, raw: bytes, info: Classification, changes: list[SessionChange]) -> None:
+        """The proxy answered the unnamed statement ``raw`` (a Parse) itself: it is now the client's unnamed
+        statement, with its classification and session changes; a later Bind of it parses it upstream."""
+        self.statements.answered_locally(raw)
+        self._unnamed_info = info
+        self._unnamed_changes = changes
 
     def _handed(
         self, batch: Batch, role: str, label: str, conn: ServerConnection | None, error: ProxyError | None
@@ -789,10 +794,7 @@ class ClientConnection(asyncio.Protocol):
             )
         replies.append(m.command_complete("BEGIN"))
         self.tx.defer_begin(m.query(m.decode_parse(buf[start + 5 : end])[1]), info.tx == TX_BEGIN_READ_ONLY)
-        # The client's unnamed statement is now this BEGIN: a later Bind of it re-parses it upstream.
-        self.statements.answered_locally(buf[start:end])
-        self._unnamed_info = info
-        self._unnamed_changes = []
+        self._unnamed_answered(buf[start:end], info, [])
         if batch.terminator == _S:
             replies.append(m.ready_for_query(b"T"))
         self.write(b"".join(replies))
@@ -815,11 +817,8 @@ class ClientConnection(asyncio.Protocol):
         if found is None:
             return False
         error = self.reads.apply_min_lsn(found[1])
-        # The client's unnamed statement is now this one: a later Bind of it re-parses it upstream, where it
-        # is a placeholder setting that takes effect here once it succeeds.
-        self.statements.answered_locally(batch.buf[start:end])
-        self._unnamed_info = info
-        self._unnamed_changes = session_changes(sql)
+        # A later Bind of it runs it upstream, a placeholder setting that takes effect here once it succeeds.
+        self._unnamed_answered(batch.buf[start:end], info, session_changes(sql))
         if error is None:
             replies.append(m.command_complete(found[0]))
         else:

@@ -233,15 +233,20 @@ class TxState(Generic[B]):
             if self.begin is None:
                 self._go(Ev.NO_TRANSACTION)
                 return _NO_TRANSACTION + m.command_complete(tx.upper()) + m.ready_for_query(b"I")
-            tag = "ROLLBACK" if self.failed else tx.upper()
-            self._go(Ev.END_LOCAL)
-            self.begin = self.begin_mode = None
-            return m.command_complete(tag) + m.ready_for_query(b"I")
+            return m.command_complete(self.end_deferred(tx)) + m.ready_for_query(b"I")
         if self.begin is not None:
             self._go(Ev.BEGIN)
             return _ALREADY + m.command_complete("BEGIN") + m.ready_for_query(b"T")
         self.defer_begin(begin, read_only)
         return m.command_complete("BEGIN") + m.ready_for_query(b"T")
+
+    def end_deferred(self, tx: str) -> str:
+        """COMMIT or ROLLBACK (``tx``) of a transaction whose BEGIN was deferred and never sent: it ends here.
+        Returns the command tag (COMMIT of a failed transaction reports ROLLBACK, as PostgreSQL does)."""
+        tag = "ROLLBACK" if self.failed else tx.upper()
+        self._go(Ev.END_LOCAL)
+        self.begin = self.begin_mode = None
+        return tag
 
     def defer_begin(self, begin: bytes, read_only: bool) -> bool:
         """A BEGIN the proxy answers; False when one was deferred already (the client hears 25001)."""
