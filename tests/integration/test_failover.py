@@ -237,13 +237,18 @@ def test_write_succeeds_as_soon_as_main_accepts_connections(
     """
     health = {"interval": "30s", "timeout": "1s", "failures_before_down": 1, "successes_before_up": 2}
     proxy = start_proxy(roles=ALL_ROLES, config={"domains": DEMO_DOMAINS, "health": health})
-    with connect(proxy) as conn:
-        conn.execute("INSERT INTO users (email, full_name) VALUES ('back-0@example.com', 'Back')")
+    # A statement in flight when main shuts down gets its FATAL and the client connection ends, as on a
+    # direct connection: the client then connects again, as an application's pool would.
+    conns = [connect(proxy)]
+    try:
+        conns[-1].execute("INSERT INTO users (email, full_name) VALUES ('back-0@example.com', 'Back')")
         pg.main.stop()
 
         def refused() -> bool:
             try:
-                conn.execute("INSERT INTO users (email, full_name) VALUES ('back-x@example.com', 'X')")
+                if conns[-1].closed:
+                    conns.append(connect(proxy))
+                conns[-1].execute("INSERT INTO users (email, full_name) VALUES ('back-x@example.com', 'X')")
             except psycopg.errors.ReadOnlySqlTransaction:
                 return True
             except psycopg.Error as exc:  # the connection main's shutdown took, or a first failed connect
@@ -255,8 +260,11 @@ def test_write_succeeds_as_soon_as_main_accepts_connections(
         assert databases(proxy)["main"] is False
         pg.main.start()
         wait_until(lambda: _accepts(pg.main.dsn), 30, "main accepting connections")
-        conn.execute("INSERT INTO users (email, full_name) VALUES ('back-1@example.com', 'Back')")
+        conns[-1].execute("INSERT INTO users (email, full_name) VALUES ('back-1@example.com', 'Back')")
         assert databases(proxy)["main"] is True
+    finally:
+        for conn in conns:
+            conn.close()
     assert count(pg, "main", "SELECT count(*) FROM users WHERE email = 'back-1@example.com'") == 1
     assert "reason='data path connected'" in proxy.log()
 
