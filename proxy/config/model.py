@@ -305,6 +305,19 @@ class RoutingConfig(Frozen):
     read_your_writes: ReadYourWritesConfig = ReadYourWritesConfig()
 
 
+class MigrationConfig(Frozen):
+    """Moving a domain role's tables from main to its own database (``parafort-proxy migrate``).
+
+    ``cutover_timeout``: how long a cutover (or a rollback from one) may hold the transactions that touch
+    the moving tables while the subscription catches up; past it the hold ends and nothing has changed.
+    ``shadow_sample``: the share of reads of a migrating role's tables that also run on its own database,
+    off the client's path, to compare their results (0: none).
+    """
+
+    cutover_timeout: PositiveDuration = 10.0
+    shadow_sample: Annotated[float, Field(ge=0.0, le=1.0)] = 0.01
+
+
 class Config(Frozen):
     """The whole resolved configuration."""
 
@@ -320,6 +333,7 @@ class Config(Frozen):
     limits: LimitsConfig = LimitsConfig()
     tls: TlsConfig = TlsConfig()
     audit: AuditConfig = AuditConfig()
+    migration: MigrationConfig = MigrationConfig()
 
     @model_validator(mode="after")
     def _listeners_differ(self) -> Config:

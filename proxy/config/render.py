@@ -69,6 +69,10 @@ def config_as_dict(config: Config) -> dict[str, Any]:
             "drain_timeout": format_duration(config.limits.drain_timeout),
         },
         "audit": {"path": str(config.audit.path) if config.audit.path else None},
+        "migration": {
+            "cutover_timeout": format_duration(config.migration.cutover_timeout),
+            "shadow_sample": config.migration.shadow_sample,
+        },
         "tls": {
             "mode": config.tls.mode,
             "cert_file": str(config.tls.cert_file) if config.tls.cert_file else None,
