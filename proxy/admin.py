@@ -199,8 +199,9 @@ class AdminConsole:
     def show_migration(self, only: str | None = None) -> bytes:
         """A row per domain role: its stored migration state, who serves its tables, and while copying or
         streaming the replication's lag (main's WAL position minus what the subscription confirmed, as
-        read at the last poll). divergences and held_transactions stay NULL: shadow reads and cutover
-        holds do not exist in this build."""
+        read at the last poll). ``held_transactions``: new transactions on the role's tables waiting now
+        for a cutover or a rollback from one. divergences stays NULL: shadow reads do not exist in this
+        build."""
         app = self.app
         monitor = app.migration
         rows: list[Row] = []
@@ -221,7 +222,11 @@ class AdminConsole:
             when = (_stamp(mig.started_at), _stamp(mig.updated_at)) if mig else (None, None)
             found = monitor.progress.get(role) if mig is not None and mig.state in verbs.FOLLOWED else None
             lag = found.lag_bytes if found is not None else None
-            rows.append((role, mig.state.value if mig else "none", served_by, *when, lag, None, None, detail))
+            hold = monitor.hold
+            if role in hold.roles:
+                detail = f"holding new transactions on its tables (a cutover or rollback runs); {detail}"
+            held = hold.waiting.get(role, 0) if role in hold.roles else 0
+            rows.append((role, mig.state.value if mig else "none", served_by, *when, lag, None, held, detail))
         return _table(MIGRATION_COLUMNS, rows)
 
     def _progress_note(self, role: str) -> str:
@@ -266,7 +271,7 @@ class AdminConsole:
         """START, ROLLBACK, FINISH (proxy/migration/verbs.py): checked against the state stored in main,
         not this instance's last read of it."""
         try:
-            rows = await verbs.carry_out(self.app.config, role, verb)
+            rows = await verbs.carry_out(self.app.config, role, verb, self.app.migration)
         except verbs.VerbError as exc:
             raise ProxyError(exc.sqlstate, exc.message) from None
         finally:

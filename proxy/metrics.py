@@ -133,6 +133,7 @@ class ProxyCollector(Collector):
         yield from _health_metrics(app)
         yield _migration_state(app)
         yield _migration_lag(app)
+        yield from _migration_holds(app)
 
 
 def _migration_state(app: MetricsContext) -> GaugeMetricFamily:
@@ -156,8 +157,9 @@ def _migration_lag(app: MetricsContext) -> GaugeMetricFamily:
     """Replication lag of each role being copied or streamed, as read at the migration monitor's last poll."""
     family = GaugeMetricFamily(
         PREFIX + "migration_lag_bytes",
-        "Moving a domain role's tables: main's WAL position minus what the role's subscription has "
-        "confirmed, at the last poll (only roles in copying or streaming whose replication was read).",
+        "Moving a domain role's tables: the publisher's WAL position minus what the subscription has "
+        "confirmed, at the last poll (main -> the role's database while copying and streaming; back to "
+        "main after cutover; only roles whose replication was read).",
         labels=["role"],
     )
     monitor = app.migration
@@ -167,6 +169,27 @@ def _migration_lag(app: MetricsContext) -> GaugeMetricFamily:
         if mig is not None and mig.state in FOLLOWED and found is not None and found.lag_bytes is not None:
             family.add_metric([role], found.lag_bytes)
     return family
+
+
+def _migration_holds(app: MetricsContext) -> Iterator[Metric]:
+    """Transactions a cutover (or a rollback from one) holds now, and has held since start."""
+    hold = app.migration.hold
+    now = GaugeMetricFamily(
+        PREFIX + "migration_transactions_waiting",
+        "New transactions on a migrating role's tables waiting now while a cutover or a rollback switches "
+        "the database that serves them.",
+        labels=["role"],
+    )
+    for role in DOMAINS:
+        now.add_metric([role], hold.waiting.get(role, 0) if role in hold.roles else 0)
+    yield now
+    yield labelled_counter(
+        "migration_held_transactions",
+        "New transactions on a migrating role's tables that waited for a cutover or a rollback.",
+        ["role"],
+        hold.held_total,
+        DOMAINS,
+    )
 
 
 def _buckets(bounds: tuple[float, ...], counts: Iterable[int]) -> list[tuple[str, float]]:

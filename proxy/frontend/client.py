@@ -427,6 +427,8 @@ class ClientConnection(asyncio.Protocol):
             decision = self._decide(info, override)
             if decision.role is None:
                 self._refuse(batch, decision, in_transaction=False)
+            elif self.app.migration.hold.roles and self.app.migration.hold.holds(decision.domains):
+                self._wait(batch, decision.role)  # routed afresh, and held, once this upstream is done
             elif (decision.role == self.server_role or info is None) and (
                 decision.role != REPLICA_ROLE
                 or self.reads.same_replica(self.app.consistency, self.server_pool)
@@ -470,6 +472,9 @@ class ClientConnection(asyncio.Protocol):
                 self._recheck_main(batch)  # main down: unless it takes connections again
                 return
             self._refuse(batch, decision, in_transaction=tx.begin is not None)
+            return
+        if self.app.migration.hold.roles and self.app.migration.hold.holds(decision.domains) is not None:
+            self._migration_hold(batch, decision.domains)
             return
         role = decision.role
         label: str | None = None
@@ -602,6 +607,20 @@ class ClientConnection(asyncio.Protocol):
             self.reads.wrote = True  # its WAL position is captured when the unit (or its transaction) ends
 
     # -- read-your-writes -----------------------------------------------------------------------------------
+    def _migration_hold(self, batch: Batch, domains: tuple[str, ...]) -> None:
+        """A cutover holds new transactions on these tables (proxy/migration/hold.py): the unit waits, then
+        is routed afresh, by the migration state the cutover left."""
+        if self.server is not None:
+            self._release()  # lingering between transactions: nothing of the client's on it
+        self._hold(batch, Input.HOLD)
+        asyncio.get_running_loop().create_task(self._migration_wait(batch, domains))
+
+    async def _migration_wait(self, batch: Batch, domains: tuple[str, ...]) -> None:
+        await self.app.migration.hold.wait(domains)
+        if self.phase == CLOSED:
+            return
+        self._resume_batch(Input.HOLD, lambda: self._dispatch(batch))
+
     async def _ryw_wait(self, batch: Batch) -> None:
         await self.reads.wait(self.app.consistency, batch)
         if self.phase == CLOSED:

@@ -61,6 +61,7 @@ class Input(enum.Enum):
     CONSISTENCY = "consistency"  # read-your-writes: waiting for a replica to catch up
     RECHECK = "recheck"  # main marked down: waiting for one connect attempt into it
     CONSOLE = "console"  # the admin console: a command that asks a database (MIGRATE role PLAN)
+    HOLD = "hold"  # a migration's cutover holds new transactions on the moving tables
 
 
 class Ev(enum.Enum):

@@ -14,7 +14,7 @@ from collections.abc import Mapping
 
 from proxy.config import Config
 from proxy.migration import console, plan
-from proxy.migration.state import IMPLEMENTED_VERBS, OPERATOR_VERBS, unavailable
+from proxy.migration.state import OPERATOR_VERBS
 from proxy.protocol.auth import UserlistError, load_userlist
 
 ANY_ADDRESS = ("", "0.0.0.0", "::", "*")
@@ -69,9 +69,6 @@ def run(config: Config, role: str, verb: str, user: str | None, env: Mapping[str
             sys.stdout.write(plan.render(plan.COLUMNS, [r.values() for r in rows]))
             return 0
         operator = next((v for v in OPERATOR_VERBS if v.value == verb), None)
-        if operator is not None and operator not in IMPLEMENTED_VERBS:
-            print(f"parafort-proxy: {unavailable(role, operator)}", file=sys.stderr)
-            return 1
         target = console_target(config, user, env)
         # start runs pg_dump and creates the replication: longer than a look-up on a loaded machine.
         seconds = VERB_TIMEOUT if operator is not None else console.TIMEOUT

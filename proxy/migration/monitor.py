@@ -26,6 +26,7 @@ from proxy.config.values import DOMAINS
 from proxy.health import close, connect, describe_error
 from proxy.lookups import LookupFailed, MainLookups
 from proxy.migration import catalog, state, verbs
+from proxy.migration.hold import MigrationHold
 from proxy.migration.objects import ReplicationError
 from proxy.migration.replication import Progress
 from proxy.migration.state import Migration, State
@@ -139,6 +140,8 @@ class MigrationMonitor:
         # Replication of roles in copying or streaming, read at every poll (with their migration logins).
         self.progress: dict[str, Progress] = {}
         self.progress_error: dict[str, str] = {}  # why a role's progress could not be read
+        self._switches = 0  # states this instance's verbs applied (a read begun before one is stale)
+        self.hold = MigrationHold()  # new transactions on a role's tables wait while it is cut over
 
     @property
     def held(self) -> frozenset[str]:
@@ -184,6 +187,7 @@ class MigrationMonitor:
 
     async def sync(self) -> None:
         """One read of the stored states (and a look at configured roles not judged yet)."""
+        switches = self._switches
         try:
             migrations = await self.lookups.run(state.load)
             migrations = await self._judge_new_roles(migrations)
@@ -196,7 +200,8 @@ class MigrationMonitor:
             log.error("event=migration_state_unknown error=%r", str(exc))
             return
         self.error = None
-        self._apply(migrations)
+        if switches == self._switches:  # else read before a switch this instance made: the next read counts
+            self._apply(migrations)
         await self._follow_all()
 
     async def _follow_all(self) -> None:
@@ -233,9 +238,20 @@ class MigrationMonitor:
                 )
                 if moved:
                     log.info("event=migration_copied role=%s tables=%d", role, found.tables_total)
-                self._apply(await self.lookups.run(state.load))
+                switches = self._switches
+                migrations = await self.lookups.run(state.load)
+                if switches == self._switches:
+                    self._apply(migrations)
             except (LookupFailed, ValueError) as exc:  # ValueError: a state this version does not know
                 self.progress_error[role] = f"initial copy done, but the state could not be stored: {exc}"
+
+    def switched(self, role: str, new: State, detail: str) -> None:
+        """A verb of this instance stored ``role``'s new state: route by it now, not at the next poll."""
+        mig = self.migrations.get(role)
+        now = dt.datetime.now(dt.UTC)
+        stored = Migration(role, new, mig.started_at if mig is not None else now, now, detail)
+        self._switches += 1
+        self._apply({**self.migrations, role: stored})
 
     async def _judge_new_roles(self, migrations: dict[str, Migration]) -> dict[str, Migration]:
         config = self.config()

@@ -15,8 +15,7 @@ instance sees the same one::
 
 In ``planned``, ``copying`` and ``streaming`` main serves the role's tables, exactly as if the role had no
 URL; in ``cutover`` and ``finished`` (and with no row) the role's own database does. The transition table is
-data (``TRANSITIONS``), tested on its own; ``next_state`` is the one door. Which operator verbs this build can
-carry out is ``IMPLEMENTED_VERBS``: the others are refused with one clear line, never pretended.
+data (``TRANSITIONS``), tested on its own; ``next_state`` is the one door.
 """
 
 from __future__ import annotations
@@ -49,11 +48,6 @@ class Verb(StrEnum):
 
 
 OPERATOR_VERBS = (Verb.START, Verb.CUTOVER, Verb.ROLLBACK, Verb.FINISH)
-# Verbs this build carries out (proxy/migration/verbs.py). Cutover (and so a rollback from cutover) is not
-# wired yet: asking for it says so and changes nothing.
-IMPLEMENTED_VERBS: frozenset[Verb] = frozenset({Verb.START, Verb.ROLLBACK, Verb.FINISH})
-# (state, verb) pairs of the transition table this build cannot carry out although the verb is implemented.
-UNAVAILABLE_FROM: frozenset[tuple[State, Verb]] = frozenset({(State.CUTOVER, Verb.ROLLBACK)})
 
 SERVED_BY_MAIN = frozenset({State.PLANNED, State.COPYING, State.STREAMING})
 
@@ -80,32 +74,15 @@ class TransitionError(ValueError):
     """A verb that does not apply to the role's current state (the message says what does)."""
 
 
-class NotImplementedVerb(TransitionError):
-    """A verb this build cannot carry out yet."""
-
-
-def unavailable(role: str, verb: Verb) -> str:
-    """The line for a verb this build cannot carry out."""
-    return (
-        f"migrate {role} {verb}: not available in this version (cutover is not implemented yet); "
-        "nothing changed"
-    )
-
-
 def next_state(role: str, current: State | None, verb: Verb) -> State:
     """The state ``verb`` leads to from ``current`` (None: no migration recorded for ``role``).
 
-    Raises NotImplementedVerb for a verb this build does not carry out, TransitionError for one that does
-    not apply to ``current``; each message is one line an operator can act on.
+    Raises TransitionError for a verb that does not apply to ``current``; its message is one line an
+    operator can act on.
     """
-    if verb in OPERATOR_VERBS and verb not in IMPLEMENTED_VERBS:
-        where = f"state {current}" if current is not None else "no migration recorded"
-        raise NotImplementedVerb(f"{unavailable(role, verb)} ({role}: {where})")
     if current is None:
         raise TransitionError(f"migrate {role} {verb}: no migration recorded for {role}")
     found = TRANSITIONS.get((current, verb))
-    if (current, verb) in UNAVAILABLE_FROM:
-        raise NotImplementedVerb(f"{unavailable(role, verb)} ({role}: state {current})")
     if found is None:
         allowed = sorted(v.value for (s, v) in TRANSITIONS if s == current and v in OPERATOR_VERBS)
         raise TransitionError(

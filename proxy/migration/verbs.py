@@ -17,17 +17,23 @@ same verb can simply be run again. Nothing here drops a table or a row.
 
 from __future__ import annotations
 
+import asyncio
 import contextlib
 import logging
+import time
 from collections.abc import AsyncIterator
 from dataclasses import dataclass
-from typing import Any
+from typing import Any, Protocol
+
+import asyncpg
 
 from proxy.config import Config
 from proxy.config.dsn import Dsn
 from proxy.config.values import TableRef
-from proxy.migration import catalog, replication, state
-from proxy.migration.objects import ERRORS, ReplicationError, connected, step
+from proxy.migration import catalog, guard, replication, state
+from proxy.migration.hold import MigrationHold
+from proxy.migration.naming import names
+from proxy.migration.objects import ERRORS, ReplicationError, connected, publication_tables, qualified, step
 from proxy.migration.state import MEANING, State, TransitionError, Verb
 
 log = logging.getLogger("parafort.migration")
@@ -38,13 +44,15 @@ UNLOCK_SQL = "SELECT pg_catalog.pg_advisory_unlock(pg_catalog.hashtext('parafort
 # Which database a connection reached: a login that reaches another database (or server) than the role's
 # url would copy from, or into, the wrong place.
 IDENTITY_SQL = "SELECT pg_catalog.current_database()::text, pg_catalog.pg_postmaster_start_time()::text"
-FOLLOWED = frozenset({State.COPYING, State.STREAMING})  # states whose replication progress is read
+# States whose replication progress is read: forward while copying and streaming, reverse after cutover.
+FOLLOWED = frozenset({State.COPYING, State.STREAMING, State.CUTOVER})
 
 # SQLSTATEs of the console's errors.
 CONFIG_FILE_ERROR = "F0000"
 OBJECT_IN_USE = "55006"
 NOT_IN_PREREQUISITE_STATE = "55000"
 NOT_SUPPORTED = "0A000"
+QUERY_CANCELED = "57014"
 
 
 class VerbError(Exception):
@@ -131,8 +139,6 @@ async def claimed(main: Dsn, role: str, verb: Verb) -> AsyncIterator[Claim]:
             current = mig.state if mig is not None else None
             try:
                 new = state.next_state(role, current, verb)
-            except state.NotImplementedVerb as exc:
-                raise VerbError(NOT_SUPPORTED, str(exc)) from None
             except TransitionError as exc:
                 raise VerbError(NOT_IN_PREREQUISITE_STATE, str(exc)) from None
             assert current is not None
@@ -173,7 +179,7 @@ async def moving_tables(conn: Any, config: Config, role: str) -> list[TableRef]:
     return [TableRef(t.schema, t.name) for t in tables]
 
 
-async def start(config: Config, role: str) -> list[Row]:
+async def start(config: Config, role: str, board: Board) -> list[Row]:
     """planned -> copying: the target's tables, main's publication, the target's subscription."""
     main, target = migration_dsns(config, role, Verb.START)
     await same_databases(config, role, Verb.START)
@@ -202,12 +208,16 @@ async def start(config: Config, role: str) -> list[Row]:
     return rows
 
 
-async def rollback(config: Config, role: str) -> list[Row]:
-    """copying/streaming -> planned: replication removed on both sides; the target's copied rows stay."""
+async def rollback(config: Config, role: str, board: Board) -> list[Row]:
+    """copying/streaming -> planned: replication removed on both sides; the target's copied rows stay.
+    cutover -> streaming: main serves again (``switch``)."""
     main, target = migration_dsns(config, role, Verb.ROLLBACK)
     await same_databases(config, role, Verb.ROLLBACK)
     async with claimed(main, role, Verb.ROLLBACK) as claim:
+        if claim.current is State.CUTOVER:
+            return await switch(config, claim, board)
         report = await replication.finish(main, target, role)
+        unguarded = await _unguard(target, "target")
         note = (
             f"replication removed; the rows already copied to {role} stay there (empty its tables there "
             "before a new start: TRUNCATE; the proxy never drops data)"
@@ -215,34 +225,291 @@ async def rollback(config: Config, role: str) -> list[Row]:
         await claim.store(f"rolled back from {claim.current}: {note}")
     rows = [Row("state", State.PLANNED.value, MEANING[State.PLANNED])]
     rows += [Row("removed", item) for item in report.removed]
+    rows += [Row("unguarded", f"{role}: {t}", "takes writes again") for t in unguarded]
     rows.append(Row("note", "copied rows", note))
     return rows
 
 
-async def finish(config: Config, role: str) -> list[Row]:
+async def finish(config: Config, role: str, board: Board) -> list[Row]:
     """cutover -> finished: replication removed; the operator is told which copies may be dropped."""
     main, target = migration_dsns(config, role, Verb.FINISH)
     await same_databases(config, role, Verb.FINISH)
     async with claimed(main, role, Verb.FINISH) as claim:
         report = await replication.finish(main, target, role)
+        unguarded = await _unguard(main, "main")
         await claim.store("finished: replication removed")
     rows = [Row("state", State.FINISHED.value, MEANING[State.FINISHED])]
     rows += [Row("removed", item) for item in report.removed]
+    rows += [Row("unguarded", f"main: {t}", "no longer refuses writes") for t in unguarded]
     rows += [Row("may_drop", item, "no longer replicated: drop it when you wish (the proxy never does)")
              for item in report.may_drop]  # fmt: skip
     return rows
 
 
-VERBS = {Verb.START: start, Verb.ROLLBACK: rollback, Verb.FINISH: finish}
+async def cutover(config: Config, role: str, board: Board) -> list[Row]:
+    """streaming -> cutover: the role's own database serves its tables (``switch``)."""
+    main, target = migration_dsns(config, role, Verb.CUTOVER)
+    await same_databases(config, role, Verb.CUTOVER)
+    async with claimed(main, role, Verb.CUTOVER) as claim:
+        found = await replication.progress(main, target, role)
+        # The initial copy done; the apply worker need not be connected yet (right after a rollback it
+        # starts anew): the switch waits, bounded, for it to confirm main's position.
+        copied = found.tables_total > 0 and found.tables_ready == found.tables_total
+        if found.direction != "forward" or not copied:
+            what = (
+                f"{found.tables_ready} of {found.tables_total} table(s) copied"
+                if found.direction == "forward"
+                else "no replication from main found (run: migrate start again, or rollback)"
+            )
+            raise VerbError(
+                NOT_IN_PREREQUISITE_STATE,
+                f"migrate {role} cutover: the target does not stream main's changes yet ({what}); "
+                "nothing changed",
+            )
+        return await switch(config, claim, board)
 
 
-async def carry_out(config: Config, role: str, verb: Verb) -> list[Row]:
-    """Run one operator verb; VerbError (one line, with a SQLSTATE) if it cannot be carried out."""
-    action = VERBS.get(verb)
-    if action is None:
-        raise VerbError(NOT_SUPPORTED, state.unavailable(role, verb))
+async def _unguard(dsn: Dsn, side: str) -> list[str]:
+    async with connected(dsn, side) as conn, step(f"removing the write guards on {side}", dsn):
+        return await guard.remove(conn)
+
+
+# -- the switch: cutover, and rollback from cutover ----------------------------------------------------------
+class Board(Protocol):
+    """What a switch needs of the running proxy: its hold, and to route by the new state at once."""
+
+    @property
+    def hold(self) -> MigrationHold: ...
+    def switched(self, role: str, new: State, detail: str) -> None: ...
+
+
+@dataclass(frozen=True)
+class Sides:
+    """One switch's direction: ``old`` serves the tables now and is held, ``new`` serves them after."""
+
+    main: Dsn
+    target: Dsn
+    to_target: bool  # cutover (main -> target) or rollback (target -> main)
+
+    @property
+    def old(self) -> Dsn:
+        return self.main if self.to_target else self.target
+
+    @property
+    def new(self) -> Dsn:
+        return self.target if self.to_target else self.main
+
+    @property
+    def old_side(self) -> str:  # as replication.py names the sides
+        return "main" if self.to_target else "target"
+
+
+async def switch(config: Config, claim: Claim, board: Board) -> list[Row]:
+    """Change which database serves ``claim.role``'s tables, holding only the transactions on them.
+
+    1. This instance holds new transactions on the tables (proxy/migration/hold.py).
+    2. On the database that serves them now, a transaction takes ``LOCK TABLE ... IN EXCLUSIVE MODE``: it
+       waits for the transactions writing them (of every proxy instance) to end, then stops new writes
+       there (reads go on); bounded by ``migration.cutover_timeout``.
+    3. The subscription catches up with that database's position (bounded by the same deadline); the other
+       side's sequences are set past this side's; replication changes direction.
+    4. The old side's copies get the write guard (proxy/migration/guard.py) and the new side's lose theirs;
+       the new state is stored; the lock transaction commits.
+    5. This instance routes by the new state, then releases the hold: the held transactions go to the
+       database that serves the tables now.
+
+    A timeout or a failure before the commit leaves everything as it was (replication's direction is
+    restored if it had changed). Other proxy instances read the new state at their next poll; until then
+    a write they send to the old side is refused by the guard (25006), never lost.
+    """
+    role = claim.role
+    main, target = migration_dsns(config, role, claim.verb)
+    to_target = claim.current is State.STREAMING
+    sides = Sides(main, target, to_target)
+    tables = await _switched_tables(sides, role)
+    hold = board.hold
+    timeout = config.migration.cutover_timeout
+    waited_before = hold.held_total.get(role, 0)
+    started = time.monotonic()
+    detail = (
+        f"cut over: {role} serves its tables; main's copies follow by replication"
+        if to_target
+        else "rolled back from cutover: main serves the tables again; the target follows by replication"
+    )
+    with hold.held(role):
+        sequences, guarded = await _switch_held(
+            config, claim, sides, tables, deadline=started + timeout, detail=detail
+        )
+        board.switched(role, claim.new, detail)
+        log.info("event=migration_state_stored role=%s from=%s to=%s", role, claim.current, claim.new)
+    seconds = time.monotonic() - started
+    waited = hold.held_total.get(role, 0) - waited_before
+    rows = [Row("state", claim.new.value, MEANING[claim.new])]
+    rows.append(Row("held", f"{len(tables)} table(s)", f"{seconds:.3f} s; {waited} transaction(s) waited"))
+    rows += [Row("sequence", seq, f"set to {value}") for seq, value in sorted(sequences.items())]
+    where = "main" if to_target else role
+    keeps = "refuses writes (25006); replication keeps it current"
+    rows += [Row("guarded", f"{where}: {t}", keeps) for t in guarded]
+    nxt = (
+        f"migrate {role} rollback routes back to main (until finish); migrate {role} finish ends replication"
+        if to_target
+        else f"migrate {role} cutover again when ready, or rollback to stop replicating"
+    )
+    rows.append(Row("note", "next", nxt))
+    return rows
+
+
+async def _switched_tables(sides: Sides, role: str) -> list[TableRef]:
+    """The tables replication carries now (its publication on the side that serves them)."""
+    n = names(role)
+    publication = n.forward if sides.to_target else n.reverse
+    async with connected(sides.old, sides.old_side) as conn, step("reading the replicated tables", sides.old):
+        tables = await publication_tables(conn, publication)
+    if not tables:
+        raise VerbError(
+            NOT_IN_PREREQUISITE_STATE,
+            f"migrate {role}: no publication {publication} on {sides.old_side}: replication is not running "
+            "as the stored state says; nothing changed",
+        )
+    return tables
+
+
+async def _switch_held(
+    config: Config, claim: Claim, sides: Sides, tables: list[TableRef], *, deadline: float, detail: str
+) -> tuple[dict[str, int], list[str]]:
+    role = claim.role
+    main, target = sides.main, sides.target
+    what = f"migrate {role} {claim.verb}"
+    switched = committed = False
+    async with connected(sides.old, sides.old_side) as lock:
+        transaction = await _locked(lock, tables, deadline, what, sides.old_side)
+        try:
+            lsn = await replication.current_lsn(sides.old, sides.old_side)
+            remaining = max(0.0, deadline - time.monotonic())
+            if not await replication.wait_caught_up(
+                main, target, role, lsn, remaining, reverse=not sides.to_target
+            ):
+                raise VerbError(
+                    QUERY_CANCELED,
+                    f"{what}: the subscription did not catch up with {sides.old_side} within "
+                    f"cutover_timeout ({config.migration.cutover_timeout:g}s); the hold ended and nothing "
+                    "changed",
+                )
+            sequences = await replication.sync_sequences(sides.old, sides.new, role, tables)
+            if sides.to_target:
+                await replication.reverse(main, target, role, tables)
+            else:
+                await replication.unreverse(main, target, role, tables)
+            switched = True
+            async with step(f"guarding {sides.old_side}'s copies", sides.old):
+                guarded = await guard.install(lock, tables, role)
+            if sides.to_target:
+                await _unguard(target, "target")
+                await _store(lock, claim, detail)  # committed with the lock and the guards
+            else:
+                async with connected(main, "main") as mconn, mconn.transaction():
+                    async with step("removing the write guards on main", main):
+                        await guard.remove(mconn)
+                    await _store(mconn, claim, detail)
+                committed = True  # main serves again, whatever becomes of the target's lock
+            async with step(f"committing on {sides.old_side}", sides.old):
+                await transaction.commit()
+            committed = True
+        except BaseException:
+            with contextlib.suppress(*ERRORS):
+                await transaction.rollback()
+            if switched and not committed:
+                await _restore_direction(sides, role, tables, what)
+            raise
+    return sequences, guarded
+
+
+async def _store(conn: Any, claim: Claim, detail: str) -> None:
+    """Store the switch's new state in ``conn``'s transaction (conditional on the state claimed)."""
+    async with step("storing the migration state", claim.dsn):
+        stored = await state.move(conn, claim.role, claim.current, claim.new, detail)
+    if not stored:
+        raise VerbError(
+            NOT_IN_PREREQUISITE_STATE,
+            f"migrate {claim.role} {claim.verb}: the stored state changed meanwhile (not {claim.current} "
+            "any more)",
+        )
+
+
+# Transactions waiting for a lock on the tables (they arrived after the LOCK: a write this instance sent
+# just before its hold began, or one of a proxy instance that has not held).
+WAITERS_SQL = "SELECT count(*) FROM pg_locks WHERE NOT granted AND relation = ANY($1::regclass[])"
+SETTLE_PAUSE = 0.02  # seconds between letting waiting writers through and locking again
+
+
+async def _locked(conn: Any, tables: list[TableRef], deadline: float, what: str, side: str) -> Any:
+    """A transaction on ``conn`` holding ``LOCK TABLE ... IN EXCLUSIVE MODE`` on ``tables``: new writes to
+    them wait, reads go on. Writers that queued behind the lock would meet the write guard once it
+    commits, so while time remains (half of what is left) the lock is let go for them to finish on this
+    side, still served, and taken again."""
+    settle_until = time.monotonic() + (deadline - time.monotonic()) / 2
+    names = [qualified(t) for t in tables]
+    while True:
+        transaction = conn.transaction()
+        await transaction.start()
+        try:
+            await _lock_tables(conn, tables, deadline, what, side)
+            waiting = await conn.fetchval(WAITERS_SQL, names)
+        except BaseException:
+            with contextlib.suppress(*ERRORS):
+                await transaction.rollback()
+            raise
+        if not waiting or time.monotonic() >= settle_until:
+            return transaction
+        await transaction.rollback()
+        log.info("event=migration_lock_settling side=%s waiting=%d", side, waiting)
+        await asyncio.sleep(SETTLE_PAUSE)
+
+
+async def _lock_tables(conn: Any, tables: list[TableRef], deadline: float, what: str, side: str) -> None:
+    """Stop new writes to ``tables`` on ``side`` for this transaction, once those writing them have ended
+    (bounded by ``deadline``); reads go on."""
+    remaining_ms = max(1, int((deadline - time.monotonic()) * 1000))
     try:
-        return await action(config, role)
+        await conn.execute(f"SET LOCAL lock_timeout = {remaining_ms}")
+        await conn.execute(f"LOCK TABLE {', '.join(qualified(t) for t in tables)} IN EXCLUSIVE MODE")
+    except asyncpg.LockNotAvailableError:
+        raise VerbError(
+            QUERY_CANCELED,
+            f"{what}: transactions writing the tables on {side} did not end within cutover_timeout; the hold "
+            "ended and nothing changed",
+        ) from None
+    except ERRORS as exc:
+        raise ReplicationError(f"locking the tables on {side}: {exc}") from None
+    await conn.execute("SET LOCAL lock_timeout = 0")
+
+
+async def _restore_direction(sides: Sides, role: str, tables: list[TableRef], what: str) -> None:
+    """A switch failed after replication changed direction: change it back (the old side still serves)."""
+    try:
+        if sides.to_target:
+            await replication.unreverse(sides.main, sides.target, role, tables)
+        else:
+            await replication.reverse(sides.main, sides.target, role, tables)
+        note = f"{what} failed: replication restored"
+        log.warning("event=migration_switch_undone role=%s note=%r", role, note)
+    except ReplicationError as exc:
+        log.error(
+            "event=migration_switch_undo_failed role=%s error=%r note=%r",
+            role,
+            str(exc),
+            f"replication runs towards {sides.old_side}, which serves the tables: run {what} again",
+        )
+
+
+VERBS = {Verb.START: start, Verb.CUTOVER: cutover, Verb.ROLLBACK: rollback, Verb.FINISH: finish}
+
+
+async def carry_out(config: Config, role: str, verb: Verb, board: Board) -> list[Row]:
+    """Run one operator verb; VerbError (one line, with a SQLSTATE) if it cannot be carried out."""
+    action = VERBS[verb]
+    try:
+        return await action(config, role, board)
     except ReplicationError as exc:
         raise VerbError(
             NOT_IN_PREREQUISITE_STATE, f"migrate {role} {verb}: {exc}; the state is unchanged"
