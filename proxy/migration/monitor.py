@@ -16,6 +16,7 @@ import contextlib
 import datetime as dt
 import functools
 import logging
+import secrets
 from collections.abc import Callable
 from typing import Any
 
@@ -27,6 +28,7 @@ from proxy.health import close, connect, describe_error
 from proxy.lookups import LookupFailed, MainLookups
 from proxy.migration import catalog, state, verbs
 from proxy.migration.hold import MigrationHold
+from proxy.migration.notices import Listener, Notice
 from proxy.migration.objects import ReplicationError
 from proxy.migration.replication import Progress
 from proxy.migration.state import Migration, State
@@ -142,6 +144,10 @@ class MigrationMonitor:
         self.progress_error: dict[str, str] = {}  # why a role's progress could not be read
         self._switches = 0  # states this instance's verbs applied (a read begun before one is stale)
         self.hold = MigrationHold()  # new transactions on a role's tables wait while it is cut over
+        # Notices from the instance that carries out a switch (proxy/migration/notices.py).
+        self.instance = secrets.token_hex(8)  # this process, as a sender of notices
+        self.listener = Listener(self._notice)
+        self._remote: dict[str, asyncio.TimerHandle] = {}  # roles held at another instance's notice
 
     @property
     def held(self) -> frozenset[str]:
@@ -167,6 +173,9 @@ class MigrationMonitor:
         if self._task is not None:
             self._task.cancel()
             await asyncio.gather(self._task, return_exceptions=True)
+        await self.listener.close()
+        for role in list(self._remote):
+            self._remote_release(role)
 
     def refresh(self) -> None:
         """Read again now (a reload)."""
@@ -176,6 +185,7 @@ class MigrationMonitor:
         while True:
             self._wake.clear()
             try:
+                await self.listener.ensure(self.lookups.dsn)
                 await self.sync()
             except Exception:  # a bug here must not end the polling
                 log.exception("event=migration_state_error")
@@ -252,6 +262,40 @@ class MigrationMonitor:
         stored = Migration(role, new, mig.started_at if mig is not None else now, now, detail)
         self._switches += 1
         self._apply({**self.migrations, role: stored})
+
+    # -- notices from the instance carrying out a switch ----------------------------------------------------
+    def _notice(self, notice: Notice) -> None:
+        if notice.sender == self.instance:
+            return
+        log.info("event=migration_notice kind=%s role=%s", notice.kind, notice.role)
+        if notice.kind == "hold":
+            if notice.role not in self._remote:
+                self.hold.hold(notice.role)
+            else:
+                self._remote[notice.role].cancel()
+            loop = asyncio.get_running_loop()
+            self._remote[notice.role] = loop.call_later(notice.seconds, self._remote_release, notice.role)
+        elif notice.kind == "changed":
+            asyncio.get_running_loop().create_task(self._changed(notice.role))
+        else:
+            self._remote_release(notice.role)
+
+    async def _changed(self, role: str) -> None:
+        """Another instance stored ``role``'s new state: route by it, then let the held units go."""
+        try:
+            migrations = await self.lookups.run(state.load)
+        except (LookupFailed, ValueError) as exc:  # the guard refuses misrouted writes until the next poll
+            log.warning("event=migration_state_unreadable role=%s error=%r", role, str(exc))
+        else:
+            self._switches += 1
+            self._apply(migrations)
+        self._remote_release(role)
+
+    def _remote_release(self, role: str) -> None:
+        timer = self._remote.pop(role, None)
+        if timer is not None:
+            timer.cancel()
+            self.hold.release(role)
 
     async def _judge_new_roles(self, migrations: dict[str, Migration]) -> dict[str, Migration]:
         config = self.config()

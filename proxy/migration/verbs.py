@@ -30,9 +30,10 @@ import asyncpg
 from proxy.config import Config
 from proxy.config.dsn import Dsn
 from proxy.config.values import TableRef
-from proxy.migration import catalog, guard, replication, state
+from proxy.migration import catalog, guard, notices, replication, state
 from proxy.migration.hold import MigrationHold
 from proxy.migration.naming import names
+from proxy.migration.notices import Notice
 from proxy.migration.objects import ERRORS, ReplicationError, connected, publication_tables, qualified, step
 from proxy.migration.state import MEANING, State, TransitionError, Verb
 
@@ -53,6 +54,7 @@ OBJECT_IN_USE = "55006"
 NOT_IN_PREREQUISITE_STATE = "55000"
 NOT_SUPPORTED = "0A000"
 QUERY_CANCELED = "57014"
+NOTICE_MARGIN = 30.0  # seconds other instances hold past cutover_timeout unless told sooner
 
 
 class VerbError(Exception):
@@ -280,6 +282,8 @@ class Board(Protocol):
 
     @property
     def hold(self) -> MigrationHold: ...
+    @property
+    def instance(self) -> str: ...  # this process, as the sender of migration notices
     def switched(self, role: str, new: State, detail: str) -> None: ...
 
 
@@ -337,9 +341,17 @@ async def switch(config: Config, claim: Claim, board: Board) -> list[Row]:
         else "rolled back from cutover: main serves the tables again; the target follows by replication"
     )
     with hold.held(role):
-        sequences, guarded = await _switch_held(
-            config, claim, sides, tables, deadline=started + timeout, detail=detail
-        )
+        # The other instances hold too (their notice lasts a while past the deadline: the replication
+        # steps after the catch-up take their own time).
+        await _notify(claim, Notice("hold", role, timeout + NOTICE_MARGIN, board.instance))
+        try:
+            sequences, guarded = await _switch_held(
+                config, claim, sides, tables, deadline=started + timeout, detail=detail,
+                changed=Notice("changed", role, 0, board.instance),
+            )  # fmt: skip
+        except BaseException:
+            await _notify(claim, Notice("release", role, 0, board.instance))
+            raise
         board.switched(role, claim.new, detail)
         log.info("event=migration_state_stored role=%s from=%s to=%s", role, claim.current, claim.new)
     seconds = time.monotonic() - started
@@ -375,7 +387,14 @@ async def _switched_tables(sides: Sides, role: str) -> list[TableRef]:
 
 
 async def _switch_held(
-    config: Config, claim: Claim, sides: Sides, tables: list[TableRef], *, deadline: float, detail: str
+    config: Config,
+    claim: Claim,
+    sides: Sides,
+    tables: list[TableRef],
+    *,
+    deadline: float,
+    detail: str,
+    changed: Notice,
 ) -> tuple[dict[str, int], list[str]]:
     role = claim.role
     main, target = sides.main, sides.target
@@ -406,11 +425,13 @@ async def _switch_held(
             if sides.to_target:
                 await _unguard(target, "target")
                 await _store(lock, claim, detail)  # committed with the lock and the guards
+                await notices.send(lock, changed)  # delivered at that commit
             else:
                 async with connected(main, "main") as mconn, mconn.transaction():
                     async with step("removing the write guards on main", main):
                         await guard.remove(mconn)
                     await _store(mconn, claim, detail)
+                    await notices.send(mconn, changed)
                 committed = True  # main serves again, whatever becomes of the target's lock
             async with step(f"committing on {sides.old_side}", sides.old):
                 await transaction.commit()
@@ -422,6 +443,14 @@ async def _switch_held(
                 await _restore_direction(sides, role, tables, what)
             raise
     return sequences, guarded
+
+
+async def _notify(claim: Claim, notice: Notice) -> None:
+    """Tell the other instances (best effort: one that misses it reads the state at its next poll)."""
+    try:
+        await notices.send(claim.conn, notice)
+    except ERRORS as exc:
+        log.warning("event=migration_notice_failed kind=%s error=%r", notice.kind, str(exc))
 
 
 async def _store(conn: Any, claim: Claim, detail: str) -> None:

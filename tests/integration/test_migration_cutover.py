@@ -12,9 +12,10 @@ import psycopg
 import pytest
 
 from proxy.dev.cluster import DevClusters, wait_until
-from proxy.dev.testing import ProxyProcess
+from proxy.dev.demo import DEMO_DOMAINS
+from proxy.dev.testing import APP_PASSWORD, APP_USER, ProxyProcess
 
-from .test_migration_plan import JOIN, StartProxy, cli, connect, count
+from .test_migration_plan import ADMIN, ADMIN_PASSWORD, JOIN, ROLES, StartProxy, cli, connect, count
 from .test_migration_replication import DEADLINE, leftovers
 from .test_migration_verbs import TABLES, caught_up, moving, start, status
 
@@ -234,3 +235,40 @@ def test_the_hold_takes_only_transactions_on_the_moving_tables_and_a_timeout_cha
     assert 'parafort_proxy_migration_held_transactions_total{role="analytics"} 1.0' in proxy.metrics()
     # Once nothing blocks it, the same cutover goes through.
     assert verb(pg, proxy, "cutover")[0][:2] == ["state", "cutover"]
+
+
+def test_a_second_instance_holds_and_switches_at_the_notice_not_at_its_next_poll(
+    pg: DevClusters, moving: None, start_proxy: StartProxy
+) -> None:
+    first = start(start_proxy, pg)
+    # The second polls the stored state every 30 s: only the notices can switch it within the test.
+    second = start_proxy(
+        roles=ROLES,
+        config={
+            "domains": DEMO_DOMAINS,
+            "auth": {"admin_users": [ADMIN]},
+            "health": {"interval": "30s"},
+        },
+        users={APP_USER: APP_PASSWORD, ADMIN: ADMIN_PASSWORD},
+    )
+    assert status(second)["state"] == "planned"
+    with Traffic(second) as traffic:
+        verb(pg, first, "start")
+        wait_until(lambda: status(first)["state"] == "streaming", DEADLINE, "analytics streaming")
+        traffic.more()
+        assert verb(pg, first, "cutover")[0][:2] == ["state", "cutover"]
+        wait_until(lambda: status(second)["served_by"] == "analytics", DEADLINE / 4, "the second switched")
+        traffic.more()
+        assert verb(pg, first, "rollback")[0][:2] == ["state", "streaming"]
+        wait_until(lambda: status(second)["served_by"] == "main", DEADLINE / 4, "the second back on main")
+        traffic.more()
+    assert traffic.errors == []
+    assert traffic.reads and min(traffic.reads) >= 0
+    log = second.log()
+    assert "event=migration_notice kind=hold role=analytics" in log
+    assert "event=migration_notice kind=changed role=analytics" in log
+    caught_up(pg)  # forward again: every write the second made is in main, and reached analytics once
+    written = len(traffic.written)
+    tagged = "SELECT count(*) FROM user_activity WHERE action LIKE 'w%'"
+    assert count(pg, "main", tagged) == written
+    assert count(pg, "analytics", tagged) == written
