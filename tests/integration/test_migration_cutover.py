@@ -233,8 +233,17 @@ def test_the_hold_takes_only_transactions_on_the_moving_tables_and_a_timeout_cha
     assert count(pg, "analytics", "SELECT count(*) FROM user_activity WHERE action = 'held'") == 1
     assert pg.main.psql("SELECT count(*) FROM pg_trigger WHERE tgname = 'parafort_migration_guard'") == "0"
     assert 'parafort_proxy_migration_held_transactions_total{role="analytics"} 1.0' in proxy.metrics()
-    # Once nothing blocks it, the same cutover goes through.
+    # Once nothing blocks it, the same cutover goes through; a restarted proxy resumes from it.
     assert verb(pg, proxy, "cutover")[0][:2] == ["state", "cutover"]
+    proxy.stop()
+    proxy = start(start_proxy, pg, expect="cutover")
+    assert status(proxy)["served_by"] == "analytics"
+    with connect(proxy) as conn:
+        conn.execute("INSERT INTO user_activity (user_id, action) VALUES (7, 'after-restart')")
+        assert conn.execute("SELECT count(*) FROM user_activity").fetchone() == (
+            SEED + 2,
+        )  # the held row and this one
+    assert count(pg, "analytics", "SELECT count(*) FROM user_activity WHERE action = 'after-restart'") == 1
 
 
 def test_a_second_instance_holds_and_switches_at_the_notice_not_at_its_next_poll(
