@@ -8,6 +8,7 @@ from __future__ import annotations
 import threading
 from typing import Any
 
+import pglast
 import psycopg
 import pytest
 
@@ -15,7 +16,17 @@ from proxy.dev.cluster import DevClusters, wait_until
 from proxy.dev.demo import DEMO_DOMAINS
 from proxy.dev.testing import APP_PASSWORD, APP_USER, ProxyProcess
 
-from .test_migration_plan import ADMIN, ADMIN_PASSWORD, JOIN, ROLES, StartProxy, cli, connect, count
+from .test_migration_plan import (
+    ADMIN,
+    ADMIN_PASSWORD,
+    JOIN,
+    ROLES,
+    StartProxy,
+    cli,
+    connect,
+    console,
+    count,
+)
 from .test_migration_replication import DEADLINE, leftovers
 from .test_migration_verbs import TABLES, caught_up, moving, start, status
 
@@ -120,6 +131,8 @@ def test_cutover_rollback_cutover_finish_with_traffic(
     with Traffic(proxy) as traffic:
         with connect(proxy) as conn:  # main serves both: a join of moving and staying tables runs
             conn.execute(JOIN).fetchall()
+        planned = [r for r in console(proxy, "MIGRATE analytics PLAN") if r["kind"] == "statement"]
+        assert [r["name"] for r in planned] == [pglast.parser.fingerprint(JOIN)]  # ...and is listed
         verb(pg, proxy, "start")
         wait_until(lambda: status(proxy)["state"] == "streaming", DEADLINE, "analytics streaming")
         traffic.more()
