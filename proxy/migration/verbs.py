@@ -467,7 +467,11 @@ async def _store(conn: Any, claim: Claim, detail: str) -> None:
 
 # Transactions waiting for a lock on the tables (they arrived after the LOCK: a write this instance sent
 # just before its hold began, or one of a proxy instance that has not held).
-WAITERS_SQL = "SELECT count(*) FROM pg_locks WHERE NOT granted AND relation = ANY($1::regclass[])"
+# (Writes wait for RowExclusiveLock, TRUNCATE for AccessExclusiveLock; autovacuum's waits do not count.)
+WAITERS_SQL = (
+    "SELECT count(*) FROM pg_locks WHERE NOT granted AND relation = ANY($1::regclass[])"
+    " AND mode IN ('RowExclusiveLock', 'AccessExclusiveLock')"
+)
 SETTLE_PAUSE = 0.02  # seconds between letting waiting writers through and locking again
 
 
