@@ -21,6 +21,7 @@ from proxy.config import Config
 from proxy.config.dsn import Dsn
 from proxy.config.model import HealthConfig, ReadReplicaConfig
 from proxy.config.values import ROLES
+from proxy.tls import asyncpg_ssl
 
 log = logging.getLogger("parafort.health")
 
@@ -473,7 +474,7 @@ async def connect(dsn: Dsn, connect_timeout: float, purpose: str) -> Any:
         password=dsn.password,
         database=dsn.database,
         timeout=connect_timeout,
-        ssl=False,
+        ssl=asyncpg_ssl(dsn),
         statement_cache_size=0,
         server_settings={"application_name": f"parafort-proxy-{purpose}"},
     )

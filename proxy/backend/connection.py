@@ -17,6 +17,7 @@ import time
 from collections.abc import Callable
 from typing import cast
 
+from proxy import tls
 from proxy.backend.expect import ReplyQueue, Sink, sqlstate
 from proxy.config.dsn import Dsn
 from proxy.errors import (
@@ -92,8 +93,8 @@ class ServerConnection(ReplyQueue, asyncio.Protocol):
 
     async def _start(self) -> None:
         assert self.transport is not None
-        sslmode = (self.dsn.param("sslmode") or "prefer").lower()
-        if sslmode in TLS_MODES and not self.dsn.host.startswith("/"):
+        sslmode = tls.sslmode(self.dsn)
+        if sslmode in tls.TLS_MODES and not self.dsn.host.startswith("/"):
             await self._negotiate_tls(sslmode)
         params = {"user": self.dsn.user or "postgres", "database": self.dsn.database or self.dsn.user or ""}
         for key, value in self.dsn.params:
@@ -123,7 +124,7 @@ class ServerConnection(ReplyQueue, asyncio.Protocol):
                 SQLCLIENT_UNABLE_TO_ESTABLISH,
                 f"{self.label} upstream does not support TLS (sslmode={sslmode})",
             )
-        context = upstream_tls_context(self.dsn, sslmode)
+        context = tls.upstream_tls_context(self.dsn, sslmode)
         host = self.dsn.host
         try:
             transport = await loop.start_tls(
@@ -337,24 +338,6 @@ class ServerConnection(ReplyQueue, asyncio.Protocol):
         self._broken = True
         if self.transport is not None:
             self.transport.close()
-
-
-TLS_MODES = frozenset({"prefer", "require", "verify-ca", "verify-full"})
-
-
-def upstream_tls_context(dsn: Dsn, sslmode: str) -> ssl.SSLContext:
-    """The client-side TLS context for an upstream, per libpq's sslmode semantics."""
-    if sslmode in ("verify-ca", "verify-full"):
-        context = ssl.create_default_context(cafile=dsn.param("sslrootcert"))
-        context.check_hostname = sslmode == "verify-full"
-    else:  # prefer / require: encrypted, not verified
-        context = ssl.SSLContext(ssl.PROTOCOL_TLS_CLIENT)
-        context.check_hostname = False
-        context.verify_mode = ssl.CERT_NONE
-    cert, key = dsn.param("sslcert"), dsn.param("sslkey")
-    if cert:
-        context.load_cert_chain(cert, key)
-    return context
 
 
 def _is_ip(host: str) -> bool:
