@@ -222,7 +222,13 @@ class Statements:
         claimed first. True when an expectation not forwarding replies was queued."""
         stmt = self.unnamed_stmt
         if stmt is not None and buf[start + 5] == 0 and buf[start + 6] == 0:  # statements.cache_unnamed
-            self.ensure(server, stmt, out, ents)
+            name = stmt.upstream_name
+            prepared = server.prepared
+            if name in prepared:  # as ensure, inline (the hot path of statements.cache_unnamed)
+                del prepared[name]
+                prepared[name] = None
+            else:
+                prepare(server, stmt, SWALLOW_OK, out, ents, events=self.ctx.statement_events)
             # Unnamed portal, the upstream name, the client's parameters as they are (bind_header, inline).
             out.append(B_HEADER.pack(_B, end - start - 2 + len(stmt.name_field), 0))
             out.append(stmt.name_field)
