@@ -48,7 +48,6 @@ from proxy.frontend.prepared import (
     SYNC_Q,
     Piece,
     Statements,
-    sync_entry,
 )
 from proxy.frontend.reads import Reads
 from proxy.frontend.ryw import PARAMETER, Capture, format_lsn, min_lsn_statement
@@ -123,23 +122,47 @@ _PINNED = Lease.PINNED
 _ids = itertools.count(1)
 
 
-def _push_entries(server: ServerConnection, ents: list[Expect | int], terminator: int) -> None:
-    """A batch's expectations one by one (one with a special expectation, or one not ending in Sync, Query
-    or FunctionCall). In a batch that does end so, the plain replies after the last special entry are
-    forwarded as part of the final Sync's (or Query's) unit: no expectation of their own."""
-    if terminator in (_S, _Q, _F):
-        last = len(ents) - 1
-        while last > 0 and isinstance(ents[last - 1], int):
-            last -= 1
-        ents[last:] = ents[-1:]
-    else:
-        server.needs_sync = True
+def _send_rewritten(  # noqa: PLR0917  (positional: the cheapest call, on the data path)
+    server: ServerConnection,
+    batch: Batch,
+    view: memoryview,
+    out: list[Piece],
+    ents: list[Expect | int],
+    run: int,
+    special: bool,
+) -> None:
+    """The end of ``ClientConnection._send`` for a batch other than the common case: its expectations, then
+    the pieces in ``out`` and the client's bytes from ``run`` on, in one write. ``special``: an expectation
+    other than forwarding replies is in ``ents`` (then each is registered; else one for the final Sync or
+    Query). In a batch that ends in Sync, Query or FunctionCall, the plain replies after the last special
+    entry are forwarded as part of the final Sync's (or Query's) unit: no expectation of their own."""
+    terminator = batch.terminator
     push = server.push
-    for entry in ents:
-        if isinstance(entry, int):
-            push(Expect(entry) if entry >= 0 else sync_entry(entry))
+    if special or terminator not in (_S, _Q, _F):
+        if terminator in (_S, _Q, _F):
+            last = len(ents) - 1
+            while last > 0 and isinstance(ents[last - 1], int):
+                last -= 1
+            ents[last:] = ents[-1:]
         else:
-            push(entry)
+            server.needs_sync = True
+        for entry in ents:
+            if isinstance(entry, int):
+                # sync_entry, inline: the last entry of most batches
+                push(Expect(entry) if entry >= 0 else Expect(K_SYNC, extended=entry == SYNC_EXT))
+            else:
+                push(entry)
+    else:
+        push(Expect(K_SYNC, extended=ents[-1] == SYNC_EXT))  # sync_entry, inline
+    if run == batch.start and not out:
+        buf = batch.buf
+        server.send(buf if batch.start == 0 and batch.end == len(buf) else view[batch.start : batch.end])
+        return
+    if batch.end > run:
+        out.append(view[run : batch.end])
+    server.send(b"".join(out))
+    if special:
+        server.flush_synth()
 
 
 class Batch:
@@ -1030,28 +1053,21 @@ class ClientConnection(asyncio.Protocol):
 
     # -- sending a batch upstream ---------------------------------------------------------------------------
     def _send(self, batch: Batch, server: ServerConnection) -> None:  # noqa: PLR0915  (one loop)
-        """Rewrite statement names, inject re-prepares and session replay, register expectations, send: the
-        bytes go out unchanged unless a message must be renamed, dropped or preceded by an injected one. The
-        common messages are handled inline (the data path's hottest loop), the others by ``Statements``
-        (proxy/frontend/prepared.py) once the client's bytes before them are in ``out``."""
+        """Rename statements, inject re-prepares and session replay, register expectations, send: common
+        messages inline (the data path's hottest loop), the others by ``Statements`` (prepared.py)."""
         buf = batch.buf
         view = memoryview(buf)
         out: list[Piece] = []
         retry = self._before_batch(batch, server, out)
         run = batch.start  # start of the run of unchanged client bytes not yet in ``out``
         ents: list[Expect | int] = []  # plain kinds stand for Expect(kind); built only when needed
-        special = False  # an expectation other than "forward the responses" is in the batch
-        details = False
+        special = details = False  # an expectation other than "forward the responses"; outcome details
         st = self.statements
         named = self.session.statements
         for mtype, start, end in batch.msgs:
             if mtype == _B:
-                if (
-                    buf[start + 5]
-                    or buf[start + 6]
-                    or st.unnamed_stmt is not None
-                    or (server.unnamed_owner is not st.unnamed_token)
-                ):
+                if buf[start + 5] or buf[start + 6] or st.unnamed_stmt is not None or (
+                        server.unnamed_owner is not st.unnamed_token):  # fmt: skip
                     out.append(view[run:start])
                     run = end
                     special |= st.bind(server, buf, view, start, end, named, out, ents, retry)
@@ -1070,44 +1086,50 @@ class ClientConnection(asyncio.Protocol):
                 deep = batch.analyses.get(start) if batch.analyses else None
                 sql = buf[name_end + 1 : buf.index(0, name_end + 1, end)]
                 details |= self._note_sql(sql, server, buf[start + 5 : name_end], deep=deep)
-                if name_end != start + 5 or (
-                    deep is None  # large statements are not kept in the shared unnamed cache
-                    and self.app.cache_unnamed
-                    and (unnamed := self._unnamed_info) is not None
-                    and unnamed.plannable
-                ):
-                    out.append(view[run:start])
-                    run = end
-                    st.parse(server, buf[start + 5 : end], named, out, ents)
-                    special = True
-                else:  # unnamed statement: sent as it is, now this client's
-                    # As Statements.answered_locally, inline (the hot path of the extended protocol).
+                if name_end == start + 5 and (
+                    deep is not None  # large statements are not kept in the shared unnamed cache
+                    or not self.app.cache_unnamed
+                    or (unnamed := self._unnamed_info) is None
+                    or not unnamed.plannable
+                ):  # unnamed statement: sent as it is, now this client's (as Statements.answered_locally)
                     st.unnamed_stmt = None
                     st.unnamed = buf[start:end]
                     st.unnamed_token = server.unnamed_owner = object()
                     ents.append(K_PARSE)
-            elif mtype == _D:
-                if buf[start + 5] == 83:  # 'S': a statement (a portal's goes as it is)
-                    out.append(view[run:start])
-                    run = end
-                    special |= st.describe(server, buf, view, start, end, named, out, ents)
+                    continue
+                out.append(view[run:start])
+                run = end
+                special = True
+                if name_end == start + 5:
+                    st.parse_unnamed_cached(server, buf[start + 5 : end], out, ents)
                 else:
-                    ents.append(K_DESCRIBE)
+                    name, stmt = st.parse_named(server, buf[start + 5 : end], out, ents)
+                    named[name] = stmt
+            elif mtype == _D and buf[start + 5] != 83:  # a portal's Describe goes as it is
+                ents.append(K_DESCRIBE)
             elif mtype == _Q:
                 deep = batch.analyses.get(start) if batch.analyses else None
-                info = batch.info
-                if deep is not None or info is None or info.bits:  # else nothing to note
+                if deep is not None or (info := batch.info) is None or info.bits:  # else nothing to note
                     details |= self._note_sql(buf[start + 5 : end - 1], server, None, info, deep=deep)
                 server.unnamed_owner = None
                 ents.append(SYNC_Q)
-            elif mtype == _C:
-                out.append(view[run:start])
-                run = end
-                special |= st.close(server, buf, view, start, end, named, out, ents)
             elif mtype == _F:
                 ents.append(SYNC_Q)
-            # Flush (H) has no reply of its own.
-        self._expect_and_write(batch, server, view, out, ents, run, special, details)
+            elif mtype != _H:  # a statement's Describe, a Close
+                out.append(view[run:start])
+                run = end
+                rewrite = st.describe if mtype == _D else st.close
+                special |= rewrite(server, buf, view, start, end, named, out, ents)
+        terminator = batch.terminator
+        if terminator in (_S, _Q):
+            self._portal_changes.clear()
+        if details or self.session.has_staged:
+            server.track_details(True)
+        if special or out or terminator not in (_S, _Q, _F):
+            _send_rewritten(server, batch, view, out, ents, run, special)
+        else:  # the common case: one expectation, the client's bytes as they are
+            server.push(Expect(K_SYNC, extended=ents[-1] == SYNC_EXT))  # sync_entry, inline
+            server.send(buf if batch.start == 0 and batch.end == len(buf) else view[batch.start : batch.end])
 
     def _before_batch(self, batch: Batch, server: ServerConnection, out: list[Piece]) -> Batch | None:
         """What goes upstream before a batch: the audit's note of it (compliance), the eviction of the
@@ -1137,40 +1159,6 @@ class ClientConnection(asyncio.Protocol):
             server.unnamed_owner = None
             return None
         return batch if idle else None
-
-    def _expect_and_write(  # noqa: PLR0917  (positional: the cheapest call, on the data path)
-        self,
-        batch: Batch,
-        server: ServerConnection,
-        view: memoryview,
-        out: list[Piece],
-        ents: list[Expect | int],
-        run: int,
-        special: bool,
-        details: bool,
-    ) -> None:
-        """The end of ``_send``: register the batch's expectations and write it upstream, the client's bytes
-        from ``run`` on after the pieces in ``out``, in one write (its bytes as they are when ``out`` is
-        empty). ``special``: an expectation other than forwarding replies is in ``ents``; ``details``: the
-        outcome of a statement must be tracked (session changes)."""
-        terminator = batch.terminator
-        if terminator in (_S, _Q):
-            self._portal_changes.clear()
-        if special or terminator not in (_S, _Q, _F):
-            _push_entries(server, ents, terminator)
-        else:
-            server.push(Expect(K_SYNC, extended=ents[-1] == SYNC_EXT))  # sync_entry, inline
-        if details or self.session.has_staged:
-            server.track_details(True)
-        if run == batch.start and not out:
-            buf = batch.buf
-            server.send(buf if batch.start == 0 and batch.end == len(buf) else view[batch.start : batch.end])
-            return
-        if batch.end > run:
-            out.append(view[run : batch.end])
-        server.send(b"".join(out))
-        if special:
-            server.flush_synth()
 
     def _note_sql(
         self,

@@ -45,6 +45,7 @@ _P, _B, _S = b"PBS"
 _DESCRIBE_EXECUTE_SYNC = frozenset(b"DES")
 B_HEADER = struct.Struct("!BIB")  # a Bind's type, length and its (empty) portal name
 _CLOSE_UNNAMED = m.close(b"S", "")
+_PARSE_COMPLETE = m.parse_complete()
 UNNAMED_CACHE_SIZE = 10_000  # distinct unnamed Parse payloads remembered (then forgotten all at once)
 
 
@@ -160,8 +161,10 @@ class Statements:
         if name in prepared:
             del prepared[name]
             prepared[name] = None
-            ents.append(Expect(K_SYNTH, data=m.parse_complete()))
-            count(ctx.statement_events, server.role, "reused")
+            ents.append(Expect(K_SYNTH, data=_PARSE_COMPLETE))
+            events = ctx.statement_events  # count(), inline (the hot path of statements.cache_unnamed)
+            key = (server.role, "reused")
+            events[key] = events.get(key, 0) + 1
             return
         prepare(server, stmt, FORWARD, out, ents, events=ctx.statement_events)
 
@@ -251,22 +254,6 @@ class Statements:
             out.append(m.rewrite_bind(buf[start + 5 : end], stmt.upstream_name))
         ents.append(K_BIND)
         return special
-
-    def parse(
-        self,
-        server: ServerConnection,
-        payload: bytes,
-        named: dict[str, PreparedStatement],
-        out: list[Piece],
-        ents: list[Entry],
-    ) -> None:
-        """A Parse the proxy rewrites: a named one (``parse_named``, remembered in ``named``), or with
-        statements.cache_unnamed an unnamed one (``parse_unnamed_cached``)."""
-        if payload[0] == 0:
-            self.parse_unnamed_cached(server, payload, out, ents)
-        else:
-            name, stmt = self.parse_named(server, payload, out, ents)
-            named[name] = stmt
 
     def describe(  # noqa: PLR0917  (positional: the cheapest call, on the data path)
         self,
