@@ -1109,7 +1109,7 @@ class ClientConnection(asyncio.Protocol):
                 ents.append(K_DESCRIBE)
             elif mtype == _Q:
                 deep = batch.analyses.get(start) if batch.analyses else None
-                if deep is not None or (info := batch.info) is None or info.bits:  # else nothing to note
+                if (info := batch.info) is None or deep is not None or info.bits:  # else nothing to note
                     details |= self._note_sql(buf[start + 5 : end - 1], server, None, info, deep=deep)
                 server.unnamed_owner = None
                 ents.append(SYNC_Q)
