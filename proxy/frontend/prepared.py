@@ -6,9 +6,10 @@ write) and their expectations into ``ents`` (registered on the connection in ord
 a statement on a connection, Close + Parse with their expectations, is ``prepare``, and only there.
 
 ``ClientConnection._send`` keeps the common messages inline (the data path's hottest loop) and hands the
-ones the proxy may rewrite to ``Statements``: ``bind``, ``parse``, ``describe``, ``close``. Each gets the
-message's offsets after the caller has put the client's bytes before it in ``out``, and appends the message
-itself, or what replaces it, and its expectation.
+ones the proxy may rewrite to ``Statements``: ``bind``, ``parse_named``, ``parse_unnamed_cached``,
+``describe``, ``close``. Each is called once the caller has put the client's bytes before the message in
+``out``, and appends what replaces the message (``bind``, ``describe`` and ``close``: the message itself when
+it goes as it is) and its expectation.
 """
 
 from __future__ import annotations
