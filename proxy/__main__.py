@@ -45,8 +45,14 @@ def _parser() -> argparse.ArgumentParser:
         help="as the first statement of such a transaction",
     )
     explain.add_argument("sql", help="the SQL text")
-    sub.add_parser(
+    demo = sub.add_parser(
         "demo", help="start throwaway local PostgreSQL clusters with a ParaFort schema; Ctrl-C cleans up"
+    )
+    demo.add_argument(
+        "--dir",
+        type=Path,
+        help="where the demo writes its configuration, removed on exit (default: parafort-demo in the "
+        "temporary directory, e.g. /tmp/parafort-demo)",
     )
     migrate = sub.add_parser(
         "migrate",
@@ -158,9 +164,9 @@ def cmd_migrate(args: argparse.Namespace, config: Config) -> int:
 
 
 def cmd_demo(args: argparse.Namespace) -> int:
-    from proxy.dev.demo import run_demo  # noqa: PLC0415  (the demo's imports are not needed by the daemon)
+    from proxy.dev.demo import DEMO_DIR, run_demo  # noqa: PLC0415  (not needed by the daemon)
 
-    return run_demo()
+    return run_demo(args.dir or DEMO_DIR)
 
 
 def main(argv: Sequence[str] | None = None) -> int:

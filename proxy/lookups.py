@@ -2,9 +2,9 @@
 
 - **Function volatility.** Which functions of main are STABLE or IMMUTABLE (PostgreSQL promises they do not
   modify the database), read from ``pg_proc`` in one query at start, on reload, and when main comes back
-  after a failed load. The router treats a call of such a function as a read, as Pgpool-II does; anything
-  not found, or VOLATILE, stays a write. Until the first load completes every function outside the built-in
-  list is a write, which is safe.
+  after a failed load (``FunctionCatalog``, in the background). The router treats a call of such a function
+  as a read, as Pgpool-II does; anything not found, or VOLATILE, stays a write. Until the first load
+  completes every function outside the built-in list is a write, which is safe.
 - **Migration state.** The rows of ``parafort_migration.migrations`` (proxy/migration/state.py), read at
   start, on reload and at every health interval, and the row a role enters when its tables hold rows in main
   (``run``: a short piece of work of another module on this connection).
@@ -31,6 +31,7 @@ from proxy.errors import ProxyError
 from proxy.health import close, connect, describe_error
 
 log = logging.getLogger("parafort.lookups")
+server_log = logging.getLogger("parafort.server")  # FunctionCatalog: the lines the process has always logged
 T = TypeVar("T")
 
 LOOKUP_TIMEOUT = 5.0  # seconds for connecting to main, and for each query
@@ -187,3 +188,50 @@ class MainLookups:
             except (OSError, TimeoutError, asyncpg.PostgresError, asyncpg.InterfaceError) as exc:
                 self._drop()
                 raise LookupFailed(describe_error(exc, self.dsn, self.timeout)) from None
+
+
+class FunctionCatalog:
+    """Main's STABLE and IMMUTABLE functions as the router last learned them (``names``), loaded in the
+    background at start, on reload and when main is back after a failed load (``failed``); ``on_loaded``
+    hands each new answer to the router."""
+
+    def __init__(self, lookups: MainLookups, on_loaded: Callable[[frozenset[str]], None]) -> None:
+        self.lookups = lookups
+        self.on_loaded = on_loaded
+        self.names: frozenset[str] = frozenset()  # until the first load: none, so every such call is a write
+        self.failed = False  # the last load failed: load again when main is up again
+        self._task: asyncio.Task[None] | None = None
+        self._again = False  # asked to load again while a load was under way
+
+    def load(self) -> None:
+        """(Re)read which of main's functions are STABLE or IMMUTABLE, in the background: until it is done
+        the router keeps the previous answer."""
+        if self._task is not None and not self._task.done():
+            self._again = True  # the read under way may predate the change: read once more after it
+            return
+        self._task = asyncio.get_running_loop().create_task(self._load())
+
+    async def _load(self) -> None:
+        self._again = True
+        while self._again:
+            self._again = False
+            try:
+                names = await self.lookups.read_only_functions()
+            except LookupFailed as exc:
+                if not self.failed:
+                    server_log.warning(
+                        "event=function_catalog_failed error=%r note=%r",
+                        str(exc),
+                        "functions outside the built-in list are writes until main's catalog can be read",
+                    )
+                self.failed = True
+                continue
+            self.failed = False
+            self.names = names
+            self.on_loaded(names)
+            server_log.info("event=function_catalog_loaded read_only_functions=%d", len(names))
+
+    async def stop(self) -> None:
+        if self._task is not None:
+            self._task.cancel()
+            await asyncio.gather(self._task, return_exceptions=True)

@@ -23,14 +23,17 @@ from proxy.config.model import ReadReplicaConfig, RoleConfig, TlsConfig
 from proxy.config.values import ROLES
 from proxy.consistency import Consistency
 from proxy.errors import SQLCLIENT_UNABLE_TO_ESTABLISH, ProxyError
+from proxy.fallback_writes import FallbackWrites
 from proxy.frontend.client import ClientConnection
 from proxy.frontend.login_failures import LoginFailureLog
 from proxy.frontend.session import PreparedStatement
 from proxy.health import HealthMonitor
 from proxy.http import AdminServer
-from proxy.lookups import InvalidStartupParameter, LookupFailed, MainLookups
+from proxy.lookups import FunctionCatalog, InvalidStartupParameter, LookupFailed, MainLookups
+from proxy.main_recheck import MainRecheck
 from proxy.migration.joins import SeenJoins
 from proxy.migration.monitor import MigrationMonitor
+from proxy.pause import Pauses
 from proxy.pool import Pool
 from proxy.protocol.auth import ScramKeys, ServerAuth, UserlistError, load_userlist
 from proxy.protocol.framing import cancel_request, new_cancel_key
@@ -66,27 +69,23 @@ class ProxyApp:
         self._build_pools(config)
         self.replica_pools = [label for label, role in self.pool_roles.items() if role == "read_replica"]
         self.lookups = MainLookups(self.upstreams["main"])
-        self.catalog_functions: frozenset[str] = frozenset()  # main's STABLE/IMMUTABLE functions
-        self._functions_task: asyncio.Task[None] | None = None
-        self._functions_failed = False  # the last load failed: retry when main is up again
-        self._functions_again = False  # asked to load again while a load was under way
+        self.functions = FunctionCatalog(self.lookups, self._functions_loaded)  # main's STABLE/IMMUTABLE
         self._parameters_failed = False  # the last startup-parameter look-up failed (logged once)
         # Migrations (proxy/migration/): stored states, polled from main; statements a move would refuse.
         self.joins = SeenJoins(self.classifier.fingerprint_of)
         self.migration = MigrationMonitor(
             self.lookups, lambda: self.config, lambda: self.config.health.interval, self._migration_changed
         )
-        self.router = Router(config, self.usable, self.catalog_functions, frozenset(), self.joins)
+        self.router = Router(config, self.usable, self.functions.names, frozenset(), self.joins)
         self.refusals = 0  # statements refused for needing two upstreams (a metric)
         self.routed: dict[tuple[str, str], int] = {}  # units sent upstream, by (role, read|write)
         self.fallbacks: dict[str, int] = {}  # units served by main for a down or unconfigured role, by role
         # Writes main took for a configured role that was down (fallback: main), by (role, table): rows
-        # an operator must reconcile. Per outage too, for its closing log line.
-        self.fallback_writes: dict[tuple[str, str], int] = {}
-        self._outage_writes: dict[str, dict[str, int]] = {}
+        # an operator must reconcile (proxy/fallback_writes.py: counted, and logged per outage).
+        self.fallback = FallbackWrites()
+        self.fallback_writes = self.fallback.totals
+        self.count_fallback_writes = self.fallback.count
         self.down_refusals: dict[str, int] = {}  # statements refused (57P03) because their role is down
-        self._main_attempt: asyncio.Future[bool] | None = None
-        self._main_attempt_cooldown_until = 0.0
         # Server-side statements, by (role, prepared | reused | evicted | prepared_again_after_ddl).
         self.statement_events: dict[tuple[str, str], int] = {}
         self.userlist = self._load_users()
@@ -95,8 +94,10 @@ class ProxyApp:
         self.login_failures = LoginFailureLog(config.log.login_failure_interval)
         self.draining = False
         self._all_clients_gone = asyncio.Event()
-        self.paused: set[str] = set()  # roles whose new transactions wait (PAUSE); "*" = every role
-        self._resume_event = asyncio.Event()
+        # PAUSE / RESUME (proxy/pause.py): the console pauses roles, clients wait before a lease.
+        self.pauses = Pauses()
+        self.is_paused, self.wait_resumed = self.pauses.is_paused, self.pauses.wait_resumed
+        self.pause, self.resume = self.pauses.pause, self.pauses.resume
         self.console = AdminConsole(self)
         self.clients: set[ClientConnection] = set()
         self.cancel_keys: dict[tuple[int, int], ClientConnection] = {}
@@ -109,6 +110,10 @@ class ProxyApp:
         self.health = HealthMonitor(config)
         self.health.on_usable_change(self._health_changed)
         self.health.on_change(self._health_transition)
+        # Main coming back (proxy/main_recheck.py): a connect before a write is refused for main down.
+        self.main_reachable = MainRecheck(
+            self.health, self.pools["main"], lambda: self.config.health
+        ).reachable
         # Read-your-writes (proxy/consistency.py): tokens per scope, replay positions of the replicas.
         self.consistency = Consistency(
             config.routing.read_your_writes,
@@ -170,7 +175,7 @@ class ProxyApp:
             self._server.close()
             raise
         await self.health.start()
-        self.load_functions()
+        self.functions.load()
         log.info("event=listening address=%s:%d roles=%s", listen.host, self.port, ",".join(self.pools))
 
     @property
@@ -203,16 +208,13 @@ class ProxyApp:
             client.fatal(ProxyError("57P01", "terminating connection: the proxy is shutting down"))
         for pool in self.pools.values():
             pool.close()
-        for role in list(self._outage_writes):
-            self._log_outage_writes(role, "proxy stopping")
+        self.fallback.close()
         self.login_failures.flush()  # the last window's summary, before the process goes
         await self.health.stop()
         await self.consistency.stop()
         await self.classifier_worker.stop()
         await self.migration.stop()
-        if self._functions_task is not None:
-            self._functions_task.cancel()
-            await asyncio.gather(self._functions_task, return_exceptions=True)
+        await self.functions.stop()
         await self.lookups.close()
         if self.admin is not None:
             await self.admin.stop()
@@ -264,10 +266,10 @@ class ProxyApp:
             if self.audit is not None:
                 self.audit.close()
             self.audit = AuditLog(new.audit.path) if new.audit.path else None
-        self.router = Router(new, self.usable, self.catalog_functions, self.migration.held, self.joins)
+        self.router = Router(new, self.usable, self.functions.names, self.migration.held, self.joins)
         self.migration.refresh()
         self.consistency.settings = new.routing.read_your_writes
-        self.load_functions()  # functions created or altered since: read main's catalog again
+        self.functions.load()  # functions created or altered since: read main's catalog again
         for label, pool in self.pools.items():
             rc = new.roles.get(self.pool_roles[label])
             size = rc.pool_size
@@ -281,29 +283,6 @@ class ProxyApp:
         self.reloads += 1
         log.info("event=reloaded pools=%s", ",".join(f"{k}:{p.size}" for k, p in self.pools.items()))
         return True
-
-    # -- PAUSE / RESUME ----------------------------------------------------------------------------------
-    def is_paused(self, role: str) -> bool:
-        return bool(self.paused) and ("*" in self.paused or role in self.paused)
-
-    def pause(self, role: str | None) -> None:
-        self.paused.add(role or "*")
-        log.warning("event=paused role=%s", role or "*")
-
-    def resume(self, role: str | None) -> None:
-        if role is None:
-            self.paused.clear()
-        elif "*" in self.paused:
-            self.paused = set(ROLES) - {role}
-        else:
-            self.paused.discard(role)
-        log.warning("event=resumed role=%s", role or "*")
-        event, self._resume_event = self._resume_event, asyncio.Event()
-        event.set()
-
-    async def wait_resumed(self, role: str) -> None:
-        while self.is_paused(role):
-            await self._resume_event.wait()
 
     def admin_allowed(self, user: str) -> bool:
         return user in self.config.auth.admin_users
@@ -331,6 +310,9 @@ class ProxyApp:
             return replicas[0]
         return min(replicas, key=lambda label: self.pools[label].stats.active)
 
+    def _functions_loaded(self, names: frozenset[str]) -> None:
+        self.router.set_catalog_read_only(names)  # the router in use: a reload replaces it
+
     def _migration_changed(self, held: frozenset[str]) -> None:
         """The stored migration states changed: these configured roles' tables are served by main."""
         self.router.set_held(held)
@@ -339,117 +321,22 @@ class ProxyApp:
         self.router.invalidate()  # cached decisions assumed the old health
 
     def _health_transition(self, label: str, up: bool) -> None:
-        if up and label == "main" and self._functions_failed:
-            self.load_functions()
-        if up and label in self._outage_writes:
-            self._log_outage_writes(label, "role is up again")
+        if up and label == "main" and self.functions.failed:
+            self.functions.load()
+        if up:
+            self.fallback.outage_over(label, "role is up again")
 
     def _data_path_connected(self, label: str) -> None:
         self.health.mark_connected(label)
 
-    # -- fallback writes (a down role with fallback: main) ------------------------------------------------
-    def count_fallback_writes(self, writes: tuple[tuple[str, str], ...]) -> None:
-        """Writes main took for a down role's tables: counted per table; the first one of each table in
-        an outage is logged, and the counts when the role is back (one line per table, not per write)."""
-        for key in writes:
-            self.fallback_writes[key] = self.fallback_writes.get(key, 0) + 1
-            role, table = key
-            tables = self._outage_writes.setdefault(role, {})
-            n = tables.get(table, 0)
-            if n == 0:
-                log.warning(
-                    "event=fallback_writes_started role=%s table=%s served_by=main note=%r",
-                    role,
-                    table,
-                    "rows written now land in main's copy and are not visible through the proxy once "
-                    f"{role} is back, until reconciled",
-                )
-            tables[table] = n + 1
-
-    def _log_outage_writes(self, role: str, why: str) -> None:
-        for table, n in sorted(self._outage_writes.pop(role, {}).items()):
-            log.warning(
-                "event=fallback_writes_summary role=%s table=%s writes=%d served_by=main reason=%r",
-                role,
-                table,
-                n,
-                f"{why}: reconcile main's copy of {table} into {role}",
-            )
-
+    # -- refusals of a down role (57P03) -------------------------------------------------------------------
     def count_down_refusal(self, role: str) -> None:
         self.down_refusals[role] = self.down_refusals.get(role, 0) + 1
-
-    # -- main coming back -----------------------------------------------------------------------------------
-    async def main_reachable(self) -> bool:
-        """A write is about to be refused because main is marked down: try one data-path connect to main
-        first. One attempt at a time, shared by every client asking meanwhile, bounded by
-        ``health.timeout``; success marks main up at once (the connection stays idle in main's pool),
-        so writes resume as soon as main accepts connections, not after ``successes_before_up``
-        probes. After an attempt that timed out (main unreachable, not refusing) writes are refused
-        without one until the next probe interval."""
-        if self.health.usable("main"):
-            return True
-        loop = asyncio.get_running_loop()
-        attempt = self._main_attempt
-        if attempt is None:
-            if loop.time() < self._main_attempt_cooldown_until:
-                return False
-            attempt = self._main_attempt = loop.create_task(self._connect_main())
-        return await asyncio.shield(attempt)
-
-    async def _connect_main(self) -> bool:
-        loop = asyncio.get_running_loop()
-        timeout = self.config.health.timeout
-        try:
-            async with asyncio.timeout(timeout):
-                opened = await self.pools["main"].open_idle()
-        except TimeoutError:
-            self._main_attempt_cooldown_until = loop.time() + self.config.health.interval
-            return False
-        except ProxyError as exc:
-            log.debug("event=main_recheck_failed error=%r", exc.message)
-            return False
-        except Exception:  # never leave the clients waiting on this attempt stuck
-            log.exception("event=main_recheck_error")
-            return False
-        finally:
-            self._main_attempt = None
-        if opened:
-            self.health.mark_connected("main")
-        return self.health.usable("main")
 
     def server_auth(self, user: str) -> ServerAuth:
         return ServerAuth(self.config.auth.method, user, self.userlist.get(user), self.scram_keys)
 
     # -- main's catalog: function volatility, startup parameters (proxy/lookups.py) ------------------------
-    def load_functions(self) -> None:
-        """(Re)read which of main's functions are STABLE or IMMUTABLE, in the background: until it is done
-        the router keeps the previous answer (at start: none, so every such call is a write)."""
-        if self._functions_task is not None and not self._functions_task.done():
-            self._functions_again = True  # the read under way may predate the change: read once more after it
-            return
-        self._functions_task = asyncio.get_running_loop().create_task(self._load_functions())
-
-    async def _load_functions(self) -> None:
-        self._functions_again = True
-        while self._functions_again:
-            self._functions_again = False
-            try:
-                names = await self.lookups.read_only_functions()
-            except LookupFailed as exc:
-                if not self._functions_failed:
-                    log.warning(
-                        "event=function_catalog_failed error=%r note=%r",
-                        str(exc),
-                        "functions outside the built-in list are writes until main's catalog can be read",
-                    )
-                self._functions_failed = True
-                continue
-            self._functions_failed = False
-            self.catalog_functions = names
-            self.router.set_catalog_read_only(names)
-            log.info("event=function_catalog_loaded read_only_functions=%d", len(names))
-
     async def startup_parameters(self, startup: Mapping[str, str]) -> dict[str, str]:
         """The ParameterStatus set for a client: main's, with the client's startup settings spelled as
         PostgreSQL reports them (``utf8`` -> ``UTF8``). Raises InvalidStartupParameter with PostgreSQL's own

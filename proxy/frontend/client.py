@@ -23,12 +23,10 @@ import pglast
 from proxy.backend.connection import ServerConnection
 from proxy.backend.expect import (
     K_BIND,
-    K_CLOSE,
     K_DESCRIBE,
     K_EXECUTE,
     K_PARSE,
     K_SYNC,
-    K_SYNTH,
     SWALLOW,
     Expect,
 )
@@ -46,14 +44,10 @@ from proxy.errors import (
 )
 from proxy.frontend.audited import AuditTrail
 from proxy.frontend.prepared import (
-    B_HEADER,
     SYNC_EXT,
     SYNC_Q,
     Piece,
-    StalePlanRetry,
     Statements,
-    forget_on_failure,
-    sync_entry,
 )
 from proxy.frontend.reads import Reads
 from proxy.frontend.ryw import PARAMETER, Capture, format_lsn, min_lsn_statement
@@ -126,6 +120,49 @@ _LINGERING = Lease.LINGERING
 _PINNED = Lease.PINNED
 
 _ids = itertools.count(1)
+
+
+def _send_rewritten(  # noqa: PLR0917  (positional: the cheapest call, on the data path)
+    server: ServerConnection,
+    batch: Batch,
+    view: memoryview,
+    out: list[Piece],
+    ents: list[Expect | int],
+    run: int,
+    special: bool,
+) -> None:
+    """The end of ``ClientConnection._send`` for a batch other than the common case: its expectations, then
+    the pieces in ``out`` and the client's bytes from ``run`` on, in one write. ``special``: an expectation
+    other than forwarding replies is in ``ents`` (then each is registered; else one for the final Sync or
+    Query). In a batch that ends in Sync, Query or FunctionCall, the plain replies after the last special
+    entry are forwarded as part of the final Sync's (or Query's) unit: no expectation of their own."""
+    terminator = batch.terminator
+    push = server.push
+    if special or terminator not in (_S, _Q, _F):
+        if terminator in (_S, _Q, _F):
+            last = len(ents) - 1
+            while last > 0 and isinstance(ents[last - 1], int):
+                last -= 1
+            ents[last:] = ents[-1:]
+        else:
+            server.needs_sync = True
+        for entry in ents:
+            if isinstance(entry, int):
+                # sync_entry, inline: the last entry of most batches
+                push(Expect(entry) if entry >= 0 else Expect(K_SYNC, extended=entry == SYNC_EXT))
+            else:
+                push(entry)
+    else:
+        push(Expect(K_SYNC, extended=ents[-1] == SYNC_EXT))  # sync_entry, inline
+    if run == batch.start and not out:
+        buf = batch.buf
+        server.send(buf if batch.start == 0 and batch.end == len(buf) else view[batch.start : batch.end])
+        return
+    if batch.end > run:
+        out.append(view[run : batch.end])
+    server.send(b"".join(out))
+    if special:
+        server.flush_synth()
 
 
 class Batch:
@@ -1035,87 +1072,28 @@ class ClientConnection(asyncio.Protocol):
 
     # -- sending a batch upstream ---------------------------------------------------------------------------
     def _send(self, batch: Batch, server: ServerConnection) -> None:  # noqa: PLR0915  (one loop)
-        """Rewrite statement names, inject re-prepares and session replay, register expectations, send.
-
-        The bytes go out unchanged unless a message must be renamed, dropped or preceded by an injected
-        one. A batch that needs none of that is tracked with one expectation (its Sync or Query).
-        """
+        """Rename statements, inject re-prepares and session replay, register expectations, send: common
+        messages inline (the data path's hottest loop), the others by ``Statements`` (prepared.py)."""
         buf = batch.buf
         view = memoryview(buf)
         out: list[Piece] = []
-        if self.server_role == "compliance" and (audit := self.app.audit) is not None:
-            self._audit.note(audit, buf, batch.msgs, self.session.statements, self.statements)
-            server.track_details(True)
+        retry = self._before_batch(batch, server, out)
         run = batch.start  # start of the run of unchanged client bytes not yet in ``out``
         ents: list[Expect | int] = []  # plain kinds stand for Expect(kind); built only when needed
-        special = False  # an expectation other than "forward the responses" is in the batch
-        details = False
-        # Nothing in flight and no transaction open: a failed first statement can be run again unseen.
-        tx = self.tx
-        begin = tx.begin
-        fresh = server.status == _IDLE and not server.expect and begin is None
+        special = details = False  # an expectation other than "forward the responses"; outcome details
         st = self.statements
-        if len(server.prepared) > self.app.max_statements and server.status == _IDLE and not server.expect:
-            # Between transactions no portal depends on a statement: close the least recently used.
-            st.evict(server, out)
-        session = self.session
-        if server.applied != session.settings:  # else sync_sql is "" (asked inline: the common case)
-            out.append(m.query(session.sync_sql(server.applied)))
-            server.push(Expect(K_SYNC, SWALLOW))
-            server.applied = dict(session.settings)
-            server.unnamed_owner = None
-        if begin is not None:
-            # The BEGIN the proxy answered earlier: the transaction starts here, on this upstream.
-            tx.unit_sent()
-            out.append(begin)
-            server.push(Expect(K_SYNC, SWALLOW))
-            server.unnamed_owner = None
+        named = self.session.statements
         for mtype, start, end in batch.msgs:
             if mtype == _B:
-                if buf[start + 5] == 0 and buf[start + 6] == 0:  # unnamed portal, unnamed statement
-                    stmt = st.unnamed_stmt
-                    if stmt is not None:
-                        out.append(view[run:start])
-                        run = end
-                        st.ensure(server, stmt, out, ents)
-                        # Bind: unnamed portal, the upstream name, the client's parameters as they are
-                        # (prepared.bind_header, inline: the hot path of statements.cache_unnamed).
-                        out.append(B_HEADER.pack(_B, end - start - 2 + len(stmt.name_field), 0))
-                        out.append(stmt.name_field)
-                        out.append(view[start + 7 : end])
-                        bind = Expect(K_BIND, on_done=forget_on_failure(server, stmt.upstream_name))
-                        if fresh:
-                            bind.retry = StalePlanRetry(
-                                server, stmt, (start, end), batch, self.app.statement_events
-                            )
-                        ents.append(bind)
-                        special = True
-                        if self._unnamed_changes:
-                            self._bind_changes("", "")
-                        continue
-                    if server.unnamed_owner is not st.unnamed_token:
-                        out.append(view[run:start])
-                        run = start
-                        st.claim_unnamed(server, out, ents)
-                        special = True
-                    portal, name = "", ""
-                else:
-                    portal, name, _ = m.decode_bind_names(buf[start + 5 : end])
-                    stmt = self.session.statements.get(name) if name else st.unnamed_stmt
-                    if stmt is None and not name and server.unnamed_owner is not st.unnamed_token:
-                        out.append(view[run:start])
-                        run = start
-                        st.claim_unnamed(server, out, ents)
-                        special = True
-                    if stmt is not None:
-                        out.append(view[run:start])
-                        run = end
-                        if st.ensure(server, stmt, out, ents):
-                            special = True
-                        out.append(m.rewrite_bind(buf[start + 5 : end], stmt.upstream_name))
+                if buf[start + 5] or buf[start + 6] or st.unnamed_stmt is not None or (
+                        server.unnamed_owner is not st.unnamed_token):  # fmt: skip
+                    out.append(view[run:start])
+                    run = end
+                    special |= st.bind(server, buf, view, start, end, named, out, ents, retry)
+                else:  # the client's own unnamed statement on this connection: the Bind as it is
+                    ents.append(K_BIND)
                 if self._stmt_changes or self._unnamed_changes:
-                    self._bind_changes(portal, name)
-                ents.append(K_BIND)
+                    self._bind_changes(buf, start, end)
             elif mtype == _E:
                 ents.append(K_EXECUTE)
                 if self._portal_changes:
@@ -1124,109 +1102,82 @@ class ClientConnection(asyncio.Protocol):
                 ents.append(SYNC_EXT)
             elif mtype == _P:
                 name_end = buf.index(0, start + 5, end)
-                sql_end = buf.index(0, name_end + 1, end)
                 deep = batch.analyses.get(start) if batch.analyses else None
-                details |= self._note_sql(
-                    buf[name_end + 1 : sql_end], server, buf[start + 5 : name_end], deep=deep
-                )
-                if (
-                    name_end == start + 5
-                    and deep is None  # large statements are not kept in the shared unnamed cache
-                    and self.app.cache_unnamed
-                    and self._unnamed_info is not None
-                    and self._unnamed_info.plannable
-                ):
-                    out.append(view[run:start])
-                    run = end
-                    st.parse_unnamed_cached(server, buf[start + 5 : end], out, ents)
-                    special = True
-                elif name_end == start + 5:  # unnamed statement: sent as it is, now this client's
-                    # As Statements.answered_locally, inline (the hot path of the extended protocol).
+                sql = buf[name_end + 1 : buf.index(0, name_end + 1, end)]
+                details |= self._note_sql(sql, server, buf[start + 5 : name_end], deep=deep)
+                if name_end == start + 5 and (
+                    deep is not None  # large statements are not kept in the shared unnamed cache
+                    or not self.app.cache_unnamed
+                    or (unnamed := self._unnamed_info) is None
+                    or not unnamed.plannable
+                ):  # unnamed statement: sent as it is, now this client's (as Statements.answered_locally)
                     st.unnamed_stmt = None
                     st.unnamed = buf[start:end]
                     st.unnamed_token = server.unnamed_owner = object()
                     ents.append(K_PARSE)
+                    continue
+                out.append(view[run:start])
+                run = end
+                special = True
+                if name_end == start + 5:
+                    st.parse_unnamed_cached(server, buf[start + 5 : end], out, ents)
                 else:
-                    out.append(view[run:start])
-                    run = end
                     name, stmt = st.parse_named(server, buf[start + 5 : end], out, ents)
-                    self.session.statements[name] = stmt
-                    special = True
-            elif mtype == _D:
-                if buf[start + 5] == 83:  # 'S': a statement
-                    if buf[start + 6] != 0:
-                        _, name = m.decode_describe_close(buf[start + 5 : end])
-                        stmt = self.session.statements.get(name)
-                    else:
-                        stmt = st.unnamed_stmt
-                        if stmt is None and server.unnamed_owner is not st.unnamed_token:
-                            out.append(view[run:start])
-                            run = start
-                            st.claim_unnamed(server, out, ents)
-                            special = True
-                    if stmt is not None:
-                        out.append(view[run:start])
-                        run = end
-                        if st.ensure(server, stmt, out, ents):
-                            special = True
-                        out.append(m.describe(b"S", stmt.upstream_name))
+                    named[name] = stmt
+            elif mtype == _D and buf[start + 5] != 83:  # a portal's Describe goes as it is
                 ents.append(K_DESCRIBE)
             elif mtype == _Q:
                 deep = batch.analyses.get(start) if batch.analyses else None
-                info = batch.info
-                if deep is not None or info is None or info.bits:  # else nothing to note
+                if (info := batch.info) is None or deep is not None or info.bits:  # else nothing to note
                     details |= self._note_sql(buf[start + 5 : end - 1], server, None, info, deep=deep)
                 server.unnamed_owner = None
                 ents.append(SYNC_Q)
-            elif mtype == _C:
-                kind, name = m.decode_describe_close(buf[start + 5 : end])
-                if kind == b"S" and (name or st.unnamed_stmt is not None):
-                    # The upstream statement stays for reuse (it is content-addressed); only the name goes.
-                    if name:
-                        self.session.statements.pop(name, None)
-                    else:
-                        st.unnamed_stmt = None
-                    out.append(view[run:start])
-                    run = end
-                    ents.append(Expect(K_SYNTH, data=m.close_complete()))
-                    special = True
-                else:
-                    if kind == b"S":
-                        server.unnamed_owner = None
-                    ents.append(K_CLOSE)
             elif mtype == _F:
                 ents.append(SYNC_Q)
-            # Flush (H) has no reply of its own.
-        if batch.terminator in (_S, _Q):
+            elif mtype != _H:  # a statement's Describe, a Close
+                out.append(view[run:start])
+                run = end
+                rewrite = st.describe if mtype == _D else st.close
+                special |= rewrite(server, buf, view, start, end, named, out, ents)
+        terminator = batch.terminator
+        if terminator in (_S, _Q):
             self._portal_changes.clear()
-        push = server.push
-        if special or batch.terminator not in (_S, _Q, _F):
-            if batch.terminator in (_S, _Q, _F):
-                # Plain replies after the last special entry are forwarded as part of the final Sync's (or
-                # Query's) unit: no expectation of their own.
-                last = len(ents) - 1
-                while last > 0 and isinstance(ents[last - 1], int):
-                    last -= 1
-                ents[last:] = ents[-1:]
-            for entry in ents:
-                if isinstance(entry, int):
-                    push(Expect(entry) if entry >= 0 else sync_entry(entry))
-                else:
-                    push(entry)
-        else:
-            push(Expect(K_SYNC, extended=ents[-1] == SYNC_EXT))  # sync_entry, inline
-        if batch.terminator not in (_S, _Q, _F):
-            server.needs_sync = True
         if details or self.session.has_staged:
             server.track_details(True)
-        if run == batch.start and not out:
+        if special or out or terminator not in (_S, _Q, _F):
+            _send_rewritten(server, batch, view, out, ents, run, special)
+        else:  # the common case: one expectation, the client's bytes as they are
+            server.push(Expect(K_SYNC, extended=ents[-1] == SYNC_EXT))  # sync_entry, inline
             server.send(buf if batch.start == 0 and batch.end == len(buf) else view[batch.start : batch.end])
-            return
-        if batch.end > run:
-            out.append(view[run : batch.end])
-        server.send(b"".join(out))
-        if special:
-            server.flush_synth()
+
+    def _before_batch(self, batch: Batch, server: ServerConnection, out: list[Piece]) -> Batch | None:
+        """What goes upstream before a batch: the audit's note of it (compliance), the eviction of the
+        least recently used statements, the client's session settings where the connection's differ, and a
+        BEGIN the proxy answered earlier (the transaction starts here, on this upstream); their replies are
+        swallowed. Returns the batch when nothing is in flight and no transaction open (a failed first
+        statement can then be run again unseen: ``StalePlanRetry``), else None."""
+        if self.server_role == "compliance" and (audit := self.app.audit) is not None:
+            self._audit.note(audit, batch.buf, batch.msgs, self.session.statements, self.statements)
+            server.track_details(True)
+        idle = server.status == _IDLE and not server.expect
+        tx = self.tx
+        begin = tx.begin
+        if idle and len(server.prepared) > self.app.max_statements:
+            # Between transactions no portal depends on a statement: close the least recently used.
+            self.statements.evict(server, out)
+        session = self.session
+        if server.applied != session.settings:  # else sync_sql is "" (asked inline: the common case)
+            out.append(m.query(session.sync_sql(server.applied)))
+            server.push(Expect(K_SYNC, SWALLOW))
+            server.applied = dict(session.settings)
+            server.unnamed_owner = None
+        if begin is not None:
+            tx.unit_sent()
+            out.append(begin)
+            server.push(Expect(K_SYNC, SWALLOW))
+            server.unnamed_owner = None
+            return None
+        return batch if idle else None
 
     def _note_sql(
         self,
@@ -1285,7 +1236,9 @@ class ClientConnection(asyncio.Protocol):
                 self._server_dirty = True
         return details
 
-    def _bind_changes(self, portal: str, statement: str) -> None:
+    def _bind_changes(self, buf: bytes, start: int, end: int) -> None:
+        """Session changes a Bind's statement makes become its portal's (staged when it is executed)."""
+        portal, statement, _ = m.decode_bind_names(buf[start + 5 : end])
         changes = self._unnamed_changes if not statement else self._stmt_changes.get(statement)
         if changes:
             self._portal_changes[portal] = changes

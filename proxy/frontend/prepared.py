@@ -4,6 +4,12 @@ lacks a statement, the client's unnamed statement, eviction, and the retry after
 Nothing here writes to a socket: messages to send go into the caller's ``out`` (pieces joined into one
 write) and their expectations into ``ents`` (registered on the connection in order). The sequence that puts
 a statement on a connection, Close + Parse with their expectations, is ``prepare``, and only there.
+
+``ClientConnection._send`` keeps the common messages inline (the data path's hottest loop) and hands the
+ones the proxy may rewrite to ``Statements``: ``bind``, ``parse_named``, ``parse_unnamed_cached``,
+``describe``, ``close``. Each is called once the caller has put the client's bytes before the message in
+``out``, and appends what replaces the message (``bind``, ``describe`` and ``close``: the message itself when
+it goes as it is) and its expectation.
 """
 
 from __future__ import annotations
@@ -18,6 +24,7 @@ from proxy.backend.expect import (
     FORWARD,
     K_BIND,
     K_CLOSE,
+    K_DESCRIBE,
     K_PARSE,
     K_SYNC,
     K_SYNTH,
@@ -39,6 +46,7 @@ _P, _B, _S = b"PBS"
 _DESCRIBE_EXECUTE_SYNC = frozenset(b"DES")
 B_HEADER = struct.Struct("!BIB")  # a Bind's type, length and its (empty) portal name
 _CLOSE_UNNAMED = m.close(b"S", "")
+_PARSE_COMPLETE = m.parse_complete()
 UNNAMED_CACHE_SIZE = 10_000  # distinct unnamed Parse payloads remembered (then forgotten all at once)
 
 
@@ -154,8 +162,10 @@ class Statements:
         if name in prepared:
             del prepared[name]
             prepared[name] = None
-            ents.append(Expect(K_SYNTH, data=m.parse_complete()))
-            count(ctx.statement_events, server.role, "reused")
+            ents.append(Expect(K_SYNTH, data=_PARSE_COMPLETE))
+            events = ctx.statement_events  # count(), inline (the hot path of statements.cache_unnamed)
+            key = (server.role, "reused")
+            events[key] = events.get(key, 0) + 1
             return
         prepare(server, stmt, FORWARD, out, ents, events=ctx.statement_events)
 
@@ -193,6 +203,117 @@ class Statements:
             return False
         prepare(server, stmt, SWALLOW_OK, out, ents, events=self.ctx.statement_events)
         return True
+
+    # -- messages that name statements, from ClientConnection._send -----------------------------------------
+    def bind(  # noqa: PLR0917  (positional: the cheapest call, on the data path)
+        self,
+        server: ServerConnection,
+        buf: bytes,
+        view: memoryview,
+        start: int,
+        end: int,
+        named: dict[str, PreparedStatement],
+        out: list[Piece],
+        ents: list[Entry],
+        retry: RetryBatch | None,
+    ) -> bool:
+        """A Bind other than one of the client's own unnamed statement on this connection, which goes as it
+        is (inline in the caller). A statement the client prepared is renamed to its upstream name (and
+        prepared there first if the connection lacks it); with statements.cache_unnamed, a Bind of the
+        unnamed statement to the unnamed portal binds the upstream statement standing for it, and
+        ``retry`` is the batch when a stale cached plan may run it again unseen (nothing else in flight,
+        no transaction open); the client's unnamed statement on a connection where it is another's is
+        claimed first. True when an expectation not forwarding replies was queued."""
+        stmt = self.unnamed_stmt
+        if stmt is not None and buf[start + 5] == 0 and buf[start + 6] == 0:  # statements.cache_unnamed
+            name = stmt.upstream_name
+            prepared = server.prepared
+            if name in prepared:  # as ensure, inline (the hot path of statements.cache_unnamed)
+                del prepared[name]
+                prepared[name] = None
+            else:
+                prepare(server, stmt, SWALLOW_OK, out, ents, events=self.ctx.statement_events)
+            # Unnamed portal, the upstream name, the client's parameters as they are (bind_header, inline).
+            out.append(B_HEADER.pack(_B, end - start - 2 + len(stmt.name_field), 0))
+            out.append(stmt.name_field)
+            out.append(view[start + 7 : end])
+            bind = Expect(K_BIND, on_done=forget_on_failure(server, stmt.upstream_name))
+            if retry is not None:
+                bind.retry = StalePlanRetry(server, stmt, (start, end), retry, self.ctx.statement_events)
+            ents.append(bind)
+            return True
+        _, name, _ = m.decode_bind_names(buf[start + 5 : end])
+        stmt = named.get(name) if name else stmt
+        special = False
+        if stmt is None:
+            if not name and server.unnamed_owner is not self.unnamed_token:
+                self.claim_unnamed(server, out, ents)
+                special = True
+            out.append(view[start:end])
+        else:
+            special = self.ensure(server, stmt, out, ents)
+            out.append(m.rewrite_bind(buf[start + 5 : end], stmt.upstream_name))
+        ents.append(K_BIND)
+        return special
+
+    def describe(  # noqa: PLR0917  (positional: the cheapest call, on the data path)
+        self,
+        server: ServerConnection,
+        buf: bytes,
+        view: memoryview,
+        start: int,
+        end: int,
+        named: dict[str, PreparedStatement],
+        out: list[Piece],
+        ents: list[Entry],
+    ) -> bool:
+        """A Describe of a statement (a portal's goes as it is, inline): renamed, and prepared first where
+        the connection lacks it, as for ``bind``. True when an expectation not forwarding replies was
+        queued."""
+        special = False
+        if buf[start + 6] != 0:
+            _, name = m.decode_describe_close(buf[start + 5 : end])
+            stmt = named.get(name)
+        else:
+            stmt = self.unnamed_stmt
+            if stmt is None and server.unnamed_owner is not self.unnamed_token:
+                self.claim_unnamed(server, out, ents)
+                special = True
+        if stmt is None:
+            out.append(view[start:end])
+        else:
+            special = self.ensure(server, stmt, out, ents)
+            out.append(m.describe(b"S", stmt.upstream_name))
+        ents.append(K_DESCRIBE)
+        return special
+
+    def close(  # noqa: PLR0917  (positional: the cheapest call, on the data path)
+        self,
+        server: ServerConnection,
+        buf: bytes,
+        view: memoryview,
+        start: int,
+        end: int,
+        named: dict[str, PreparedStatement],
+        out: list[Piece],
+        ents: list[Entry],
+    ) -> bool:
+        """A Close: of a statement the client prepared (or its cached unnamed one) answered by the proxy,
+        only the client's name forgotten (the upstream statement is content-addressed: it stays for
+        reuse); any other goes as it is. True when answered."""
+        kind, name = m.decode_describe_close(buf[start + 5 : end])
+        if kind == b"S" and (name or self.unnamed_stmt is not None):
+            if name:
+                named.pop(name, None)
+            else:
+                self.unnamed_stmt = None
+            ents.append(Expect(K_SYNTH, data=m.close_complete()))
+            return True
+        if kind == b"S":
+            server.unnamed_owner = None
+        out.append(view[start:end])
+        ents.append(K_CLOSE)
+        return False
 
     def evict(self, server: ServerConnection, out: list[Piece]) -> None:
         """Between transactions no portal depends on a statement: close the least recently used beyond

@@ -26,12 +26,9 @@ MAX_FUNCTION_LINES = 80
 MAX_CLASS_LINES = 400
 # Today's offenders, "path::qualified name": their line counts (the ``def``/``class`` line to the last
 # line) may only shrink. Remove an entry once it is within the limit; never add one.
-LONG_FUNCTIONS: dict[str, int] = {
-    "proxy/frontend/client.py::ClientConnection._send": 193,
-}
+LONG_FUNCTIONS: dict[str, int] = {}
 LONG_CLASSES: dict[str, int] = {
-    "proxy/frontend/client.py::ClientConnection": 1709,
-    "proxy/server.py::ProxyApp": 484,
+    "proxy/frontend/client.py::ClientConnection": 1284,
 }
 
 
