@@ -511,7 +511,9 @@ class ClientConnection(asyncio.Protocol):
             self._refuse(batch, decision, in_transaction=tx.begin is not None)
             return
         if self.app.migration.hold.roles and self.app.migration.hold.holds(decision.domains) is not None:
-            self._migration_hold(batch, decision.domains)
+            if self.server is not None:
+                self._release()  # lingering between transactions: nothing of the client's on it
+            self._dispatch_after(batch, Input.HOLD, self.app.migration.hold.wait(decision.domains))
             return
         role = decision.role
         label: str | None = None
@@ -520,8 +522,7 @@ class ClientConnection(asyncio.Protocol):
             routed = reads.route(self.app.consistency, batch)
             if routed is None:
                 # Wait for a replica to catch up (or the scope's last write position).
-                self._hold(batch, Input.CONSISTENCY)
-                asyncio.get_running_loop().create_task(self._ryw_wait(batch))
+                self._dispatch_after(batch, Input.CONSISTENCY, reads.wait(self.app.consistency, batch))
                 return
             role, label = routed
         if decision.fallback_from:
@@ -644,25 +645,16 @@ class ClientConnection(asyncio.Protocol):
             self.reads.wrote = True  # its WAL position is captured when the unit (or its transaction) ends
 
     # -- read-your-writes -----------------------------------------------------------------------------------
-    def _migration_hold(self, batch: Batch, domains: tuple[str, ...]) -> None:
-        """A cutover holds new transactions on these tables (proxy/migration/hold.py): the unit waits, then
-        is routed afresh, by the migration state the cutover left."""
-        if self.server is not None:
-            self._release()  # lingering between transactions: nothing of the client's on it
-        self._hold(batch, Input.HOLD)
-        asyncio.get_running_loop().create_task(self._migration_wait(batch, domains))
+    def _dispatch_after(self, batch: Batch, reason: Input, settled: Awaitable[None]) -> None:
+        """``batch`` waits for ``settled`` (a replica to catch up; a cutover's hold, proxy/migration/hold.py),
+        then is dispatched afresh: routed by what is true then."""
+        self._hold(batch, reason)
+        asyncio.get_running_loop().create_task(self._redispatch(batch, reason, settled))
 
-    async def _migration_wait(self, batch: Batch, domains: tuple[str, ...]) -> None:
-        await self.app.migration.hold.wait(domains)
-        if self.phase == CLOSED:
-            return
-        self._resume_batch(Input.HOLD, lambda: self._dispatch(batch))
-
-    async def _ryw_wait(self, batch: Batch) -> None:
-        await self.reads.wait(self.app.consistency, batch)
-        if self.phase == CLOSED:
-            return
-        self._resume_batch(Input.CONSISTENCY, lambda: self._dispatch(batch))
+    async def _redispatch(self, batch: Batch, reason: Input, settled: Awaitable[None]) -> None:
+        await settled
+        if self.phase != CLOSED:
+            self._resume_batch(reason, lambda: self._dispatch(batch))
 
     def captured(self, capture: Capture, lsn: int | None) -> None:
         """A capture's reply arrived: the client hears its position (a message boundary: the capture's
@@ -892,7 +884,7 @@ class ClientConnection(asyncio.Protocol):
         True when the unit proceeds."""
         tx = info.tx if info is not None else None
         rollback = tx == TX_ROLLBACK or (
-            info is not None and bool(info.bits & F_SAVEPOINT) and self._is_rollback_to(batch)
+            info is not None and bool(info.bits & F_SAVEPOINT) and _rolls_back_to(batch)
         )
         server = self.server
         commit_on_held = (
@@ -911,22 +903,6 @@ class ClientConnection(asyncio.Protocol):
         )
         self.write(m.error_from(error))
         self._after_failed_batch(batch)
-        return False
-
-    def _is_rollback_to(self, batch: Batch) -> bool:
-        """Whether the unit rolls back to a savepoint (which makes a failed transaction usable again)."""
-        if batch.analyses and any(
-            c.op == "rollback_to" for deep in batch.analyses.values() for c in deep.changes
-        ):
-            return True
-        for sql in batch.queries():
-            if len(sql) > INLINE_BYTES:
-                continue  # analysed off the event loop (above)
-            try:
-                if any(c.op == "rollback_to" for c in session_changes(sql)):
-                    return True
-            except pglast.parser.ParseError:
-                continue
         return False
 
     def _refuse(self, batch: Batch, decision: Decision, *, in_transaction: bool) -> None:
@@ -1532,3 +1508,20 @@ def _lone_unnamed_statement(batch: Batch) -> tuple[tuple[int, int], list[bytes]]
 
 
 __all__ = ["AUTH", "CLOSED", "MAX_AUTH_MESSAGE", "READY", "STARTUP", "ClientConnection"]
+
+
+def _rolls_back_to(batch: Batch) -> bool:
+    """Whether the unit rolls back to a savepoint (which makes a failed transaction usable again)."""
+    if batch.analyses and any(
+        c.op == "rollback_to" for deep in batch.analyses.values() for c in deep.changes
+    ):
+        return True
+    for sql in batch.queries():
+        if len(sql) > INLINE_BYTES:
+            continue  # analysed off the event loop (above)
+        try:
+            if any(c.op == "rollback_to" for c in session_changes(sql)):
+                return True
+        except pglast.parser.ParseError:
+            continue
+    return False

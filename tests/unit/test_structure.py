@@ -28,7 +28,7 @@ MAX_CLASS_LINES = 400
 # line) may only shrink. Remove an entry once it is within the limit; never add one.
 LONG_FUNCTIONS: dict[str, int] = {}
 LONG_CLASSES: dict[str, int] = {
-    "proxy/frontend/client.py::ClientConnection": 1284,
+    "proxy/frontend/client.py::ClientConnection": 1279,
 }
 
 
