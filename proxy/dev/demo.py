@@ -282,7 +282,10 @@ def serving_text(app: ProxyApp, config_path: Path) -> str:
             f"The demo's configuration is {config_path}. Try:",
             f"  {migrate} plan --config {config}",
             f"  {migrate} start --config {config}",
-            f"  {migrate} status --config {config}",
+            f"  {migrate} status --config {config}    # until streaming",
+            f"  {migrate} cutover --config {config}   # analytics serves them; main's copy follows",
+            f"  {migrate} rollback --config {config}  # main serves them again (until finish)",
+            f"  {migrate} finish --config {config}    # after a cutover: replication removed",
             f"  psql '{console}' -c 'SHOW MIGRATION'",
             "\nPress Ctrl-C to stop the proxy and delete the clusters.",
         ]

@@ -311,6 +311,8 @@ class Sides:
 async def switch(config: Config, claim: Claim, board: Board) -> list[Row]:
     """Change which database serves ``claim.role``'s tables, holding only the transactions on them.
 
+    0. Before anything is held, the subscription catches up once (bounded by the same timeout), so the
+       hold itself waits only for what is written meanwhile.
     1. This instance holds new transactions on the tables (proxy/migration/hold.py).
     2. On the database that serves them now, a transaction takes ``LOCK TABLE ... IN EXCLUSIVE MODE``: it
        waits for the transactions writing them (of every proxy instance) to end, then stops new writes
@@ -333,6 +335,9 @@ async def switch(config: Config, claim: Claim, board: Board) -> list[Row]:
     tables = await _switched_tables(sides, role)
     hold = board.hold
     timeout = config.migration.cutover_timeout
+    # Catch up once before holding anything (bounded likewise; whatever it reaches shortens the hold).
+    lsn = await replication.current_lsn(sides.old, sides.old_side)
+    await replication.wait_caught_up(main, target, role, lsn, timeout, reverse=not to_target)
     waited_before = hold.held_total.get(role, 0)
     started = time.monotonic()
     detail = (

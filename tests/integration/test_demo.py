@@ -45,7 +45,7 @@ def run_printed(text: str, verb: str) -> str:
     found = re.search(rf"^  (.* migrate analytics {verb} --config .*)$", text, re.MULTILINE)
     assert found, text
     done = subprocess.run(
-        shlex.split(found.group(1)), capture_output=True, text=True, timeout=60, check=False
+        shlex.split(found.group(1), comments=True), capture_output=True, text=True, timeout=60, check=False
     )
     assert done.returncode == 0, done.stderr
     return done.stdout
@@ -84,6 +84,25 @@ def check_analytics_planned(text: str, dsn: str, workdir: Path) -> None:
     assert tables["business_metrics"][2] == str(METRIC_ROWS), plan
     status = run_printed(text, "status")
     assert rows_of(status)["planned"][0] == "analytics", status
+
+
+def check_walkthrough(text: str, dsn: str) -> None:
+    """The README's walkthrough, with the commands the demo printed: start, cutover, rollback, cutover
+    again, finish; the rows follow the database that serves them."""
+    assert rows_of(run_printed(text, "start"))["copying"][0] == "state"
+    wait_until(lambda: "streaming" in rows_of(run_printed(text, "status")), 60, "analytics streaming")
+    for verb, state, served_by in (
+        ("cutover", "cutover", "analytics"),
+        ("rollback", "streaming", "main|read_replica"),  # main's side: reads go to its replica
+        ("cutover", "cutover", "analytics"),
+    ):
+        assert rows_of(run_printed(text, verb))[state][0] == "state"
+        served = psql(dsn, "SELECT inet_server_port(), count(*) FROM user_activity").split("|")
+        assert served[1].strip() == str(ACTIVITY_ROWS)  # the history, wherever it is served from
+        assert re.search(rf"(?:{served_by})\s+127\.0\.0\.1:{served[0]}\b", text), (verb, served)
+    finished = rows_of(run_printed(text, "finish"))
+    assert finished["finished"][0] == "state"
+    assert finished["main: user_activity"][0] in ("unguarded", "may_drop")
 
 
 def test_demo_end_to_end(tmp_path: Path) -> None:
@@ -127,6 +146,7 @@ def test_demo_end_to_end(tmp_path: Path) -> None:
             planned = "event=migration_planned role=analytics"
             wait_until(lambda: planned in printed(), 60, "the demo's log to say analytics is planned")
             check_analytics_planned(printed(), dsn.group(1), workdir)
+            check_walkthrough(printed(), dsn.group(1))
             proc.send_signal(signal.SIGINT)
             assert proc.wait(60) == 0
             assert not (workdir / "proxy.yaml").exists(), "the demo left its configuration behind"
