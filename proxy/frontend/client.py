@@ -94,7 +94,7 @@ from proxy.router.classify import (
     merge,
     session_changes,
 )
-from proxy.router.policy import MAIN, TX_READ_ONLY, TX_READ_WRITE, WRITE, Decision, route_override
+from proxy.router.policy import MAIN, READ, TX_READ_ONLY, TX_READ_WRITE, WRITE, Decision, route_override
 from proxy.router.policy import REPLICA as REPLICA_ROLE
 from proxy.sockets import set_nodelay
 
@@ -515,6 +515,8 @@ class ClientConnection(asyncio.Protocol):
                 self._release()  # lingering between transactions: nothing of the client's on it
             self._dispatch_after(batch, Input.HOLD, self.app.migration.hold.wait(decision.domains))
             return
+        if self.app.migration.shadow.active and decision.kind == READ:  # a streaming role's read, maybe
+            self.app.migration.shadow.offer(decision.domains, batch.buf, batch.msgs, self.session.statements)
         role = decision.role
         label: str | None = None
         reads = self.reads
