@@ -233,8 +233,8 @@ class AdminConsole:
 
     def show_shadow(self) -> bytes:
         """Shadow reads (proxy/migration/shadow.py): a row per role and statement fingerprint sampled, with
-        the statement normalized (no literals) and what its samples came to; then a row per role and
-        outcome for the samples never compared (dropped: queue full; skipped: cannot be replayed)."""
+        the statement normalized (no literals) and what its samples came to; then a row per role for the
+        samples never compared: dropped (the queue was full) and skipped, by why they cannot be replayed."""
         found = self.app.migration.shadow
         rows: list[Row] = []
         for s in found.for_role():
@@ -254,8 +254,10 @@ class AdminConsole:
                 )
             )
         for (role, outcome), n in sorted(found.counts.items()):
-            if outcome in (shadow.DROPPED, shadow.SKIPPED):
+            if outcome == shadow.DROPPED:
                 rows.append((role, f"({outcome})", None, n, None, None, None, None, None, None))
+        for (role, why), n in sorted(found.skips.items()):
+            rows.append((role, f"(skipped: {why})", None, n, None, None, None, None, None, None))
         cols = [("role", TEXT), ("fingerprint", TEXT), ("statement", TEXT), ("samples", INT8)]
         cols += [("matches", INT8), ("divergences", INT8), ("inconclusive", INT8), ("errors", INT8)]
         cols += [("last_error", TEXT), ("last_seen", TEXT)]

@@ -488,7 +488,11 @@ class ClientConnection(asyncio.Protocol):
             self._refuse(batch, refusal, in_transaction=server.status != _IDLE)
             return
         if info is not None:
-            self._count_route(self.server_role, router.kind(info)[0])
+            kind = router.kind(info)[0]
+            self._count_route(self.server_role, kind)
+            if self.app.migration.shadow.active and kind == READ:  # asyncpg binds after Parse/Describe/Flush
+                domains = tuple(sorted({router.domain_of(table) for table in info.tables}))
+                self.app.migration.shadow.offer(domains, batch.buf, batch.msgs, self.session.statements)
             if router.on_fallback:
                 self._count_fallback_writes(router.fallback_writes(info))
         self._send(batch, server)

@@ -1,28 +1,33 @@
 """Shadow reads while a domain migrates: a sampled share of the reads of a streaming role's tables also runs
 on the role's own database, off the client's path, and the results are compared.
 
-**On the data path** a client connection calls ``Shadow.offer`` for a read it has routed, only while
-``Shadow.active`` (some role is in ``streaming``: one attribute check otherwise). ``offer`` keeps a read
-whose tables all belong to one streaming role with probability ``migration.shadow_sample`` (read from the
-live configuration, so a reload changes it), copies what is needed to run it again into a bounded queue
-(full: the sample is dropped and counted) and returns. Nothing else happens there: the client's unit is
-routed, sent and answered exactly as without shadowing, and nothing the shadow does later can delay or fail
-it.
+**On the data path** a client connection calls ``Shadow.offer`` for a read it routes (``_dispatch_unit``:
+a unit that starts a lease) or sends on the connection it holds (``_dispatch_held``: a later statement of a
+transaction, or asyncpg's Bind/Execute after its Parse/Describe/Flush), only while ``Shadow.active`` (some
+role is in ``streaming``: one attribute check otherwise). ``offer`` keeps a read whose tables all belong to
+one streaming role with probability ``migration.shadow_sample`` (read from the live configuration, so a
+reload changes it), copies what is needed to run it again into a bounded queue (full: the sample is dropped
+and counted) and returns. Nothing else happens there: the client's unit is routed, sent and answered exactly
+as without shadowing, and nothing the shadow does later can delay or fail it.
 
 **What can be sampled**: a simple-protocol Query holding one statement; an extended-protocol unit with one
-Bind of a statement parsed in the same unit or prepared earlier by name, when its parameters are in text
-format (psycopg, JDBC, libpq) or there are none. Not sampled (counted as ``skipped``): parameters in binary
-format (asyncpg sends those), a Bind of the cached unnamed statement, units of several statements, and
-reads whose result depends on the physical order of rows (a ``LIMIT``/``OFFSET`` without ``ORDER BY`` at the
-same level): their rows legitimately differ between two copies of a table. Reads inside a transaction after
-its first statement are not offered (they run on the connection the transaction holds).
+Bind of a statement parsed in the same unit or prepared earlier by name, with its parameters: in text format
+(psycopg for strings, JDBC, libpq), or in binary format for the common types ``binary_text`` knows (integers,
+floats, numeric, boolean, text types, json/jsonb, bytea, uuid, date, timestamp[tz]: psycopg's numbers,
+asyncpg). Not sampled (counted as ``skipped``, by reason in ``skips``): binary parameters of other types, a
+Bind of the cached unnamed statement, units of several statements, and reads whose result depends on the
+physical order of rows (a ``LIMIT``/``OFFSET`` without ``ORDER BY`` at the same level): their rows
+legitimately differ between two copies of a table. A read pipelined behind a unit still in flight is not
+offered. What runs again is the statement alone, in the shadow's own session: not the client's transaction
+(its uncommitted rows), nor its session settings (``search_path``...).
 
 **Off the path** one task (``Shadow._run``) takes samples one at a time, with connections of its own (the
 roles' ``url`` logins, ``proxy.health.connect``), every statement in a read-only transaction, a statement
 timeout and at most ``MAX_ROWS`` rows read. A statement is run by its text, or, with parameters, as
-``PREPARE`` with the client's parameter types (``unknown`` where it gave none, so the server infers them as
-it did for the client) and ``EXECUTE`` with the parameters as quoted literals: a literal of unknown type is
-read by the type's input function, exactly as a text-format Bind parameter is.
+``PREPARE`` and ``EXECUTE`` with the parameters as quoted literals: their types are first resolved on main
+from the client's declared types (``unknown`` where it gave none, so the server infers them as it did for
+the client), a binary parameter is turned into its text form by its type, and each literal is read by the
+type's input function, exactly as a text-format Bind parameter is.
 
 **The comparison** (``compare``) is by row count and an order-insensitive hash of the rows (``Digest``: the
 sum of a 64-bit digest of each row, modulo 2**64, so equal multisets of rows give equal digests whatever
@@ -54,11 +59,15 @@ from __future__ import annotations
 
 import asyncio
 import contextlib
+import datetime as dt
+import decimal
 import hashlib
 import logging
+import math
 import random
 import struct
 import time
+import uuid
 from collections import deque
 from collections.abc import Callable, Iterable, Mapping, Sequence
 from dataclasses import dataclass, field
@@ -94,6 +103,7 @@ MASK64 = (1 << 64) - 1
 LSN_SQL = "SELECT pg_catalog.pg_current_wal_insert_lsn()"
 SLOT_SQL = "SELECT confirmed_flush_lsn FROM pg_catalog.pg_replication_slots WHERE slot_name = $1"
 TYPE_SQL = "SELECT pg_catalog.format_type($1::oid, NULL)"
+TYPES_SQL = "SELECT parameter_types::text[] FROM pg_catalog.pg_prepared_statements WHERE name = $1"
 PREPARED = "parafort_shadow"
 _Q, _P, _B = ord("Q"), ord("P"), ord("B")
 _I16 = struct.Struct("!h")
@@ -111,12 +121,14 @@ class Prepared(Protocol):
 
 @dataclass(frozen=True, slots=True)
 class Sample:
-    """A read to run again: its text, and for a Bind its parameter types and text values (None: NULL)."""
+    """A read to run again: its text, and for a Bind its declared parameter types and the parameters as
+    the client sent them (None: NULL), each with its format (True: binary)."""
 
     role: str
     sql: str
     param_oids: tuple[int, ...] = ()
-    params: tuple[str | None, ...] | None = None  # None: run the text as it is
+    params: tuple[bytes | None, ...] | None = None  # None: run the text as it is
+    binary: tuple[bool, ...] = ()
 
 
 class Unreplayable(Exception):
@@ -171,9 +183,9 @@ def confirm(first: str, again: str) -> str:
 
 
 # -- what the data path copies ---------------------------------------------------------------------------
-def text_params(payload: bytes, offset: int) -> tuple[str | None, ...]:
-    """The parameters of a Bind (payload without the header; ``offset`` past the two names) as text values;
-    Unreplayable for a binary one or text that is not UTF-8."""
+def bind_params(payload: bytes, offset: int) -> tuple[tuple[bytes | None, ...], tuple[bool, ...]]:
+    """The parameters of a Bind (payload without the header; ``offset`` past the two names) as sent, and
+    whether each is in binary format. Copies the values: nothing of the client's buffer is kept."""
     (nformats,) = _I16.unpack_from(payload, offset)
     offset += 2
     formats = struct.unpack_from(f"!{nformats}h", payload, offset) if nformats > 0 else ()
@@ -181,29 +193,26 @@ def text_params(payload: bytes, offset: int) -> tuple[str | None, ...]:
     (nparams,) = _I16.unpack_from(payload, offset)
     offset += 2
     if nformats not in (0, 1, nparams):
-        raise Unreplayable("malformed Bind")
-    out: list[str | None] = []
-    for i in range(nparams):
+        raise Unreplayable("malformed message")
+    values: list[bytes | None] = []
+    for _ in range(nparams):
         (length,) = _I32.unpack_from(payload, offset)
         offset += 4
         if length < 0:
-            out.append(None)
+            values.append(None)
             continue
-        fmt = formats[0] if nformats == 1 else (formats[i] if nformats else 0)
-        if fmt != 0:
-            raise Unreplayable("binary parameters")
-        try:
-            out.append(payload[offset : offset + length].decode("utf-8"))
-        except UnicodeDecodeError:
-            raise Unreplayable("parameters not UTF-8") from None
+        values.append(bytes(payload[offset : offset + length]))
         offset += length
-    return tuple(out)
+    if nformats == 1:
+        formats = formats * nparams
+    return tuple(values), tuple(bool(f) for f in formats) if nformats else (False,) * nparams
 
 
 def sample_of(
     role: str, buf: bytes, msgs: Sequence[tuple[int, int, int]], statements: Mapping[str, Prepared]
-) -> Sample:
-    """What a unit runs, to run it again; Unreplayable when it cannot be replayed faithfully."""
+) -> Sample | None:
+    """What a unit runs, to run it again (None: it executes nothing, a Describe say); Unreplayable when it
+    cannot be replayed faithfully."""
     if len(msgs) == 1 and msgs[0][0] == _Q:
         _, start, end = msgs[0]
         return Sample(role, m.decode_query(buf[start + 5 : end]))
@@ -225,11 +234,10 @@ def sample_of(
                 sql, oids = stmt.sql, stmt.param_oids
             else:
                 raise Unreplayable("statement not in the unit")
-            found = Sample(role, sql, oids, text_params(payload, offset))
+            values, binary = bind_params(payload, offset)
+            found = Sample(role, sql, oids, values, binary)
         elif mtype == _Q:
             raise Unreplayable("several statements")
-    if found is None:
-        raise Unreplayable("nothing executed")
     return found
 
 
@@ -276,6 +284,95 @@ def quote_literal(value: str | None) -> str:
     return "NULL" if value is None else naming.quote_literal(value)
 
 
+# -- binary parameters as text ------------------------------------------------------------------------
+EPOCH = dt.datetime(2000, 1, 1)  # PostgreSQL's epoch for dates and timestamps
+INT64_MAX, INT64_MIN = (1 << 63) - 1, -(1 << 63)
+_INTS = {"smallint": "!h", "integer": "!i", "bigint": "!q", "oid": "!I"}
+_FLOATS = {"real": "!f", "double precision": "!d"}
+_TEXTS = frozenset({"text", "character varying", "character", "name", "json", "unknown", '"char"'})
+
+
+def _float(value: float) -> str:
+    if math.isnan(value):
+        return "NaN"
+    if value in (float("inf"), float("-inf")):
+        return "Infinity" if value > 0 else "-Infinity"
+    return repr(value)
+
+
+def _numeric(data: bytes) -> str:
+    ndigits, weight, sign, dscale = struct.unpack_from("!hhHh", data)
+    special = {0xC000: "NaN", 0xD000: "Infinity", 0xF000: "-Infinity"}
+    if sign in special:
+        return special[sign]
+    digits = struct.unpack_from(f"!{ndigits}h", data, 8)
+    value = 0
+    for digit in digits:
+        value = value * 10000 + digit
+    exponent = 4 * (weight - ndigits + 1)  # value * 10**exponent
+    context = decimal.Context(prec=max(4 * ndigits + dscale + 10, 28))
+    number = decimal.Decimal(value).scaleb(exponent, context)
+    number = number.quantize(decimal.Decimal(1).scaleb(-dscale), context=context)
+    return ("-" if sign == 0x4000 else "") + format(number, "f")
+
+
+def _timestamp(data: bytes, zone: str) -> str:
+    (micros,) = struct.unpack("!q", data)
+    if micros in (INT64_MAX, INT64_MIN):
+        return "infinity" if micros > 0 else "-infinity"
+    return (EPOCH + dt.timedelta(microseconds=micros)).isoformat(sep=" ") + zone
+
+
+def binary_text(type_name: str, data: bytes) -> str:
+    """A binary-format parameter of type ``type_name`` (as regtype spells it) in PostgreSQL's text form,
+    which the type's input function reads back to the same value; Unreplayable for a type not known here."""
+    try:
+        if type_name in _INTS:
+            return str(struct.unpack(_INTS[type_name], data)[0])
+        if type_name in _FLOATS:
+            return _float(struct.unpack(_FLOATS[type_name], data)[0])
+        if type_name in _TEXTS:
+            return data.decode("utf-8")
+        if type_name == "jsonb" and data[:1] == b"\x01":
+            return data[1:].decode("utf-8")
+        if type_name == "boolean":
+            return {b"\x01": "t", b"\x00": "f"}[data]
+        if type_name == "bytea":
+            return "\\x" + data.hex()
+        if type_name == "uuid":
+            return str(uuid.UUID(bytes=data))
+        if type_name == "numeric":
+            return _numeric(data)
+        if type_name == "date":
+            (days,) = struct.unpack("!i", data)
+            if days in (0x7FFFFFFF, -0x80000000):
+                return "infinity" if days > 0 else "-infinity"
+            return (EPOCH.date() + dt.timedelta(days=days)).isoformat()
+        if type_name == "timestamp without time zone":
+            return _timestamp(data, "")
+        if type_name == "timestamp with time zone":
+            return _timestamp(data, "+00")
+    except (struct.error, KeyError, ValueError, OverflowError, decimal.InvalidOperation):
+        raise Unreplayable("malformed binary parameter") from None
+    raise Unreplayable(f"binary parameters of type {type_name}")
+
+
+def literals(sample: Sample, types: Sequence[str]) -> list[str]:
+    """The sample's parameters as SQL literals, binary ones converted by their resolved ``types``."""
+    assert sample.params is not None
+    out = []
+    for value, binary, type_name in zip(sample.params, sample.binary, types, strict=True):
+        if value is None:
+            out.append("NULL")
+            continue
+        try:
+            text = binary_text(type_name, value) if binary else value.decode("utf-8")
+        except UnicodeDecodeError:
+            raise Unreplayable("parameters not UTF-8") from None
+        out.append(quote_literal(text))
+    return out
+
+
 # -- counting -------------------------------------------------------------------------------------------
 @dataclass
 class Stats:
@@ -302,6 +399,7 @@ class Shadow:
         self.streaming: frozenset[str] = frozenset()
         self.counts: dict[tuple[str, str], int] = {}  # (role, outcome) -> samples
         self.stats: dict[tuple[str, str], Stats] = {}  # (role, fingerprint) -> what its samples came to
+        self.skips: dict[tuple[str, str], int] = {}  # (role, why it cannot be replayed) -> samples
         self._queue: deque[Sample] = deque()
         self._ready = asyncio.Event()
         self._task: asyncio.Task[None] | None = None
@@ -340,8 +438,13 @@ class Shadow:
             return
         try:
             sample = sample_of(role, buf, msgs, statements)
-        except (Unreplayable, ProxyError, struct.error, UnicodeDecodeError):
-            self._count(role, SKIPPED)
+            if sample is None:
+                return
+        except Unreplayable as exc:
+            self._skip(role, str(exc))
+            return
+        except (ProxyError, struct.error, UnicodeDecodeError):
+            self._skip(role, "malformed message")
             return
         self._queue.append(sample)
         self._ready.set()
@@ -378,13 +481,16 @@ class Shadow:
         """Compare one sample and count its outcome (returned)."""
         try:
             check_replayable(sample.sql)
-        except Unreplayable:
-            self._count(sample.role, SKIPPED)
+        except Unreplayable as exc:
+            self._skip(sample.role, str(exc))
             return SKIPPED
         fingerprint, statement = describe(sample.sql)
         error: str | None = None
         try:
             outcome = await self.compare(sample)
+        except Unreplayable as exc:
+            self._skip(sample.role, str(exc))
+            return SKIPPED
         except (OSError, TimeoutError, asyncpg.PostgresError, asyncpg.InterfaceError) as exc:
             outcome = ERROR
             error = exc.sqlstate if isinstance(exc, asyncpg.PostgresError) else type(exc).__name__
@@ -397,24 +503,47 @@ class Shadow:
         return outcome
 
     async def compare(self, sample: Sample) -> str:
-        """Two rounds at most (``confirm``); raises on a failure."""
-        first = await self._round(sample)
+        """Two rounds at most (``confirm``); raises on a failure, Unreplayable for parameters that cannot
+        be replayed."""
+        statement = await self._statement(sample)
+        first = await self._round(sample, statement)
         if first != DIVERGED:
             return first
-        return confirm(first, await self._round(sample))
+        return confirm(first, await self._round(sample, statement))
 
-    async def _round(self, sample: Sample) -> str:
+    async def _statement(self, sample: Sample) -> tuple[str, str] | None:
+        """For a sample with parameters: (PREPARE, EXECUTE) with the parameters as literals. Their types are
+        resolved on main as the client's Parse left them (declared, or inferred where it gave none), and
+        declared in full, so main and the target read the literals alike."""
+        if not sample.params:
+            return None
+        main = await self._conn(MAIN)
+        declared = [await self._type_name(oid) for oid in sample.param_oids]
+        declared += ["unknown"] * (len(sample.params) - len(declared))
+        async with asyncio.timeout(STATEMENT_TIMEOUT), main.transaction(readonly=True):
+            await main.execute(f"PREPARE {PREPARED}({', '.join(declared)}) AS {sample.sql}")
+            try:
+                types = [str(t) for t in await main.fetchval(TYPES_SQL, PREPARED)]
+            finally:
+                await main.execute(f"DEALLOCATE {PREPARED}")
+        values = literals(sample, types)
+        return (
+            f"PREPARE {PREPARED}({', '.join(types)}) AS {sample.sql}",
+            f"EXECUTE {PREPARED}({', '.join(values)})",
+        )
+
+    async def _round(self, sample: Sample, statement: tuple[str, str] | None) -> str:
         main = await self._conn(MAIN)
         target = await self._conn(sample.role)
-        before = await self._read(main, sample)
+        before = await self._read(main, sample.sql, statement)
         if before is None:
             return INCONCLUSIVE
         async with asyncio.timeout(STATEMENT_TIMEOUT):
             lsn = await main.fetchval(LSN_SQL)
         if not await self._caught_up(main, naming.names(sample.role).forward, lsn):
             return INCONCLUSIVE
-        found = await self._read(target, sample)
-        after = await self._read(main, sample)
+        found = await self._read(target, sample.sql, statement)
+        after = await self._read(main, sample.sql, statement)
         if found is None or after is None:
             return INCONCLUSIVE
         return judge(before, found, after)
@@ -431,25 +560,21 @@ class Shadow:
                 return False
             await asyncio.sleep(CATCH_UP_POLL)
 
-    async def _read(self, conn: Any, sample: Sample) -> Result | None:
-        """The sample's rows on ``conn`` as a digest; None beyond MAX_ROWS."""
+    async def _read(self, conn: Any, sql: str, statement: tuple[str, str] | None) -> Result | None:
+        """The rows of ``sql`` (or of the prepared ``statement``) on ``conn`` as a digest; None beyond
+        MAX_ROWS."""
         found = Digest()
         async with asyncio.timeout(STATEMENT_TIMEOUT * 2), conn.transaction(readonly=True):
-            query = sample.sql
-            if sample.params is not None:
-                types = [await self._type_name(oid) for oid in sample.param_oids]
-                types += ["unknown"] * (len(sample.params) - len(types))
-                declared = f"({', '.join(types)})" if types else ""
-                await conn.execute(f"PREPARE {PREPARED}{declared} AS {sample.sql}")
-                values = ", ".join(quote_literal(v) for v in sample.params)
-                query = f"EXECUTE {PREPARED}" + (f"({values})" if sample.params else "")
+            if statement is not None:
+                await conn.execute(statement[0])
+                sql = statement[1]
             try:
-                async for row in conn.cursor(query, prefetch=500):
+                async for row in conn.cursor(sql, prefetch=500):
                     found.add(row)
                     if found.rows > MAX_ROWS:
                         return None
             finally:
-                if sample.params is not None:
+                if statement is not None:
                     await conn.execute(f"DEALLOCATE {PREPARED}")
         return found.result
 
@@ -493,6 +618,11 @@ class Shadow:
     def _count(self, role: str, outcome: str) -> None:
         key = (role, outcome)
         self.counts[key] = self.counts.get(key, 0) + 1
+
+    def _skip(self, role: str, reason: str) -> None:
+        self._count(role, SKIPPED)
+        key = (role, reason)
+        self.skips[key] = self.skips.get(key, 0) + 1
 
     def _record(self, role: str, fingerprint: str, statement: str, outcome: str, error: str | None) -> None:
         entry = self.stats.get((role, fingerprint))

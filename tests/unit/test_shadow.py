@@ -24,10 +24,12 @@ from proxy.migration.shadow import (
     Sample,
     Shadow,
     Unreplayable,
+    binary_text,
     check_replayable,
     confirm,
     digest_of,
     judge,
+    literals,
     sample_of,
 )
 from proxy.migration.state import Migration, State
@@ -102,34 +104,37 @@ def test_an_extended_unit_with_text_parameters_is_copied_with_them() -> None:
     sql = "SELECT * FROM user_activity WHERE user_id = $1 AND action = $2"
     data = m.parse("", sql, (23,)) + bind("", [b"7", None]) + execute() + m.sync()
     found = sample_of("analytics", *unit(data), {})
-    assert found == Sample("analytics", sql, (23,), ("7", None))
-    # one format code for all, text
+    assert found == Sample("analytics", sql, (23,), (b"7", None), (False, False))
+    assert literals(found, ["integer", "text"]) == ["'7'", "NULL"]
+    # one format code for all
     data = m.parse("s1", sql, ()) + bind("s1", [b"7", b"x'y"], (0,)) + execute() + m.sync()
-    assert sample_of("analytics", *unit(data), {}).params == ("7", "x'y")
+    found = sample_of("analytics", *unit(data), {})
+    assert found is not None and literals(found, ["integer", "text"]) == ["'7'", "'x''y'"]
+    data = m.parse("", sql, ()) + bind("", [b"\x00\x00\x00\x07", b"x"], (1, 0)) + execute() + m.sync()
+    found = sample_of("analytics", *unit(data), {})
+    assert found is not None and found.binary == (True, False)
+    assert literals(found, ["integer", "text"]) == ["'7'", "'x'"]
 
 
 def test_a_named_statement_prepared_earlier_is_found_in_the_session() -> None:
     data = bind("s1", [b"3"]) + execute() + m.sync()
     statements = {"s1": Stmt("SELECT * FROM user_activity WHERE user_id = $1", (20,))}
     found = sample_of("analytics", *unit(data), statements)
-    assert (found.sql, found.param_oids, found.params) == (statements["s1"].sql, (20,), ("3",))
+    assert found is not None
+    assert (found.sql, found.param_oids, found.params) == (statements["s1"].sql, (20,), (b"3",))
+    assert sample_of("analytics", *unit(m.parse("", "SELECT 1", ()) + m.sync()), {}) is None
 
 
 @pytest.mark.parametrize(
     ("data", "why"),
     [
-        (
-            m.parse("", "SELECT $1", ()) + bind("", [b"\x00\x00\x00\x07"], (1,)) + execute() + m.sync(),
-            "binary",
-        ),
         (bind("", [b"1"]) + execute() + m.sync(), "not in the unit"),  # the cached unnamed statement
         (bind("gone", [b"1"]) + execute() + m.sync(), "not in the unit"),
         (
             m.parse("", "SELECT 1", ()) + bind("", []) + execute() + bind("", []) + execute() + m.sync(),
             "several",
         ),
-        (m.parse("", "SELECT 1", ()) + m.sync(), "nothing executed"),
-        (m.parse("", "SELECT $1", ()) + bind("", [b"\xff"]) + execute() + m.sync(), "UTF-8"),
+        (m.parse("", "SELECT $1", ()) + bind("", [b"1"], (0, 0)) + execute() + m.sync(), "malformed"),
     ],
 )
 def test_units_that_cannot_be_replayed_faithfully(data: bytes, why: str) -> None:
@@ -155,6 +160,46 @@ def test_reads_whose_rows_depend_on_physical_order_are_not_replayed(sql: str, wh
 def test_replayable_reads() -> None:
     check_replayable("SELECT * FROM user_activity ORDER BY id LIMIT 5")
     check_replayable("SELECT count(*) FROM user_activity WHERE user_id = $1")
+
+
+def test_text_parameters_that_are_not_utf8_are_not_replayed() -> None:
+    with pytest.raises(Unreplayable, match="UTF-8"):
+        literals(Sample("analytics", "SELECT $1", (), (b"\xff",), (False,)), ["text"])
+
+
+@pytest.mark.parametrize(
+    ("type_name", "data", "text"),
+    [
+        ("smallint", struct.pack("!h", -3), "-3"),
+        ("integer", struct.pack("!i", 7), "7"),
+        ("bigint", struct.pack("!q", 1 << 40), str(1 << 40)),
+        ("double precision", struct.pack("!d", 0.1), "0.1"),
+        ("real", struct.pack("!f", float("inf")), "Infinity"),
+        ("boolean", b"\x01", "t"),
+        ("text", "zoë".encode(), "zoë"),
+        ("character varying", b"abc", "abc"),
+        ("jsonb", b'\x01{"a": 1}', '{"a": 1}'),
+        ("bytea", b"\x00\xff", "\\x00ff"),
+        ("uuid", bytes(range(16)), "00010203-0405-0607-0809-0a0b0c0d0e0f"),
+        ("date", struct.pack("!i", 366), "2001-01-01"),
+        ("timestamp without time zone", struct.pack("!q", 86_400_000_001), "2000-01-02 00:00:00.000001"),
+        ("timestamp with time zone", struct.pack("!q", 0), "2000-01-01 00:00:00+00"),
+        # numeric 12345.678 (dscale 3): digits 1, 2345, 6780 with weight 1
+        ("numeric", struct.pack("!hhHh3h", 3, 1, 0, 3, 1, 2345, 6780), "12345.678"),
+        ("numeric", struct.pack("!hhHh1h", 1, -1, 0x4000, 2, 5000), "-0.50"),
+        ("numeric", struct.pack("!hhHh", 0, 0, 0, 0), "0"),
+        ("numeric", struct.pack("!hhHh", 0, 0, 0xC000, 0), "NaN"),
+    ],
+)
+def test_binary_parameters_as_text(type_name: str, data: bytes, text: str) -> None:
+    assert binary_text(type_name, data) == text
+
+
+def test_binary_parameters_of_other_types_are_not_replayed() -> None:
+    with pytest.raises(Unreplayable, match="binary parameters of type point"):
+        binary_text("point", b"\x00" * 16)
+    with pytest.raises(Unreplayable, match="malformed"):
+        binary_text("integer", b"\x00")
 
 
 def test_describe_shows_no_literals() -> None:
@@ -202,9 +247,10 @@ def test_offer_samples_the_configured_share_into_a_bounded_queue() -> None:
             found.offer(("analytics",), *read, {})
         assert not found._queue
         share["value"] = 1.0
-        binary = m.parse("", "SELECT $1", ()) + bind("", [b"\x00"], (1,)) + execute() + m.sync()
-        found.offer(("analytics",), *unit(binary), {})
+        several = m.query("SELECT 1") + m.query("SELECT 2")  # not one unit: cannot be replayed as one
+        found.offer(("analytics",), *unit(several), {})
         assert found.counts[("analytics", SKIPPED)] == 1
+        assert found.skips == {("analytics", "several statements"): 1}
         assert found.divergences("analytics") == 0 and found.divergences("documents") is None
         found.follow({})
         assert not found.active and not found._queue
