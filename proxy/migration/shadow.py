@@ -369,6 +369,8 @@ def literals(sample: Sample, types: Sequence[str]) -> list[str]:
             text = binary_text(type_name, value) if binary else value.decode("utf-8")
         except UnicodeDecodeError:
             raise Unreplayable("parameters not UTF-8") from None
+        if "\0" in text:
+            raise Unreplayable("parameter holds NUL")
         out.append(quote_literal(text))
     return out
 
@@ -405,6 +407,7 @@ class Shadow:
         self._task: asyncio.Task[None] | None = None
         self._conns: dict[str, Any] = {}  # role -> asyncpg connection of the shadow's own
         self._types: dict[int, str] = {}  # parameter type oid -> its name (as main spells it)
+        self._errors_logged: set[tuple[str, str]] = set()  # (role, SQLSTATE or exception type)
 
     # -- following the migration states ------------------------------------------------------------------
     def follow(self, migrations: Mapping[str, Migration]) -> None:
@@ -497,9 +500,17 @@ class Shadow:
             for role in (MAIN, sample.role):  # a connection in doubt is not used again
                 await self._drop(role)
         self._count(sample.role, outcome)
-        self._record(sample.role, fingerprint, statement, outcome, error)
-        if outcome == DIVERGED:
-            log.warning("event=migration_shadow_diverged role=%s fingerprint=%s", sample.role, fingerprint)
+        entry = self._record(sample.role, fingerprint, statement, outcome, error)
+        if outcome == DIVERGED and entry.outcomes[DIVERGED] == 1:  # once per statement: SHOW SHADOW counts
+            log.warning(
+                "event=migration_shadow_diverged role=%s fingerprint=%s statement=%r",
+                sample.role,
+                entry.fingerprint,
+                entry.statement,
+            )
+        if error is not None and (sample.role, error) not in self._errors_logged:
+            self._errors_logged.add((sample.role, error))  # once per role and kind: counted after that
+            log.warning("event=migration_shadow_error role=%s error=%s", sample.role, error)
         return outcome
 
     async def compare(self, sample: Sample) -> str:
@@ -624,7 +635,7 @@ class Shadow:
         key = (role, reason)
         self.skips[key] = self.skips.get(key, 0) + 1
 
-    def _record(self, role: str, fingerprint: str, statement: str, outcome: str, error: str | None) -> None:
+    def _record(self, role: str, fingerprint: str, statement: str, outcome: str, error: str | None) -> Stats:
         entry = self.stats.get((role, fingerprint))
         if entry is None:
             if len(self.stats) >= MAX_FINGERPRINTS:
@@ -636,6 +647,7 @@ class Shadow:
         entry.last_seen = time.time()
         if error is not None:
             entry.last_error = error
+        return entry
 
     def divergences(self, role: str) -> int | None:
         """Divergences counted for ``role`` since start; None when none of its reads was ever sampled."""

@@ -175,6 +175,7 @@ def test_a_target_that_goes_away_costs_the_clients_nothing(
             conn.execute("INSERT INTO user_activity (user_id, action) VALUES (5, 'while-target-down')")
             assert len(conn.execute(BY_USER, (5,)).fetchall()) == expected + 1
         assert status(proxy)["state"] == "streaming"
+        assert "event=migration_shadow_error role=analytics error=" in proxy.log()
         assert shadow_rows(proxy)[fingerprint(BY_USER)]["last_error"] in ("ConnectionRefusedError", "OSError")
     finally:
         pg.analytics.start()

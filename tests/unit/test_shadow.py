@@ -165,6 +165,8 @@ def test_replayable_reads() -> None:
 def test_text_parameters_that_are_not_utf8_are_not_replayed() -> None:
     with pytest.raises(Unreplayable, match="UTF-8"):
         literals(Sample("analytics", "SELECT $1", (), (b"\xff",), (False,)), ["text"])
+    with pytest.raises(Unreplayable, match="NUL"):
+        literals(Sample("analytics", "SELECT $1", (), (b"a\x00",), (True,)), ["text"])
 
 
 @pytest.mark.parametrize(
