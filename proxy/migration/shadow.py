@@ -46,8 +46,12 @@ main's present). If A2 != A the rows changed meanwhile and T may legitimately eq
 (``confirm``): the same rows could have changed and changed back between steps 1 and 4, which the two ends
 cannot see, so a difference counts as ``diverged`` only if the second round differs too, else it is
 ``inconclusive``. Reads whose result is not a function of the rows (``now()``, ``random()``) give A2 != A
-and so ``inconclusive``, never a false divergence. A failure (a connection refused, a statement error, a
-timeout) is ``error``; more than ``MAX_ROWS`` rows is ``inconclusive``.
+and so ``inconclusive``, never a false divergence. What this cannot tell from a real difference: a result
+that depends on the order rows are read in though both copies hold the same rows (``array_agg`` or
+``string_agg`` without ``ORDER BY``, the last digits of a float ``sum``), and ties under an ``ORDER BY`` with
+a ``LIMIT``; ``SHOW SHADOW`` names the statement, so such a divergence is easy to judge. A failure (a
+connection refused, a statement error, a timeout) is ``error``; more than ``MAX_ROWS`` rows is
+``inconclusive``.
 
 Counted per role and outcome (``counts``) and per (role, statement fingerprint) (``stats``, at most
 ``MAX_FINGERPRINTS`` distinct, then ``OTHER``): pglast's fingerprint, as the classifier and the migration
