@@ -1,25 +1,26 @@
 """Shadow reads while a domain migrates: a sampled share of the reads of a streaming role's tables also runs
 on the role's own database, off the client's path, and the results are compared.
 
-**On the data path** a client connection calls ``Shadow.offer`` for a read it routes (``_dispatch_unit``:
-a unit that starts a lease) or sends on the connection it holds (``_dispatch_held``: a later statement of a
-transaction, or asyncpg's Bind/Execute after its Parse/Describe/Flush), only while ``Shadow.active`` (some
-role is in ``streaming``: one attribute check otherwise). ``offer`` keeps a read whose tables all belong to
-one streaming role with probability ``migration.shadow_sample`` (read from the live configuration, so a
-reload changes it), copies what is needed to run it again into a bounded queue (full: the sample is dropped
-and counted) and returns. Nothing else happens there: the client's unit is routed, sent and answered exactly
-as without shadowing, and nothing the shadow does later can delay or fail it.
+**On the data path** a client connection calls ``Shadow.offer`` where it counts a read it sends
+(``_count_route`` in proxy/frontend/client.py: a unit that starts a lease, a later statement of a
+transaction, asyncpg's Bind/Execute after its Parse/Describe/Flush, a unit pipelined behind another), only
+while ``Shadow.active`` (some role is in ``streaming``: one attribute check otherwise). ``offer`` keeps a
+read whose tables all belong to one streaming role with probability ``migration.shadow_sample`` (read from
+the live configuration, so a reload changes it), copies what is needed to run it again into a bounded queue
+(full: the sample is dropped and counted) and returns. Nothing else happens there: the client's unit is
+routed, sent and answered exactly as without shadowing, and nothing the shadow does later can delay or fail
+it.
 
 **What can be sampled**: a simple-protocol Query holding one statement; an extended-protocol unit with one
 Bind of a statement parsed in the same unit or prepared earlier by name, with its parameters: in text format
-(psycopg for strings, JDBC, libpq), or in binary format for the common types ``binary_text`` knows (integers,
-floats, numeric, boolean, text types, json/jsonb, bytea, uuid, date, timestamp[tz]: psycopg's numbers,
-asyncpg). Not sampled (counted as ``skipped``, by reason in ``skips``): binary parameters of other types, a
-Bind of the cached unnamed statement, units of several statements, and reads whose result depends on the
-physical order of rows (a ``LIMIT``/``OFFSET`` without ``ORDER BY`` at the same level): their rows
-legitimately differ between two copies of a table. A read pipelined behind a unit still in flight is not
-offered. What runs again is the statement alone, in the shadow's own session: not the client's transaction
-(its uncommitted rows), nor its session settings (``search_path``...).
+(psycopg for strings, JDBC, libpq), or in binary format for the common types ``binary_text`` knows
+(integers, floats, numeric, boolean, text types, json/jsonb, bytea, uuid, date, timestamp[tz]: psycopg's
+numbers, asyncpg). Not sampled (counted as ``skipped``, by reason in ``skips``): binary parameters of other
+types, a Bind of the cached unnamed statement, units of several statements, and reads whose result depends
+on the physical order of rows (a ``LIMIT``/``OFFSET`` without ``ORDER BY`` at the same level): their rows
+legitimately differ between two copies of a table. What runs again is the statement alone, in the shadow's
+own session: not the client's transaction (its uncommitted rows), nor its session settings
+(``search_path``...).
 
 **Off the path** one task (``Shadow._run``) takes samples one at a time, with connections of its own (the
 roles' ``url`` logins, ``proxy.health.connect``), every statement in a read-only transaction, a statement
