@@ -1,6 +1,6 @@
 """The admin console, PgBouncer style: ``psql`` to the virtual database ``parafort`` as an admin user.
 
-    SHOW POOLS | CLIENTS | SERVERS | STATS | HEALTH | CONFIG | CONSISTENCY | MIGRATION | HELP
+    SHOW POOLS | CLIENTS | SERVERS | STATS | HEALTH | CONFIG | CONSISTENCY | MIGRATION | SHADOW | HELP
     RELOAD
     PAUSE [role]      new transactions for the role (or every role) wait; nothing fails
     RESUME [role]
@@ -22,7 +22,7 @@ from proxy.consistency import OUTCOMES
 from proxy.context import AdminContext
 from proxy.errors import FEATURE_NOT_SUPPORTED, ProxyError
 from proxy.frontend.ryw import format_lsn
-from proxy.migration import plan, verbs
+from proxy.migration import plan, shadow, verbs
 from proxy.migration.state import MEANING, OPERATOR_VERBS, Verb
 from proxy.protocol import messages as m
 
@@ -200,8 +200,8 @@ class AdminConsole:
         """A row per domain role: its stored migration state, who serves its tables, and while copying or
         streaming the replication's lag (main's WAL position minus what the subscription confirmed, as
         read at the last poll). ``held_transactions``: new transactions on the role's tables waiting now
-        for a cutover or a rollback from one. divergences stays NULL: shadow reads do not exist in this
-        build."""
+        for a cutover or a rollback from one. ``divergences``: the shadow reads' divergences since start
+        (NULL: none of its reads sampled; SHOW SHADOW lists them by statement)."""
         app = self.app
         monitor = app.migration
         rows: list[Row] = []
@@ -226,8 +226,42 @@ class AdminConsole:
             if role in hold.roles:
                 detail = f"holding new transactions on its tables (a cutover or rollback runs); {detail}"
             held = hold.waiting.get(role, 0) if role in hold.roles else 0
-            rows.append((role, mig.state.value if mig else "none", served_by, *when, lag, None, held, detail))
+            diverged = monitor.shadow.divergences(role)
+            row = (role, mig.state.value if mig else "none", served_by, *when, lag, diverged, held, detail)
+            rows.append(row)
         return _table(MIGRATION_COLUMNS, rows)
+
+    def show_shadow(self) -> bytes:
+        """Shadow reads (proxy/migration/shadow.py): a row per role and statement fingerprint sampled, with
+        the statement normalized (no literals) and what its samples came to; then a row per role for the
+        samples never compared: dropped (the queue was full) and skipped, by why they cannot be replayed."""
+        found = self.app.migration.shadow
+        rows: list[Row] = []
+        for s in found.for_role():
+            counts = s.outcomes
+            rows.append(
+                (
+                    s.role,
+                    s.fingerprint,
+                    s.statement,
+                    s.samples,
+                    counts.get(shadow.MATCH, 0),
+                    counts.get(shadow.DIVERGED, 0),
+                    counts.get(shadow.INCONCLUSIVE, 0),
+                    counts.get(shadow.ERROR, 0),
+                    s.last_error,
+                    _stamp(dt.datetime.fromtimestamp(s.last_seen, dt.UTC)),
+                )
+            )
+        for (role, outcome), n in sorted(found.counts.items()):
+            if outcome == shadow.DROPPED:
+                rows.append((role, f"({outcome})", None, n, None, None, None, None, None, None))
+        for (role, why), n in sorted(found.skips.items()):
+            rows.append((role, f"(skipped: {why})", None, n, None, None, None, None, None, None))
+        cols = [("role", TEXT), ("fingerprint", TEXT), ("statement", TEXT), ("samples", INT8)]
+        cols += [("matches", INT8), ("divergences", INT8), ("inconclusive", INT8), ("errors", INT8)]
+        cols += [("last_error", TEXT), ("last_seen", TEXT)]
+        return _table(cols, rows)
 
     def _progress_note(self, role: str) -> str:
         monitor = self.app.migration

@@ -168,7 +168,7 @@ class ClientContext(Protocol[Client_contra]):
     @property
     def console(self) -> Console: ...
     @property
-    def migration(self) -> MigrationMonitor: ...  # its hold: new units on a role's tables wait (cutover)
+    def migration(self) -> MigrationMonitor: ...  # its hold (cutover), its shadow (a streaming role's reads)
     @property
     def audit(self) -> AuditLog | None: ...
     @property

@@ -20,6 +20,8 @@ from proxy.config.values import DOMAINS, ROLES, table_label
 from proxy.consistency import OUTCOMES
 from proxy.consistency import WAIT_BUCKETS as RYW_WAIT_BUCKETS
 from proxy.context import MetricsContext
+from proxy.migration.shadow import DIVERGED
+from proxy.migration.shadow import OUTCOMES as SHADOW_OUTCOMES
 from proxy.migration.state import State
 from proxy.migration.verbs import FOLLOWED
 from proxy.pool.pool import WAIT_BUCKETS
@@ -134,6 +136,32 @@ class ProxyCollector(Collector):
         yield _migration_state(app)
         yield _migration_lag(app)
         yield from _migration_holds(app)
+        yield from _shadow_metrics(app)
+
+
+def _shadow_metrics(app: MetricsContext) -> Iterator[CounterMetricFamily]:
+    """Shadow reads of migrating roles (proxy/migration/shadow.py): outcomes, divergences by statement."""
+    shadow = app.migration.shadow
+    yield labelled_counter(
+        "migration_shadow_reads",
+        "Reads of a streaming role's tables sampled (migration.shadow_sample) and run again on its own "
+        "database, by outcome: match, diverged (rows differ with main unchanged meanwhile, twice), "
+        "inconclusive (main's rows changed meanwhile, the target did not catch up in time, too many rows), "
+        "error, dropped (queue full), skipped (cannot be replayed: binary parameters, LIMIT without ORDER "
+        "BY...).",
+        ["role", "outcome"],
+        shadow.counts,
+        ((role, outcome) for role in sorted(shadow.streaming) for outcome in SHADOW_OUTCOMES),
+    )
+    divergences = {(s.role, s.fingerprint): s.outcomes.get(DIVERGED, 0) for s in shadow.stats.values()}
+    yield labelled_counter(
+        "migration_divergences",
+        "Shadow reads whose rows differed between main and the role's own database, by statement "
+        "fingerprint (pglast; at most 100 distinct, then other). SHOW SHADOW shows the statements.",
+        ["role", "fingerprint"],
+        divergences,
+        (),
+    )
 
 
 def _migration_state(app: MetricsContext) -> GaugeMetricFamily:

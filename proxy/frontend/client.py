@@ -190,6 +190,21 @@ class Batch:
                 yield m.decode_parse(buf[start + 5 : end])[1]
 
 
+def _count_route(
+    client: ClientConnection, role: str, kind: str, batch: Batch, info: Classification | None
+) -> None:
+    """A unit sent to ``role`` counted by kind; while a migrating role streams, a read is offered to the
+    shadow reads (proxy/migration/shadow.py keeps a sample of the reads of that role's tables)."""
+    routed = client.app.routed
+    routed[role, kind] = routed.get((role, kind), 0) + 1
+    if kind == WRITE:
+        if role == MAIN and client.reads.key is not None:
+            client.reads.wrote = True  # its WAL position is captured when the unit (or its transaction) ends
+    elif info is not None and client.app.migration.shadow.active:
+        domains = tuple(sorted({client.app.router.domain_of(table) for table in info.tables}))
+        client.app.migration.shadow.offer(domains, batch.buf, batch.msgs, client.session.statements)
+
+
 class ClientConnection(asyncio.Protocol):
     """See the module docstring."""
 
@@ -470,7 +485,7 @@ class ClientConnection(asyncio.Protocol):
                 decision.role != REPLICA_ROLE
                 or self.reads.same_replica(self.app.consistency, self.server_pool)
             ):
-                self._count_route(self.server_role, decision.kind)
+                _count_route(self, self.server_role, decision.kind, batch, info)
                 if decision.fallback_writes:
                     self.app.count_fallback_writes(decision.fallback_writes)
                 self._send(batch, server)  # pipelined behind the unit in flight, same upstream
@@ -488,7 +503,7 @@ class ClientConnection(asyncio.Protocol):
             self._refuse(batch, refusal, in_transaction=server.status != _IDLE)
             return
         if info is not None:
-            self._count_route(self.server_role, router.kind(info)[0])
+            _count_route(self, self.server_role, router.kind(info)[0], batch, info)
             if router.on_fallback:
                 self._count_fallback_writes(router.fallback_writes(info))
         self._send(batch, server)
@@ -528,7 +543,7 @@ class ClientConnection(asyncio.Protocol):
         if decision.fallback_from:
             self._count_fallback(decision.fallback_from)
             self._count_fallback_writes(decision.fallback_writes)
-        self._count_route(role, decision.kind)
+        _count_route(self, role, decision.kind, batch, info)
         server = self.server
         if self.app.is_paused(role):
             # PAUSE: the new transaction waits (no timeout) until RESUME; nothing fails.
@@ -637,12 +652,6 @@ class ClientConnection(asyncio.Protocol):
         self.resume("acquire")
         if self.phase != CLOSED and self.buf:
             self.data_received(b"")
-
-    def _count_route(self, role: str, kind: str) -> None:
-        routed = self.app.routed
-        routed[role, kind] = routed.get((role, kind), 0) + 1
-        if kind == WRITE and role == MAIN and self.reads.key is not None:
-            self.reads.wrote = True  # its WAL position is captured when the unit (or its transaction) ends
 
     # -- read-your-writes -----------------------------------------------------------------------------------
     def _dispatch_after(self, batch: Batch, reason: Input, settled: Awaitable[None]) -> None:

@@ -31,6 +31,7 @@ from proxy.migration.hold import MigrationHold
 from proxy.migration.notices import Listener, Notice
 from proxy.migration.objects import ReplicationError
 from proxy.migration.replication import Progress
+from proxy.migration.shadow import Shadow
 from proxy.migration.state import Migration, State
 
 log = logging.getLogger("parafort.migration")
@@ -118,7 +119,7 @@ async def migration_notes(conn: Any, config: Config) -> list[str]:
 
 class MigrationMonitor:
     """Reads the states through main's look-up connection and tells ``on_change`` which configured roles
-    main must keep serving (``held``) whenever that set changes."""
+    main must keep serving (``held``) whenever that set changes, and its ``shadow`` every state read."""
 
     def __init__(
         self,
@@ -148,6 +149,9 @@ class MigrationMonitor:
         self.instance = secrets.token_hex(8)  # this process, as a sender of notices
         self.listener = Listener(self._notice)
         self._remote: dict[str, asyncio.TimerHandle] = {}  # roles held at another instance's notice
+        # Reads of a streaming role's tables sampled and compared on its own database (shadow.py): told the
+        # states at every read, started and stopped with the monitor.
+        self.shadow = Shadow(config)
 
     @property
     def held(self) -> frozenset[str]:
@@ -158,6 +162,7 @@ class MigrationMonitor:
     async def start(self) -> None:
         """Start polling; wait (briefly) for the first read, so the first statements see the stored state."""
         loop = asyncio.get_running_loop()
+        self.shadow.start()
         first: asyncio.Future[None] = loop.create_future()
         self._task = loop.create_task(self._run(first))
         with contextlib.suppress(TimeoutError):
@@ -176,6 +181,7 @@ class MigrationMonitor:
         await self.listener.close()
         for role in list(self._remote):
             self._remote_release(role)
+        await self.shadow.stop()
 
     def refresh(self) -> None:
         """Read again now (a reload)."""
@@ -355,5 +361,6 @@ class MigrationMonitor:
                 "main" if role in held or not config.roles.get(role).configured else role,
             )
         self.loaded = True
+        self.shadow.follow(migrations)
         if held != held_before:
             self.on_change(held)
