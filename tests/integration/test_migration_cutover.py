@@ -35,6 +35,13 @@ __all__ = ["moving"]  # the fixture, used by name
 SEED = 500  # rows of user_activity the fixture puts in main
 
 
+STABLE = "SELECT count(*) FROM user_activity WHERE action LIKE 'seed-%'"  # rows no writer touches
+
+
+def shadowed(proxy: ProxyProcess, outcome: str) -> float:
+    return proxy.metric("parafort_proxy_migration_shadow_reads_total", role="analytics", outcome=outcome)
+
+
 def rows(out: str) -> list[list[str]]:
     """The rows of a verb's table as the CLI prints it (kind, name, detail)."""
     return [[c.strip() for c in line.split(" | ")] for line in out.splitlines()[2:-1]]
@@ -127,7 +134,7 @@ def refused_write(pg: DevClusters, role: str) -> str:
 def test_cutover_rollback_cutover_finish_with_traffic(
     pg: DevClusters, moving: None, start_proxy: StartProxy
 ) -> None:
-    proxy = start(start_proxy, pg)
+    proxy = start(start_proxy, pg, migration={"shadow_sample": 1.0})
     with Traffic(proxy) as traffic:
         with connect(proxy) as conn:  # main serves both: a join of moving and staying tables runs
             conn.execute(JOIN).fetchall()
@@ -136,6 +143,16 @@ def test_cutover_rollback_cutover_finish_with_traffic(
         verb(pg, proxy, "start")
         wait_until(lambda: status(proxy)["state"] == "streaming", DEADLINE, "analytics streaming")
         traffic.more()
+        # Shadow reads while streaming: a read of rows the writers do not touch is compared and matches
+        # (the writers' count(*) changes under every comparison: inconclusive, never diverged).
+        with connect(proxy) as conn:
+            wait_until(
+                lambda: conn.execute(STABLE).fetchone() == (SEED,) and shadowed(proxy, "match") > 0,
+                DEADLINE,
+                "a shadow read that matches",
+            )
+        assert shadowed(proxy, "diverged") == 0
+        assert status(proxy)["divergences"] == "0"
 
         out = verb(pg, proxy, "cutover")
         assert out[0][:2] == ["state", "cutover"]
@@ -165,6 +182,7 @@ def test_cutover_rollback_cutover_finish_with_traffic(
         traffic.more()
     assert traffic.errors == []
     assert traffic.reads and min(traffic.reads) >= 0  # no read ever missed a committed write
+    assert shadowed(proxy, "diverged") == 0  # cutover, rollback, cutover: the shadow never saw a difference
 
     # Every committed write is in the database that serves the table, once; main's copy followed it.
     caught_up_reverse = "SELECT count(*) FROM user_activity WHERE action LIKE 'w%'"
@@ -176,6 +194,12 @@ def test_cutover_rollback_cutover_finish_with_traffic(
     assert int(tags) == written
     wait_until(lambda: count(pg, "main", caught_up_reverse) == written, DEADLINE, "main's copy current")
 
+    finish_then_restart(pg, proxy, start_proxy, written)
+
+
+def finish_then_restart(pg: DevClusters, proxy: ProxyProcess, start_proxy: StartProxy, written: int) -> None:
+    """finish: replication and main's guards removed, main's copies listed to drop; a restarted proxy
+    routes by the stored state."""
     out = verb(pg, proxy, "finish")
     assert out[0][:2] == ["state", "finished"]
     assert sorted(r[1] for r in kinds(out, "may_drop")) == [f"main: {t}" for t in sorted(TABLES)]

@@ -66,6 +66,7 @@ def start(
     logins: bool = True,
     expect: str = "planned",
     main_login: str | None = None,
+    migration: dict[str, object] | None = None,
 ) -> ProxyProcess:
     roles: dict[str, object] = {}
     if logins:
@@ -80,6 +81,7 @@ def start(
             "auth": {"admin_users": [ADMIN]},
             "health": {"interval": "300ms"},
             "roles": roles,
+            "migration": migration or {},
         },
         users={APP_USER: APP_PASSWORD, ADMIN: ADMIN_PASSWORD},
     )
