@@ -218,18 +218,12 @@ async def rollback(config: Config, role: str, board: Board) -> list[Row]:
     async with claimed(main, role, Verb.ROLLBACK) as claim:
         if claim.current is State.CUTOVER:
             return await switch(config, claim, board)
-        report = await replication.finish(main, target, role)
-        unguarded = await _unguard(target, "target")
         note = (
             f"replication removed; the rows already copied to {role} stay there (empty its tables there "
             "before a new start: TRUNCATE; the proxy never drops data)"
         )
-        await claim.store(f"rolled back from {claim.current}: {note}")
-    rows = [Row("state", State.PLANNED.value, MEANING[State.PLANNED])]
-    rows += [Row("removed", item) for item in report.removed]
-    rows += [Row("unguarded", f"{role}: {t}", "takes writes again") for t in unguarded]
-    rows.append(Row("note", "copied rows", note))
-    return rows
+        rows = await _end_replication(claim, target, f"rolled back from {claim.current}: {note}")
+    return [*rows, Row("note", "copied rows", note)]
 
 
 async def finish(config: Config, role: str, board: Board) -> list[Row]:
@@ -237,14 +231,24 @@ async def finish(config: Config, role: str, board: Board) -> list[Row]:
     main, target = migration_dsns(config, role, Verb.FINISH)
     await same_databases(config, role, Verb.FINISH)
     async with claimed(main, role, Verb.FINISH) as claim:
-        report = await replication.finish(main, target, role)
-        unguarded = await _unguard(main, "main")
-        await claim.store("finished: replication removed")
-    rows = [Row("state", State.FINISHED.value, MEANING[State.FINISHED])]
+        return await _end_replication(claim, target, "finished: replication removed")
+
+
+async def _end_replication(claim: Claim, target: Dsn, detail: str) -> list[Row]:
+    """Remove the role's replication on both sides and the write guards of the copies nothing replicates
+    into any more (the target's on the way back to planned, main's at finish), then store the claimed
+    state. Finish lists main's copies as the operator's to drop."""
+    finishing = claim.new is State.FINISHED
+    report = await replication.finish(claim.dsn, target, claim.role)
+    side, label = ("main", "main") if finishing else ("target", claim.role)
+    unguarded = await _unguard(claim.dsn if finishing else target, side)
+    await claim.store(detail)
+    rows = [Row("state", claim.new.value, MEANING[claim.new])]
     rows += [Row("removed", item) for item in report.removed]
-    rows += [Row("unguarded", f"main: {t}", "no longer refuses writes") for t in unguarded]
-    rows += [Row("may_drop", item, "no longer replicated: drop it when you wish (the proxy never does)")
-             for item in report.may_drop]  # fmt: skip
+    rows += [Row("unguarded", f"{label}: {t}", "takes writes again") for t in unguarded]
+    if finishing:
+        rows += [Row("may_drop", item, "no longer replicated: drop it when you wish (the proxy never does)")
+                 for item in report.may_drop]  # fmt: skip
     return rows
 
 
