@@ -303,17 +303,38 @@ class Statements:
         reuse); any other goes as it is. True when answered."""
         kind, name = m.decode_describe_close(buf[start + 5 : end])
         if kind == b"S" and (name or self.unnamed_stmt is not None):
+            # Forgotten now (a Parse of the same name may follow in this batch), kept again if an earlier
+            # message fails: PostgreSQL then skips the Close up to the Sync, and the statement stays.
             if name:
-                named.pop(name, None)
+                closed = named.pop(name, None)
+                undo = None if closed is None else self._reinstate(named, name, closed)
             else:
-                self.unnamed_stmt = None
-            ents.append(Expect(K_SYNTH, data=m.close_complete()))
+                closed, self.unnamed_stmt = self.unnamed_stmt, None
+                undo = self._reinstate(None, "", closed)
+            ents.append(Expect(K_SYNTH, data=m.close_complete(), on_done=undo))
             return True
         if kind == b"S":
             server.unnamed_owner = None
         out.append(view[start:end])
         ents.append(K_CLOSE)
         return False
+
+    def _reinstate(
+        self, named: dict[str, PreparedStatement] | None, name: str, closed: PreparedStatement | None
+    ) -> Callable[[bool], None]:
+        """An ``on_done`` for a Close the proxy answered: when the server skipped it (``ok`` False), the
+        client's statement is there again, unless the client has defined the name anew since."""
+
+        def done(ok: bool) -> None:
+            if ok or closed is None:
+                return
+            if named is None:
+                if self.unnamed_stmt is None:
+                    self.unnamed_stmt = closed
+            else:
+                named.setdefault(name, closed)
+
+        return done
 
     def evict(self, server: ServerConnection, out: list[Piece]) -> None:
         """Between transactions no portal depends on a statement: close the least recently used beyond

@@ -265,3 +265,58 @@ def test_functions_are_read_when_main_comes_back(
         if not pg.main.running:
             pg.main.start()
         pg.main.psql(DROP_FUNCTIONS, superuser=False)
+
+
+# -- a Close the server never ran ---------------------------------------------------------------------------
+def _replies(sock: socket.socket, data: bytes) -> list[tuple[bytes, bytes]]:
+    """Send ``data``; the messages that come back up to ReadyForQuery: (type, payload)."""
+    sock.sendall(data)
+    buf, out = b"", []
+    while True:
+        while len(buf) < 5 or len(buf) < 1 + struct.unpack_from("!i", buf, 1)[0]:
+            chunk = sock.recv(65536)
+            if not chunk:
+                raise AssertionError(f"connection closed after {out}")
+            buf += chunk
+        length = struct.unpack_from("!i", buf, 1)[0]
+        message, buf = (buf[0:1], buf[5 : 1 + length]), buf[1 + length :]
+        out.append(message)
+        if message[0] == b"Z":
+            return out
+
+
+EXECUTE_UNNAMED = b"E" + struct.pack("!i", 9) + b"\x00" + struct.pack("!i", 0)
+CLOSE_SKIPPED = [
+    m.parse("s1", "SELECT 41 + 1") + m.sync(),
+    # The Parse fails: PostgreSQL skips the Close up to the Sync, so s1 still exists.
+    m.parse("", "SELEC bad") + m.close(b"S", "s1") + m.sync(),
+    m.bind_raw("", "s1", b"\x00\x00\x00\x00\x00\x00") + EXECUTE_UNNAMED + m.sync(),
+]
+
+
+def _script(sock: socket.socket) -> list[list[tuple[bytes, str]]]:
+    """CLOSE_SKIPPED's replies: message types, with the SQLSTATE of errors and the value of rows."""
+    result = []
+    for data in CLOSE_SKIPPED:
+        seen = []
+        for mtype, payload in _replies(sock, data):
+            detail = m.parse_fields(payload).get("C", "") if mtype == b"E" else ""
+            seen.append((mtype, detail or (payload[6:].decode() if mtype == b"D" else "")))
+        result.append(seen)
+    return result
+
+
+def test_a_close_skipped_after_an_error_leaves_the_statement(pg: DevClusters, trusting: ProxyProcess) -> None:
+    """The proxy answers a Close of a client's statement itself; when an earlier message of the batch fails,
+    PostgreSQL skips the Close, so the statement must stay usable through the proxy too."""
+    main = pg.main
+    with socket.socket(socket.AF_UNIX) as sock:
+        sock.connect(str(main.sockdir / f".s.PGSQL.{main.port}"))
+        raw_login(sock, {"user": main.user, "database": main.database})
+        direct = _script(sock)
+    with socket.create_connection(("127.0.0.1", trusting.port)) as sock:
+        raw_login(sock, {"user": APP_USER, "database": "app"})
+        proxied = _script(sock)
+    assert direct[1][0] == (b"E", "42601")
+    assert direct[2] == [(b"2", ""), (b"D", "42"), (b"C", ""), (b"Z", "")]
+    assert proxied == direct
