@@ -72,8 +72,3 @@ async def remove(conn: Any) -> list[str]:
         await conn.execute(f"DROP TRIGGER IF EXISTS {TRIGGER} ON {qualified(TableRef(schema, name))}")
         removed.append(table_label(schema, name))
     return removed
-
-
-async def guarded(conn: Any) -> list[str]:
-    """The labels of the tables guarded in ``conn``'s database."""
-    return [table_label(s, n) for s, n in await conn.fetch(GUARDED_QUERY, TRIGGER)]

@@ -28,10 +28,6 @@ class MigrationHold:
         self.held_total: dict[str, int] = {}  # units that waited, per role, since start
         self._released = asyncio.Event()
 
-    @property
-    def active(self) -> bool:
-        return bool(self.roles)
-
     def holds(self, domains: Iterable[str]) -> str | None:
         """The first held role among ``domains`` (the domains of a unit's tables), or None."""
         roles = self.roles

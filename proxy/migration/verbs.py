@@ -112,15 +112,21 @@ class Claim:
     new: State
 
     async def store(self, detail: str) -> None:
+        """Store the new state now, on the claim's own connection."""
+        await self.move(self.conn, detail)
+        log.info("event=migration_state_stored role=%s from=%s to=%s", self.role, self.current, self.new)
+
+    async def move(self, conn: Any, detail: str) -> None:
+        """Write the new state on ``conn`` (in its transaction, if one is open), conditional on the state
+        claimed: VerbError if another instance moved it meanwhile."""
         async with step("storing the migration state", self.dsn):
-            moved = await state.move(self.conn, self.role, self.current, self.new, detail)
+            moved = await state.move(conn, self.role, self.current, self.new, detail)
         if not moved:
             raise VerbError(
                 NOT_IN_PREREQUISITE_STATE,
                 f"migrate {self.role} {self.verb}: the stored state changed meanwhile (not {self.current} "
                 "any more); see: migrate status",
             )
-        log.info("event=migration_state_stored role=%s from=%s to=%s", self.role, self.current, self.new)
 
 
 @contextlib.asynccontextmanager
@@ -329,8 +335,9 @@ async def switch(config: Config, claim: Claim, board: Board) -> list[Row]:
        database that serves the tables now.
 
     A timeout or a failure before the commit leaves everything as it was (replication's direction is
-    restored if it had changed). Other proxy instances read the new state at their next poll; until then
-    a write they send to the old side is refused by the guard (25006), never lost.
+    restored if it had changed). Other proxy instances hold and switch on this instance's notices
+    (proxy/migration/notices.py); one that misses them reads the new state at its next poll, and until
+    then a write it sends to the old side is refused by the guard (25006), never lost.
     """
     role = claim.role
     main, target = migration_dsns(config, role, claim.verb)
@@ -433,13 +440,13 @@ async def _switch_held(
                 guarded = await guard.install(lock, tables, role)
             if sides.to_target:
                 await _unguard(target, "target")
-                await _store(lock, claim, detail)  # committed with the lock and the guards
+                await claim.move(lock, detail)  # committed with the lock and the guards
                 await notices.send(lock, changed)  # delivered at that commit
             else:
                 async with connected(main, "main") as mconn, mconn.transaction():
                     async with step("removing the write guards on main", main):
                         await guard.remove(mconn)
-                    await _store(mconn, claim, detail)
+                    await claim.move(mconn, detail)
                     await notices.send(mconn, changed)
                 committed = True  # main serves again, whatever becomes of the target's lock
             async with step(f"committing on {sides.old_side}", sides.old):
@@ -460,18 +467,6 @@ async def _notify(claim: Claim, notice: Notice) -> None:
         await notices.send(claim.conn, notice)
     except ERRORS as exc:
         log.warning("event=migration_notice_failed kind=%s error=%r", notice.kind, str(exc))
-
-
-async def _store(conn: Any, claim: Claim, detail: str) -> None:
-    """Store the switch's new state in ``conn``'s transaction (conditional on the state claimed)."""
-    async with step("storing the migration state", claim.dsn):
-        stored = await state.move(conn, claim.role, claim.current, claim.new, detail)
-    if not stored:
-        raise VerbError(
-            NOT_IN_PREREQUISITE_STATE,
-            f"migrate {claim.role} {claim.verb}: the stored state changed meanwhile (not {claim.current} "
-            "any more)",
-        )
 
 
 # Transactions waiting for a lock on the tables (they arrived after the LOCK: a write this instance sent

@@ -13,12 +13,12 @@ from proxy.migration.notices import Notice, decode
 
 def test_holds_names_the_first_held_domain_and_nothing_when_idle() -> None:
     hold = MigrationHold()
-    assert not hold.active and hold.holds(("main", "analytics")) is None
+    assert not hold.roles and hold.holds(("main", "analytics")) is None
     hold.hold("analytics")
-    assert hold.active and hold.holds(("main", "analytics")) == "analytics"
+    assert hold.roles and hold.holds(("main", "analytics")) == "analytics"
     assert hold.holds(("main", "documents")) is None
     hold.release("analytics")
-    assert not hold.active
+    assert not hold.roles
     hold.release("analytics")  # twice: harmless
 
 
@@ -62,7 +62,7 @@ def test_held_releases_on_error() -> None:
     with pytest.raises(RuntimeError), hold.held("compliance"):
         assert hold.roles == {"compliance"}
         raise RuntimeError("switch failed")
-    assert not hold.active
+    assert not hold.roles
 
 
 @pytest.mark.parametrize(
