@@ -251,7 +251,13 @@ class ServerConnection(ReplyQueue, asyncio.Protocol):
         # ``buf`` is immutable bytes, so slices of it can be handed to the client's transport as they are.
         buf = self._buf + data if self._buf else data
         try:
-            used = self._handshake_messages(buf) if self._handshake is not None else self.feed(buf)
+            if self._handshake is not None:
+                used = self._handshake_messages(buf)
+            elif self.whole_unit(buf):  # the fast path: the whole reply to a plain unit, as it is
+                self._buf = b""
+                return
+            else:
+                used = self.feed(buf)
         except ProxyError as exc:
             log.warning("event=upstream_protocol_error upstream=%s error=%r", self.label, exc.message)
             self.abort()

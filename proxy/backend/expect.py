@@ -51,6 +51,10 @@ _END = {
     K_CLOSE: frozenset(b"3E"),
 }
 _Z, _E, _C, _S, _N, _A, _G, _D = b"ZECSNAGD"
+# The replies ``ReplyQueue.whole_unit`` forwards unread: everything a statement answers that asks nothing
+# of the proxy (not an error, a setting, a COPY FROM STDIN or a ReadyForQuery before the end).
+_PLAIN_REPLIES = frozenset(b"123TDCnstIVNAHdc")
+_READY_HEADER = b"Z\x00\x00\x00\x05"
 _READ_WHEN_SWALLOWED = frozenset(b"SDE")  # what an injected message's reply is read for (see _injected)
 _STOP = -1  # _error's answer for a FATAL error: the backend exits, nothing after it matters
 
@@ -162,6 +166,44 @@ class ReplyQueue:
         sink, self.sink = self.sink, None
         if sink is not None:
             sink.upstream_lost(exc)
+
+    def whole_unit(self, buf: bytes) -> bool:
+        """The fast path: ``buf`` is the whole reply to the one plain unit in flight (a batch sent as it
+        was, with one expectation that forwards), ending with its ReadyForQuery, and holds nothing the
+        proxy must read (see ``_PLAIN_REPLIES``). Then it goes to the client as it is, in one call, after
+        a scan of its headers; True when it did. Anything else is ``feed``'s, which says the same for
+        these bytes."""
+        expect = self.expect
+        if len(expect) != 1 or self._track_details or (sink := self.sink) is None:
+            return False
+        entry = expect[0]
+        last = len(buf) - 6
+        if (
+            entry.kind != K_SYNC
+            or entry.action != FORWARD
+            or entry.on_done is not None
+            or entry.retry is not None
+            or entry.on_row is not None
+            or last < 0
+            or buf[last : last + 5] != _READY_HEADER
+        ):
+            return False
+        unpack = _HEADER.unpack_from
+        plain = _PLAIN_REPLIES
+        pos = 0
+        while pos < last:
+            mtype, length = unpack(buf, pos)
+            if mtype not in plain or length < 4:
+                return False
+            pos += 1 + length
+        if pos != last:
+            return False
+        self.status = status = buf[-1]
+        expect.popleft()
+        self.needs_sync = False
+        sink.upstream_data(buf)
+        sink.upstream_ready(status)
+        return True
 
     def feed(self, buf: bytes) -> int:  # noqa: PLR0915  (the hot loop, one frame on purpose)
         """Route the complete messages in ``buf`` (see the class); returns the bytes consumed."""

@@ -116,8 +116,11 @@ _IDLE = ord("I")
 
 # States of TxState read on every batch, as module constants (a global is the cheapest look-up).
 _SKIPPING = Input.SKIPPING
+_READING = Input.READING
 _LINGERING = Lease.LINGERING
 _PINNED = Lease.PINNED
+_UNLINGER = LeaseEv.UNLINGER
+_LENGTH = struct.Struct("!I")
 
 _ids = itertools.count(1)
 
@@ -328,6 +331,8 @@ class ClientConnection(asyncio.Protocol):
                 return
             self.buf = whole
             self._parts = None
+        elif self.tx.lease is _LINGERING and _fast_unit(self, data):
+            return
         else:
             self.buf = self.buf + data if self.buf else data
         self._guarded(self._process)
@@ -1514,6 +1519,131 @@ def _lone_unnamed_statement(batch: Batch) -> tuple[tuple[int, int], list[bytes]]
     if not executed or parse is None:
         return None
     return parse, replies
+
+
+def _fast_unit(client: ClientConnection, data: bytes) -> bool:
+    """The fast path: ``data`` is one whole unit that needs nothing of the proxy but its route, from a
+    client lingering on a connection of the role it routes to: a simple Query, or an unnamed statement's
+    [Parse] Bind [Describe portal] Execute Sync, with no setting, transaction control or pin in it,
+    nothing paused, held, audited, replayed or waited for. It goes upstream as it is, with one
+    expectation, exactly as the slow path (``_messages`` ... ``_send``) would send it, and True is
+    returned. Anything else returns False having changed nothing, and takes the slow path."""
+    server = client.server
+    tx = client.tx
+    if (
+        server is None
+        or client.buf
+        or not 6 <= len(data) <= INLINE_BYTES
+        or tx.begin is not None
+        or tx.input is not _READING
+        or client.phase != READY
+        or client.admin
+        or client.reads.key is not None
+        or client.reads.min_lsn is not None
+        or client.session.has_staged
+        or client._unnamed_changes
+        or client._stmt_changes
+        or client._portal_changes
+        or server.expect
+    ):
+        return False
+    app = client.app
+    try:  # whatever these raise, the slow path meets again and reports (``_guarded``)
+        info = _fast_info(client, data, server)
+        decision = None if info is None else app.router.decide_cached(info, None, None)
+    except Exception:
+        return False
+    role = client.server_role
+    if (
+        decision is None
+        or decision.role != role
+        or decision.fallback_from
+        or (role == "compliance" and app.audit is not None)
+        or app.migration.hold.roles
+        or app.migration.shadow.active  # a read may be offered to the shadow reads: _count_route
+        or app.is_paused(role)
+        or len(server.prepared) > app.max_statements
+        or server.applied != client.session.settings
+    ):
+        return False
+    # What _dispatch_unit, _count_route, _send and _note_sql do for this unit, in their order.
+    routed = app.routed
+    routed[role, decision.kind] = routed.get((role, decision.kind), 0) + 1
+    tx.lease_event(_UNLINGER)
+    app.pools[client.server_pool].unlinger(server)
+    first = data[0]
+    if first == _P:
+        client._unnamed_info = info
+        st = client.statements
+        st.unnamed_stmt = None
+        st.unnamed = data[: _LENGTH.unpack_from(data, 1)[0] + 1]
+        st.unnamed_token = server.unnamed_owner = object()
+    elif first == _Q:
+        server.unnamed_owner = None
+    server.push(Expect(K_SYNC, extended=first != _Q))
+    server.send(data)
+    return True
+
+
+def _fast_info(client: ClientConnection, data: bytes, server: ServerConnection) -> Classification | None:
+    """For ``_fast_unit``: the classification of a Query or of an unnamed statement's [Parse] Bind
+    [Describe] Execute Sync that the fast path can send as it is; None for anything else."""
+    app = client.app
+    if data[0] == _Q:
+        if _LENGTH.unpack_from(data, 1)[0] != len(data) - 1:
+            return None
+        sql = data[5:-1]
+        info = app.classifier.classify_bytes(sql)
+    else:
+        if data[0] == _P and app.cache_unnamed:
+            return None  # the Parse may be answered by the proxy, the Bind renamed: Statements (prepared.py)
+        starts = _extended_unit(data)
+        if starts is None:
+            return None
+        if data[0] == _P:
+            sql_end = data.find(0, 6, starts[1])
+            if sql_end < 0:
+                return None
+            sql = data[6:sql_end]
+            info = app.classifier.classify_bytes(sql)
+        else:
+            st = client.statements
+            sql = b""
+            unnamed = client._unnamed_info
+            if unnamed is None or st.unnamed_stmt is not None or server.unnamed_owner is not st.unnamed_token:
+                return None
+            info = unnamed
+    if info.bits or info.tx is not None or sql[:1] in _OVERRIDE_START:
+        return None  # session state, transaction control, a pin, or a /* route: */ comment
+    return info
+
+
+def _extended_unit(data: bytes) -> list[int] | None:
+    """The message starts of [Parse] Bind [Describe portal] Execute Sync of the unnamed statement and
+    portal, exactly filling ``data`` (a Parse of the unnamed statement); None for anything else."""
+    n = len(data)
+    starts: list[int] = []
+    pos = 0
+    unpack = _LENGTH.unpack_from
+    while pos + 5 <= n:
+        length = unpack(data, pos + 1)[0]
+        if length < 4:
+            return None
+        starts.append(pos)
+        pos += 1 + length
+    if pos != n or not 3 <= len(starts) <= 5 or data[starts[-1]] != _S or data[starts[-2]] != _E:
+        return None
+    i = 1 if data[0] == _P else 0
+    if i and data[5] != 0:
+        return None
+    bind = starts[i]
+    if data[bind] != _B or data[bind + 5] != 0 or data[bind + 6] != 0:
+        return None
+    middle = len(starts) - i - 3  # a Describe between Bind and Execute, or nothing
+    if middle == 1:
+        describe = starts[i + 1]
+        return starts if data[describe] == _D and data[describe + 5] == 80 else None
+    return starts if middle == 0 else None
 
 
 __all__ = ["AUTH", "CLOSED", "MAX_AUTH_MESSAGE", "READY", "STARTUP", "ClientConnection"]
