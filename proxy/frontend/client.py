@@ -71,6 +71,7 @@ from proxy.frontend.txstate import (
     Input,
     Lease,
     LeaseEv,
+    Tx,
     TxState,
 )
 from proxy.protocol import messages as m
@@ -119,6 +120,8 @@ _SKIPPING = Input.SKIPPING
 _READING = Input.READING
 _LINGERING = Lease.LINGERING
 _PINNED = Lease.PINNED
+_HELD = Lease.HELD
+_UPSTREAM_TX = Tx.UPSTREAM
 _UNLINGER = LeaseEv.UNLINGER
 _LENGTH = struct.Struct("!I")
 
@@ -331,7 +334,7 @@ class ClientConnection(asyncio.Protocol):
                 return
             self.buf = whole
             self._parts = None
-        elif self.tx.lease is _LINGERING and _fast_unit(self, data):
+        elif self.server is not None and _fast_unit(self, data):
             return
         else:
             self.buf = self.buf + data if self.buf else data
@@ -503,12 +506,12 @@ class ClientConnection(asyncio.Protocol):
         if self.tx.failed and not self._failed_tx_unit(batch, info):
             return
         router = self.app.router
-        refusal = router.check_in_transaction(info, self.server_role) if info is not None else None
-        if refusal is not None:
-            self._refuse(batch, refusal, in_transaction=server.status != _IDLE)
-            return
         if info is not None:
-            _count_route(self, self.server_role, router.kind(info)[0], batch, info)
+            refusal, kind = router.in_transaction_cached(info, self.server_role)
+            if refusal is not None:
+                self._refuse(batch, refusal, in_transaction=server.status != _IDLE)
+                return
+            _count_route(self, self.server_role, kind, batch, info)
             if router.on_fallback:
                 self._count_fallback_writes(router.fallback_writes(info))
         self._send(batch, server)
@@ -1522,14 +1525,18 @@ def _lone_unnamed_statement(batch: Batch) -> tuple[tuple[int, int], list[bytes]]
 
 
 def _fast_unit(client: ClientConnection, data: bytes) -> bool:
-    """The fast path: ``data`` is one whole unit that needs nothing of the proxy but its route, from a
-    client lingering on a connection of the role it routes to: a simple Query, or an unnamed statement's
-    [Parse] Bind [Describe portal] Execute Sync, with no setting, transaction control or pin in it,
-    nothing paused, held, audited, replayed or waited for. It goes upstream as it is, with one
-    expectation, exactly as the slow path (``_messages`` ... ``_send``) would send it, and True is
-    returned. Anything else returns False having changed nothing, and takes the slow path."""
+    """The fast path: ``data`` is one whole unit that needs nothing of the proxy but its route: a simple
+    Query, or an unnamed statement's [Parse] Bind [Describe portal] Execute Sync, with no setting,
+    transaction control or pin in it, nothing paused, held, audited, replayed or waited for, from a client
+    lingering on a connection of the role it routes to (``_dispatch_unit``), or inside a transaction on
+    the connection it holds (``_dispatch_held``). It goes upstream as it is, with one expectation, exactly
+    as the slow path (``_messages`` ... ``_send``) would send it, and True is returned. Anything else
+    returns False having changed nothing, and takes the slow path."""
     server = client.server
     tx = client.tx
+    lease = tx.lease
+    if lease is not _LINGERING and (lease is not _HELD or server is None or server.status == _IDLE):
+        return False
     if (
         server is None
         or client.buf
@@ -1548,17 +1555,27 @@ def _fast_unit(client: ClientConnection, data: bytes) -> bool:
     ):
         return False
     app = client.app
+    role = client.server_role
+    router = app.router
     try:  # whatever these raise, the slow path meets again and reports (``_guarded``)
         info = _fast_info(client, data, server)
-        decision = None if info is None else app.router.decide_cached(info, None, None)
+        if info is None:
+            return False
+        if lease is _LINGERING:
+            decision = router.decide_cached(info, None, None)
+            if decision.role != role or decision.fallback_from:
+                return False
+            kind = decision.kind
+        else:  # in a transaction on the connection held
+            if tx.tx is not _UPSTREAM_TX or server.needs_sync or router.on_fallback:
+                return False
+            refusal, kind = router.in_transaction_cached(info, role)
+            if refusal is not None:
+                return False
     except Exception:
         return False
-    role = client.server_role
     if (
-        decision is None
-        or decision.role != role
-        or decision.fallback_from
-        or (role == "compliance" and app.audit is not None)
+        (role == "compliance" and app.audit is not None)
         or app.migration.hold.roles
         or app.migration.shadow.active  # a read may be offered to the shadow reads: _count_route
         or app.is_paused(role)
@@ -1568,9 +1585,10 @@ def _fast_unit(client: ClientConnection, data: bytes) -> bool:
         return False
     # What _dispatch_unit, _count_route, _send and _note_sql do for this unit, in their order.
     routed = app.routed
-    routed[role, decision.kind] = routed.get((role, decision.kind), 0) + 1
-    tx.lease_event(_UNLINGER)
-    app.pools[client.server_pool].unlinger(server)
+    routed[role, kind] = routed.get((role, kind), 0) + 1
+    if lease is _LINGERING:
+        tx.lease_event(_UNLINGER)
+        app.pools[client.server_pool].unlinger(server)
     first = data[0]
     if first == _P:
         client._unnamed_info = info

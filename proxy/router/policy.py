@@ -78,6 +78,8 @@ class Router:
         self._domains = config.domains
         # Decisions by (classification, override, tx): valid until what is usable changes (invalidate()).
         self._decisions: dict[tuple[Classification, str | None, str | None], Decision] = {}
+        # check_in_transaction's answers and the unit's read|write, by (classification, holding role).
+        self._in_tx: dict[tuple[Classification, str], tuple[Decision | None, str]] = {}
         self._on_fallback: bool | None = None
         self._moving: dict[Classification, tuple[MovingJoin, ...]] = {}
         self._pending = self._pending_roles()
@@ -85,6 +87,7 @@ class Router:
     def invalidate(self) -> None:
         """Health changed: forget cached decisions."""
         self._decisions = {}
+        self._in_tx = {}
         self._on_fallback = None
 
     def set_held(self, held: frozenset[str]) -> None:
@@ -300,6 +303,19 @@ class Router:
         parts = [f"{_names(tables)} on {role}" for role, tables in sorted(upstreams.items())]
         message = "statement needs more than one upstream: " + "; ".join(parts)
         return Decision(kind, domains, None, message, FEATURE_NOT_SUPPORTED, message)
+
+    def in_transaction_cached(self, info: Classification, holding: str) -> tuple[Decision | None, str]:
+        """``check_in_transaction`` and the unit's read|write (``kind``), cached as ``decide_cached``'s
+        decisions are (until ``invalidate``)."""
+        key = (info, holding)
+        found = self._in_tx.get(key)
+        if found is None:
+            if len(self._in_tx) >= DECISION_CACHE_SIZE:
+                self._in_tx = {}
+            found = self._in_tx[key] = (self.check_in_transaction(info, holding), self.kind(info)[0])
+        elif self._pending and self.joins is not None and not info.bits & _F_PARSE_ERROR:
+            self._note_joins(info)  # as check_in_transaction does on every call
+        return found
 
     def check_in_transaction(self, info: Classification, holding: str) -> Decision | None:
         """A later unit of a transaction held on ``holding``: None when it can run there, else a refusal."""

@@ -1,0 +1,225 @@
+"""The fast path (``_fast_unit`` in proxy/frontend/client.py, ``ReplyQueue.whole_unit`` in
+proxy/backend/expect.py) against the slow path it short-cuts: the same units and replies, driven through an
+in-process client and upstream connection once as they are and once with the fast path switched off, must
+give the same bytes upstream and to the client, and leave the same state behind. Each scenario also says
+which of its units the fast path takes, so a change that quietly sends everything down the slow path (or
+takes a unit it must not) fails here."""
+
+from __future__ import annotations
+
+import asyncio
+import struct
+import tempfile
+from collections.abc import Iterator
+from pathlib import Path
+from typing import Any
+
+import pytest
+
+from proxy.backend.connection import ServerConnection
+from proxy.backend.expect import ReplyQueue
+from proxy.config import load_config
+from proxy.frontend import client as client_module
+from proxy.frontend.client import READY, ClientConnection
+from proxy.protocol import messages as m
+from proxy.protocol.framing import startup_message
+from proxy.server import ProxyApp
+
+
+class MemoryTransport:
+    """What a connection writes goes to a list; the rest of the transport API does nothing."""
+
+    def __init__(self) -> None:
+        self.writes: list[bytes] = []
+
+    def write(self, data: bytes | bytearray | memoryview) -> None:
+        self.writes.append(bytes(data))
+
+    def close(self) -> None: ...
+
+    def abort(self) -> None: ...
+
+    def is_closing(self) -> bool:
+        return False
+
+    def pause_reading(self) -> None: ...
+
+    def resume_reading(self) -> None: ...
+
+    def get_extra_info(self, name: str, default: Any = None) -> Any:
+        return ("127.0.0.1", 40000) if name == "peername" else default
+
+
+SQL = "SELECT abalance FROM pgbench_accounts WHERE aid = $1"
+ROWS = m.row_description([("abalance", 23)]) + b"D" + struct.pack("!IhI", 11, 1, 1) + b"0"
+
+
+def _ready(status: bytes = b"I") -> bytes:
+    return m.ready_for_query(status)
+
+
+def _select(status: bytes = b"I") -> bytes:
+    return ROWS + m.command_complete("SELECT 1") + _ready(status)
+
+
+def _extended(sql: str = SQL, *, parse: bool = True, describe: bool = True, value: bytes = b"1") -> bytes:
+    tail = struct.pack("!hhI", 0, 1, len(value)) + value + struct.pack("!h", 0)
+    out = m.parse("", sql, ()) if parse else b""
+    out += m.bind_raw("", "", tail)
+    if describe:
+        out += m.describe(b"P", "")
+    return out + b"E" + struct.pack("!I", 9) + b"\0" + struct.pack("!I", 0) + m.sync()
+
+
+def _extended_reply(*, parse: bool = True, describe: bool = True, status: bytes = b"I") -> bytes:
+    out = (m.parse_complete() if parse else b"") + m.bind_complete()
+    if describe:
+        out += m.row_description([("abalance", 23)])
+    return out + b"D" + struct.pack("!IhI", 11, 1, 1) + b"0" + m.command_complete("SELECT 1") + _ready(status)
+
+
+def _error(status: bytes = b"I") -> bytes:
+    fields = b"SERROR\0VERROR\0C42P01\0Mrelation does not exist\0\0"
+    return b"E" + struct.pack("!I", len(fields) + 4) + fields + _ready(status)
+
+
+def _notice() -> bytes:
+    fields = b"SNOTICE\0VNOTICE\000C00000\0Mhello\0\0"
+    return b"N" + struct.pack("!I", len(fields) + 4) + fields
+
+
+# Scenarios: (client bytes, the upstream reply or None when nothing goes upstream, fast path taken?).
+Step = tuple[bytes, bytes | None, bool]
+SCENARIOS: dict[str, list[Step]] = {
+    "simple autocommit reads": [
+        (m.query("SELECT abalance FROM pgbench_accounts WHERE aid = 1"), _select(), False),  # leases
+        (m.query("SELECT abalance FROM pgbench_accounts WHERE aid = 2"), _select(), True),
+        (m.query("SELECT abalance FROM pgbench_accounts WHERE aid = 3"), _notice() + _select(), True),
+    ],
+    "extended unnamed statements": [
+        (_extended(), _extended_reply(), False),
+        (_extended(value=b"2"), _extended_reply(), True),
+        (_extended(parse=False, describe=False), _extended_reply(parse=False, describe=False), True),
+        (_extended("SELECT 1", describe=False), _extended_reply(describe=False), True),
+    ],
+    "a transaction": [
+        (m.query("SELECT 1"), _select(), False),
+        (m.query("BEGIN"), None, False),  # answered by the proxy, sent with the next statement
+        (
+            m.query("UPDATE pgbench_accounts SET abalance = 1 WHERE aid = 1"),
+            # the deferred BEGIN's reply (swallowed), then the UPDATE's
+            m.command_complete("BEGIN") + _ready(b"T") + m.command_complete("UPDATE 1") + _ready(b"T"),
+            False,
+        ),
+        (m.query("SELECT abalance FROM pgbench_accounts WHERE aid = 1"), _select(b"T"), True),
+        (_extended(), _extended_reply(status=b"T"), True),
+        (m.query("SELECT nope FROM missing"), _error(b"E"), True),
+        (m.query("SELECT 1"), _error(b"E"), True),  # 25P02 from the server, as on a direct connection
+        (m.query("COMMIT"), m.command_complete("ROLLBACK") + _ready(), False),
+        (m.query("SELECT 2"), _select(), True),
+    ],
+    "settings and errors": [
+        (m.query("SELECT 1"), _select(), False),
+        (m.query("SET search_path TO public"), m.command_complete("SET") + _ready(), False),
+        (m.query("SELECT 2"), _select(), True),
+        (m.query("SELECT nope FROM missing"), _error(), True),  # the reply's error: feed, not whole_unit
+        (m.query("/* route: main */ SELECT 3"), _select(), False),
+        (m.query("SELECT 4"), _select(), True),
+    ],
+    "pipelines and messages in pieces": [
+        (m.query("SELECT 1"), _select(), False),
+        (m.query("SELECT 2") + m.query("SELECT 3"), _select() + _select(), False),  # two units: cut
+        (m.query("SELECT 4")[:6], None, False),  # half a message: buffered
+        (m.query("SELECT 4")[6:], _select(), False),  # the rest, joined on the slow path
+        (_extended()[:-5], None, False),  # no Sync yet
+        (m.sync(), _extended_reply(), False),
+        (m.query("SELECT 5"), _select(), True),
+    ],
+    "replies in pieces": [
+        (m.query("SELECT 1"), _select(), False),
+        (m.query("SELECT 2"), _select()[:7], True),  # the rest never comes in this scenario
+    ],
+}
+
+
+def _app() -> ProxyApp:
+    with tempfile.TemporaryDirectory(prefix="parafort-fastpath-") as tmp:
+        path = Path(tmp) / "proxy.yaml"
+        path.write_text("auth:\n  method: trust\n")
+        config = load_config(path, {"DATABASE_URL": "postgresql://bench@127.0.0.1:1/bench"})
+    app = ProxyApp(config)
+    app._parameters = {"server_version": "15.0", "client_encoding": "UTF8"}
+    return app
+
+
+async def _run(steps: list[Step], fast: bool, monkeypatch: pytest.MonkeyPatch) -> dict[str, Any]:
+    taken: list[bool] = []
+    with monkeypatch.context() as patch:
+        real = client_module._fast_unit
+
+        def counted(client: ClientConnection, data: bytes) -> bool:
+            took = fast and real(client, data)
+            taken.append(took)
+            return took
+
+        patch.setattr(client_module, "_fast_unit", counted)
+        if not fast:
+            patch.setattr(ReplyQueue, "whole_unit", lambda self, buf: False)
+        app = _app()
+        server = ServerConnection("main", app.upstreams["main"], "main")
+        upstream = MemoryTransport()
+        server.connection_made(upstream)  # type: ignore[arg-type]
+        pool = app.pools["main"]
+        pool._total = 1
+        pool._idle.append(server)
+        client = ClientConnection(app)
+        downstream = MemoryTransport()
+        client.connection_made(downstream)  # type: ignore[arg-type]
+        client.data_received(startup_message({"user": "bench", "database": "bench"}))
+        for _ in range(100):
+            if client.phase == READY:
+                break
+            await asyncio.sleep(0)
+        assert client.phase == READY
+        downstream.writes.clear()
+        record: list[tuple[bytes, bytes]] = []
+        for request, reply, _ in steps:
+            taken.clear()
+            client.data_received(request)
+            sent = b"".join(upstream.writes)
+            upstream.writes.clear()
+            if reply is not None:
+                server.data_received(reply)
+            record.append((sent, b"".join(downstream.writes)))
+            downstream.writes.clear()
+            record.append((b"fast" if any(taken) else b"slow", b""))
+        state = {
+            "lease": client.tx.lease,
+            "tx": client.tx.tx,
+            "status": server.status,
+            "expect": [(e.kind, e.action, e.extended) for e in server.expect],
+            "unnamed": client.statements.unnamed,
+            "owner": server.unnamed_owner is client.statements.unnamed_token,
+            "routed": dict(app.routed),
+            "lingering": len(pool._lingering),
+            "settings": dict(client.session.settings),
+            "applied": dict(server.applied),
+        }
+        return {"record": record, "state": state}
+
+
+def _fast_steps(result: dict[str, Any]) -> Iterator[bool]:
+    for sent, _ in result["record"][1::2]:
+        yield sent == b"fast"
+
+
+@pytest.mark.parametrize("name", sorted(SCENARIOS))
+def test_fast_path_sends_and_answers_what_the_slow_path_does(
+    name: str, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    steps = SCENARIOS[name]
+    slow = asyncio.run(_run(steps, False, monkeypatch))
+    fast = asyncio.run(_run(steps, True, monkeypatch))
+    assert fast["record"][0::2] == slow["record"][0::2]
+    assert fast["state"] == slow["state"]
+    assert list(_fast_steps(fast)) == [took for _, _, took in steps]
