@@ -35,4 +35,4 @@ bench: setup
 	$(VENV)/python -m bench all $(BENCH_ARGS)
 
 clean:
-	rm -rf .venv .pytest_cache .mypy_cache .ruff_cache *.egg-info
+	rm -rf .venv .pytest_cache .mypy_cache .ruff_cache *.egg-info build proxy/protocol/scan.c proxy/protocol/scan*.so

@@ -70,8 +70,19 @@ if [ ${#extra[@]} -gt 0 ]; then
 fi
 
 PYTHON="${PYTHON:-python3}"
+# The fast path's scanners (proxy/protocol/scan.pyx) are compiled by pip: a C compiler and Python's headers.
+if ! command -v cc >/dev/null; then
+    echo "bootstrap: installing gcc (to compile proxy/protocol/scan.pyx)"
+    apt_install gcc libc6-dev
+fi
+if ! "$PYTHON" -c 'import os, sysconfig, sys; sys.exit(not os.path.exists(os.path.join(sysconfig.get_paths()["include"], "Python.h")))'; then
+    echo "bootstrap: installing python3-dev (Python.h, to compile proxy/protocol/scan.pyx)"
+    apt_install python3-dev
+fi
 stamp=".venv/.installed"
-if [ ! -x .venv/bin/python ] || [ ! -f "$stamp" ] || [ pyproject.toml -nt "$stamp" ]; then
+if [ ! -x .venv/bin/python ] || [ ! -f "$stamp" ] || [ pyproject.toml -nt "$stamp" ] \
+    || [ setup.py -nt "$stamp" ] || [ proxy/protocol/scan.pyx -nt "$stamp" ] \
+    || ! compgen -G "proxy/protocol/scan*.so" >/dev/null; then
     echo "bootstrap: creating .venv and installing parafort-proxy[test]"
     if ! "$PYTHON" -m venv .venv >/dev/null 2>&1; then
         apt_install python3-venv

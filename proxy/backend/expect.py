@@ -22,6 +22,7 @@ from typing import Protocol
 
 from proxy.errors import PROTOCOL_VIOLATION, ProxyError
 from proxy.protocol import messages as m
+from proxy.protocol.scan import whole_reply
 
 log = logging.getLogger("parafort.backend")
 
@@ -51,10 +52,6 @@ _END = {
     K_CLOSE: frozenset(b"3E"),
 }
 _Z, _E, _C, _S, _N, _A, _G, _D = b"ZECSNAGD"
-# The replies ``ReplyQueue.whole_unit`` forwards unread: everything a statement answers that asks nothing
-# of the proxy (not an error, a setting, a COPY FROM STDIN or a ReadyForQuery before the end).
-_PLAIN_REPLIES = frozenset(b"123TDCnstIVNAHdc")
-_READY_HEADER = b"Z\x00\x00\x00\x05"
 _READ_WHEN_SWALLOWED = frozenset(b"SDE")  # what an injected message's reply is read for (see _injected)
 _STOP = -1  # _error's answer for a FATAL error: the backend exits, nothing after it matters
 
@@ -170,33 +167,21 @@ class ReplyQueue:
     def whole_unit(self, buf: bytes) -> bool:
         """The fast path: ``buf`` is the whole reply to the one plain unit in flight (a batch sent as it
         was, with one expectation that forwards), ending with its ReadyForQuery, and holds nothing the
-        proxy must read (see ``_PLAIN_REPLIES``). Then it goes to the client as it is, in one call, after
-        a scan of its headers; True when it did. Anything else is ``feed``'s, which says the same for
+        proxy must read (``whole_reply``, compiled: proxy/protocol/scan.pyx). Then it goes to the client
+        as it is, in one call; True when it did. Anything else is ``feed``'s, which does the same with
         these bytes."""
         expect = self.expect
         if len(expect) != 1 or self._track_details or (sink := self.sink) is None:
             return False
         entry = expect[0]
-        last = len(buf) - 6
         if (
             entry.kind != K_SYNC
             or entry.action != FORWARD
             or entry.on_done is not None
             or entry.retry is not None
             or entry.on_row is not None
-            or last < 0
-            or buf[last : last + 5] != _READY_HEADER
+            or not whole_reply(buf)
         ):
-            return False
-        unpack = _HEADER.unpack_from
-        plain = _PLAIN_REPLIES
-        pos = 0
-        while pos < last:
-            mtype, length = unpack(buf, pos)
-            if mtype not in plain or length < 4:
-                return False
-            pos += 1 + length
-        if pos != last:
             return False
         self.status = status = buf[-1]
         expect.popleft()

@@ -76,6 +76,7 @@ from proxy.frontend.txstate import (
 )
 from proxy.protocol import messages as m
 from proxy.protocol.framing import Collector, collector
+from proxy.protocol.scan import extended_unit
 from proxy.router.classify import (
     F_FORGET_PREPARED,
     F_PIN,
@@ -1562,7 +1563,7 @@ def _fast_unit(client: ClientConnection, data: bytes) -> bool:
         if info is None:
             return False
         if lease is _LINGERING:
-            decision = router.decide_cached(info, None, None)
+            decision = router.decide_plain(info)
             if decision.role != role or decision.fallback_from:
                 return False
             kind = decision.kind
@@ -1615,11 +1616,11 @@ def _fast_info(client: ClientConnection, data: bytes, server: ServerConnection) 
     else:
         if data[0] == _P and app.cache_unnamed:
             return None  # the Parse may be answered by the proxy, the Bind renamed: Statements (prepared.py)
-        starts = _extended_unit(data)
-        if starts is None:
+        bind = extended_unit(data)
+        if bind < 0:
             return None
-        if data[0] == _P:
-            sql_end = data.find(0, 6, starts[1])
+        if bind:
+            sql_end = data.find(0, 6, bind)
             if sql_end < 0:
                 return None
             sql = data[6:sql_end]
@@ -1634,34 +1635,6 @@ def _fast_info(client: ClientConnection, data: bytes, server: ServerConnection) 
     if info.bits or info.tx is not None or sql[:1] in _OVERRIDE_START:
         return None  # session state, transaction control, a pin, or a /* route: */ comment
     return info
-
-
-def _extended_unit(data: bytes) -> list[int] | None:
-    """The message starts of [Parse] Bind [Describe portal] Execute Sync of the unnamed statement and
-    portal, exactly filling ``data`` (a Parse of the unnamed statement); None for anything else."""
-    n = len(data)
-    starts: list[int] = []
-    pos = 0
-    unpack = _LENGTH.unpack_from
-    while pos + 5 <= n:
-        length = unpack(data, pos + 1)[0]
-        if length < 4:
-            return None
-        starts.append(pos)
-        pos += 1 + length
-    if pos != n or not 3 <= len(starts) <= 5 or data[starts[-1]] != _S or data[starts[-2]] != _E:
-        return None
-    i = 1 if data[0] == _P else 0
-    if i and data[5] != 0:
-        return None
-    bind = starts[i]
-    if data[bind] != _B or data[bind + 5] != 0 or data[bind + 6] != 0:
-        return None
-    middle = len(starts) - i - 3  # a Describe between Bind and Execute, or nothing
-    if middle == 1:
-        describe = starts[i + 1]
-        return starts if data[describe] == _D and data[describe + 5] == 80 else None
-    return starts if middle == 0 else None
 
 
 __all__ = ["AUTH", "CLOSED", "MAX_AUTH_MESSAGE", "READY", "STARTUP", "ClientConnection"]

@@ -78,6 +78,8 @@ class Router:
         self._domains = config.domains
         # Decisions by (classification, override, tx): valid until what is usable changes (invalidate()).
         self._decisions: dict[tuple[Classification, str | None, str | None], Decision] = {}
+        # The same for a unit outside a transaction with no override (the fast path's), by classification.
+        self._plain: dict[Classification, Decision] = {}
         # check_in_transaction's answers and the unit's read|write, by (classification, holding role).
         self._in_tx: dict[tuple[Classification, str], tuple[Decision | None, str]] = {}
         self._on_fallback: bool | None = None
@@ -87,6 +89,7 @@ class Router:
     def invalidate(self) -> None:
         """Health changed: forget cached decisions."""
         self._decisions = {}
+        self._plain = {}
         self._in_tx = {}
         self._on_fallback = None
 
@@ -167,6 +170,17 @@ class Router:
             if len(self._decisions) >= DECISION_CACHE_SIZE:
                 self._decisions = {}
             decision = self._decisions[key] = self.decide(info, override=override, tx=tx)
+        return decision
+
+    def decide_plain(self, info: Classification) -> Decision:
+        """``decide_cached(info, None, None)``: a unit outside a transaction, with no override."""
+        decision = self._plain.get(info)
+        if decision is None:
+            if len(self._plain) >= DECISION_CACHE_SIZE:
+                self._plain = {}
+            decision = self._plain[info] = self.decide_cached(info, None, None)
+        elif self._pending and self.joins is not None:
+            self._note_joins(info)  # as decide_cached does on every call
         return decision
 
     def _configured(self, role: str) -> bool:

@@ -1,0 +1,129 @@
+"""The compiled scanners of the fast path (proxy/protocol/scan.pyx) against a plain reading of the same bytes:
+well-formed units and replies, every kind of message around them, and random corruption of lengths and
+bytes. A scanner that says yes to something the slow path would refuse (or treat specially) would let the fast
+path forward it unread; one that says no too often only costs speed, but is caught here as well."""
+
+from __future__ import annotations
+
+import struct
+
+from hypothesis import given, settings
+from hypothesis import strategies as st
+
+from proxy.protocol import messages as m
+from proxy.protocol.scan import extended_unit, whole_reply
+
+PLAIN = b"123TDCnstIVNAHdc"
+
+
+def _msg(kind: int, body: bytes) -> bytes:
+    return bytes([kind]) + struct.pack("!I", len(body) + 4) + body
+
+
+def _messages(buf: bytes) -> list[tuple[int, int, int]] | None:
+    """(kind, start, end) of each message exactly filling ``buf``; None when a length is under 4 or runs
+    past the end."""
+    out = []
+    pos = 0
+    while pos < len(buf):
+        if pos + 5 > len(buf):
+            return None
+        (length,) = struct.unpack_from("!I", buf, pos + 1)
+        if length < 4 or pos + 1 + length > len(buf):
+            return None
+        out.append((buf[pos], pos, pos + 1 + length))
+        pos += 1 + length
+    return out
+
+
+def _whole_reply_oracle(buf: bytes) -> bool:
+    msgs = _messages(buf)
+    if not msgs or msgs[-1][0] != ord("Z") or msgs[-1][2] - msgs[-1][1] != 6:
+        return False
+    return all(kind in PLAIN for kind, _, _ in msgs[:-1])
+
+
+def _extended_unit_oracle(data: bytes) -> int:
+    msgs = _messages(data)
+    if msgs is None:
+        return -1
+    kinds = bytes(kind for kind, _, _ in msgs)
+    if kinds not in (b"PBDES", b"PBES", b"BDES", b"BES"):
+        return -1
+    first = 1 if kinds[0] == ord("P") else 0
+    if first and data[5] != 0:
+        return -1
+    _, bind, bind_end = msgs[first]
+    if bind_end - bind < 7 or data[bind + 5] != 0 or data[bind + 6] != 0:
+        return -1
+    if kinds[first + 1] == ord("D"):
+        _, start, end = msgs[first + 1]
+        if end - start < 6 or data[start + 5] != ord("P"):
+            return -1
+    _, sync, sync_end = msgs[-1]
+    return bind if sync_end - sync == 5 else -1
+
+
+bodies = st.binary(max_size=24)
+any_kind = st.sampled_from(PLAIN + b"ESGZKRvW\x00\xff")
+
+
+@st.composite
+def replies(draw: st.DrawFn) -> bytes:
+    parts = [_msg(draw(any_kind), draw(bodies)) for _ in range(draw(st.integers(0, 6)))]
+    if draw(st.booleans()):
+        parts.append(m.ready_for_query(draw(st.sampled_from([b"I", b"T", b"E"]))))
+    return b"".join(parts)
+
+
+@st.composite
+def units(draw: st.DrawFn) -> bytes:
+    parts = []
+    if draw(st.booleans()):
+        parts.append(m.parse(draw(st.sampled_from(["", "s1"])), "SELECT $1", ()))
+    portal, statement = draw(st.sampled_from([("", ""), ("p", ""), ("", "s1")]))
+    parts.append(_msg(ord("B"), f"{portal}\0{statement}\0".encode() + draw(bodies)))
+    if draw(st.booleans()):
+        parts.append(_msg(ord("D"), draw(st.sampled_from([b"P\0", b"S\0", b"Pp\0"]))))
+    if draw(st.booleans()):
+        parts.append(_msg(ord("E"), b"\0" + struct.pack("!I", 0)))
+    parts.append(draw(st.sampled_from([m.sync(), m.flush(), _msg(ord("S"), b"x"), b""])))
+    return b"".join(parts)
+
+
+def _corrupt(buf: bytes, where: int, value: int) -> bytes:
+    if not buf:
+        return buf
+    where %= len(buf)
+    return buf[:where] + bytes([value]) + buf[where + 1 :]
+
+
+@settings(max_examples=600, deadline=None)
+@given(replies(), st.integers(0, 10_000), st.integers(0, 255), st.integers(0, 3))
+def test_whole_reply_matches_a_plain_reading(buf: bytes, where: int, value: int, cut: int) -> None:
+    for candidate in (buf, _corrupt(buf, where, value), buf[: len(buf) - cut], buf + b"Z"):
+        assert whole_reply(candidate) == _whole_reply_oracle(candidate), candidate
+
+
+@settings(max_examples=600, deadline=None)
+@given(units(), st.integers(0, 10_000), st.integers(0, 255), st.integers(0, 3))
+def test_extended_unit_matches_a_plain_reading(data: bytes, where: int, value: int, cut: int) -> None:
+    for candidate in (data, _corrupt(data, where, value), data[: len(data) - cut], data + m.sync()):
+        assert extended_unit(candidate) == _extended_unit_oracle(candidate), candidate
+
+
+def test_the_common_cases() -> None:
+    tail = struct.pack("!hhI", 0, 1, 1) + b"1" + struct.pack("!h", 0)
+    execute = _msg(ord("E"), b"\0" + struct.pack("!I", 0))
+    parse = m.parse("", "SELECT $1", ())
+    bind = m.bind_raw("", "", tail)
+    unit = parse + bind + m.describe(b"P", "") + execute + m.sync()
+    assert extended_unit(unit) == len(parse)
+    assert extended_unit(bind + execute + m.sync()) == 0
+    assert extended_unit(unit[:-1]) == -1
+    assert extended_unit(b"") == -1
+    reply = m.parse_complete() + m.bind_complete() + m.command_complete("SELECT 1") + m.ready_for_query(b"I")
+    assert whole_reply(reply)
+    assert not whole_reply(reply[:-1])
+    assert not whole_reply(_msg(ord("S"), b"a\0b\0") + reply)  # a setting: the slow path records it
+    assert not whole_reply(b"")
