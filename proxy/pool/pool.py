@@ -48,17 +48,18 @@ Handoff = Callable[[C | None, ProxyError | None], None]
 
 
 class _CallbackWaiter(Generic[C]):
-    """A waiter without a task: its callback runs from the event loop when it is served or times out."""
+    """A waiter without a task: its callback runs from the event loop when it is served or times out. No
+    timer of its own either: the pool keeps one for the earliest deadline of all (``Pool._expire_waiters``),
+    so a hand-over costs no timer to arm and cancel."""
 
-    __slots__ = ("_done", "give", "pool", "started", "timer")
+    __slots__ = ("_done", "deadline", "give", "pool", "started")
 
     def __init__(self, pool: Pool[C], give: Handoff[C]) -> None:
-        loop = asyncio.get_running_loop()
         self.pool = pool
         self.give = give
         self.started = time.monotonic()
+        self.deadline = self.started + pool.acquire_timeout
         self._done = False
-        self.timer = loop.call_later(pool.acquire_timeout, self._timed_out)
 
     def done(self) -> bool:
         return self._done
@@ -74,17 +75,7 @@ class _CallbackWaiter(Generic[C]):
 
     def _finish(self) -> None:
         self._done = True
-        self.timer.cancel()
         self.pool._observe_wait(time.monotonic() - self.started)
-
-    def _timed_out(self) -> None:
-        if self._done:
-            return
-        pool = self.pool
-        if self in pool._waiters:
-            pool._waiters.remove(self)
-        pool.timeouts += 1
-        self.set_exception(pool._timeout_error(time.monotonic() - self.started))
 
 
 @dataclass(frozen=True)
@@ -137,6 +128,7 @@ class Pool(Generic[C]):
         self._total = 0  # open connections plus connects in progress
         # A waiter's future gets a connection, or None: "a slot is free, open one yourself".
         self._waiters: deque[_Waiter[C | None]] = deque()
+        self._waiter_timer: asyncio.TimerHandle | None = None  # the callback waiters' earliest deadline
         self._closed = False
         self.timeouts = 0  # acquire timeouts since start (a metric)
         # Acquire waits as a histogram (plain ints on the hot path; the metrics collector reads them).
@@ -163,8 +155,33 @@ class Pool(Generic[C]):
         the hand-over path of every transaction when clients outnumber connections."""
         if self._closed or (self._total < self.size and not self._waiters):
             return False
-        self._waiters.append(_CallbackWaiter(self, give))
+        waiter = _CallbackWaiter(self, give)
+        self._waiters.append(waiter)
+        if self._waiter_timer is None:
+            self._arm(waiter.deadline)
         return True
+
+    def _arm(self, deadline: float) -> None:
+        delay = max(deadline - time.monotonic(), 0.0)
+        self._waiter_timer = asyncio.get_running_loop().call_later(delay, self._expire_waiters)
+
+    def _expire_waiters(self) -> None:
+        """The timer of the earliest callback waiter's deadline: those whose time is up get 53300 (within
+        the loop's millisecond); the timer is armed again for the earliest left."""
+        self._waiter_timer = None
+        now = time.monotonic() + 0.001
+        earliest: float | None = None
+        for waiter in list(self._waiters):
+            if not isinstance(waiter, _CallbackWaiter) or waiter.done():
+                continue
+            if waiter.deadline <= now:
+                self._waiters.remove(waiter)
+                self.timeouts += 1
+                waiter.set_exception(self._timeout_error(time.monotonic() - waiter.started))
+            elif earliest is None or waiter.deadline < earliest:
+                earliest = waiter.deadline
+        if earliest is not None:
+            self._arm(earliest)
 
     def _timeout_error(self, waited: float) -> ProxyError:
         return ProxyError(
@@ -307,6 +324,9 @@ class Pool(Generic[C]):
         idle, self._idle = self._idle, []
         for conn in idle:
             self._discard(conn)
+        if self._waiter_timer is not None:
+            self._waiter_timer.cancel()
+            self._waiter_timer = None
         while self._waiters:
             waiter = self._waiters.popleft()
             if not waiter.done():

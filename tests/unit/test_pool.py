@@ -321,3 +321,40 @@ def test_open_idle_adds_one_idle_connection_only_while_there_is_room() -> None:
         pool.release(held)
 
     asyncio.run(run())
+
+
+def test_callback_waiters_share_one_timer_and_each_keeps_its_own_deadline() -> None:
+    """One timer for all callback waiters (none armed and cancelled per hand-over): a waiter served in time
+    is not timed out, and a later one times out no earlier than its own deadline, not the first one's."""
+
+    async def run() -> None:
+        timeout = 0.2
+        pool, _ = make_pool(size=1, timeout=timeout)
+        held = await pool.acquire()
+        got: dict[str, tuple[float, Conn | None, ProxyError | None]] = {}
+        second_done = asyncio.Event()
+
+        def give(name: str) -> Callable[[Conn | None, ProxyError | None], None]:
+            def handed(conn: Conn | None, err: ProxyError | None) -> None:
+                got[name] = (time.monotonic(), conn, err)
+                if name == "second":
+                    second_done.set()
+
+            return handed
+
+        assert pool.wait(give("first"))
+        timer = pool._waiter_timer
+        assert timer is not None
+        await asyncio.sleep(timeout / 2)
+        second_started = time.monotonic()
+        assert pool.wait(give("second"))
+        assert pool._waiter_timer is timer  # the second waiter armed nothing
+        pool.release(held)  # the first is served
+        await asyncio.wait_for(second_done.wait(), 10)
+        assert got["first"][1] is held and got["first"][2] is None
+        at, conn, err = got["second"]
+        assert conn is None and err is not None and err.sqlstate == "53300"
+        assert at - second_started >= timeout - 0.002
+        assert pool.timeouts == 1 and pool.stats.waiting == 0 and pool._waiter_timer is None
+
+    asyncio.run(run())
