@@ -62,23 +62,31 @@ class ClientView(Protocol):
     def lingering(self) -> bool: ...
 
 
-class Counters(Protocol):
-    """The process's counters and shared state, read by the admin console and the metrics."""
+class Parts(Protocol):
+    """The configuration and the parts of the process that the admin console, the metrics and each client
+    connection all read."""
 
     @property
-    def config(self) -> Config: ...
+    def config(self) -> Config: ...  # read at each use: a reload swaps it
     @property
     def pools(self) -> Mapping[str, Pool[ServerConnection]]: ...
-    @property
-    def pool_roles(self) -> Mapping[str, str]: ...  # pool label -> role
-    @property
-    def clients(self) -> Collection[ClientView]: ...
     @property
     def health(self) -> HealthMonitor: ...
     @property
     def consistency(self) -> Consistency: ...
     @property
     def classifier(self) -> ClassificationCache: ...
+    @property
+    def migration(self) -> MigrationMonitor: ...  # its hold (cutover), its shadow (a streaming role's reads)
+
+
+class Counters(Parts, Protocol):
+    """The process's counters and shared state, read by the admin console and the metrics."""
+
+    @property
+    def pool_roles(self) -> Mapping[str, str]: ...  # pool label -> role
+    @property
+    def clients(self) -> Collection[ClientView]: ...
     @property
     def routed(self) -> Mapping[tuple[str, str], int]: ...
     @property
@@ -89,8 +97,6 @@ class Counters(Protocol):
     def down_refusals(self) -> Mapping[str, int]: ...
     @property
     def refusals(self) -> int: ...
-    @property
-    def migration(self) -> MigrationMonitor: ...
 
 
 class AdminContext(Counters, Protocol):
@@ -129,16 +135,14 @@ class HttpContext(MetricsContext, Protocol):
     """What the admin HTTP listener (proxy/http.py) reads: health and pools, and the metrics' view."""
 
 
-class ClientContext(Protocol[Client_contra]):
-    """What one client connection (proxy/frontend/client.py) reads and calls, ``Client_contra`` being the
-    connection's own type (it registers itself). The counters it bumps in place are mutable mappings;
-    ``refusals`` it assigns."""
+class ClientContext(Parts, Protocol[Client_contra]):
+    """What one client connection (proxy/frontend/client.py) reads and calls besides ``Parts``,
+    ``Client_contra`` being the connection's own type (it registers itself). The counters it bumps in
+    place are mutable mappings; ``refusals`` it assigns."""
 
     refusals: int
 
     # -- configuration, read at each use (a reload swaps them) -------------------------------------------
-    @property
-    def config(self) -> Config: ...
     @property
     def ssl_context(self) -> SSLContext | None: ...
     @property
@@ -152,23 +156,13 @@ class ClientContext(Protocol[Client_contra]):
 
     # -- the parts it works with --------------------------------------------------------------------------
     @property
-    def pools(self) -> Mapping[str, Pool[ServerConnection]]: ...
-    @property
     def replica_pools(self) -> Sequence[str]: ...
     @property
     def router(self) -> Router: ...
     @property
-    def classifier(self) -> ClassificationCache: ...
-    @property
     def classifier_worker(self) -> ClassifierWorker: ...
     @property
-    def consistency(self) -> Consistency: ...
-    @property
-    def health(self) -> HealthMonitor: ...
-    @property
     def console(self) -> Console: ...
-    @property
-    def migration(self) -> MigrationMonitor: ...  # its hold (cutover), its shadow (a streaming role's reads)
     @property
     def audit(self) -> AuditLog | None: ...
     @property

@@ -20,12 +20,7 @@ from typing import cast
 from proxy import tls
 from proxy.backend.expect import ReplyQueue, Sink, sqlstate
 from proxy.config.dsn import Dsn
-from proxy.errors import (
-    CONNECTION_FAILURE,
-    PROTOCOL_VIOLATION,
-    SQLCLIENT_UNABLE_TO_ESTABLISH,
-    ProxyError,
-)
+from proxy.errors import CONNECTION_FAILURE, PROTOCOL_VIOLATION, SQLCLIENT_UNABLE_TO_ESTABLISH, ProxyError
 from proxy.protocol import messages as m
 from proxy.protocol.auth import ClientAuth
 from proxy.protocol.framing import Collector, collector, ssl_request, startup_message

@@ -28,7 +28,7 @@ from collections.abc import Callable, Iterator, Mapping
 from concurrent.futures import ThreadPoolExecutor
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Any
+from typing import Any, Never
 
 from proxy.config.loader import ROLE_ENV
 from proxy.config.values import ROLES
@@ -242,6 +242,19 @@ class Cluster:
             return "(no log)"
 
 
+class _RoleCluster:
+    """``DevClusters.<role>``: that role's cluster (``clusters[role]``), read only."""
+
+    def __set_name__(self, owner: type, name: str) -> None:
+        self.role = name
+
+    def __get__(self, pg: DevClusters, owner: type | None = None) -> Cluster:
+        return pg.clusters[self.role]
+
+    def __set__(self, pg: DevClusters, value: Never) -> None:
+        raise AttributeError(f"DevClusters.{self.role} is read only")
+
+
 class DevClusters:
     """The five role clusters in one temporary directory. Use ``DevClusters.start()`` as a context manager."""
 
@@ -369,25 +382,11 @@ class DevClusters:
     def __getitem__(self, role: str) -> Cluster:
         return self.clusters[role]
 
-    @property
-    def main(self) -> Cluster:
-        return self.clusters["main"]
-
-    @property
-    def read_replica(self) -> Cluster:
-        return self.clusters["read_replica"]
-
-    @property
-    def analytics(self) -> Cluster:
-        return self.clusters["analytics"]
-
-    @property
-    def documents(self) -> Cluster:
-        return self.clusters["documents"]
-
-    @property
-    def compliance(self) -> Cluster:
-        return self.clusters["compliance"]
+    main = _RoleCluster()
+    read_replica = _RoleCluster()
+    analytics = _RoleCluster()
+    documents = _RoleCluster()
+    compliance = _RoleCluster()
 
     def env(self) -> dict[str, str]:
         """The seed's environment variables pointing at these clusters."""

@@ -31,75 +31,49 @@ from proxy.logs import setup_logging
 from proxy.server import ProxyApp, serve
 
 # Domain tables live in their own role's cluster; main holds every table too, so a role left unconfigured
-# (or one set to fallback: main) is served by main.
-MAIN_TABLES = """
-CREATE TABLE users (
-    id bigserial PRIMARY KEY,
-    email text NOT NULL UNIQUE,
-    full_name text NOT NULL,
-    created_at timestamptz NOT NULL DEFAULT now()
-);
-CREATE TABLE business_entities (
-    id bigserial PRIMARY KEY,
-    owner_id bigint NOT NULL REFERENCES users (id),
-    legal_name text NOT NULL,
-    entity_type text NOT NULL,
-    created_at timestamptz NOT NULL DEFAULT now()
-);
-CREATE TABLE subscriptions (
-    id bigserial PRIMARY KEY,
-    user_id bigint NOT NULL REFERENCES users (id),
-    plan text NOT NULL,
-    status text NOT NULL DEFAULT 'active',
-    renews_at timestamptz
-);
-"""
-ANALYTICS_TABLES = """
-CREATE TABLE user_activity (
-    id bigserial PRIMARY KEY,
-    user_id bigint NOT NULL,
-    action text NOT NULL,
-    detail jsonb,
-    occurred_at timestamptz NOT NULL DEFAULT now()
-);
-CREATE TABLE business_metrics (
-    id bigserial PRIMARY KEY,
-    entity_id bigint NOT NULL,
-    metric text NOT NULL,
-    value numeric NOT NULL,
-    measured_at timestamptz NOT NULL DEFAULT now()
-);
-"""
-DOCUMENTS_TABLES = """
-CREATE TABLE documents (
-    id bigserial PRIMARY KEY,
-    owner_id bigint NOT NULL,
-    title text NOT NULL,
-    storage_key text NOT NULL,
-    created_at timestamptz NOT NULL DEFAULT now()
-);
-CREATE TABLE document_shares (
-    id bigserial PRIMARY KEY,
-    document_id bigint NOT NULL,
-    shared_with bigint NOT NULL,
-    permission text NOT NULL DEFAULT 'read'
-);
-"""
-COMPLIANCE_TABLES = """
-CREATE TABLE boir_filings (
-    id bigserial PRIMARY KEY,
-    entity_id bigint NOT NULL,
-    status text NOT NULL DEFAULT 'draft',
-    filed_at timestamptz
-);
-CREATE TABLE compliance_records (
-    id bigserial PRIMARY KEY,
-    entity_id bigint NOT NULL,
-    requirement text NOT NULL,
-    satisfied boolean NOT NULL DEFAULT false,
-    checked_at timestamptz NOT NULL DEFAULT now()
-);
-"""
+# (or one set to fallback: main) is served by main. Each domain's tables and their columns, after an
+# ``id bigserial PRIMARY KEY`` that every table has (the demo's domain map, DEMO_DOMAINS, names the same).
+_STAMP = "timestamptz NOT NULL DEFAULT now()"
+TABLES: dict[str, dict[str, str]] = {
+    "main": {
+        "users": f"email text NOT NULL UNIQUE, full_name text NOT NULL, created_at {_STAMP}",
+        "business_entities": "owner_id bigint NOT NULL REFERENCES users (id), legal_name text NOT NULL, "
+        f"entity_type text NOT NULL, created_at {_STAMP}",
+        "subscriptions": "user_id bigint NOT NULL REFERENCES users (id), plan text NOT NULL, "
+        "status text NOT NULL DEFAULT 'active', renews_at timestamptz",
+    },
+    "analytics": {
+        "user_activity": f"user_id bigint NOT NULL, action text NOT NULL, detail jsonb, occurred_at {_STAMP}",
+        "business_metrics": "entity_id bigint NOT NULL, metric text NOT NULL, value numeric NOT NULL, "
+        f"measured_at {_STAMP}",
+    },
+    "documents": {
+        "documents": "owner_id bigint NOT NULL, title text NOT NULL, storage_key text NOT NULL, "
+        f"created_at {_STAMP}",
+        "document_shares": "document_id bigint NOT NULL, shared_with bigint NOT NULL, "
+        "permission text NOT NULL DEFAULT 'read'",
+    },
+    "compliance": {
+        "boir_filings": "entity_id bigint NOT NULL, status text NOT NULL DEFAULT 'draft', "
+        "filed_at timestamptz",
+        "compliance_records": "entity_id bigint NOT NULL, requirement text NOT NULL, "
+        f"satisfied boolean NOT NULL DEFAULT false, checked_at {_STAMP}",
+    },
+}
+
+
+def create_tables(domain: str) -> str:
+    """The CREATE TABLE statements of ``domain``'s tables."""
+    return "".join(
+        f"CREATE TABLE {table} (id bigserial PRIMARY KEY, {columns});\n"
+        for table, columns in TABLES[domain].items()
+    )
+
+
+MAIN_TABLES = create_tables("main")
+ANALYTICS_TABLES = create_tables("analytics")
+DOCUMENTS_TABLES = create_tables("documents")
+COMPLIANCE_TABLES = create_tables("compliance")
 SAMPLE_ROWS = """
 INSERT INTO users (email, full_name) VALUES
     ('ada@example.com', 'Ada Lovelace'), ('grace@example.com', 'Grace Hopper');
@@ -153,11 +127,7 @@ DEMO_SCHEMA = {
 }
 
 # The domain map that matches the demo schema (the tables are in schema public).
-DEMO_DOMAINS = {
-    "analytics": ["user_activity", "business_metrics"],
-    "documents": ["documents", "document_shares"],
-    "compliance": ["boir_filings", "compliance_records"],
-}
+DEMO_DOMAINS = {domain: list(tables) for domain, tables in TABLES.items() if domain != "main"}
 
 
 def start_demo_clusters() -> DevClusters:

@@ -206,17 +206,10 @@ class Statements:
 
     # -- messages that name statements, from ClientConnection._send -----------------------------------------
     def bind(  # noqa: PLR0917  (positional: the cheapest call, on the data path)
-        self,
-        server: ServerConnection,
-        buf: bytes,
-        view: memoryview,
-        start: int,
-        end: int,
-        named: dict[str, PreparedStatement],
-        out: list[Piece],
-        ents: list[Entry],
+        self, server: ServerConnection, buf: bytes, view: memoryview, start: int, end: int,
+        named: dict[str, PreparedStatement], out: list[Piece], ents: list[Entry],
         retry: RetryBatch | None,
-    ) -> bool:
+    ) -> bool:  # fmt: skip
         """A Bind other than one of the client's own unnamed statement on this connection, which goes as it
         is (inline in the caller). A statement the client prepared is renamed to its upstream name (and
         prepared there first if the connection lacks it); with statements.cache_unnamed, a Bind of the
@@ -242,62 +235,50 @@ class Statements:
                 bind.retry = StalePlanRetry(server, stmt, (start, end), retry, self.ctx.statement_events)
             ents.append(bind)
             return True
-        _, name, _ = m.decode_bind_names(buf[start + 5 : end])
-        stmt = named.get(name) if name else stmt
-        special = False
-        if stmt is None:
-            if not name and server.unnamed_owner is not self.unnamed_token:
-                self.claim_unnamed(server, out, ents)
-                special = True
-            out.append(view[start:end])
-        else:
-            special = self.ensure(server, stmt, out, ents)
-            out.append(m.rewrite_bind(buf[start + 5 : end], stmt.upstream_name))
+        body = buf[start + 5 : end]
+        _, name, _ = m.decode_bind_names(body)
+        stmt, special = self._ready(server, name, named, out, ents)
+        out.append(view[start:end] if stmt is None else m.rewrite_bind(body, stmt.upstream_name))
         ents.append(K_BIND)
         return special
 
-    def describe(  # noqa: PLR0917  (positional: the cheapest call, on the data path)
+    def _ready(
         self,
         server: ServerConnection,
-        buf: bytes,
-        view: memoryview,
-        start: int,
-        end: int,
+        name: str,
         named: dict[str, PreparedStatement],
         out: list[Piece],
         ents: list[Entry],
-    ) -> bool:
+    ) -> tuple[PreparedStatement | None, bool]:
+        """The statement a Bind or a Describe names (``name``; the client's unnamed one when empty) if the
+        client prepared it, then prepared first where the connection lacks it; else None (the message goes
+        as it is), the client's unnamed statement claimed first where it is another's. With True when an
+        expectation not forwarding replies was queued."""
+        stmt = named.get(name) if name else self.unnamed_stmt
+        if stmt is not None:
+            return stmt, self.ensure(server, stmt, out, ents)
+        if name or server.unnamed_owner is self.unnamed_token:
+            return None, False
+        self.claim_unnamed(server, out, ents)
+        return None, True
+
+    def describe(  # noqa: PLR0917  (positional: the cheapest call, on the data path)
+        self, server: ServerConnection, buf: bytes, view: memoryview, start: int, end: int,
+        named: dict[str, PreparedStatement], out: list[Piece], ents: list[Entry],
+    ) -> bool:  # fmt: skip
         """A Describe of a statement (a portal's goes as it is, inline): renamed, and prepared first where
         the connection lacks it, as for ``bind``. True when an expectation not forwarding replies was
         queued."""
-        special = False
-        if buf[start + 6] != 0:
-            _, name = m.decode_describe_close(buf[start + 5 : end])
-            stmt = named.get(name)
-        else:
-            stmt = self.unnamed_stmt
-            if stmt is None and server.unnamed_owner is not self.unnamed_token:
-                self.claim_unnamed(server, out, ents)
-                special = True
-        if stmt is None:
-            out.append(view[start:end])
-        else:
-            special = self.ensure(server, stmt, out, ents)
-            out.append(m.describe(b"S", stmt.upstream_name))
+        name = m.decode_describe_close(buf[start + 5 : end])[1] if buf[start + 6] != 0 else ""
+        stmt, special = self._ready(server, name, named, out, ents)
+        out.append(view[start:end] if stmt is None else m.describe(b"S", stmt.upstream_name))
         ents.append(K_DESCRIBE)
         return special
 
     def close(  # noqa: PLR0917  (positional: the cheapest call, on the data path)
-        self,
-        server: ServerConnection,
-        buf: bytes,
-        view: memoryview,
-        start: int,
-        end: int,
-        named: dict[str, PreparedStatement],
-        out: list[Piece],
-        ents: list[Entry],
-    ) -> bool:
+        self, server: ServerConnection, buf: bytes, view: memoryview, start: int, end: int,
+        named: dict[str, PreparedStatement], out: list[Piece], ents: list[Entry],
+    ) -> bool:  # fmt: skip
         """A Close: of a statement the client prepared (or its cached unnamed one) answered by the proxy,
         only the client's name forgotten (the upstream statement is content-addressed: it stays for
         reuse); any other goes as it is. True when answered."""

@@ -93,53 +93,90 @@ class LeaseEv(enum.Enum):
     RELEASE = "release"  # given back to the pool (or closed, when not reusable)
 
 
+class IllegalTransition(RuntimeError):
+    """An event the transition tables do not allow in the current state: a bug in the caller."""
+
+
+_S = TypeVar("_S", bound=enum.Enum)
+_E = TypeVar("_E", bound=enum.Enum)
+
+
+class _Moves(dict[_E, _S]):
+    """The transitions out of one state: looking up an event it has none for raises IllegalTransition
+    (a dict, so that the lookup on every transaction stays a dict's)."""
+
+    __slots__ = ("machine", "state")
+
+    def __init__(self, machine: str, state: enum.Enum, moves: dict[_E, _S]) -> None:
+        super().__init__(moves)
+        self.machine = machine
+        self.state = state
+
+    def __missing__(self, event: _E) -> _S:
+        raise IllegalTransition(f"{self.machine}: {event.value} in state {self.state.name}")
+
+
+def _machine(name: str, table: dict[_S, dict[_E, _S]]) -> dict[_S, dict[_E, _S]]:
+    return {state: _Moves(name, state, moves) for state, moves in table.items()}
+
+
 D, DF, F, U = Tx.DEFERRED, Tx.DEFERRED_FAILED, Tx.FAILED, Tx.UPSTREAM
 _LINGERING, _PINNED = Lease.LINGERING, Lease.PINNED
 
 # The tables are looked up on every transaction: the states' and events' hash is object's (an Enum's
 # own hashes its name in Python, ten times dearer).
-TX_TRANSITIONS: dict[Tx, dict[Ev, Tx]] = {
-    U: {
-        Ev.BEGIN: D,
-        Ev.NO_TRANSACTION: U,
-        Ev.UNIT_SENT: U,
-        Ev.REFUSED_IN_TX: F,
-        Ev.READY_IDLE: U,
-        Ev.READY_IN_TX: U,
+TX_TRANSITIONS: dict[Tx, dict[Ev, Tx]] = _machine(
+    "transaction",
+    {
+        U: {
+            Ev.BEGIN: D,
+            Ev.NO_TRANSACTION: U,
+            Ev.UNIT_SENT: U,
+            Ev.REFUSED_IN_TX: F,
+            Ev.READY_IDLE: U,
+            Ev.READY_IN_TX: U,
+        },
+        D: {
+            Ev.BEGIN: D,  # "there is already a transaction in progress"
+            Ev.END_LOCAL: U,
+            Ev.UNIT_SENT: U,
+            Ev.REFUSED_IN_TX: DF,
+            Ev.READY_IDLE: D,
+            Ev.READY_IN_TX: D,
+        },
+        DF: {
+            Ev.BEGIN: DF,
+            Ev.END_LOCAL: U,  # reported as ROLLBACK
+            Ev.REFUSED_IN_TX: DF,
+            Ev.ROLLBACK: D,
+            Ev.COMMIT_AS_ROLLBACK: D,
+            Ev.READY_IDLE: D,
+            Ev.READY_IN_TX: DF,
+        },
+        F: {
+            Ev.UNIT_SENT: F,
+            Ev.REFUSED_IN_TX: F,
+            Ev.ROLLBACK: U,
+            Ev.COMMIT_AS_ROLLBACK: U,
+            Ev.READY_IDLE: U,
+            Ev.READY_IN_TX: F,
+        },
     },
-    D: {
-        Ev.BEGIN: D,  # "there is already a transaction in progress"
-        Ev.END_LOCAL: U,
-        Ev.UNIT_SENT: U,
-        Ev.REFUSED_IN_TX: DF,
-        Ev.READY_IDLE: D,
-        Ev.READY_IN_TX: D,
-    },
-    DF: {
-        Ev.BEGIN: DF,
-        Ev.END_LOCAL: U,  # reported as ROLLBACK
-        Ev.REFUSED_IN_TX: DF,
-        Ev.ROLLBACK: D,
-        Ev.COMMIT_AS_ROLLBACK: D,
-        Ev.READY_IDLE: D,
-        Ev.READY_IN_TX: DF,
-    },
-    F: {
-        Ev.UNIT_SENT: F,
-        Ev.REFUSED_IN_TX: F,
-        Ev.ROLLBACK: U,
-        Ev.COMMIT_AS_ROLLBACK: U,
-        Ev.READY_IDLE: U,
-        Ev.READY_IN_TX: F,
-    },
-}
+)
 
-LEASE_TRANSITIONS: dict[Lease, dict[LeaseEv, Lease]] = {
-    Lease.NONE: {LeaseEv.ATTACH: Lease.HELD},
-    Lease.HELD: {LeaseEv.PIN: Lease.PINNED, LeaseEv.LINGER: Lease.LINGERING, LeaseEv.RELEASE: Lease.NONE},
-    Lease.LINGERING: {LeaseEv.UNLINGER: Lease.HELD, LeaseEv.RECLAIM: Lease.NONE, LeaseEv.RELEASE: Lease.NONE},
-    Lease.PINNED: {LeaseEv.RELEASE: Lease.NONE},
-}
+LEASE_TRANSITIONS: dict[Lease, dict[LeaseEv, Lease]] = _machine(
+    "lease",
+    {
+        Lease.NONE: {LeaseEv.ATTACH: Lease.HELD},
+        Lease.HELD: {LeaseEv.PIN: Lease.PINNED, LeaseEv.LINGER: Lease.LINGERING, LeaseEv.RELEASE: Lease.NONE},
+        Lease.LINGERING: {
+            LeaseEv.UNLINGER: Lease.HELD,
+            LeaseEv.RECLAIM: Lease.NONE,
+            LeaseEv.RELEASE: Lease.NONE,
+        },
+        Lease.PINNED: {LeaseEv.RELEASE: Lease.NONE},
+    },
+)
 
 # ``TxState.ready``'s verdicts: what the client does with its lease after the upstream's ReadyForQuery.
 STAY = "stay"  # keep the connection: a transaction is open, the client is pinned, or replies are in flight
@@ -158,10 +195,6 @@ _NO_TRANSACTION = m.notice_response("WARNING", "25P01", "there is no transaction
 B = TypeVar("B")
 
 
-class IllegalTransition(RuntimeError):
-    """An event the transition tables do not allow in the current state: a bug in the caller."""
-
-
 class TxState(Generic[B]):
     """See the module docstring. ``B`` is the caller's batch type (held, never looked into)."""
 
@@ -178,19 +211,11 @@ class TxState(Generic[B]):
 
     # -- the doors ------------------------------------------------------------------------------------------
     def _go(self, event: Ev) -> Tx:
-        try:
-            new = TX_TRANSITIONS[self.tx][event]
-        except KeyError:
-            raise IllegalTransition(f"transaction: {event.value} in state {self.tx.name}") from None
-        self.tx = new
+        self.tx = new = TX_TRANSITIONS[self.tx][event]  # IllegalTransition where the table has none
         return new
 
     def lease_event(self, event: LeaseEv) -> Lease:
-        try:
-            new = LEASE_TRANSITIONS[self.lease][event]
-        except KeyError:
-            raise IllegalTransition(f"lease: {event.value} in state {self.lease.name}") from None
-        self.lease = new
+        self.lease = new = LEASE_TRANSITIONS[self.lease][event]  # as _go
         return new
 
     # -- questions ------------------------------------------------------------------------------------------

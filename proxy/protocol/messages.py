@@ -21,7 +21,7 @@ Conventions
 from __future__ import annotations
 
 import struct
-from collections.abc import Sequence
+from collections.abc import Callable, Sequence
 from typing import Final
 
 from proxy.errors import PROTOCOL_VIOLATION, ProxyError
@@ -140,11 +140,6 @@ def _single_cstr(payload: Payload, what: str) -> str:
 
 _AUTH_OK: Final = _msg(b"R", _I32.pack(AuthCode.OK))
 _AUTH_CLEARTEXT: Final = _msg(b"R", _I32.pack(AuthCode.CLEARTEXT_PASSWORD))
-_PARSE_COMPLETE: Final = _msg(b"1", b"")
-_BIND_COMPLETE: Final = _msg(b"2", b"")
-_CLOSE_COMPLETE: Final = _msg(b"3", b"")
-_NO_DATA: Final = _msg(b"n", b"")
-_EMPTY_QUERY: Final = _msg(b"I", b"")
 _READY: Final = {status: _msg(b"Z", status) for status in (b"I", b"T", b"E")}
 
 
@@ -221,24 +216,17 @@ def notice_response(
     return _msg(b"N", _fields(severity, sqlstate, message, detail, hint))
 
 
-def parse_complete() -> bytes:
-    return _PARSE_COMPLETE
+def _empty(mtype: bytes) -> Callable[[], bytes]:
+    """The encoder of a message with no payload: it returns the one copy encoded here."""
+    message = _msg(mtype, b"")
+    return lambda: message
 
 
-def bind_complete() -> bytes:
-    return _BIND_COMPLETE
-
-
-def close_complete() -> bytes:
-    return _CLOSE_COMPLETE
-
-
-def no_data() -> bytes:
-    return _NO_DATA
-
-
-def empty_query_response() -> bytes:
-    return _EMPTY_QUERY
+parse_complete: Final = _empty(b"1")
+bind_complete: Final = _empty(b"2")
+close_complete: Final = _empty(b"3")
+no_data: Final = _empty(b"n")
+empty_query_response: Final = _empty(b"I")
 
 
 def command_complete(tag: str) -> bytes:
@@ -274,10 +262,6 @@ def data_row(values: Sequence[str | None]) -> bytes:
 
 # --- frontend encoders --------------------------------------------------------------------------------
 
-_SYNC: Final = _msg(b"S", b"")
-_FLUSH: Final = _msg(b"H", b"")
-_TERMINATE: Final = _msg(b"X", b"")
-
 
 def query(sql: str) -> bytes:
     return _msg(b"Q", _cstr(sql))
@@ -311,16 +295,9 @@ def close(kind: bytes, name: str) -> bytes:
     return _msg(b"C", _kind(kind) + _cstr(name))
 
 
-def sync() -> bytes:
-    return _SYNC
-
-
-def flush() -> bytes:
-    return _FLUSH
-
-
-def terminate() -> bytes:
-    return _TERMINATE
+sync: Final = _empty(b"S")
+flush: Final = _empty(b"H")
+terminate: Final = _empty(b"X")
 
 
 def password_message(data: bytes) -> bytes:

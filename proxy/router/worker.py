@@ -22,16 +22,7 @@ import sys
 from collections import OrderedDict, deque
 from typing import BinaryIO
 
-from proxy.router.classify import (
-    INLINE_BYTES,
-    MAX_CLASSIFY_BYTES,
-    UNCLASSIFIED,
-    Analysis,
-    ClassificationCache,
-    analyze,
-    decode_analysis,
-    encode_analysis,
-)
+from proxy.router import classify
 
 log = logging.getLogger("parafort.classifier")
 
@@ -46,7 +37,7 @@ def _digest(sql: bytes) -> bytes:
     return hashlib.blake2b(sql, digest_size=16).digest()
 
 
-def _size(a: Analysis) -> int:
+def _size(a: classify.Analysis) -> int:
     """What an answer holds beyond a few small sets: the text of its session changes (``SET x = '...'``
     can be megabytes, and is not worth remembering)."""
     return sum(len(c.sql or "") for c in a.changes)
@@ -58,10 +49,10 @@ class ClassifierWorker:
     def __init__(self, timeout: float = CLASSIFY_TIMEOUT) -> None:
         self.timeout = timeout
         self._proc: asyncio.subprocess.Process | None = None
-        self._queue: deque[tuple[bytes, bytes, asyncio.Future[Analysis]]] = deque()
+        self._queue: deque[tuple[bytes, bytes, asyncio.Future[classify.Analysis]]] = deque()
         self._runner: asyncio.Task[None] | None = None
-        self._current: asyncio.Future[Analysis] | None = None  # the request the child is working on
-        self._results: OrderedDict[bytes, Analysis] = OrderedDict()
+        self._current: asyncio.Future[classify.Analysis] | None = None  # the request the child is working on
+        self._results: OrderedDict[bytes, classify.Analysis] = OrderedDict()
         self._stopped = False
         # Counters (metrics): requests answered by the child, children started, deaths, deadlines missed.
         self.requests = 0
@@ -74,25 +65,25 @@ class ClassifierWorker:
         proc = self._proc
         return proc.pid if proc is not None and proc.returncode is None else None
 
-    def cached(self, sql: bytes) -> tuple[bytes, Analysis | None]:
+    def cached(self, sql: bytes) -> tuple[bytes, classify.Analysis | None]:
         """``sql``'s digest, and its answer if there is one without waiting: remembered, or UNCLASSIFIED
         when it is too large."""
-        if len(sql) > MAX_CLASSIFY_BYTES or self._stopped:
-            return b"", UNCLASSIFIED
+        if len(sql) > classify.MAX_CLASSIFY_BYTES or self._stopped:
+            return b"", classify.UNCLASSIFIED
         key = _digest(sql)
         found = self._results.get(key)
         if found is not None:
             self._results.move_to_end(key)
         return key, found
 
-    async def analyze(self, sql: bytes, key: bytes | None = None) -> Analysis:
+    async def analyze(self, sql: bytes, key: bytes | None = None) -> classify.Analysis:
         """The Analysis of ``sql`` (whose digest ``key`` is, when the caller has it) from the child;
         UNCLASSIFIED if the child dies or misses the deadline."""
         if key is None:
             key, found = self.cached(sql)
             if found is not None:
                 return found
-        future: asyncio.Future[Analysis] = asyncio.get_running_loop().create_future()
+        future: asyncio.Future[classify.Analysis] = asyncio.get_running_loop().create_future()
         self._queue.append((sql, key, future))
         if self._runner is None or self._runner.done():
             self._runner = asyncio.get_running_loop().create_task(self._run())
@@ -106,17 +97,17 @@ class ClassifierWorker:
             self._current = future
             result = await self._one(sql)
             self._current = None
-            if result is not UNCLASSIFIED and _size(result) <= INLINE_BYTES:
+            if result is not classify.UNCLASSIFIED and _size(result) <= classify.INLINE_BYTES:
                 self._results[key] = result
                 if len(self._results) > RESULT_CACHE_SIZE:
                     self._results.popitem(last=False)
             if not future.done():
                 future.set_result(result)
 
-    async def _one(self, sql: bytes) -> Analysis:
+    async def _one(self, sql: bytes) -> classify.Analysis:
         proc = await self._ensure()
         if proc is None:
-            return UNCLASSIFIED
+            return classify.UNCLASSIFIED
         assert proc.stdin is not None and proc.stdout is not None
         try:
             async with asyncio.timeout(self.timeout):
@@ -127,7 +118,7 @@ class ClassifierWorker:
                 if length > _MAX_ANSWER:
                     raise ValueError(f"answer of {length} bytes")
                 answer = await proc.stdout.readexactly(length)
-            result = decode_analysis(answer)
+            result = classify.decode_analysis(answer)
         except TimeoutError:
             self.timeouts += 1
             log.warning(
@@ -135,12 +126,12 @@ class ClassifierWorker:
                 proc.pid, len(sql), self.timeout,
             )  # fmt: skip
             await self._end(proc)
-            return UNCLASSIFIED
+            return classify.UNCLASSIFIED
         except (OSError, EOFError, asyncio.IncompleteReadError, ValueError, TypeError) as exc:
             if not self._stopped:
                 log.info("event=classifier_failed pid=%d error=%s", proc.pid, type(exc).__name__)
                 await self._end(proc)
-            return UNCLASSIFIED
+            return classify.UNCLASSIFIED
         self.requests += 1
         return result
 
@@ -193,7 +184,7 @@ class ClassifierWorker:
         while self._queue:
             _, _, future = self._queue.popleft()
             if not future.done():
-                future.set_result(UNCLASSIFIED)
+                future.set_result(classify.UNCLASSIFIED)
         proc, self._proc = self._proc, None
         if proc is not None and proc.returncode is None:
             if self._current is not None:
@@ -209,7 +200,7 @@ class ClassifierWorker:
             log.info("event=classifier_stopped pid=%d", proc.pid)
         current, self._current = self._current, None
         if current is not None and not current.done():
-            current.set_result(UNCLASSIFIED)
+            current.set_result(classify.UNCLASSIFIED)
         if self._runner is not None:
             self._runner.cancel()
             with contextlib.suppress(asyncio.CancelledError):
@@ -230,7 +221,7 @@ def _read_exactly(stream: BinaryIO, n: int) -> bytes | None:
 
 def serve_child(stdin: BinaryIO, stdout: BinaryIO) -> None:
     """Answer requests until end of input."""
-    cache = ClassificationCache()
+    cache = classify.ClassificationCache()
     while True:
         header = _read_exactly(stdin, 4)
         if header is None:
@@ -239,7 +230,7 @@ def serve_child(stdin: BinaryIO, stdout: BinaryIO) -> None:
         sql = _read_exactly(stdin, length) if length else b""
         if sql is None:
             return
-        answer = encode_analysis(analyze(sql.decode("utf-8", errors="replace"), cache))
+        answer = classify.encode_analysis(classify.analyze(sql.decode("utf-8", errors="replace"), cache))
         stdout.write(_LENGTH.pack(len(answer)) + answer)
         stdout.flush()
 
