@@ -1,4 +1,4 @@
-"""The fast path (``_fast_unit`` in proxy/frontend/client.py, ``ReplyQueue.whole_unit`` in
+"""The fast path (``fast_unit`` in proxy/frontend/fast.py, ``ReplyQueue.whole_unit`` in
 proxy/backend/expect.py) against the slow path it short-cuts: the same units and replies, driven through an
 in-process client and upstream connection once as they are and once with the fast path switched off, must
 give the same bytes upstream and to the client, and leave the same state behind. Each scenario also says
@@ -155,14 +155,14 @@ def _app() -> ProxyApp:
 async def _run(steps: list[Step], fast: bool, monkeypatch: pytest.MonkeyPatch) -> dict[str, Any]:
     taken: list[bool] = []
     with monkeypatch.context() as patch:
-        real = client_module._fast_unit
+        real = client_module.fast_unit
 
         def counted(client: ClientConnection, data: bytes) -> bool:
             took = fast and real(client, data)
             taken.append(took)
             return took
 
-        patch.setattr(client_module, "_fast_unit", counted)
+        patch.setattr(client_module, "fast_unit", counted)
         if not fast:
             patch.setattr(ReplyQueue, "whole_unit", lambda self, buf: False)
         app = _app()

@@ -27,9 +27,7 @@ MAX_CLASS_LINES = 400
 # Today's offenders, "path::qualified name": their line counts (the ``def``/``class`` line to the last
 # line) may only shrink. Remove an entry once it is within the limit; never add one.
 LONG_FUNCTIONS: dict[str, int] = {}
-LONG_CLASSES: dict[str, int] = {
-    "proxy/frontend/client.py::ClientConnection": 1279,
-}
+LONG_CLASSES: dict[str, int] = {}
 
 
 @dataclass(frozen=True)

@@ -1,0 +1,142 @@
+"""The fast path of one client connection: a whole unit that needs nothing of the proxy but its route (a
+simple Query, or an unnamed statement's [Parse] Bind [Describe portal] Execute Sync) goes upstream as it
+arrived, with one expectation, without being cut into a ``Batch``; its whole reply comes back through
+``ReplyQueue.whole_unit`` (proxy/backend/expect.py). Anything else takes the slow path
+(``ClientCore._messages``, proxy/frontend/core.py), whose behaviour the fast path reproduces.
+"""
+
+from __future__ import annotations
+
+import struct
+
+from proxy.backend.connection import ServerConnection
+from proxy.backend.expect import K_SYNC, Expect
+from proxy.frontend.core import ClientCore
+from proxy.frontend.startup import READY
+from proxy.frontend.txstate import Input, Lease, LeaseEv, Tx
+from proxy.protocol.scan import extended_unit
+from proxy.router.classify import INLINE_BYTES, Classification
+
+_P, _Q = b"PQ"
+_IDLE = ord("I")
+_OVERRIDE_START = (b"/", b" ", b"\t", b"\r", b"\n")
+# States of TxState read on every unit, as module constants (a global is the cheapest look-up).
+_READING = Input.READING
+_LINGERING = Lease.LINGERING
+_HELD = Lease.HELD
+_UPSTREAM_TX = Tx.UPSTREAM
+_UNLINGER = LeaseEv.UNLINGER
+_LENGTH = struct.Struct("!I")
+
+
+def fast_unit(client: ClientCore, data: bytes) -> bool:
+    """The fast path: ``data`` is one whole unit that needs nothing of the proxy but its route: a simple
+    Query, or an unnamed statement's [Parse] Bind [Describe portal] Execute Sync, with no setting,
+    transaction control or pin in it, nothing paused, held, audited, replayed or waited for, from a client
+    lingering on a connection of the role it routes to (``_dispatch_unit``), or inside a transaction on
+    the connection it holds (``_dispatch_held``). It goes upstream as it is, with one expectation, exactly
+    as the slow path (``_messages`` ... ``send``) would send it, and True is returned. Anything else
+    returns False having changed nothing, and takes the slow path."""
+    server = client.server
+    tx = client.tx
+    lease = tx.lease
+    if lease is not _LINGERING and (lease is not _HELD or server is None or server.status == _IDLE):
+        return False
+    effects = client.effects
+    if (
+        server is None
+        or client.buf
+        or not 6 <= len(data) <= INLINE_BYTES
+        or tx.begin is not None
+        or tx.input is not _READING
+        or client.phase != READY
+        or client.admin
+        or client.reads.key is not None
+        or client.reads.min_lsn is not None
+        or client.session.has_staged
+        or effects.unnamed_changes
+        or effects.stmt_changes
+        or effects.portal_changes
+        or server.expect
+    ):
+        return False
+    app = client.app
+    role = client.server_role
+    router = app.router
+    try:  # whatever these raise, the slow path meets again and reports (``_guarded``)
+        info = _fast_info(client, data, server)
+        if info is None:
+            return False
+        if lease is _LINGERING:
+            decision = router.decide_plain(info)
+            if decision.role != role or decision.fallback_from:
+                return False
+            kind = decision.kind
+        else:  # in a transaction on the connection held
+            if tx.tx is not _UPSTREAM_TX or server.needs_sync or router.on_fallback:
+                return False
+            refusal, kind = router.in_transaction_cached(info, role)
+            if refusal is not None:
+                return False
+    except Exception:
+        return False
+    if (
+        (role == "compliance" and app.audit is not None)
+        or app.migration.hold.roles
+        or app.migration.shadow.active  # a read may be offered to the shadow reads: _count_route
+        or app.is_paused(role)
+        or len(server.prepared) > app.max_statements
+        or server.applied != client.session.settings
+    ):
+        return False
+    # What _dispatch_unit, _count_route, send and Effects.note_sql do for this unit, in their order.
+    routed = app.routed
+    routed[role, kind] = routed.get((role, kind), 0) + 1
+    if lease is _LINGERING:
+        tx.lease_event(_UNLINGER)
+        app.pools[client.server_pool].unlinger(server)
+    first = data[0]
+    if first == _P:
+        client.units.unnamed_info = info
+        st = client.statements
+        st.unnamed_stmt = None
+        st.unnamed = data[: _LENGTH.unpack_from(data, 1)[0] + 1]
+        st.unnamed_token = server.unnamed_owner = object()
+    elif first == _Q:
+        server.unnamed_owner = None
+    server.push(Expect(K_SYNC, extended=first != _Q))
+    server.send(data)
+    return True
+
+
+def _fast_info(client: ClientCore, data: bytes, server: ServerConnection) -> Classification | None:
+    """For ``fast_unit``: the classification of a Query or of an unnamed statement's [Parse] Bind
+    [Describe] Execute Sync that the fast path can send as it is; None for anything else."""
+    app = client.app
+    if data[0] == _Q:
+        if _LENGTH.unpack_from(data, 1)[0] != len(data) - 1:
+            return None
+        sql = data[5:-1]
+        info = app.classifier.classify_bytes(sql)
+    else:
+        if data[0] == _P and app.cache_unnamed:
+            return None  # the Parse may be answered by the proxy, the Bind renamed: Statements (prepared.py)
+        bind = extended_unit(data)
+        if bind < 0:
+            return None
+        if bind:
+            sql_end = data.find(0, 6, bind)
+            if sql_end < 0:
+                return None
+            sql = data[6:sql_end]
+            info = app.classifier.classify_bytes(sql)
+        else:
+            st = client.statements
+            sql = b""
+            unnamed = client.units.unnamed_info
+            if unnamed is None or st.unnamed_stmt is not None or server.unnamed_owner is not st.unnamed_token:
+                return None
+            info = unnamed
+    if info.bits or info.tx is not None or sql[:1] in _OVERRIDE_START:
+        return None  # session state, transaction control, a pin, or a /* route: */ comment
+    return info

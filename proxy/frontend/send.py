@@ -1,0 +1,197 @@
+"""Sending one client's batch upstream: statements renamed to their upstream names and re-prepared where
+the connection lacks them (``Statements``, proxy/frontend/prepared.py), the client's session settings
+replayed where the connection's differ, a BEGIN the proxy answered earlier sent first, session changes
+noted for their outcome (``Effects``, proxy/frontend/effects.py), what to do with each reply registered
+(``Expect``, proxy/backend/expect.py), and the bytes written in one go.
+
+These are functions of the client connection's state, called with it (the data path's hottest code: a
+method call's cost, no object between): the common batch's bytes go out untouched with one expectation.
+"""
+
+from __future__ import annotations
+
+from typing import Any, Protocol
+
+from proxy.backend.connection import ServerConnection
+from proxy.backend.expect import K_BIND, K_DESCRIBE, K_EXECUTE, K_PARSE, K_SYNC, SWALLOW, Expect
+from proxy.context import ClientContext
+from proxy.frontend.audited import AuditTrail
+from proxy.frontend.effects import Effects
+from proxy.frontend.prepared import SYNC_EXT, SYNC_Q, Piece, Statements
+from proxy.frontend.session import Session
+from proxy.frontend.txstate import TxState
+from proxy.frontend.units import Batch, Units
+from proxy.protocol import messages as m
+
+_P, _B, _D, _E, _S, _H, _Q, _F = b"PBDESHQF"
+_IDLE = ord("I")
+
+
+class SendClient(Protocol):
+    """What sending reads and changes of the client connection (proxy/frontend/client.py)."""
+
+    app: ClientContext[Any]
+    tx: TxState[Any]
+    session: Session
+    statements: Statements
+    effects: Effects
+    units: Units
+    server_role: str
+    audit_trail: AuditTrail
+
+
+def send(client: SendClient, batch: Batch, server: ServerConnection) -> None:  # noqa: PLR0915  (one loop)
+    """Rename statements, inject re-prepares and session replay, register expectations, send: common
+    messages inline (the data path's hottest loop), the others by ``Statements`` (prepared.py)."""
+    buf = batch.buf
+    view = memoryview(buf)
+    out: list[Piece] = []
+    retry = _before_batch(client, batch, server, out)
+    run = batch.start  # start of the run of unchanged client bytes not yet in ``out``
+    ents: list[Expect | int] = []  # plain kinds stand for Expect(kind); built only when needed
+    special = details = False  # an expectation other than "forward the responses"; outcome details
+    st = client.statements
+    named = client.session.statements
+    fx = client.effects
+    for mtype, start, end in batch.msgs:
+        if mtype == _B:
+            if buf[start + 5] or buf[start + 6] or st.unnamed_stmt is not None or (
+                    server.unnamed_owner is not st.unnamed_token):  # fmt: skip
+                out.append(view[run:start])
+                run = end
+                special |= st.bind(server, buf, view, start, end, named, out, ents, retry)
+            else:  # the client's own unnamed statement on this connection: the Bind as it is
+                ents.append(K_BIND)
+            if fx.stmt_changes or fx.unnamed_changes:
+                fx.bind_changes(buf, start, end)
+        elif mtype == _E:
+            ents.append(K_EXECUTE)
+            if fx.portal_changes:
+                fx.execute_changes(buf, start)
+        elif mtype == _S:
+            ents.append(SYNC_EXT)
+        elif mtype == _P:
+            name_end = buf.index(0, start + 5, end)
+            deep = batch.analyses.get(start) if batch.analyses else None
+            sql = buf[name_end + 1 : buf.index(0, name_end + 1, end)]
+            details |= fx.note_sql(sql, server, buf[start + 5 : name_end], deep=deep)
+            if name_end == start + 5 and (
+                deep is not None  # large statements are not kept in the shared unnamed cache
+                or not client.app.cache_unnamed
+                or (unnamed := client.units.unnamed_info) is None
+                or not unnamed.plannable
+            ):  # unnamed statement: sent as it is, now this client's (as Statements.answered_locally)
+                st.unnamed_stmt = None
+                st.unnamed = buf[start:end]
+                st.unnamed_token = server.unnamed_owner = object()
+                ents.append(K_PARSE)
+                continue
+            out.append(view[run:start])
+            run = end
+            special = True
+            if name_end == start + 5:
+                st.parse_unnamed_cached(server, buf[start + 5 : end], out, ents)
+            else:
+                name, stmt = st.parse_named(server, buf[start + 5 : end], out, ents)
+                named[name] = stmt
+        elif mtype == _D and buf[start + 5] != 83:  # a portal's Describe goes as it is
+            ents.append(K_DESCRIBE)
+        elif mtype == _Q:
+            deep = batch.analyses.get(start) if batch.analyses else None
+            if (info := batch.info) is None or deep is not None or info.bits:  # else nothing to note
+                details |= fx.note_sql(buf[start + 5 : end - 1], server, None, info, deep=deep)
+            server.unnamed_owner = None
+            ents.append(SYNC_Q)
+        elif mtype == _F:
+            ents.append(SYNC_Q)
+        elif mtype != _H:  # a statement's Describe, a Close
+            out.append(view[run:start])
+            run = end
+            rewrite = st.describe if mtype == _D else st.close
+            special |= rewrite(server, buf, view, start, end, named, out, ents)
+    terminator = batch.terminator
+    if terminator in (_S, _Q):
+        fx.portal_changes.clear()
+    if details or client.session.has_staged:
+        server.track_details(True)
+    if special or out or terminator not in (_S, _Q, _F):
+        _send_rewritten(server, batch, view, out, ents, run, special)
+    else:  # the common case: one expectation, the client's bytes as they are
+        server.push(Expect(K_SYNC, extended=ents[-1] == SYNC_EXT))  # sync_entry, inline
+        server.send(buf if batch.start == 0 and batch.end == len(buf) else view[batch.start : batch.end])
+
+
+def _before_batch(
+    client: SendClient, batch: Batch, server: ServerConnection, out: list[Piece]
+) -> Batch | None:
+    """What goes upstream before a batch: the audit's note of it (compliance), the eviction of the
+    least recently used statements, the client's session settings where the connection's differ, and a
+    BEGIN the proxy answered earlier (the transaction starts here, on this upstream); their replies are
+    swallowed. Returns the batch when nothing is in flight and no transaction open (a failed first
+    statement can then be run again unseen: ``StalePlanRetry``), else None."""
+    app = client.app
+    if client.server_role == "compliance" and (audit := app.audit) is not None:
+        client.audit_trail.note(audit, batch.buf, batch.msgs, client.session.statements, client.statements)
+        server.track_details(True)
+    idle = server.status == _IDLE and not server.expect
+    tx = client.tx
+    begin = tx.begin
+    if idle and len(server.prepared) > app.max_statements:
+        # Between transactions no portal depends on a statement: close the least recently used.
+        client.statements.evict(server, out)
+    session = client.session
+    if server.applied != session.settings:  # else sync_sql is "" (asked inline: the common case)
+        out.append(m.query(session.sync_sql(server.applied)))
+        server.push(Expect(K_SYNC, SWALLOW))
+        server.applied = dict(session.settings)
+        server.unnamed_owner = None
+    if begin is not None:
+        tx.unit_sent()
+        out.append(begin)
+        server.push(Expect(K_SYNC, SWALLOW))
+        server.unnamed_owner = None
+        return None
+    return batch if idle else None
+
+
+def _send_rewritten(  # noqa: PLR0917  (positional: the cheapest call, on the data path)
+    server: ServerConnection,
+    batch: Batch,
+    view: memoryview,
+    out: list[Piece],
+    ents: list[Expect | int],
+    run: int,
+    special: bool,
+) -> None:
+    """The end of ``send`` for a batch other than the common case: its expectations, then the pieces in
+    ``out`` and the client's bytes from ``run`` on, in one write. ``special``: an expectation other than
+    forwarding replies is in ``ents`` (then each is registered; else one for the final Sync or Query). In
+    a batch that ends in Sync, Query or FunctionCall, the plain replies after the last special entry are
+    forwarded as part of the final Sync's (or Query's) unit: no expectation of their own."""
+    terminator = batch.terminator
+    push = server.push
+    if special or terminator not in (_S, _Q, _F):
+        if terminator in (_S, _Q, _F):
+            last = len(ents) - 1
+            while last > 0 and isinstance(ents[last - 1], int):
+                last -= 1
+            ents[last:] = ents[-1:]
+        else:
+            server.needs_sync = True
+        for entry in ents:
+            if isinstance(entry, int):
+                # sync_entry, inline: the last entry of most batches
+                push(Expect(entry) if entry >= 0 else Expect(K_SYNC, extended=entry == SYNC_EXT))
+            else:
+                push(entry)
+    else:
+        push(Expect(K_SYNC, extended=ents[-1] == SYNC_EXT))  # sync_entry, inline
+    if run == batch.start and not out:
+        buf = batch.buf
+        server.send(buf if batch.start == 0 and batch.end == len(buf) else view[batch.start : batch.end])
+        return
+    if batch.end > run:
+        out.append(view[run : batch.end])
+    server.send(b"".join(out))
+    if special:
+        server.flush_synth()
