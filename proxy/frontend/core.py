@@ -4,11 +4,13 @@ with nothing else in flight, unless the client is pinned.
 
 ``ClientCore`` is the core of ``ClientConnection`` (proxy/frontend/client.py), which subclasses it with the
 asyncio side (transport callbacks, login, teardown), as asyncpg's protocol core is separate from its asyncio
-adapter. What runs per transaction is here, as methods on one object (no hop to another per transaction);
-the rest are objects the client holds: ``Units`` (what a unit executes, units.py), ``Effects`` (its session
-changes and their outcome, effects.py), ``Leasing`` (waiting for a connection, main or a replica,
-leases.py), the answers the proxy gives itself (control.py), sending (send.py), the admin console
-(console.py), and the transaction and lease state ``TxState`` (txstate.py).
+adapter. What runs per transaction is here and in send.py (functions of the client's state): methods of
+the client itself, reading its own attributes, so that a transaction pays no hop through another object but
+``Units.info`` and a look at ``Effects``. The other concerns are objects the client holds: ``Units`` (what a
+unit executes, units.py), ``Effects`` (its session changes and their outcome, effects.py), ``Leasing``
+(waiting for a connection, main or a replica, leases.py), ``ConsoleSession`` (the admin console,
+console.py), the transaction and lease state ``TxState`` (txstate.py); and the answers the proxy gives
+itself (control.py).
 """
 
 from __future__ import annotations
