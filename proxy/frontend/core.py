@@ -4,7 +4,8 @@ with nothing else in flight, unless the client is pinned.
 
 ``ClientCore`` is the core of ``ClientConnection`` (proxy/frontend/client.py), which subclasses it with the
 asyncio side (transport callbacks, login, teardown), as asyncpg's protocol core is separate from its asyncio
-adapter. What runs per transaction is here and in send.py (functions of the client's state): methods of
+adapter. A whole unit that needs nothing but its route skips all this (``fast_unit``, fast.py). What
+runs per transaction on the slow path is here and in send.py (functions of the client's state): methods of
 the client itself, reading its own attributes, so that a transaction pays no hop through another object but
 ``Units.info`` and a look at ``Effects``. The other concerns are objects the client holds: ``Units`` (what a
 unit executes, units.py), ``Effects`` (its session changes and their outcome, effects.py), ``Leasing``
