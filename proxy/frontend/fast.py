@@ -16,6 +16,8 @@ from proxy.frontend.startup import READY
 from proxy.frontend.txstate import Input, Lease, LeaseEv, Tx
 from proxy.protocol.scan import extended_unit
 from proxy.router.classify import INLINE_BYTES, Classification
+from proxy.router.policy import MAIN, WRITE
+from proxy.router.policy import REPLICA as REPLICA_ROLE
 
 _P, _Q = b"PQ"
 _IDLE = ord("I")
@@ -51,8 +53,7 @@ def fast_unit(client: ClientCore, data: bytes) -> bool:
         or tx.input is not _READING
         or client.phase != READY
         or client.admin
-        or client.reads.key is not None
-        or client.reads.min_lsn is not None
+        or client.reads.forced is not None  # a read routed after a wait: Reads.route
         or client.session.has_staged
         or effects.unnamed_changes
         or effects.stmt_changes
@@ -62,26 +63,15 @@ def fast_unit(client: ClientCore, data: bytes) -> bool:
         return False
     app = client.app
     role = client.server_role
-    router = app.router
     try:  # whatever these raise, the slow path meets again and reports (``_guarded``)
         info = _fast_info(client, data, server)
-        if info is None:
-            return False
-        if lease is _LINGERING:
-            decision = router.decide_plain(info)
-            if decision.role != role or decision.fallback_from:
-                return False
-            kind = decision.kind
-        else:  # in a transaction on the connection held
-            if tx.tx is not _UPSTREAM_TX or server.needs_sync or router.on_fallback:
-                return False
-            refusal, kind = router.in_transaction_cached(info, role)
-            if refusal is not None:
-                return False
+        kind = None if info is None else _fast_route(client, info, server)
     except Exception:
         return False
+    reads = client.reads
     if (
-        (role == "compliance" and app.audit is not None)
+        kind is None
+        or (role == "compliance" and app.audit is not None)
         or app.migration.hold.roles
         or app.migration.shadow.active  # a read may be offered to the shadow reads: _count_route
         or app.is_paused(role)
@@ -89,9 +79,20 @@ def fast_unit(client: ClientCore, data: bytes) -> bool:
         or server.applied != client.session.settings
     ):
         return False
+    # Read-your-writes: this replica at once, counted as Reads.route counts it; a wait, main or another
+    # replica is the slow path's (Reads.route, then Leasing).
+    if (
+        lease is _LINGERING
+        and role == REPLICA_ROLE
+        and (reads.key is not None or reads.min_lsn is not None)
+        and not reads.replica_now(app.consistency, client.server_pool)
+    ):
+        return False
     # What _dispatch_unit, _count_route, send and Effects.note_sql do for this unit, in their order.
     routed = app.routed
     routed[role, kind] = routed.get((role, kind), 0) + 1
+    if kind == WRITE and role == MAIN and reads.key is not None:
+        reads.wrote = True  # its WAL position is captured when the unit (or its transaction) ends
     if lease is _LINGERING:
         tx.lease_event(_UNLINGER)
         app.pools[client.server_pool].unlinger(server)
@@ -107,6 +108,23 @@ def fast_unit(client: ClientCore, data: bytes) -> bool:
     server.push(Expect(K_SYNC, extended=first != _Q))
     server.send(data)
     return True
+
+
+def _fast_route(client: ClientCore, info: Classification, server: ServerConnection) -> str | None:
+    """The unit's read|write when the slow path would send it on the connection the client has
+    (``decide`` for a lingering client, ``check_in_transaction`` inside a transaction); None when it would
+    go elsewhere, be refused, or count a fallback."""
+    router = client.app.router
+    tx = client.tx
+    if tx.lease is _LINGERING:
+        decision = router.decide_plain(info)
+        if decision.role != client.server_role or decision.fallback_from:
+            return None
+        return decision.kind
+    if tx.tx is not _UPSTREAM_TX or server.needs_sync or router.on_fallback:
+        return None
+    refusal, kind = router.in_transaction_cached(info, client.server_role)
+    return None if refusal is not None else kind
 
 
 def _fast_info(client: ClientCore, data: bytes, server: ServerConnection) -> Classification | None:

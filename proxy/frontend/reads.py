@@ -58,6 +58,18 @@ class Reads(Generic[B]):
         consistency.count(outcome)
         return REPLICA_ROLE, verdict.label
 
+    def replica_now(self, consistency: Consistency, pool: str) -> bool:
+        """The fast path's ``route`` for a read of a client lingering on a replica connection (``pool``: its
+        label): True when the read may run there at once, counted as ``route`` counts it; False, with
+        nothing counted, for anything else (a wait, main, another replica), which ``route`` then decides."""
+        if self.forced is not None:
+            return False
+        verdict = consistency.check(self.key, self.min_lsn)
+        if verdict.wait or verdict.main or verdict.label not in (None, pool):
+            return False
+        consistency.count(REPLICA)
+        return True
+
     async def wait(self, consistency: Consistency, batch: B) -> None:
         """Wait for what ``batch`` needs; the verdict is ``route``'s when the batch is routed again."""
         loop = asyncio.get_running_loop()

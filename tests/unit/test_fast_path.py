@@ -10,7 +10,6 @@ from __future__ import annotations
 import asyncio
 import struct
 import tempfile
-from collections.abc import Iterator
 from pathlib import Path
 from typing import Any
 
@@ -88,8 +87,25 @@ def _notice() -> bytes:
     return b"N" + struct.pack("!I", len(fields) + 4) + fields
 
 
+def _update() -> bytes:
+    return m.command_complete("UPDATE 1") + _ready()
+
+
+def _capture() -> bytes:
+    """The reply to the proxy's read of main's WAL position after a write (proxy/frontend/ryw.py)."""
+    lsn = b"0/3000060"
+    row = b"D" + struct.pack("!IhI", 4 + 2 + 4 + len(lsn), 1, len(lsn)) + lsn
+    return (
+        m.row_description([("pg_current_wal_insert_lsn", 3220)])
+        + row
+        + m.command_complete("SELECT 1")
+        + _ready()
+    )
+
+
+WITH_REPLICA = frozenset({"read your writes"})
 # Scenarios: (client bytes, the upstream reply or None when nothing goes upstream, fast path taken?).
-Step = tuple[bytes, bytes | None, bool]
+Step = tuple[bytes, bytes | list[bytes] | None, bool]
 SCENARIOS: dict[str, list[Step]] = {
     "simple autocommit reads": [
         (m.query("SELECT abalance FROM pgbench_accounts WHERE aid = 1"), _select(), False),  # leases
@@ -135,6 +151,17 @@ SCENARIOS: dict[str, list[Step]] = {
         (m.sync(), _extended_reply(), False),
         (m.query("SELECT 5"), _select(), True),
     ],
+    "read your writes": [  # a replica configured: reads go there, writes to main, then their capture
+        (m.query("SELECT abalance FROM pgbench_accounts WHERE aid = 1"), _select(), False),  # leases
+        (m.query("SELECT abalance FROM pgbench_accounts WHERE aid = 2"), _select(), True),  # no write yet
+        (_extended(), _extended_reply(), True),
+        (m.query("UPDATE pgbench_accounts SET abalance = 1 WHERE aid = 1"), [_update(), _capture()], False),
+        (m.query("UPDATE pgbench_accounts SET abalance = 2 WHERE aid = 1"), [_update(), _capture()], True),
+        (m.query("SELECT abalance FROM pgbench_accounts WHERE aid = 3"), _select(), False),  # must see it
+        # Main served that read (no replica known to have replayed the write, and max_wait 0): the next
+        # read routes to the replica, not to the connection held: the slow path again.
+        (m.query("SELECT abalance FROM pgbench_accounts WHERE aid = 4"), _select(), False),
+    ],
     "replies in pieces": [
         (m.query("SELECT 1"), _select(), False),
         (m.query("SELECT 2"), _select()[:7], True),  # the rest never comes in this scenario
@@ -142,17 +169,35 @@ SCENARIOS: dict[str, list[Step]] = {
 }
 
 
-def _app() -> ProxyApp:
+def _app(replica: bool) -> ProxyApp:
+    env = {"DATABASE_URL": "postgresql://bench@127.0.0.1:1/bench"}
+    text = "auth:\n  method: trust\n"
+    if replica:  # read-your-writes on (scope user), never waiting: a read that must see a write goes to main
+        env["READ_REPLICA_DATABASE_URL"] = "postgresql://bench@127.0.0.1:2/bench"
+        text += "routing:\n  read_your_writes:\n    max_wait: 0\n"
     with tempfile.TemporaryDirectory(prefix="parafort-fastpath-") as tmp:
         path = Path(tmp) / "proxy.yaml"
-        path.write_text("auth:\n  method: trust\n")
-        config = load_config(path, {"DATABASE_URL": "postgresql://bench@127.0.0.1:1/bench"})
+        path.write_text(text)
+        config = load_config(path, env)
     app = ProxyApp(config)
     app._parameters = {"server_version": "15.0", "client_encoding": "UTF8"}
     return app
 
 
-async def _run(steps: list[Step], fast: bool, monkeypatch: pytest.MonkeyPatch) -> dict[str, Any]:
+def _upstream(app: ProxyApp, label: str) -> tuple[ServerConnection, MemoryTransport]:
+    """One idle connection in ``label``'s pool, writing to memory."""
+    server = ServerConnection(app.pool_roles[label], app.upstreams[label], label)
+    transport = MemoryTransport()
+    server.connection_made(transport)  # type: ignore[arg-type]
+    pool = app.pools[label]
+    pool._total = 1
+    pool._idle.append(server)
+    return server, transport
+
+
+async def _run(
+    steps: list[Step], fast: bool, monkeypatch: pytest.MonkeyPatch, replica: bool
+) -> dict[str, Any]:
     taken: list[bool] = []
     with monkeypatch.context() as patch:
         real = client_module.fast_unit
@@ -165,13 +210,8 @@ async def _run(steps: list[Step], fast: bool, monkeypatch: pytest.MonkeyPatch) -
         patch.setattr(client_module, "fast_unit", counted)
         if not fast:
             patch.setattr(ReplyQueue, "whole_unit", lambda self, buf: False)
-        app = _app()
-        server = ServerConnection("main", app.upstreams["main"], "main")
-        upstream = MemoryTransport()
-        server.connection_made(upstream)  # type: ignore[arg-type]
-        pool = app.pools["main"]
-        pool._total = 1
-        pool._idle.append(server)
+        app = _app(replica)
+        upstreams = {label: _upstream(app, label) for label in app.pools}
         client = ClientConnection(app)
         downstream = MemoryTransport()
         client.connection_made(downstream)  # type: ignore[arg-type]
@@ -182,35 +222,38 @@ async def _run(steps: list[Step], fast: bool, monkeypatch: pytest.MonkeyPatch) -
             await asyncio.sleep(0)
         assert client.phase == READY
         downstream.writes.clear()
-        record: list[tuple[bytes, bytes]] = []
-        for request, reply, _ in steps:
+        record: list[tuple[object, ...]] = []
+        for request, replies, _ in steps:
             taken.clear()
             client.data_received(request)
-            sent = b"".join(upstream.writes)
-            upstream.writes.clear()
-            if reply is not None:
+            for reply in [replies] if isinstance(replies, bytes) else replies or []:
+                # Each reply goes to the upstream connection that awaits one (a capture follows a write).
+                server = next(conn for conn, _ in upstreams.values() if conn.expect)
                 server.data_received(reply)
-            record.append((sent, b"".join(downstream.writes)))
+            sent = {label: b"".join(transport.writes) for label, (_, transport) in upstreams.items()}
+            for _, transport in upstreams.values():
+                transport.writes.clear()
+            record.append((sent, b"".join(downstream.writes), "fast" if any(taken) else "slow"))
             downstream.writes.clear()
-            record.append((b"fast" if any(taken) else b"slow", b""))
         state = {
             "lease": client.tx.lease,
             "tx": client.tx.tx,
-            "status": server.status,
-            "expect": [(e.kind, e.action, e.extended) for e in server.expect],
+            "server": client.server_pool if client.server is not None else None,
             "unnamed": client.statements.unnamed,
-            "owner": server.unnamed_owner is client.statements.unnamed_token,
             "routed": dict(app.routed),
-            "lingering": len(pool._lingering),
             "settings": dict(client.session.settings),
-            "applied": dict(server.applied),
+            "reads": (client.reads.wrote, app.consistency.writes.tokens.get(client.reads.key)),
+            "consistency": dict(app.consistency.outcomes),
         }
+        for label, (server, _) in upstreams.items():
+            state[label] = (
+                server.status,
+                [(e.kind, e.action, e.extended) for e in server.expect],
+                server.unnamed_owner is client.statements.unnamed_token,
+                len(app.pools[label]._lingering),
+                dict(server.applied),
+            )
         return {"record": record, "state": state}
-
-
-def _fast_steps(result: dict[str, Any]) -> Iterator[bool]:
-    for sent, _ in result["record"][1::2]:
-        yield sent == b"fast"
 
 
 @pytest.mark.parametrize("name", sorted(SCENARIOS))
@@ -218,8 +261,11 @@ def test_fast_path_sends_and_answers_what_the_slow_path_does(
     name: str, monkeypatch: pytest.MonkeyPatch
 ) -> None:
     steps = SCENARIOS[name]
-    slow = asyncio.run(_run(steps, False, monkeypatch))
-    fast = asyncio.run(_run(steps, True, monkeypatch))
-    assert fast["record"][0::2] == slow["record"][0::2]
+    replica = name in WITH_REPLICA
+    slow = asyncio.run(_run(steps, False, monkeypatch, replica))
+    fast = asyncio.run(_run(steps, True, monkeypatch, replica))
+    assert [r[:2] for r in fast["record"]] == [r[:2] for r in slow["record"]]
     assert fast["state"] == slow["state"]
-    assert list(_fast_steps(fast)) == [took for _, _, took in steps]
+    assert [r[2] == "fast" for r in fast["record"]] == [took for _, _, took in steps]
+    if replica:
+        assert slow["state"]["routed"].get(("read_replica", "read"), 0) > 0, "no read reached the replica"
