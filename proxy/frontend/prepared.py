@@ -5,7 +5,7 @@ Nothing here writes to a socket: messages to send go into the caller's ``out`` (
 write) and their expectations into ``ents`` (registered on the connection in order). The sequence that puts
 a statement on a connection, Close + Parse with their expectations, is ``prepare``, and only there.
 
-``ClientConnection._send`` keeps the common messages inline (the data path's hottest loop) and hands the
+``send`` (send.py) keeps the common messages inline (the data path's hottest loop) and hands the
 ones the proxy may rewrite to ``Statements``: ``bind``, ``parse_named``, ``parse_unnamed_cached``,
 ``describe``, ``close``. Each is called once the caller has put the client's bytes before the message in
 ``out``, and appends what replaces the message (``bind``, ``describe`` and ``close``: the message itself when
@@ -173,7 +173,7 @@ class Statements:
         """The client's unnamed statement is ``raw`` (a Parse the proxy answered itself, such as a deferred
         BEGIN's): a later Bind of it parses it upstream first. (An unnamed Parse sent upstream as it is
         does the same and makes the connection's ``unnamed_owner`` the new token: inline in
-        ``ClientConnection._send``, the extended protocol's hot path.)"""
+        ``send`` in send.py, the extended protocol's hot path.)"""
         self.unnamed_stmt = None
         self.unnamed = raw
         self.unnamed_token = object()
@@ -204,7 +204,7 @@ class Statements:
         prepare(server, stmt, SWALLOW_OK, out, ents, events=self.ctx.statement_events)
         return True
 
-    # -- messages that name statements, from ClientConnection._send -----------------------------------------
+    # -- messages that name statements, from send (send.py) ------------------------------------------------
     def bind(  # noqa: PLR0917  (positional: the cheapest call, on the data path)
         self, server: ServerConnection, buf: bytes, view: memoryview, start: int, end: int,
         named: dict[str, PreparedStatement], out: list[Piece], ents: list[Entry],

@@ -2,7 +2,7 @@
 on the role's own database, off the client's path, and the results are compared.
 
 **On the data path** a client connection calls ``Shadow.offer`` where it counts a read it sends
-(``_count_route`` in proxy/frontend/client.py: a unit that starts a lease, a later statement of a
+(``_count_route`` in proxy/frontend/core.py: a unit that starts a lease, a later statement of a
 transaction, asyncpg's Bind/Execute after its Parse/Describe/Flush, a unit pipelined behind another), only
 while ``Shadow.active`` (some role is in ``streaming``: one attribute check otherwise). ``offer`` keeps a
 read whose tables all belong to one streaming role with probability ``migration.shadow_sample`` (read from

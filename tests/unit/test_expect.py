@@ -1,6 +1,6 @@
 """The upstream reply queue without sockets: backend message bytes fed to ``ReplyQueue``, a recording sink.
 
-Each case queues the entries client.py would push for a batch (``ClientConnection._send``, ``flush_synth``,
+Each case queues the entries the client would push for a batch (``send`` in send.py, ``flush_synth``,
 ``_StalePlanRetry``, ryw's ``Capture``) and feeds what PostgreSQL answers, then checks what the client
 would receive (bytes, in order), the ReadyForQuery statuses reported and the ``on_done`` callbacks.
 """

@@ -143,7 +143,7 @@ def test_claiming_the_unnamed_statement_never_uses_another_clients() -> None:
     st.claim_unnamed(conn, out, ents)  # this client never parsed one: the connection's goes
     assert out == [m.close(b"S", "")] and shape(ents) == [(K_CLOSE, SWALLOW)]
     raw = m.parse("", SQL, ())
-    st.answered_locally(raw)  # as ClientConnection._send does for an unnamed Parse it sends as it is
+    st.answered_locally(raw)  # as send (send.py) does for an unnamed Parse it sends as it is
     conn.unnamed_owner = st.unnamed_token
     assert conn.unnamed_owner is st.unnamed_token
     other = server()
