@@ -12,7 +12,6 @@ import contextlib
 import ipaddress
 import logging
 import ssl
-import struct
 import time
 from collections.abc import Callable
 from typing import cast
@@ -23,12 +22,12 @@ from proxy.config.dsn import Dsn
 from proxy.errors import CONNECTION_FAILURE, PROTOCOL_VIOLATION, SQLCLIENT_UNABLE_TO_ESTABLISH, ProxyError
 from proxy.protocol import messages as m
 from proxy.protocol.auth import ClientAuth
-from proxy.protocol.framing import Collector, collector, ssl_request, startup_message
+from proxy.protocol.framing import Collector, collector, scan_messages, ssl_request, startup_message
 from proxy.sockets import set_nodelay
 
 log = logging.getLogger("parafort.backend")
 
-_HEADER = struct.Struct("!BI")
+MAX_HANDSHAKE_MESSAGE = 1 << 20  # a login reply longer than this is not PostgreSQL talking
 _Z, _E, _S, _N = b"ZESN"
 
 
@@ -278,20 +277,11 @@ class ServerConnection(ReplyQueue, asyncio.Protocol):
                 self._buf = b""
 
     def _handshake_messages(self, buf: bytes) -> int:
-        pos = 0
-        n = len(buf)
         handshake = self._handshake
         assert handshake is not None and self._auth is not None
-        while pos + 5 <= n:
-            mtype: int
-            length: int
-            mtype, length = _HEADER.unpack_from(buf, pos)
-            end = pos + 1 + length
-            if length < 4 or length > 1 << 20:
-                raise ProxyError(PROTOCOL_VIOLATION, f"invalid message length {length} from upstream")
-            if end > n:
-                break
-            payload = bytes(buf[pos + 5 : end])
+        msgs, pos = scan_messages(buf, 0, MAX_HANDSHAKE_MESSAGE)
+        for mtype, start, end in msgs:
+            payload = bytes(buf[start + 5 : end])
             pos = end
             if mtype == ord("R"):
                 code, data = m.decode_auth(payload)

@@ -269,6 +269,7 @@ class ClientCore(asyncio.Protocol):
             return
         router = self.app.router
         if info is not None:
+            router.note_joins(info)
             refusal, kind = router.in_transaction_cached(info, self.server_role)
             if refusal is not None:
                 control.refuse(self, batch, refusal, in_transaction=server.status != _IDLE)

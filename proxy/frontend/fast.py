@@ -1,8 +1,17 @@
-"""The fast path of one client connection: a whole unit that needs nothing of the proxy but its route (a
-simple Query, or an unnamed statement's [Parse] Bind [Describe portal] Execute Sync) goes upstream as it
-arrived, with one expectation, without being cut into a ``Batch``; its whole reply comes back through
-``ReplyQueue.whole_unit`` (proxy/backend/expect.py). Anything else takes the slow path
-(``ClientCore._messages``, proxy/frontend/core.py), whose behaviour the fast path reproduces.
+"""The fast path of one client connection: the common unit sent as it arrived, not cut into a ``Batch``.
+
+A client's whole unit that needs nothing of the proxy but its route — a simple Query, or an unnamed
+statement's [Parse] Bind [Describe portal] Execute Sync; no setting, transaction control, pin or
+``/* route: */`` comment in it; nothing paused, held by a migration, audited, replayed or waited for — from
+a client lingering on a connection of the role it routes to, or inside a transaction on the connection it
+holds, goes upstream as it is with one expectation. A read-your-writes read takes it when the replica
+lingered on may serve it now. Its whole reply comes back through ``ReplyQueue.whole_unit``
+(proxy/backend/expect.py). The message walks are compiled (proxy/protocol/scan.pyx).
+
+Everything the slow path (``ClientCore._messages`` ... ``send``, proxy/frontend/core.py and send.py) would
+do for those bytes is done here too, books and counters included; tests/unit/test_fast_path.py runs the
+same units both ways and compares. Anything else, and anything these functions are unsure of, returns
+False having changed nothing, and takes the slow path.
 """
 
 from __future__ import annotations
@@ -12,6 +21,7 @@ import struct
 from proxy.backend.connection import ServerConnection
 from proxy.backend.expect import K_SYNC, Expect
 from proxy.frontend.core import ClientCore
+from proxy.frontend.leases import count_fallback, count_fallback_writes
 from proxy.frontend.startup import READY
 from proxy.frontend.txstate import Input, Lease, LeaseEv, Tx
 from proxy.protocol.scan import extended_unit
@@ -29,25 +39,21 @@ _HELD = Lease.HELD
 _UPSTREAM_TX = Tx.UPSTREAM
 _UNLINGER = LeaseEv.UNLINGER
 _LENGTH = struct.Struct("!I")
+# A unit's read|write, and the roles (and written tables) main serves it for: what is counted when it is sent.
+Route = tuple[str, tuple[str, ...], tuple[tuple[str, str], ...]]
 
 
 def fast_unit(client: ClientCore, data: bytes) -> bool:
-    """The fast path: ``data`` is one whole unit that needs nothing of the proxy but its route: a simple
-    Query, or an unnamed statement's [Parse] Bind [Describe portal] Execute Sync, with no setting,
-    transaction control or pin in it, nothing paused, held, audited, replayed or waited for, from a client
-    lingering on a connection of the role it routes to (``_dispatch_unit``), or inside a transaction on
-    the connection it holds (``_dispatch_held``). It goes upstream as it is, with one expectation, exactly
-    as the slow path (``_messages`` ... ``send``) would send it, and True is returned. Anything else
-    returns False having changed nothing, and takes the slow path."""
+    """Send ``data`` as it is when it is one whole unit the fast path takes (see the module): True when it
+    was sent, False (nothing changed) for the slow path."""
     server = client.server
     tx = client.tx
     lease = tx.lease
-    if lease is not _LINGERING and (lease is not _HELD or server is None or server.status == _IDLE):
+    if server is None or (lease is not _LINGERING and (lease is not _HELD or server.status == _IDLE)):
         return False
     effects = client.effects
     if (
-        server is None
-        or client.buf
+        client.buf
         or not 6 <= len(data) <= INLINE_BYTES
         or tx.begin is not None
         or tx.input is not _READING
@@ -65,12 +71,13 @@ def fast_unit(client: ClientCore, data: bytes) -> bool:
     role = client.server_role
     try:  # whatever these raise, the slow path meets again and reports (``_guarded``)
         info = _fast_info(client, data, server)
-        kind = None if info is None else _fast_route(client, info, server)
+        route = None if info is None else _fast_route(client, info, server)
     except Exception:
         return False
     reads = client.reads
     if (
-        kind is None
+        info is None
+        or route is None
         or (role == "compliance" and app.audit is not None)
         or app.migration.hold.roles
         or app.migration.shadow.active  # a read may be offered to the shadow reads: _count_route
@@ -88,16 +95,12 @@ def fast_unit(client: ClientCore, data: bytes) -> bool:
         and not reads.replica_now(app.consistency, client.server_pool)
     ):
         return False
-    # What _dispatch_unit, _count_route, send and Effects.note_sql do for this unit, in their order.
-    routed = app.routed
-    routed[role, kind] = routed.get((role, kind), 0) + 1
-    if kind == WRITE and role == MAIN and reads.key is not None:
-        reads.wrote = True  # its WAL position is captured when the unit (or its transaction) ends
+    _count(client, info, route)
     if lease is _LINGERING:
         tx.lease_event(_UNLINGER)
         app.pools[client.server_pool].unlinger(server)
     first = data[0]
-    if first == _P:
+    if first == _P:  # an unnamed Parse sent as it is: the client's statement now (as send does)
         client.units.unnamed_info = info
         st = client.statements
         st.unnamed_stmt = None
@@ -110,21 +113,36 @@ def fast_unit(client: ClientCore, data: bytes) -> bool:
     return True
 
 
-def _fast_route(client: ClientCore, info: Classification, server: ServerConnection) -> str | None:
-    """The unit's read|write when the slow path would send it on the connection the client has
-    (``decide`` for a lingering client, ``check_in_transaction`` inside a transaction); None when it would
-    go elsewhere, be refused, or count a fallback."""
+def _count(client: ClientCore, info: Classification, route: Route) -> None:
+    """What ``decide``, ``_dispatch_unit`` and ``_count_route`` (core.py) count for a unit sent."""
+    app = client.app
+    kind, fallback_from, fallback_writes = route
+    app.router.note_joins(info)
+    if fallback_from:  # main serves these roles' tables (unconfigured, or down with fallback: main)
+        count_fallback(app, fallback_from)
+        count_fallback_writes(app, fallback_writes)
+    role = client.server_role
+    routed = app.routed
+    routed[role, kind] = routed.get((role, kind), 0) + 1
+    if kind == WRITE and role == MAIN and client.reads.key is not None:
+        client.reads.wrote = True  # its WAL position is captured when the unit (or its transaction) ends
+
+
+def _fast_route(client: ClientCore, info: Classification, server: ServerConnection) -> Route | None:
+    """The unit's read|write and the fallbacks to count when the slow path would send it on the connection
+    the client has (``decide`` for a lingering client, ``check_in_transaction`` inside a transaction);
+    None when it would go elsewhere or be refused."""
     router = client.app.router
     tx = client.tx
     if tx.lease is _LINGERING:
         decision = router.decide_plain(info)
-        if decision.role != client.server_role or decision.fallback_from:
+        if decision.role != client.server_role:
             return None
-        return decision.kind
+        return decision.kind, decision.fallback_from, decision.fallback_writes
     if tx.tx is not _UPSTREAM_TX or server.needs_sync or router.on_fallback:
         return None
     refusal, kind = router.in_transaction_cached(info, client.server_role)
-    return None if refusal is not None else kind
+    return None if refusal is not None else (kind, (), ())
 
 
 def _fast_info(client: ClientCore, data: bytes, server: ServerConnection) -> Classification | None:

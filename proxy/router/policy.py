@@ -128,10 +128,15 @@ class Router:
             self._moving[info] = found
         return found
 
-    def _note_joins(self, info: Classification) -> None:
-        joins = self.moving_joins(info)
-        if joins and self.joins is not None:
-            self.joins.record(info, joins)
+    def note_joins(self, info: Classification) -> None:
+        """A unit of ``info`` is sent: count it where a move would refuse it (``moving_joins``), while a role
+        main serves by configuration has tables. ``decide_cached`` and ``check_in_transaction`` do this
+        themselves; the decisions the fast path reads (``decide_plain``, ``in_transaction_cached``) do
+        not, so that a unit counts once, when it is sent."""
+        if self._pending and self.joins is not None:
+            joins = self.moving_joins(info)
+            if joins:
+                self.joins.record(info, joins)
 
     def set_catalog_read_only(self, names: frozenset[str]) -> None:
         """Main's catalog was (re)read: these functions are reads from now on."""
@@ -162,8 +167,8 @@ class Router:
         return tuple(sorted(writes))
 
     def decide_cached(self, info: Classification, override: str | None, tx: str | None) -> Decision:
-        if self._pending and override is None and self.joins is not None:
-            self._note_joins(info)
+        if override is None:
+            self.note_joins(info)
         key = (info, override, tx)
         decision = self._decisions.get(key)
         if decision is None:
@@ -173,14 +178,13 @@ class Router:
         return decision
 
     def decide_plain(self, info: Classification) -> Decision:
-        """``decide_cached(info, None, None)``: a unit outside a transaction, with no override."""
+        """``decide_cached(info, None, None)`` (a unit outside a transaction, with no override), cached by
+        the classification alone, and counting nothing (``note_joins``)."""
         decision = self._plain.get(info)
         if decision is None:
             if len(self._plain) >= DECISION_CACHE_SIZE:
                 self._plain = {}
-            decision = self._plain[info] = self.decide_cached(info, None, None)
-        elif self._pending and self.joins is not None:
-            self._note_joins(info)  # as decide_cached does on every call
+            decision = self._plain[info] = self.decide(info)
         return decision
 
     def _configured(self, role: str) -> bool:
@@ -320,23 +324,23 @@ class Router:
 
     def in_transaction_cached(self, info: Classification, holding: str) -> tuple[Decision | None, str]:
         """``check_in_transaction`` and the unit's read|write (``kind``), cached as ``decide_cached``'s
-        decisions are (until ``invalidate``)."""
+        decisions are (until ``invalidate``), counting nothing (``note_joins``)."""
         key = (info, holding)
         found = self._in_tx.get(key)
         if found is None:
             if len(self._in_tx) >= DECISION_CACHE_SIZE:
                 self._in_tx = {}
-            found = self._in_tx[key] = (self.check_in_transaction(info, holding), self.kind(info)[0])
-        elif self._pending and self.joins is not None and not info.bits & _F_PARSE_ERROR:
-            self._note_joins(info)  # as check_in_transaction does on every call
+            found = self._in_tx[key] = (self._in_transaction(info, holding), self.kind(info)[0])
         return found
 
     def check_in_transaction(self, info: Classification, holding: str) -> Decision | None:
         """A later unit of a transaction held on ``holding``: None when it can run there, else a refusal."""
+        self.note_joins(info)
+        return self._in_transaction(info, holding)
+
+    def _in_transaction(self, info: Classification, holding: str) -> Decision | None:
         if info.flags & Flag.PARSE_ERROR:
             return None  # the server reports the syntax error (and the transaction fails there)
-        if self._pending and self.joins is not None:
-            self._note_joins(info)
         by_domain = self._tables_by_domain(info.tables)
         needs: dict[str, list[TableName]] = {}
         for domain, tables in by_domain.items():

@@ -103,6 +103,14 @@ def _capture() -> bytes:
     )
 
 
+JOIN = "SELECT u.email, count(*) FROM users u JOIN user_activity a ON a.user_id = u.id GROUP BY u.email"
+
+
+def _begun_update() -> bytes:
+    """The replies to a deferred BEGIN (swallowed) and the statement sent with it."""
+    return m.command_complete("BEGIN") + _ready(b"T") + m.command_complete("UPDATE 1") + _ready(b"T")
+
+
 WITH_REPLICA = frozenset({"read your writes"})
 # Scenarios: (client bytes, the upstream reply or None when nothing goes upstream, fast path taken?).
 Step = tuple[bytes, bytes | list[bytes] | None, bool]
@@ -162,6 +170,15 @@ SCENARIOS: dict[str, list[Step]] = {
         # read routes to the replica, not to the connection held: the slow path again.
         (m.query("SELECT abalance FROM pgbench_accounts WHERE aid = 4"), _select(), False),
     ],
+    "a join a move would refuse": [  # analytics has no URL: main serves user_activity, joins are counted
+        (m.query(JOIN), _select(), False),
+        (m.query(JOIN), _select(), True),
+        (_extended(JOIN, parse=True), _extended_reply(), True),
+        (m.query("BEGIN"), None, False),
+        (m.query("UPDATE users SET email = email WHERE id = 1"), _begun_update(), False),
+        (m.query(JOIN), _select(b"T"), True),
+        (m.query("COMMIT"), m.command_complete("COMMIT") + _ready(), False),
+    ],
     "replies in pieces": [
         (m.query("SELECT 1"), _select(), False),
         (m.query("SELECT 2"), _select()[:7], True),  # the rest never comes in this scenario
@@ -171,7 +188,8 @@ SCENARIOS: dict[str, list[Step]] = {
 
 def _app(replica: bool) -> ProxyApp:
     env = {"DATABASE_URL": "postgresql://bench@127.0.0.1:1/bench"}
-    text = "auth:\n  method: trust\n"
+    # analytics has no URL: main serves its tables, and counts the joins a move would refuse
+    text = "auth:\n  method: trust\ndomains:\n  analytics: [user_activity]\n"
     if replica:  # read-your-writes on (scope user), never waiting: a read that must see a write goes to main
         env["READ_REPLICA_DATABASE_URL"] = "postgresql://bench@127.0.0.1:2/bench"
         text += "routing:\n  read_your_writes:\n    max_wait: 0\n"
@@ -244,6 +262,9 @@ async def _run(
             "settings": dict(client.session.settings),
             "reads": (client.reads.wrote, app.consistency.writes.tokens.get(client.reads.key)),
             "consistency": dict(app.consistency.outcomes),
+            # statements a move of a role main serves would refuse, counted once per unit sent
+            "joins": {key: seen.count for key, seen in app.joins.seen.items()},
+            "fallbacks": dict(app.fallbacks),
         }
         for label, (server, _) in upstreams.items():
             state[label] = (
