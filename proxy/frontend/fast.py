@@ -69,11 +69,14 @@ def fast_unit(client: ClientCore, data: bytes) -> bool:
         return False
     app = client.app
     role = client.server_role
+    classifier = app.classifier
+    counts = classifier.hits, classifier.misses  # a unit left to the slow path is counted there
+    info: Classification | None = None
     try:  # whatever these raise, the slow path meets again and reports (``_guarded``)
         info = _fast_info(client, data, server)
         route = None if info is None else _fast_route(client, info, server)
     except Exception:
-        return False
+        route = None
     reads = client.reads
     if (
         info is None
@@ -84,16 +87,16 @@ def fast_unit(client: ClientCore, data: bytes) -> bool:
         or app.is_paused(role)
         or len(server.prepared) > app.max_statements
         or server.applied != client.session.settings
+        # Read-your-writes: this replica at once, counted as Reads.route counts it (so last); a wait,
+        # main or another replica is the slow path's (Reads.route, then Leasing).
+        or (
+            lease is _LINGERING
+            and role == REPLICA_ROLE
+            and (reads.key is not None or reads.min_lsn is not None)
+            and not reads.replica_now(app.consistency, client.server_pool)
+        )
     ):
-        return False
-    # Read-your-writes: this replica at once, counted as Reads.route counts it; a wait, main or another
-    # replica is the slow path's (Reads.route, then Leasing).
-    if (
-        lease is _LINGERING
-        and role == REPLICA_ROLE
-        and (reads.key is not None or reads.min_lsn is not None)
-        and not reads.replica_now(app.consistency, client.server_pool)
-    ):
+        classifier.hits, classifier.misses = counts
         return False
     _count(client, info, route)
     if lease is _LINGERING:
