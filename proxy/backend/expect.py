@@ -13,6 +13,7 @@ this core, as asyncpg's protocol is built on its ``CoreProtocol``.
 
 from __future__ import annotations
 
+import dataclasses
 import logging
 import struct
 from collections import deque
@@ -75,6 +76,13 @@ class Expect:
     def extended_copy(self) -> bool:
         """Whether a CopyInResponse under this entry comes from an extended-protocol Execute."""
         return self.kind != K_SYNC or self.extended
+
+
+# The expectation of a batch that needs nothing else (a Query or FunctionCall; a Sync), shared by every
+# such batch: entries in the queue are never changed in place (``_copy_in_started`` and the stale-plan
+# retry replace theirs), so one object can stand for all of them, allocated once.
+PLAIN_QUERY = Expect(K_SYNC)
+PLAIN_SYNC = Expect(K_SYNC, extended=True)
 
 
 class Retry(Protocol):
@@ -332,7 +340,7 @@ class ReplyQueue:
             retry = entry.retry
             self._skip_to_sync(entry)
             if expect:
-                expect[0].action = SWALLOW
+                expect[0] = dataclasses.replace(expect[0], action=SWALLOW)
             retry()
             return end
         if self._track_details and entry.action == FORWARD and self.sink is not None:
@@ -377,7 +385,7 @@ class ReplyQueue:
         expect = self.expect
         head = expect[0]
         if head.kind == K_SYNC:
-            head.kind = K_EXECUTE
+            expect[0] = head = dataclasses.replace(head, kind=K_EXECUTE)
             return head
         for i, entry in enumerate(expect):
             if entry.kind == K_SYNC:
@@ -445,6 +453,8 @@ __all__ = [
     "K_SYNC",
     "K_SYNTH",
     "MAX_BACKEND_MESSAGE",
+    "PLAIN_QUERY",
+    "PLAIN_SYNC",
     "SWALLOW",
     "SWALLOW_OK",
     "Expect",

@@ -19,7 +19,7 @@ from __future__ import annotations
 import struct
 
 from proxy.backend.connection import ServerConnection
-from proxy.backend.expect import K_SYNC, Expect
+from proxy.backend.expect import PLAIN_QUERY, PLAIN_SYNC
 from proxy.frontend.core import ClientCore
 from proxy.frontend.leases import count_fallback, count_fallback_writes
 from proxy.frontend.startup import READY
@@ -111,7 +111,7 @@ def fast_unit(client: ClientCore, data: bytes) -> bool:
         st.unnamed_token = server.unnamed_owner = object()
     elif first == _Q:
         server.unnamed_owner = None
-    server.push(Expect(K_SYNC, extended=first != _Q))
+    server.push(PLAIN_QUERY if first == _Q else PLAIN_SYNC)
     server.send(data)
     return True
 

@@ -26,8 +26,9 @@ from proxy.backend.expect import (
     K_CLOSE,
     K_DESCRIBE,
     K_PARSE,
-    K_SYNC,
     K_SYNTH,
+    PLAIN_QUERY,
+    PLAIN_SYNC,
     SWALLOW,
     SWALLOW_OK,
     Expect,
@@ -76,7 +77,7 @@ def count(events: dict[tuple[str, str], int], role: str, event: str) -> None:
 
 
 def sync_entry(code: int) -> Expect:
-    return Expect(K_SYNC, extended=code == SYNC_EXT)
+    return PLAIN_SYNC if code == SYNC_EXT else PLAIN_QUERY
 
 
 def forget_on_failure(server: ServerConnection, name: str) -> Callable[[bool], None]:

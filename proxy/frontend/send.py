@@ -13,7 +13,17 @@ from __future__ import annotations
 from typing import Any, Protocol
 
 from proxy.backend.connection import ServerConnection
-from proxy.backend.expect import K_BIND, K_DESCRIBE, K_EXECUTE, K_PARSE, K_SYNC, SWALLOW, Expect
+from proxy.backend.expect import (
+    K_BIND,
+    K_DESCRIBE,
+    K_EXECUTE,
+    K_PARSE,
+    K_SYNC,
+    PLAIN_QUERY,
+    PLAIN_SYNC,
+    SWALLOW,
+    Expect,
+)
 from proxy.context import ClientContext
 from proxy.frontend.audited import AuditTrail
 from proxy.frontend.effects import Effects
@@ -117,7 +127,7 @@ def send(client: SendClient, batch: Batch, server: ServerConnection) -> None:  #
     if special or out or terminator not in (_S, _Q, _F):
         _send_rewritten(server, batch, view, out, ents, run, special)
     else:  # the common case: one expectation, the client's bytes as they are
-        server.push(Expect(K_SYNC, extended=ents[-1] == SYNC_EXT))  # sync_entry, inline
+        server.push(PLAIN_SYNC if ents[-1] == SYNC_EXT else PLAIN_QUERY)  # sync_entry, inline
         server.send(buf if batch.start == 0 and batch.end == len(buf) else view[batch.start : batch.end])
 
 
@@ -181,11 +191,11 @@ def _send_rewritten(  # noqa: PLR0917  (positional: the cheapest call, on the da
         for entry in ents:
             if isinstance(entry, int):
                 # sync_entry, inline: the last entry of most batches
-                push(Expect(entry) if entry >= 0 else Expect(K_SYNC, extended=entry == SYNC_EXT))
+                push(Expect(entry) if entry >= 0 else PLAIN_SYNC if entry == SYNC_EXT else PLAIN_QUERY)
             else:
                 push(entry)
     else:
-        push(Expect(K_SYNC, extended=ents[-1] == SYNC_EXT))  # sync_entry, inline
+        push(PLAIN_SYNC if ents[-1] == SYNC_EXT else PLAIN_QUERY)  # sync_entry, inline
     if run == batch.start and not out:
         buf = batch.buf
         server.send(buf if batch.start == 0 and batch.end == len(buf) else view[batch.start : batch.end])
