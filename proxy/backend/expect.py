@@ -174,22 +174,15 @@ class ReplyQueue:
 
     def whole_unit(self, buf: bytes) -> bool:
         """The fast path: ``buf`` is the whole reply to the one plain unit in flight (a batch sent as it
-        was, with one expectation that forwards), ending with its ReadyForQuery, and holds nothing the
-        proxy must read (``whole_reply``, compiled: proxy/protocol/scan.pyx). Then it goes to the client
-        as it is, in one call; True when it did. Anything else is ``feed``'s, which does the same with
-        these bytes."""
+        was, with the shared expectation ``PLAIN_QUERY`` or ``PLAIN_SYNC``), ending with its
+        ReadyForQuery, and holds nothing the proxy must read (``whole_reply``, compiled:
+        proxy/protocol/scan.pyx). Then it goes to the client as it is, in one call; True when it did.
+        Anything else is ``feed``'s, which does the same with these bytes."""
         expect = self.expect
         if len(expect) != 1 or self._track_details or (sink := self.sink) is None:
             return False
         entry = expect[0]
-        if (
-            entry.kind != K_SYNC
-            or entry.action != FORWARD
-            or entry.on_done is not None
-            or entry.retry is not None
-            or entry.on_row is not None
-            or not whole_reply(buf)
-        ):
+        if (entry is not PLAIN_QUERY and entry is not PLAIN_SYNC) or not whole_reply(buf):
             return False
         self.status = status = buf[-1]
         expect.popleft()

@@ -56,6 +56,7 @@ _IDLE = ord("I")
 _SKIPPING = Input.SKIPPING
 _LINGERING = Lease.LINGERING
 _PINNED = Lease.PINNED
+_LINGER = LeaseEv.LINGER
 
 _ids = itertools.count(1)
 
@@ -389,9 +390,9 @@ class ClientCore(asyncio.Protocol):
             return
         effects = self.effects
         if status != _IDLE:
-            if self.session.has_staged:
+            if self.session.staged:
                 effects.staged_in_tx = True
-        elif self.session.has_staged or effects.forget_prepared:
+        elif self.session.staged or effects.forget_prepared:
             effects.settle(server)
         tx = self.tx
         verdict = tx.ready(status, server.expect)
@@ -402,7 +403,7 @@ class ClientCore(asyncio.Protocol):
             elif effects.server_dirty and not server.cancels:
                 pass  # what it holds is unknown: it serves this client only (and is closed after)
             elif self.app.pools[self.server_pool].linger(server, self._reclaim):
-                tx.lease_event(LeaseEv.LINGER)
+                tx.lease_event(_LINGER)
             else:
                 self._release()  # a cancel still on its way parks it in the pool (Pool.release)
         elif verdict is SWITCH:

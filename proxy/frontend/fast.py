@@ -60,7 +60,7 @@ def fast_unit(client: ClientCore, data: bytes) -> bool:
         or client.phase != READY
         or client.admin
         or client.reads.forced is not None  # a read routed after a wait: Reads.route
-        or client.session.has_staged
+        or client.session.staged
         or effects.unnamed_changes
         or effects.stmt_changes
         or effects.portal_changes

@@ -98,7 +98,9 @@ class Session:
     settings: dict[str, str] = field(default_factory=dict)
     statements: dict[str, PreparedStatement] = field(default_factory=dict)
     version: int = 0
-    _pending: list[SessionChange] = field(default_factory=list)
+    # Changes made by statements whose outcome is not known yet (``stage``); empty between them, which the
+    # data path reads as a plain attribute (``has_staged`` is the same question as a property).
+    staged: list[SessionChange] = field(default_factory=list)
 
     def __post_init__(self) -> None:
         self.settings = dict(self.baseline)
@@ -109,7 +111,7 @@ class Session:
         Savepoint operations scope them: ROLLBACK TO drops what was staged after its savepoint, RELEASE
         folds the savepoint into its parent (so it can no longer be rolled back to).
         """
-        pending = self._pending
+        pending = self.staged
         for change in changes:
             if change.op in ("set", "savepoint"):
                 pending.append(change)
@@ -124,19 +126,19 @@ class Session:
 
     def discard_staged(self) -> None:
         """The statement failed or its transaction rolled back: its changes never happened."""
-        self._pending.clear()
+        self.staged.clear()
 
     @property
     def has_staged(self) -> bool:
-        return bool(self._pending)
+        return bool(self.staged)
 
     @property
     def has_staged_settings(self) -> bool:
-        return any(c.op == "set" for c in self._pending)
+        return any(c.op == "set" for c in self.staged)
 
     def staged_settings(self) -> list[SessionChange]:
         """The parameter changes staged so far, in order (savepoints already accounted for)."""
-        return [c for c in self._pending if c.op == "set"]
+        return [c for c in self.staged if c.op == "set"]
 
     def commit_staged(self, upstream: dict[str, str]) -> None:
         """The changes took effect (the statement succeeded outside, or its transaction committed).
@@ -144,9 +146,9 @@ class Session:
         ``upstream`` is the applied-settings map of the connection that ran them; it is updated too (an
         upstream connection's defaults are the server's, not this client's startup parameters).
         """
-        if not self._pending:
+        if not self.staged:
             return
-        for change in self._pending:
+        for change in self.staged:
             if change.op != "set":
                 continue
             if change.name is None:
@@ -161,7 +163,7 @@ class Session:
             else:
                 self.settings[change.name] = change.sql
                 upstream[change.name] = change.sql
-        self._pending.clear()
+        self.staged.clear()
         self.version += 1
 
     def sync_sql(self, upstream: dict[str, str]) -> str:
