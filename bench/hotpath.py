@@ -26,6 +26,7 @@ from typing import Any
 
 from proxy.backend.connection import ServerConnection
 from proxy.config import load_config
+from proxy.dev.testing import MemoryTransport
 from proxy.frontend.client import READY, ClientConnection
 from proxy.protocol import messages as m
 from proxy.protocol.framing import startup_message
@@ -33,30 +34,6 @@ from proxy.server import ProxyApp
 
 SQL = "SELECT abalance FROM pgbench_accounts WHERE aid = $1"
 ROW = struct.pack("!hi", 1, 1) + b"0"  # DataRow: one column, "0"
-
-
-class MemoryTransport:
-    """What the connections write goes to a list; the rest of the transport API does nothing."""
-
-    def __init__(self) -> None:
-        self.writes: list[bytes] = []
-
-    def write(self, data: bytes | bytearray | memoryview) -> None:
-        self.writes.append(bytes(data))
-
-    def close(self) -> None: ...
-
-    def abort(self) -> None: ...
-
-    def is_closing(self) -> bool:
-        return False
-
-    def pause_reading(self) -> None: ...
-
-    def resume_reading(self) -> None: ...
-
-    def get_extra_info(self, name: str, default: Any = None) -> Any:
-        return ("127.0.0.1", 40000) if name == "peername" else default
 
 
 def _replies(sent: bytes) -> bytes:

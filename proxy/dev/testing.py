@@ -1,4 +1,5 @@
-"""Run a real ``parafort-proxy run`` process for tests, demos and benchmarks, and stop it by pid."""
+"""Run a real ``parafort-proxy run`` process for tests, demos and benchmarks, and stop it by pid; and an
+in-memory transport for driving the connections in-process (``MemoryTransport``)."""
 
 from __future__ import annotations
 
@@ -126,3 +127,28 @@ class ProxyProcess:
                 self.proc.wait(5)
         self._log.close()
         return self.proc.returncode
+
+
+class MemoryTransport:
+    """What a connection writes goes to a list; the rest of the transport API does nothing. Drives a
+    ClientConnection or ServerConnection in-process (``bench hotpath``, tests/unit/test_fast_path.py)."""
+
+    def __init__(self) -> None:
+        self.writes: list[bytes] = []
+
+    def write(self, data: bytes | bytearray | memoryview) -> None:
+        self.writes.append(bytes(data))
+
+    def close(self) -> None: ...
+
+    def abort(self) -> None: ...
+
+    def is_closing(self) -> bool:
+        return False
+
+    def pause_reading(self) -> None: ...
+
+    def resume_reading(self) -> None: ...
+
+    def get_extra_info(self, name: str, default: Any = None) -> Any:
+        return ("127.0.0.1", 40000) if name == "peername" else default
