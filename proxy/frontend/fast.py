@@ -1,10 +1,11 @@
 """The fast path of one client connection: the common unit sent as it arrived, not cut into a ``Batch``.
 
 A client's whole unit that needs nothing of the proxy but its route — a simple Query, or an unnamed
-statement's [Parse] Bind [Describe portal] Execute Sync; no setting, transaction control, pin or
-``/* route: */`` comment in it; nothing paused, held by a migration, audited, replayed or waited for — from
-a client lingering on a connection of the role it routes to, or inside a transaction on the connection it
-holds, goes upstream as it is with one expectation. A read-your-writes read takes it when the replica
+statement's [Parse] Bind [Describe portal] Execute Sync; no setting, savepoint, pin or ``/* route: */``
+comment in it, and no transaction control but a COMMIT or ROLLBACK inside the upstream's transaction;
+nothing paused, held by a migration, audited, replayed or waited for — from a client lingering on a
+connection of the role it routes to, or inside a transaction on the connection it holds, goes upstream as
+it is with one expectation. A read-your-writes read takes it when the replica
 lingered on may serve it now. Its whole reply comes back through ``ReplyQueue.whole_unit``
 (proxy/backend/expect.py). The message walks are compiled (proxy/protocol/scan.pyx).
 
@@ -138,10 +139,13 @@ def _fast_route(client: ClientCore, info: Classification, server: ServerConnecti
     router = client.app.router
     tx = client.tx
     if tx.lease is _LINGERING:
+        if info.tx is not None:
+            return None  # BEGIN, COMMIT or ROLLBACK outside a transaction: answered by the proxy (control.py)
         decision = router.decide_plain(info)
         if decision.role != client.server_role:
             return None
         return decision.kind, decision.fallback_from, decision.fallback_writes
+    # Inside the upstream's transaction a COMMIT or ROLLBACK goes as it is, as _dispatch_held sends it.
     if tx.tx is not _UPSTREAM_TX or server.needs_sync or router.on_fallback:
         return None
     refusal, kind = router.in_transaction_cached(info, client.server_role)
@@ -176,6 +180,6 @@ def _fast_info(client: ClientCore, data: bytes, server: ServerConnection) -> Cla
             if unnamed is None or st.unnamed_stmt is not None or server.unnamed_owner is not st.unnamed_token:
                 return None
             info = unnamed
-    if info.bits or info.tx is not None or sql[:1] in _OVERRIDE_START:
-        return None  # session state, transaction control, a pin, or a /* route: */ comment
+    if info.bits or sql[:1] in _OVERRIDE_START:
+        return None  # session state, a savepoint, a pin, or a /* route: */ comment
     return info

@@ -115,8 +115,12 @@ SCENARIOS: dict[str, list[Step]] = {
         (_extended(), _extended_reply(status=b"T"), True),
         (m.query("SELECT nope FROM missing"), _error(b"E"), True),
         (m.query("SELECT 1"), _error(b"E"), True),  # 25P02 from the server, as on a direct connection
-        (m.query("COMMIT"), m.command_complete("ROLLBACK") + _ready(), False),
+        (m.query("COMMIT"), m.command_complete("ROLLBACK") + _ready(), True),  # inside: as it is
         (m.query("SELECT 2"), _select(), True),
+        (m.query("COMMIT"), None, False),  # no transaction: the proxy answers (a warning, then COMMIT)
+        (m.query("BEGIN"), None, False),
+        (m.query("UPDATE users SET email = email WHERE id = 1"), _begun_update(), False),
+        (_extended("ROLLBACK", describe=False), _extended_reply(describe=False), True),
     ],
     "settings and errors": [
         (m.query("SELECT 1"), _select(), False),
@@ -153,7 +157,7 @@ SCENARIOS: dict[str, list[Step]] = {
         (m.query("BEGIN"), None, False),
         (m.query("UPDATE users SET email = email WHERE id = 1"), _begun_update(), False),
         (m.query(JOIN), _select(b"T"), True),
-        (m.query("COMMIT"), m.command_complete("COMMIT") + _ready(), False),
+        (m.query("COMMIT"), m.command_complete("COMMIT") + _ready(), True),
     ],
     "replies in pieces": [
         (m.query("SELECT 1"), _select(), False),
