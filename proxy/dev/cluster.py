@@ -91,12 +91,22 @@ def find_bindir() -> Path:
     )
 
 
+_GIVEN: set[int] = set()  # the ports free_port() has answered in this process
+
+
 def free_port() -> int:
-    """An unused loopback TCP port (the kernel's choice)."""
-    with socket.socket(socket.AF_INET, socket.SOCK_STREAM) as s:
-        s.bind(("127.0.0.1", 0))
-        port: int = s.getsockname()[1]
-        return port
+    """An unused loopback TCP port (the kernel's choice), never one this process was given lately: two
+    calls in a row may otherwise get the same port (a proxy's listener and admin port, once in a CI run),
+    and the proxy refuses that configuration."""
+    if len(_GIVEN) > 10_000:
+        _GIVEN.clear()  # the ephemeral range is ~28,000 ports: long-gone tests' ports may come back
+    while True:
+        with socket.socket(socket.AF_INET, socket.SOCK_STREAM) as s:
+            s.bind(("127.0.0.1", 0))
+            port: int = s.getsockname()[1]
+        if port not in _GIVEN:
+            _GIVEN.add(port)
+            return port
 
 
 @dataclass
