@@ -1,13 +1,15 @@
 # cython: language_level=3, boundscheck=False, wraparound=False, initializedcheck=False
 """The fast path's scanners, compiled (Cython): message headers only, no allocation, no copy.
 
-Each answers one question about a whole buffer of protocol messages in C; the fast path
-(``ClientConnection``'s ``_fast_unit`` in proxy/frontend/client.py, ``ReplyQueue.whole_unit`` in
-proxy/backend/expect.py) acts on the answer, and anything they do not recognise goes to the Python slow path,
-which reads every message itself. Built by ``pip install .`` (setup.py); there is no Python twin.
+Each answers one question about a whole buffer of protocol messages in C; the fast path (``fast_unit`` in
+proxy/frontend/fast.py, ``ReplyQueue.whole_unit`` in proxy/backend/expect.py) acts on the answer, and anything
+they do not recognise goes to the Python slow path, which reads every message itself. ``literal_shape`` is
+the classification cache's key for SQL text whose literals change (proxy/router/classify.py). Built by
+``pip install .`` (setup.py); there is no Python twin.
 """
 
-from cpython.bytes cimport PyBytes_AS_STRING, PyBytes_GET_SIZE
+from cpython.bytes cimport PyBytes_AS_STRING, PyBytes_FromStringAndSize, PyBytes_GET_SIZE
+from libc.stdlib cimport free, malloc
 
 # Backend messages ``whole_reply`` lets through unread: what a statement answers that asks nothing of the
 # proxy (ParseComplete, BindComplete, CloseComplete, RowDescription, DataRow, CommandComplete, NoData,
@@ -83,3 +85,186 @@ def extended_unit(bytes data not None) -> int:
     if pos + 5 != n or p[pos] != b"S" or _length(p + pos + 1) != 4:
         return -1
     return bind
+
+
+cdef inline bint _digit(unsigned char c) noexcept nogil:
+    return b"0" <= c <= b"9"
+
+
+cdef inline bint _ident_start(unsigned char c) noexcept nogil:
+    return b"a" <= c <= b"z" or b"A" <= c <= b"Z" or c == b"_"
+
+
+cdef inline bint _ident(unsigned char c) noexcept nogil:
+    return _ident_start(c) or _digit(c) or c == b"$"
+
+
+cdef bint _continued(const unsigned char* p, Py_ssize_t j, Py_ssize_t n) noexcept nogil:
+    """Whether a string literal that ends before ``p[j]`` is followed, past spaces and ``--`` comments, by
+    another quote: PostgreSQL joins 'a' and 'b' on the next line into one constant (or refuses them)."""
+    while j < n:
+        if p[j] in b" \t\n\r\f\v":
+            j += 1
+        elif p[j] == b"-" and j + 1 < n and p[j + 1] == b"-":
+            while j < n and p[j] != b"\n" and p[j] != b"\r":
+                j += 1
+        else:
+            return p[j] == b"'"
+    return False
+
+
+cdef Py_ssize_t _quoted_end(
+    const unsigned char* p, Py_ssize_t j, Py_ssize_t n, unsigned char quote
+) noexcept nogil:
+    """Past the ``quote`` that closes a quoted token whose body starts at ``p[j]`` (doubled quotes are part
+    of it); -1 if none does."""
+    while j < n:
+        if p[j] == quote:
+            if j + 1 < n and p[j + 1] == quote:
+                j += 2
+                continue
+            return j + 1
+        j += 1
+    return -1
+
+
+cdef Py_ssize_t _comment_end(const unsigned char* p, Py_ssize_t j, Py_ssize_t n) noexcept nogil:
+    """Past the ``*/`` that closes a (nested) /* comment whose body starts at ``p[j]``; -1 if none does."""
+    cdef Py_ssize_t depth = 1
+    while j + 1 < n:
+        if p[j] == b"/" and p[j + 1] == b"*":
+            depth += 1
+            j += 2
+        elif p[j] == b"*" and p[j + 1] == b"/":
+            depth -= 1
+            j += 2
+            if not depth:
+                return j
+        else:
+            j += 1
+    return -1
+
+
+cdef Py_ssize_t _digits_end(const unsigned char* p, Py_ssize_t j, Py_ssize_t n) noexcept nogil:
+    while j < n and _digit(p[j]):
+        j += 1
+    return j
+
+
+cdef Py_ssize_t _number_end(
+    const unsigned char* p, Py_ssize_t i, Py_ssize_t n, unsigned char* kind
+) noexcept nogil:
+    """Past the numeric literal at ``p[i]`` (scan.l's integer, decimal and real), its kind in ``kind``; -1
+    for one scan.l would not end there (1..2, 1e+, 1x, 1.5.) or an integer that may not be an int4."""
+    cdef Py_ssize_t j = _digits_end(p, i, n)
+    kind[0] = b"i"
+    if j < n and p[j] == b".":
+        if j + 1 < n and p[j + 1] == b".":
+            return -1
+        kind[0] = b"f"
+        j = _digits_end(p, j + 1, n)
+    if j < n and (p[j] == b"e" or p[j] == b"E"):
+        kind[0] = b"f"
+        j += 1
+        if j < n and (p[j] == b"+" or p[j] == b"-"):
+            j += 1
+        if j >= n or not _digit(p[j]):
+            return -1
+        j = _digits_end(p, j, n)
+    if (j < n and (_ident(p[j]) or p[j] == b".")) or (kind[0] == b"i" and j - i > 9):
+        return -1
+    return j
+
+
+cdef Py_ssize_t _token_end(
+    const unsigned char* p, Py_ssize_t i, Py_ssize_t n, unsigned char* kind
+) noexcept nogil:
+    """Past the token at ``p[i]`` (for an operator or punctuation, its first byte), with ``kind`` set for a
+    string or number literal; -1 for what ``_shape`` gives up on."""
+    cdef unsigned char c = p[i]
+    cdef Py_ssize_t j = i + 1
+    if _ident_start(c):
+        while j < n and _ident(p[j]):
+            j += 1
+        return j
+    if c == b'"':
+        return -1 if j < n and p[j] == b'"' else _quoted_end(p, j, n, c)  # "" is no identifier
+    if c == b"'":
+        if i and (_ident(p[i - 1]) or p[i - 1] == b"&"):
+            return -1  # E'...', B'...', X'...', N'...', U&'...': not a plain string
+        j = _quoted_end(p, j, n, c)
+        if j < 0 or _continued(p, j, n):
+            return -1
+        kind[0] = b"s"
+        return j
+    if c == b"-" and j < n and p[j] == b"-":
+        while j < n and p[j] != b"\n" and p[j] != b"\r":
+            j += 1
+        return j
+    if c == b"/" and j < n and p[j] == b"*":
+        return _comment_end(p, j + 1, n)
+    if c == b"." and j < n and p[j] == b".":
+        return j + 1  # scan.l's DOT_DOT, so that ..2 is an integer after it
+    if c == b"$":
+        if j >= n or not _digit(p[j]):
+            return -1  # dollar quoting
+        j = _digits_end(p, j, n)
+        return -1 if (j < n and _ident(p[j])) or j - i > 10 else j  # $1x; a parameter number beyond int4
+    if _digit(c) or (c == b"." and j < n and _digit(p[j])):
+        return _number_end(p, i, n, kind)
+    return j
+
+
+cdef Py_ssize_t _shape(const unsigned char* p, Py_ssize_t n, unsigned char* out, list offsets) except -2:
+    """Writes the shape of the SQL ``p[:n]`` to ``out`` (room for 2n bytes) and answers its length, or -1.
+
+    A lexer of PostgreSQL's own token rules (scan.l) for what it needs: identifiers, quoted identifiers,
+    comments and ``$n`` are copied as they are, and each string literal ('...') and numeric literal becomes
+    NUL and its kind (s, i for an integer of at most 9 digits, f for a decimal or real), its offset appended
+    to ``offsets`` when that is a list. -1 (no shape) for what it does not lex exactly as PostgreSQL does:
+    non-ASCII or NUL bytes, a backslash, a string with a prefix (E'...', U&'...') or continued on the next
+    line, dollar quoting, a number with anything glued to its end (PostgreSQL 15's junk, 16's 0x1F and
+    1_000), an integer of 10 digits or more (maybe a bigint or numeric constant), an unterminated quote or
+    comment; and for text with no literal at all."""
+    cdef Py_ssize_t i = 0, j, o = 0
+    cdef int literals = 0
+    cdef unsigned char kind = 0
+    for j in range(n):
+        if p[j] >= 0x80 or p[j] == 0 or p[j] == b"\\":
+            return -1
+    while i < n:
+        j = _token_end(p, i, n, &kind)
+        if j < 0:
+            return -1
+        if kind:
+            out[o] = 0
+            out[o + 1] = kind
+            o += 2
+            literals += 1
+            kind = 0
+            if offsets is not None:
+                offsets.append(i)
+            i = j
+        else:
+            while i < j:
+                out[o] = p[i]
+                o += 1
+                i += 1
+    return o if literals else -1
+
+
+def literal_shape(bytes sql not None, list offsets=None):
+    """``sql`` with each string and numeric literal replaced by a marker of its kind (see ``_shape``), or
+    None. With ``offsets``, the byte offset of each literal is appended to it."""
+    cdef Py_ssize_t n = PyBytes_GET_SIZE(sql)
+    cdef unsigned char* out = <unsigned char*>malloc(2 * n + 1)
+    cdef Py_ssize_t length
+    if out == NULL:
+        raise MemoryError()
+    try:
+        length = _shape(<const unsigned char*>PyBytes_AS_STRING(sql), n, out, offsets)
+        if length < 0:
+            return None
+        return PyBytes_FromStringAndSize(<char*>out, length)
+    finally:
+        free(out)

@@ -14,6 +14,7 @@ from pglast.enums import ObjectType, TransactionStmtKind, VariableSetKind
 from pglast.visitors import Visitor
 
 from proxy.config.values import ROLES
+from proxy.protocol.scan import literal_shape
 from proxy.router.functions import BUILTIN_READ_ONLY, WRITE_FUNCTIONS
 
 CURSOR_OPT_HOLD = 0x0020
@@ -581,20 +582,58 @@ F_PIN = int(Flag.PIN)
 F_SAVEPOINT = int(Flag.SAVEPOINT)
 
 
+def _literals_are_constants(text: str, sql: bytes) -> bool:
+    """Whether pglast's parse of ``text`` (``sql`` decoded; ASCII, as every text with a shape is) has a
+    constant (an ``A_Const``) starting at each literal ``literal_shape`` finds in ``sql``. Not for the hot
+    path: once per new shape."""
+    offsets: list[int] = []
+    literal_shape(sql, offsets)
+    try:
+        tree = json.loads(pglast.parser.parse_sql_json(text))
+    except pglast.parser.ParseError:
+        return False
+    constants = set()
+    stack: list[Any] = [tree]
+    while stack:
+        node = stack.pop()
+        if isinstance(node, dict):
+            const = node.get("A_Const")
+            if isinstance(const, dict):
+                constants.add(const.get("location", 0))
+            stack.extend(node.values())
+        elif isinstance(node, list):
+            stack.extend(node)
+    # A negative number is one constant from its minus sign on (-5, not - 5, in the shape's verbatim text).
+    return all(
+        offset in constants or (sql[offset - 1] == 0x2D and offset - 1 in constants) for offset in offsets
+    )
+
+
 class ClassificationCache:
-    """Bounded cache of classify(): the exact text first, then pglast's fingerprint (literals ignored).
+    """Bounded cache of classify(): the exact text first, then its literal shape, then pglast's fingerprint.
+
+    The shape (``literal_shape``, proxy/protocol/scan.pyx) is the text with each string and number replaced
+    by a marker of its kind, so ``... WHERE aid = 12345`` and ``... WHERE aid = 678`` share one entry
+    without a parse: the simple protocol's texts carry their literals. A shape is trusted only once
+    pglast's parse of a text of that shape says every literal in it is a constant (an ``A_Const``, whose
+    value classify() never reads): then any text of that shape lexes to the same tokens and parses to the
+    same tree but for constants' values. Literals that are not constants (``EXPLAIN (ANALYZE 0)``,
+    ``FETCH 5``, the 5 of ``- 5``) make the shape untrusted, and its texts go by the exact text and the
+    fingerprint, as before.
 
     Bounded by count and by bytes: text above INLINE_BYTES is never kept (nor parsed: classify_bytes and
     classify answer UNCLASSIFIABLE for it, so no caller can parse large SQL on the event loop by accident),
-    and the exact-text keys together stay under ``max_key_bytes``.
+    and the exact-text and shape keys together stay under ``max_key_bytes``.
     """
 
     def __init__(self, size: int = 10_000, max_key_bytes: int = CACHE_KEY_BYTES) -> None:
         self.size = size
         self.max_key_bytes = max_key_bytes
-        self.key_bytes = 0  # the lengths of the keys held in the exact-text tables
+        self.key_bytes = 0  # the lengths of the keys held in the exact-text and shape tables
         self._by_bytes: OrderedDict[bytes, Classification] = OrderedDict()
         self._by_text: OrderedDict[str, Classification] = OrderedDict()
+        # By literal shape; None for a shape whose literals are not all constants (not trusted).
+        self._by_shape: OrderedDict[bytes, Classification | None] = OrderedDict()
         self._by_fingerprint: OrderedDict[str, Classification] = OrderedDict()
         # The fingerprint of each classification in the fingerprint table (a migration plan lists the
         # statements it has seen by fingerprint): Classification hashes by identity.
@@ -603,15 +642,33 @@ class ClassificationCache:
         self.misses = 0
 
     def classify_bytes(self, sql: bytes) -> Classification:
-        """classify() of UTF-8 text as it came off the wire: the raw bytes are the first cache key."""
+        """classify() of UTF-8 text as it came off the wire: the raw bytes are the first cache key, its
+        literal shape the second."""
         found = self._by_bytes.get(sql)
         if found is not None:
             self.hits += 1
             return found
         if len(sql) > INLINE_BYTES:
             return UNCLASSIFIABLE  # the data path has this classified off the loop (proxy/router/worker.py)
-        found = self.classify(sql.decode("utf-8", errors="replace"), remember_text=False)
-        self._remember(self._by_bytes, sql, found)
+        shape = literal_shape(sql)
+        if shape is not None:
+            try:
+                trusted = self._by_shape[shape]
+            except KeyError:
+                pass  # the first text of this shape: judged below
+            else:
+                if trusted is not None:
+                    self.hits += 1
+                    return trusted
+                shape = None  # known not to be trusted
+        text = sql.decode("utf-8", errors="replace")
+        found = self.classify(text, remember_text=False)
+        trusted = None
+        if shape is not None:
+            trusted = found if _literals_are_constants(text, sql) else None
+            self._remember(self._by_shape, shape, trusted)
+        if trusted is None:
+            self._remember(self._by_bytes, sql, found)
         return found
 
     def classify(self, sql: str, *, remember_text: bool = True, inline_only: bool = True) -> Classification:
@@ -648,7 +705,7 @@ class ClassificationCache:
         classification made elsewhere: several statements merged, or one classified in the worker)."""
         return self._fingerprints.get(info)
 
-    def _remember(self, table: OrderedDict[Any, Classification], key: Any, value: Classification) -> None:
+    def _remember(self, table: OrderedDict[Any, Any], key: Any, value: Classification | None) -> None:
         sized = table is not self._by_fingerprint
         if sized:
             self.key_bytes += len(key)
@@ -660,8 +717,8 @@ class ClassificationCache:
             else:
                 self._fingerprints.pop(gone, None)
         while self.key_bytes > self.max_key_bytes:
-            # Over the byte budget: the oldest entry of the larger exact-text table goes.
-            big = self._by_bytes if len(self._by_bytes) >= len(self._by_text) else self._by_text
+            # Over the byte budget: the oldest entry of the largest exact-text or shape table goes.
+            big: OrderedDict[Any, Any] = max(self._by_bytes, self._by_text, self._by_shape, key=len)
             if not big:
                 break
             old, _ = big.popitem(last=False)

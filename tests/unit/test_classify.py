@@ -2,7 +2,11 @@
 
 from __future__ import annotations
 
+from dataclasses import astuple
+
 import pytest
+from hypothesis import given, settings
+from hypothesis import strategies as st
 
 from proxy.router.classify import (
     TX_BEGIN,
@@ -103,6 +107,96 @@ def test_cache_hits_by_text_bytes_and_fingerprint() -> None:
     assert cache.classify_bytes(b"SELECT pg_advisory_lock(1)") == first
     assert cache.classify_bytes(b"SELECT pg_advisory_lock(1)") == first
     assert cache.hits == 4
+
+
+def test_cache_shares_one_entry_per_literal_shape() -> None:
+    """pgbench's simple-protocol statement carries its literal: a new text each time, one entry, no parse."""
+    cache = ClassificationCache()
+    first = cache.classify_bytes(b"SELECT abalance FROM pgbench_accounts WHERE aid = 12345;")
+    assert cache.misses == 1
+    for aid in (1, 77, 99_999):
+        sql = b"SELECT abalance FROM pgbench_accounts WHERE aid = %d;" % aid
+        assert cache.classify_bytes(sql) is first
+    assert cache.hits == 3
+    assert cache.misses == 1
+    assert not cache._by_bytes  # the texts themselves are not kept
+    update = b"UPDATE pgbench_accounts SET abalance = abalance + %d WHERE aid = %d;"
+    # -4: one constant, from its minus sign
+    assert cache.classify_bytes(update % (-4, 5)) is cache.classify_bytes(update % (-4000, 7))
+    assert cache.classify_bytes(b"SELECT 'a', 'b''s'") is cache.classify_bytes(b"SELECT 'c', ''")
+
+
+@pytest.mark.parametrize(
+    ("first", "second"),
+    [
+        ("EXPLAIN (ANALYZE 0) DELETE FROM t", "EXPLAIN (ANALYZE 1) DELETE FROM t"),  # a read, then a write
+        ("EXPLAIN (ANALYZE 'off') DELETE FROM t", "EXPLAIN (ANALYZE 'on') DELETE FROM t"),
+        ("FETCH 5 FROM c", "FETCH 6 FROM c"),
+        ("SELECT - 5", "SELECT - 6"),  # the constant starts at the minus sign, not at the digits
+    ],
+)
+def test_a_shape_whose_literals_are_not_all_constants_is_not_shared(first: str, second: str) -> None:
+    cache = ClassificationCache()
+    assert astuple(cache.classify_bytes(first.encode())) == astuple(classify(first))
+    assert astuple(cache.classify_bytes(second.encode())) == astuple(classify(second))
+    assert list(cache._by_shape.values()) == [None]  # judged once, not trusted
+    assert len(cache._by_bytes) == 2
+
+
+_TEMPLATES = [
+    "SELECT * FROM t WHERE a = {} LIMIT {}",
+    "EXPLAIN (ANALYZE {}) DELETE FROM t WHERE a = {}",
+    "EXPLAIN (ANALYZE {}, COSTS {}) SELECT 1",
+    "FETCH {} FROM c; SELECT {}",
+    "SELECT set_config({}, {}, false)",
+    "BEGIN; UPDATE t SET a = a + {} WHERE b = {}",
+    "BEGIN TRANSACTION READ ONLY; SELECT {}::int, {}",
+    "SET statement_timeout = {}; SELECT {}",
+    "COPY t FROM STDIN WITH (HEADER {}, DELIMITER {})",
+    "SELECT nextval({}), {}",
+    "VALUES ({}), ({})",
+    "CREATE TABLE x (a varchar({}), b numeric({}, 2))",
+    "SELECT pg_advisory_lock({}), pg_advisory_xact_lock({})",
+    "DECLARE c CURSOR FOR SELECT {} FROM t LIMIT {}",
+    "SELECT * FROM t WHERE a = -{} OR b = - {}",
+    "SELECT interval {} , {} FROM s.t",
+]
+_LITERALS = st.sampled_from(
+    [
+        "0",
+        "1",
+        "2",
+        "-1",
+        "7",
+        "123456789",
+        "1.5",
+        ".5",
+        "1e3",
+        "'on'",
+        "'off'",
+        "'0'",
+        "'1'",
+        "'x'",
+        "''",
+        "'search_path'",
+        "'t'",
+        "true",
+        "false",
+        "on",
+        "null",
+        "a",
+    ]
+)
+
+
+@settings(max_examples=400, deadline=None)
+@given(st.lists(st.tuples(st.sampled_from(_TEMPLATES), _LITERALS, _LITERALS), min_size=1, max_size=12))
+def test_the_cache_answers_what_classify_answers(statements: list[tuple[str, str, str]]) -> None:
+    """Whatever the cache shares by shape or fingerprint, each text's answer is that text's own."""
+    cache = ClassificationCache()
+    for template, a, b in statements:
+        text = template.format(a, b)
+        assert astuple(cache.classify_bytes(text.encode())) == astuple(classify(text)), text
 
 
 def test_cache_is_bounded() -> None:

@@ -48,7 +48,8 @@ def test_cache_keys_stay_within_the_byte_budget() -> None:
     for sql in texts:
         assert not cache.classify_bytes(sql).parse_error
         assert cache.key_bytes <= 10_000
-    assert cache.key_bytes == sum(len(k) for k in cache._by_bytes) + sum(len(k) for k in cache._by_text)
+    tables = (cache._by_bytes, cache._by_text, cache._by_shape)
+    assert cache.key_bytes == sum(len(k) for table in tables for k in table)
     assert cache.classify_bytes(texts[-1]) is cache.classify_bytes(texts[-1])  # the newest stays
 
 

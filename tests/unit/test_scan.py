@@ -7,11 +7,12 @@ from __future__ import annotations
 
 import struct
 
+import pglast
 from hypothesis import given, settings
 from hypothesis import strategies as st
 
 from proxy.protocol import messages as m
-from proxy.protocol.scan import extended_unit, whole_reply
+from proxy.protocol.scan import extended_unit, literal_shape, whole_reply
 
 PLAIN = b"123TDCnstIVNAHdc"
 
@@ -127,3 +128,120 @@ def test_the_common_cases() -> None:
     assert not whole_reply(reply[:-1])
     assert not whole_reply(_msg(ord("S"), b"a\0b\0") + reply)  # a setting: the slow path records it
     assert not whole_reply(b"")
+
+
+# literal_shape: the classification cache's key (proxy/router/classify.py), against pglast's own scanner.
+_KINDS = {"ICONST": 0x69, "FCONST": 0x66, "SCONST": 0x73}  # i, f, s
+_FRAGMENTS = [
+    "SELECT",
+    "select",
+    " ",
+    "  ",
+    "\n",
+    "\t",
+    "a",
+    "t1",
+    "x_2",
+    "a$1",
+    "E",
+    "e",
+    "U",
+    "&",
+    "1",
+    "12",
+    "007",
+    "123456789",
+    "1234567890",
+    "1.5",
+    ".5",
+    "1.",
+    "1e3",
+    "1.5E-3",
+    "1e",
+    "1..2",
+    "0x1F",
+    "1_000",
+    "'x'",
+    "'it''s'",
+    "''",
+    "'a\\b'",
+    "'",
+    '"Q"',
+    '"a""b"',
+    '"',
+    "--c\n",
+    "-- 5\n",
+    "/* 1 */",
+    "/* /* 2 */ */",
+    "/*",
+    "*/",
+    "$1",
+    "$$",
+    "$x$",
+    ",",
+    "(",
+    ")",
+    "=",
+    "-",
+    "+",
+    "::",
+    ".",
+    ";",
+    "*",
+    "/",
+    "é",
+]
+
+
+def _marker_kinds(shape: bytes) -> list[int]:
+    return [shape[i + 1] for i in range(len(shape) - 1) if shape[i] == 0]
+
+
+@settings(max_examples=3000, deadline=None)
+@given(st.lists(st.sampled_from(_FRAGMENTS), max_size=14))
+def test_literal_shape_finds_the_constants_postgres_lexes(parts: list[str]) -> None:
+    """Where literal_shape answers, its literals are exactly pglast's ICONST, FCONST and SCONST tokens
+    (same starts, same kinds) and everything else is copied as it is; where pglast's scanner fails, it
+    does not answer."""
+
+    text = "".join(parts)
+    sql = text.encode()
+    offsets: list[int] = []
+    shape = literal_shape(sql, offsets)
+    if shape is None:
+        return
+    try:
+        tokens = pglast.parser.scan(text)
+    except pglast.parser.ParseError:
+        raise AssertionError(f"a shape for text PostgreSQL's scanner refuses: {text!r}") from None
+    constants = [t for t in tokens if t.name in _KINDS]
+    found = list(zip(offsets, _marker_kinds(shape), strict=True))
+    assert [(t.start, _KINDS[t.name]) for t in constants] == found
+    rebuilt, pos = b"", 0
+    for t in constants:
+        rebuilt += sql[pos : t.start] + b"\0" + bytes([_KINDS[t.name]])
+        pos = t.end + 1
+    assert rebuilt + sql[pos:] == shape
+
+
+def test_literal_shape_examples() -> None:
+    assert literal_shape(b"SELECT abalance FROM pgbench_accounts WHERE aid = 12345;") == (
+        b"SELECT abalance FROM pgbench_accounts WHERE aid = \0i;"
+    )
+    offsets: list[int] = []
+    shape = literal_shape(b"SELECT * FROM t1 WHERE a='x''y' AND b=1.5e3 -- 7\n LIMIT 10", offsets)
+    assert shape == b"SELECT * FROM t1 WHERE a=\0s AND b=\0f -- 7\n LIMIT \0i"
+    assert offsets == [25, 38, 56]
+    for no_shape in (
+        b"SELECT 1234567890",  # 10 digits: maybe a bigint
+        b"SELECT 0x1F",  # PostgreSQL 16's hex, 15's junk
+        b"SELECT $$1$$",
+        b"SELECT E'1'",
+        b"SELECT 'a'\n'b'",  # one constant, 'ab'
+        b"SELECT 'a\\'",
+        b"SELECT 'a",
+        b"SELECT /* 1",
+        "SELECT 'é'".encode(),
+        b"SELECT a FROM t",  # no literal
+    ):
+        assert literal_shape(no_shape) is None, no_shape
