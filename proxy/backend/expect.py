@@ -83,6 +83,9 @@ class Expect:
 # retry replace theirs), so one object can stand for all of them, allocated once.
 PLAIN_QUERY = Expect(K_SYNC)
 PLAIN_SYNC = Expect(K_SYNC, extended=True)
+# The ParseComplete the proxy answers for an unnamed Parse of a statement the connection keeps (with
+# statements.cache_unnamed), shared as the two above.
+SYNTH_PARSE_COMPLETE = Expect(K_SYNTH, data=m.parse_complete())
 
 
 class Retry(Protocol):
@@ -179,8 +182,10 @@ class ReplyQueue:
         proxy/protocol/scan.pyx). Then it goes to the client as it is, in one call; True when it did.
         Anything else is ``feed``'s, which does the same with these bytes."""
         expect = self.expect
-        if len(expect) != 1 or self._track_details or (sink := self.sink) is None:
+        if self._track_details or (sink := self.sink) is None:
             return False
+        if len(expect) != 1:
+            return self._whole_kept(buf, sink)
         entry = expect[0]
         if (entry is not PLAIN_QUERY and entry is not PLAIN_SYNC) or not whole_reply(buf):
             return False
@@ -188,6 +193,29 @@ class ReplyQueue:
         expect.popleft()
         self.needs_sync = False
         sink.upstream_data(buf)
+        sink.upstream_ready(status)
+        return True
+
+    def _whole_kept(self, buf: bytes, sink: Sink) -> bool:
+        """``whole_unit`` for a unit of a statement the connection keeps (statements.cache_unnamed, sent by
+        ``_send_kept`` in proxy/frontend/fast.py): [the proxy's ParseComplete] the renamed Bind's entry,
+        then ``PLAIN_SYNC``. A whole plain reply means the Bind succeeded: its ``on_done`` hears so, and the
+        client gets the ParseComplete and the reply in one call."""
+        expect = self.expect
+        n = len(expect)
+        if not 2 <= n <= 3 or expect[-1] is not PLAIN_SYNC or not whole_reply(buf):
+            return False
+        bind = expect[n - 2]
+        if bind.kind != K_BIND or bind.action != FORWARD:
+            return False
+        if n == 3 and expect[0] is not SYNTH_PARSE_COMPLETE:
+            return False
+        self.status = status = buf[-1]
+        expect.clear()
+        self.needs_sync = False
+        if bind.on_done is not None:
+            bind.on_done(True)
+        sink.upstream_data(SYNTH_PARSE_COMPLETE.data + buf if n == 3 else buf)
         sink.upstream_ready(status)
         return True
 

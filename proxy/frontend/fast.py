@@ -5,8 +5,10 @@ statement's [Parse] Bind [Describe portal] Execute Sync; no setting, savepoint, 
 comment in it, and no transaction control but a COMMIT or ROLLBACK inside the upstream's transaction;
 nothing paused, held by a migration, audited, replayed or waited for — from a client lingering on a
 connection of the role it routes to, or inside a transaction on the connection it holds, goes upstream as
-it is with one expectation. A read-your-writes read takes it when the replica
-lingered on may serve it now. Its whole reply comes back through ``ReplyQueue.whole_unit``
+it is with one expectation. A read-your-writes read takes it when the replica lingered on may serve it
+now. With ``statements.cache_unnamed``, a unit whose unnamed statement the connection keeps prepared
+(``Statements.parse_unnamed_cached``) takes it too: its Bind renamed to the kept statement, the Parse
+answered by the proxy (``_send_kept``). Its whole reply comes back through ``ReplyQueue.whole_unit``
 (proxy/backend/expect.py). The message walks are compiled (proxy/protocol/scan.pyx).
 
 Everything the slow path (``ClientCore._messages`` ... ``send``, proxy/frontend/core.py and send.py) would
@@ -20,17 +22,20 @@ from __future__ import annotations
 import struct
 
 from proxy.backend.connection import ServerConnection
-from proxy.backend.expect import PLAIN_QUERY, PLAIN_SYNC
+from proxy.backend.expect import K_BIND, PLAIN_QUERY, PLAIN_SYNC, SYNTH_PARSE_COMPLETE, Expect
 from proxy.frontend.core import ClientCore
 from proxy.frontend.leases import count_fallback, count_fallback_writes
+from proxy.frontend.prepared import StalePlanRetry, bind_header, forget_on_failure
+from proxy.frontend.session import PreparedStatement
 from proxy.frontend.startup import READY
 from proxy.frontend.txstate import Input, Lease, LeaseEv, Tx
+from proxy.protocol.framing import scan_messages
 from proxy.protocol.scan import extended_unit
 from proxy.router.classify import INLINE_BYTES, Classification
 from proxy.router.policy import MAIN, WRITE
 from proxy.router.policy import REPLICA as REPLICA_ROLE
 
-_P, _Q = b"PQ"
+_P, _Q, _S = b"PQS"
 _IDLE = ord("I")
 _OVERRIDE_START = (b"/", b" ", b"\t", b"\r", b"\n")
 # States of TxState read on every unit, as module constants (a global is the cheapest look-up).
@@ -73,8 +78,11 @@ def fast_unit(client: ClientCore, data: bytes) -> bool:
     classifier = app.classifier
     counts = classifier.hits, classifier.misses  # a unit left to the slow path is counted there
     info: Classification | None = None
+    kept: PreparedStatement | None = None
     try:  # whatever these raise, the slow path meets again and reports (``_guarded``)
-        info = _fast_info(client, data, server)
+        found = _fast_info(client, data, server)
+        if found is not None:
+            info, kept = found
         route = None if info is None else _fast_route(client, info, server)
     except Exception:
         route = None
@@ -104,6 +112,9 @@ def fast_unit(client: ClientCore, data: bytes) -> bool:
         tx.lease_event(_UNLINGER)
         app.pools[client.server_pool].unlinger(server)
     first = data[0]
+    if kept is not None:
+        _send_kept(client, server, data, kept, info)
+        return True
     if first == _P:  # an unnamed Parse sent as it is: the client's statement now (as send does)
         client.units.unnamed_info = info
         st = client.statements
@@ -152,34 +163,97 @@ def _fast_route(client: ClientCore, info: Classification, server: ServerConnecti
     return None if refusal is not None else (kind, (), ())
 
 
-def _fast_info(client: ClientCore, data: bytes, server: ServerConnection) -> Classification | None:
+def _fast_info(
+    client: ClientCore, data: bytes, server: ServerConnection
+) -> tuple[Classification, PreparedStatement | None] | None:
     """For ``fast_unit``: the classification of a Query or of an unnamed statement's [Parse] Bind
-    [Describe] Execute Sync that the fast path can send as it is; None for anything else."""
-    app = client.app
+    [Describe] Execute Sync that the fast path can send, and with ``statements.cache_unnamed`` the
+    statement kept upstream that stands for the unnamed one (then on this connection already); None for
+    anything else."""
+    kept = None
     if data[0] == _Q:
         if _LENGTH.unpack_from(data, 1)[0] != len(data) - 1:
             return None
         sql = data[5:-1]
-        info = app.classifier.classify_bytes(sql)
+        info = client.app.classifier.classify_bytes(sql)
     else:
-        if data[0] == _P and app.cache_unnamed:
-            return None  # the Parse may be answered by the proxy, the Bind renamed: Statements (prepared.py)
         bind = extended_unit(data)
         if bind < 0:
             return None
+        st = client.statements
         if bind:
             sql_end = data.find(0, 6, bind)
             if sql_end < 0:
                 return None
             sql = data[6:sql_end]
-            info = app.classifier.classify_bytes(sql)
+            info = client.app.classifier.classify_bytes(sql)
+            if info.plannable and client.app.cache_unnamed:  # as send and Statements.parse_unnamed_cached
+                kept = st.ctx.unnamed_statements.get(data[5:bind])
+                if kept is None or kept.upstream_name not in server.prepared:
+                    return None  # to be prepared there: the slow path's
         else:
-            st = client.statements
             sql = b""
             unnamed = client.units.unnamed_info
-            if unnamed is None or st.unnamed_stmt is not None or server.unnamed_owner is not st.unnamed_token:
+            kept = st.unnamed_stmt
+            if unnamed is None or (
+                kept.upstream_name not in server.prepared
+                if kept is not None
+                else server.unnamed_owner is not st.unnamed_token
+            ):
                 return None
             info = unnamed
     if info.bits or sql[:1] in _OVERRIDE_START:
         return None  # session state, a savepoint, a pin, or a /* route: */ comment
-    return info
+    return info, kept
+
+
+def _send_kept(
+    client: ClientCore, server: ServerConnection, data: bytes, kept: PreparedStatement, info: Classification
+) -> None:
+    """Send a unit of the client's unnamed statement that the connection keeps prepared as ``kept``, as
+    ``send`` and ``Statements`` (prepared.py) do: the Parse answered by the proxy (its ParseComplete comes
+    before the upstream's reply), the Bind renamed, the rest as it is; a stale cached plan retried unseen
+    when nothing else is in flight and no transaction is open."""
+    st = client.statements
+    name = kept.upstream_name
+    prepared = server.prepared
+    del prepared[name]  # most recently used last
+    prepared[name] = None
+    bind = 0
+    if data[0] == _P:
+        bind = _LENGTH.unpack_from(data, 1)[0] + 1
+        client.units.unnamed_info = info
+        st.unnamed_stmt = kept
+        st.unnamed = None
+        events = st.ctx.statement_events
+        key = (server.role, "reused")
+        events[key] = events.get(key, 0) + 1
+        server.push(SYNTH_PARSE_COMPLETE)
+    size = _LENGTH.unpack_from(data, bind + 1)[0] + 1
+    expect = Expect(K_BIND, on_done=forget_on_failure(server, name))
+    if server.status == _IDLE:
+        events = st.ctx.statement_events
+        expect.retry = StalePlanRetry(server, kept, (bind, bind + size), SentUnit(data), events)
+    server.push(expect)
+    server.push(PLAIN_SYNC)
+    server.send(bind_header(kept, size) + kept.name_field + data[bind + 7 :])
+
+
+class SentUnit:
+    """A unit the fast path sent, as the stale-plan retry reads a batch (``RetryBatch``, prepared.py): its
+    messages are found only when the retry asks."""
+
+    __slots__ = ("buf",)
+
+    terminator = _S
+
+    def __init__(self, buf: bytes) -> None:
+        self.buf = buf
+
+    @property
+    def end(self) -> int:
+        return len(self.buf)
+
+    @property
+    def msgs(self) -> list[tuple[int, int, int]]:
+        return scan_messages(self.buf, 0, len(self.buf))[0]

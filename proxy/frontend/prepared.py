@@ -31,6 +31,7 @@ from proxy.backend.expect import (
     PLAIN_SYNC,
     SWALLOW,
     SWALLOW_OK,
+    SYNTH_PARSE_COMPLETE,
     Expect,
 )
 from proxy.frontend.session import PreparedStatement
@@ -47,7 +48,6 @@ _P, _B, _S = b"PBS"
 _DESCRIBE_EXECUTE_SYNC = frozenset(b"DES")
 B_HEADER = struct.Struct("!BIB")  # a Bind's type, length and its (empty) portal name
 _CLOSE_UNNAMED = m.close(b"S", "")
-_PARSE_COMPLETE = m.parse_complete()
 UNNAMED_CACHE_SIZE = 10_000  # distinct unnamed Parse payloads remembered (then forgotten all at once)
 
 
@@ -63,12 +63,16 @@ class Context(Protocol):
 
 
 class RetryBatch(Protocol):
-    """The parts of a client batch the stale-plan retry reads."""
+    """The parts of a client batch the stale-plan retry reads (a ``Batch``; a unit the fast path sent)."""
 
-    buf: bytes
-    msgs: list[tuple[int, int, int]]
-    end: int
-    terminator: int
+    @property
+    def buf(self) -> bytes: ...
+    @property
+    def msgs(self) -> list[tuple[int, int, int]]: ...
+    @property
+    def end(self) -> int: ...
+    @property
+    def terminator(self) -> int: ...
 
 
 def count(events: dict[tuple[str, str], int], role: str, event: str) -> None:
@@ -163,7 +167,7 @@ class Statements:
         if name in prepared:
             del prepared[name]
             prepared[name] = None
-            ents.append(Expect(K_SYNTH, data=_PARSE_COMPLETE))
+            ents.append(SYNTH_PARSE_COMPLETE)
             events = ctx.statement_events  # count(), inline (the hot path of statements.cache_unnamed)
             key = (server.role, "reused")
             events[key] = events.get(key, 0) + 1

@@ -53,9 +53,23 @@ def _extended_reply(*, parse: bool = True, describe: bool = True, status: bytes 
     return out + b"D" + struct.pack("!IhI", 11, 1, 1) + b"0" + m.command_complete("SELECT 1") + _ready(status)
 
 
-def _error(status: bytes = b"I") -> bytes:
-    fields = b"SERROR\0VERROR\0C42P01\0Mrelation does not exist\0\0"
+def _error(status: bytes = b"I", code: str = "42P01") -> bytes:
+    message = (
+        b"cached plan must not change result type\0RRevalidateCachedQuery"
+        if code == "0A000"
+        else b"it failed"
+    )
+    fields = b"SERROR\0VERROR\0C" + code.encode() + b"\0M" + message + b"\0\0"
     return b"E" + struct.pack("!I", len(fields) + 4) + fields + _ready(status)
+
+
+def _bind_complete_then_error(code: str) -> bytes:
+    return m.bind_complete() + _error(code=code)
+
+
+def _retried() -> bytes:
+    """The replies to the stale-plan retry: the Close and Parse (swallowed), then the batch's own."""
+    return m.close_complete() + m.parse_complete() + _extended_reply(parse=False)
 
 
 def _notice() -> bytes:
@@ -88,6 +102,7 @@ def _begun_update() -> bytes:
 
 
 WITH_REPLICA = frozenset({"read your writes"})
+WITH_CACHE = frozenset({"statements.cache_unnamed"})
 # Scenarios: (client bytes, the upstream reply or None when nothing goes upstream, fast path taken?).
 Step = tuple[bytes, bytes | list[bytes] | None, bool]
 SCENARIOS: dict[str, list[Step]] = {
@@ -159,6 +174,24 @@ SCENARIOS: dict[str, list[Step]] = {
         (m.query(JOIN), _select(b"T"), True),
         (m.query("COMMIT"), m.command_complete("COMMIT") + _ready(), True),
     ],
+    "statements.cache_unnamed": [  # the unnamed statement kept prepared upstream
+        (_extended(), m.close_complete() + _extended_reply(), False),  # leases; prepares it
+        (_extended(value=b"2"), _extended_reply(parse=False), True),  # the proxy answers the Parse
+        (_extended(parse=False, describe=False), _extended_reply(parse=False, describe=False), True),
+        (_extended(value=b"3"), _bind_complete_then_error("22012"), True),  # Execute fails: kept
+        (
+            _extended(value=b"4"),
+            [_error(code="0A000"), _retried()],
+            True,
+        ),  # stale plan: prepared again, unseen
+        (_extended(value=b"x"), _error(code="22P02"), True),  # the Bind fails: forgotten on this connection
+        (_extended(), m.close_complete() + _extended_reply(), False),  # prepared again: the slow path
+        (_extended("SHOW work_mem", describe=False), _extended_reply(describe=False), True),  # not kept
+        (m.query("BEGIN"), None, False),
+        (m.query("UPDATE users SET email = email WHERE id = 1"), _begun_update(), False),
+        (_extended(), _extended_reply(parse=False, status=b"T"), True),  # in a transaction: no retry
+        (m.query("COMMIT"), m.command_complete("COMMIT") + _ready(), True),
+    ],
     "replies in pieces": [
         (m.query("SELECT 1"), _select(), False),
         (m.query("SELECT 2"), _select()[:7], True),  # the rest never comes in this scenario
@@ -166,13 +199,15 @@ SCENARIOS: dict[str, list[Step]] = {
 }
 
 
-def _app(replica: bool) -> ProxyApp:
+def _app(replica: bool, cache: bool = False) -> ProxyApp:
     env = {"DATABASE_URL": "postgresql://bench@127.0.0.1:1/bench"}
     # analytics has no URL: main serves its tables, and counts the joins a move would refuse
     text = "auth:\n  method: trust\ndomains:\n  analytics: [user_activity]\n"
     if replica:  # read-your-writes on (scope user), never waiting: a read that must see a write goes to main
         env["READ_REPLICA_DATABASE_URL"] = "postgresql://bench@127.0.0.1:2/bench"
         text += "routing:\n  read_your_writes:\n    max_wait: 0\n"
+    if cache:
+        text += "statements:\n  cache_unnamed: true\n"
     with tempfile.TemporaryDirectory(prefix="parafort-fastpath-") as tmp:
         path = Path(tmp) / "proxy.yaml"
         path.write_text(text)
@@ -194,7 +229,7 @@ def _upstream(app: ProxyApp, label: str) -> tuple[ServerConnection, MemoryTransp
 
 
 async def _run(
-    steps: list[Step], fast: bool, monkeypatch: pytest.MonkeyPatch, replica: bool
+    steps: list[Step], fast: bool, monkeypatch: pytest.MonkeyPatch, replica: bool, cache: bool = False
 ) -> dict[str, Any]:
     taken: list[bool] = []
     with monkeypatch.context() as patch:
@@ -208,7 +243,7 @@ async def _run(
         patch.setattr(client_module, "fast_unit", counted)
         if not fast:
             patch.setattr(ReplyQueue, "whole_unit", lambda self, buf: False)
-        app = _app(replica)
+        app = _app(replica, cache)
         upstreams = {label: _upstream(app, label) for label in app.pools}
         client = ClientConnection(app)
         downstream = MemoryTransport()
@@ -245,6 +280,10 @@ async def _run(
             # statements a move of a role main serves would refuse, counted once per unit sent
             "joins": {key: seen.count for key, seen in app.joins.seen.items()},
             "fallbacks": dict(app.fallbacks),
+            "kept": None
+            if client.statements.unnamed_stmt is None
+            else client.statements.unnamed_stmt.upstream_name,
+            "statement events": dict(app.statement_events),
         }
         for label, (server, _) in upstreams.items():
             state[label] = (
@@ -253,6 +292,7 @@ async def _run(
                 server.unnamed_owner is client.statements.unnamed_token,
                 len(app.pools[label]._lingering),
                 dict(server.applied),
+                list(server.prepared),
             )
         return {"record": record, "state": state}
 
@@ -262,9 +302,9 @@ def test_fast_path_sends_and_answers_what_the_slow_path_does(
     name: str, monkeypatch: pytest.MonkeyPatch
 ) -> None:
     steps = SCENARIOS[name]
-    replica = name in WITH_REPLICA
-    slow = asyncio.run(_run(steps, False, monkeypatch, replica))
-    fast = asyncio.run(_run(steps, True, monkeypatch, replica))
+    replica, cache = name in WITH_REPLICA, name in WITH_CACHE
+    slow = asyncio.run(_run(steps, False, monkeypatch, replica, cache))
+    fast = asyncio.run(_run(steps, True, monkeypatch, replica, cache))
     assert [r[:2] for r in fast["record"]] == [r[:2] for r in slow["record"]]
     assert fast["state"] == slow["state"]
     assert [r[2] == "fast" for r in fast["record"]] == [took for _, _, took in steps]
