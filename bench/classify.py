@@ -1,4 +1,5 @@
-"""Classification cost per statement: cache hit (same bytes), fingerprint hit (other literals), miss.
+"""Classification cost per statement: cache hit (same bytes), other literals (the literal shape, else the
+fingerprint), miss.
 
 .venv/bin/python -m bench.classify        (or: python -m bench classify [--json PATH] [--no-docs])
 """
@@ -26,7 +27,7 @@ STATEMENTS = [
     " WHERE u.id > {} GROUP BY 1",
     "WITH moved AS (DELETE FROM documents WHERE id = {} RETURNING *) SELECT count(*) FROM moved",
 ]
-KEYS = ("hit_us", "fingerprint_us", "miss_us", "decide_us")
+KEYS = ("hit_us", "other_literals_us", "miss_us", "decide_us")
 
 
 def per_call_us(fn: Callable[..., object], args: Sequence[object], repeat: int = 7) -> float:
@@ -41,7 +42,7 @@ def per_call_us(fn: Callable[..., object], args: Sequence[object], repeat: int =
 
 
 def measure() -> list[dict[str, Any]]:
-    """One row per statement: microseconds per cache hit, fingerprint hit, miss (parse) and decision."""
+    """One row per statement: microseconds per cache hit, hit with other literals, miss (parse), decision."""
     config = load_config(
         None, {"DATABASE_URL": "postgresql://u@h/db", "READ_REPLICA_DATABASE_URL": "postgresql://u@r/db"}
     )
@@ -66,7 +67,7 @@ def measure() -> list[dict[str, Any]]:
             {
                 "statement": template.format(1),
                 "hit_us": round(hit, 3),
-                "fingerprint_us": round(fp, 3),
+                "other_literals_us": round(fp, 3),
                 "miss_us": round(miss, 2),
                 "decide_us": round(decided, 3),
             }
@@ -79,12 +80,10 @@ def medians(rows: Sequence[dict[str, Any]]) -> dict[str, float]:
 
 
 def print_rows(rows: Sequence[dict[str, Any]]) -> None:
-    print(
-        f"{'statement':<60} {'hit (bytes)':>12} {'hit (fingerprint)':>18} {'miss (parse)':>13} {'decide':>8}"
-    )
+    print(f"{'statement':<60} {'hit (bytes)':>12} {'other literals':>18} {'miss (parse)':>13} {'decide':>8}")
     for row in [*rows, {"statement": "median", **medians(rows)}]:
         print(
-            f"{row['statement'][:58]:<60} {row['hit_us']:>10.2f}us {row['fingerprint_us']:>16.2f}us "
+            f"{row['statement'][:58]:<60} {row['hit_us']:>10.2f}us {row['other_literals_us']:>16.2f}us "
             f"{row['miss_us']:>11.1f}us {row['decide_us']:>6.2f}us"
         )
 

@@ -214,18 +214,18 @@ def classify_markdown(doc: Mapping[str, Any]) -> str:
     lines = [
         f"Run {doc['finished_at']}. Machine: {machine_line(doc['machine'])}.",
         "",
-        "| statement | cache hit (same bytes) | fingerprint hit | miss (parse) | routing decision |",
+        "| statement | cache hit (same bytes) | hit, other literals | miss (parse) | routing decision |",
         "|---|---:|---:|---:|---:|",
     ]
     for row in doc["statements"]:
         label = row["statement"].replace("|", "\\|")
         lines.append(
-            f"| `{label}` | {row['hit_us']:.2f} µs | {row['fingerprint_us']:.2f} µs | "
+            f"| `{label}` | {row['hit_us']:.2f} µs | {row['other_literals_us']:.2f} µs | "
             f"{row['miss_us']:.1f} µs | {row['decide_us']:.2f} µs |"
         )
     m = doc["medians"]
     lines.append(
-        f"| **median** | **{m['hit_us']:.2f} µs** | **{m['fingerprint_us']:.2f} µs** | "
+        f"| **median** | **{m['hit_us']:.2f} µs** | **{m['other_literals_us']:.2f} µs** | "
         f"**{m['miss_us']:.1f} µs** | **{m['decide_us']:.2f} µs** |"
     )
     lines += ["", f"Command: `{doc['command']}`."]
