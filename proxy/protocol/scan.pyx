@@ -92,7 +92,7 @@ cdef inline bint _digit(unsigned char c) noexcept nogil:
 
 
 cdef inline bint _ident_start(unsigned char c) noexcept nogil:
-    return b"a" <= c <= b"z" or b"A" <= c <= b"Z" or c == b"_"
+    return b"a" <= c <= b"z" or b"A" <= c <= b"Z" or c == b"_" or c >= 0x80  # scan.l: [A-Za-z\200-\377_]
 
 
 cdef inline bint _ident(unsigned char c) noexcept nogil:
@@ -222,7 +222,7 @@ cdef Py_ssize_t _shape(const unsigned char* p, Py_ssize_t n, unsigned char* out,
     comments and ``$n`` are copied as they are, and each string literal ('...') and numeric literal becomes
     NUL and its kind (s, i for an integer of at most 9 digits, f for a decimal or real), its offset appended
     to ``offsets`` when that is a list. -1 (no shape) for what it does not lex exactly as PostgreSQL does:
-    non-ASCII or NUL bytes, a backslash, a string with a prefix (E'...', U&'...') or continued on the next
+    NUL bytes, a backslash, a string with a prefix (E'...', U&'...') or continued on the next
     line, dollar quoting, a number with anything glued to its end (PostgreSQL 15's junk, 16's 0x1F and
     1_000), an integer of 10 digits or more (maybe a bigint or numeric constant), an unterminated quote or
     comment; and for text with no literal at all."""
@@ -230,7 +230,7 @@ cdef Py_ssize_t _shape(const unsigned char* p, Py_ssize_t n, unsigned char* out,
     cdef int literals = 0
     cdef unsigned char kind = 0
     for j in range(n):
-        if p[j] >= 0x80 or p[j] == 0 or p[j] == b"\\":
+        if p[j] == 0 or p[j] == b"\\":
             return -1
     while i < n:
         j = _token_end(p, i, n, &kind)

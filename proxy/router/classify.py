@@ -583,14 +583,18 @@ F_SAVEPOINT = int(Flag.SAVEPOINT)
 
 
 def _literals_are_constants(text: str, sql: bytes) -> bool:
-    """Whether pglast's parse of ``text`` (``sql`` decoded; ASCII, as every text with a shape is) has a
-    constant (an ``A_Const``) starting at each literal ``literal_shape`` finds in ``sql``. Not for the hot
-    path: once per new shape."""
+    """Whether pglast's parse of ``text`` (``sql`` decoded) has a constant (an ``A_Const``) starting at each
+    literal ``literal_shape`` finds in ``sql``. Locations are byte offsets (libpg_query's), so ``sql`` must
+    be the UTF-8 encoding of ``text``: not valid UTF-8, no trust. Not for the hot path: once per new shape.
+    (A later text of a trusted shape with bytes that are not UTF-8 can have them only inside literals,
+    whose content classify() never reads; PostgreSQL refuses such text anyway.)"""
     offsets: list[int] = []
     literal_shape(sql, offsets)
     try:
+        if text.encode("utf-8") != sql:
+            return False
         tree = json.loads(pglast.parser.parse_sql_json(text))
-    except pglast.parser.ParseError:
+    except (pglast.parser.ParseError, UnicodeEncodeError):
         return False
     constants = set()
     stack: list[Any] = [tree]

@@ -124,6 +124,19 @@ def test_cache_shares_one_entry_per_literal_shape() -> None:
     # -4: one constant, from its minus sign
     assert cache.classify_bytes(update % (-4, 5)) is cache.classify_bytes(update % (-4000, 7))
     assert cache.classify_bytes(b"SELECT 'a', 'b''s'") is cache.classify_bytes(b"SELECT 'c', ''")
+    # UTF-8 text: offsets are bytes, as pglast's locations are
+    town = "SELECT * FROM clients WHERE ville = '{}' AND n = {}"
+    first = cache.classify_bytes(town.format("Zürich", 1).encode())
+    assert cache.classify_bytes(town.format("Genève à côté", 22).encode()) is first
+    misses = cache.misses
+    assert cache.classify_bytes(town.format("x", 3).encode().replace(b"x", b"\xff")) is first
+    assert cache.misses == misses
+
+
+def test_text_that_is_not_utf8_makes_no_trusted_shape() -> None:
+    cache = ClassificationCache()
+    cache.classify_bytes(b"SELECT * FROM t WHERE a = '\xff' AND b = 1")
+    assert list(cache._by_shape.values()) == [None]
 
 
 @pytest.mark.parametrize(
@@ -160,6 +173,7 @@ _TEMPLATES = [
     "DECLARE c CURSOR FOR SELECT {} FROM t LIMIT {}",
     "SELECT * FROM t WHERE a = -{} OR b = - {}",
     "SELECT interval {} , {} FROM s.t",
+    'SELECT "tàble".nom, {} FROM "tàble" WHERE ville = {}',
 ]
 _LITERALS = st.sampled_from(
     [
@@ -185,6 +199,8 @@ _LITERALS = st.sampled_from(
         "on",
         "null",
         "a",
+        "'Zürich'",
+        "'日本'",
     ]
 )
 

@@ -190,6 +190,10 @@ _FRAGMENTS = [
     "*",
     "/",
     "é",
+    "日本",
+    "ü1",
+    "'ü'",
+    '"ñ"',
 ]
 
 
@@ -214,13 +218,18 @@ def test_literal_shape_finds_the_constants_postgres_lexes(parts: list[str]) -> N
         tokens = pglast.parser.scan(text)
     except pglast.parser.ParseError:
         raise AssertionError(f"a shape for text PostgreSQL's scanner refuses: {text!r}") from None
-    constants = [t for t in tokens if t.name in _KINDS]
+    # pglast's scanner counts characters; literal_shape (and pglast's parse locations) count bytes
+    constants = [
+        (len(text[: t.start].encode()), len(text[: t.end + 1].encode()), _KINDS[t.name])
+        for t in tokens
+        if t.name in _KINDS
+    ]
     found = list(zip(offsets, _marker_kinds(shape), strict=True))
-    assert [(t.start, _KINDS[t.name]) for t in constants] == found
+    assert [(start, kind) for start, _, kind in constants] == found
     rebuilt, pos = b"", 0
-    for t in constants:
-        rebuilt += sql[pos : t.start] + b"\0" + bytes([_KINDS[t.name]])
-        pos = t.end + 1
+    for start, end, kind in constants:
+        rebuilt += sql[pos:start] + b"\0" + bytes([kind])
+        pos = end
     assert rebuilt + sql[pos:] == shape
 
 
@@ -232,6 +241,11 @@ def test_literal_shape_examples() -> None:
     shape = literal_shape(b"SELECT * FROM t1 WHERE a='x''y' AND b=1.5e3 -- 7\n LIMIT 10", offsets)
     assert shape == b"SELECT * FROM t1 WHERE a=\0s AND b=\0f -- 7\n LIMIT \0i"
     assert offsets == [25, 38, 56]
+    # UTF-8: identifiers and literals as PostgreSQL lexes them (a byte above 0x7F is an identifier byte)
+    assert literal_shape("SELECT nom FROM clients WHERE ville = 'Zürich' AND n° = 4".encode()) == (
+        "SELECT nom FROM clients WHERE ville = \0s AND n° = \0i".encode()
+    )
+    assert literal_shape("SELECT 1é".encode()) is None  # junk after a number
     for no_shape in (
         b"SELECT 1234567890",  # 10 digits: maybe a bigint
         b"SELECT 0x1F",  # PostgreSQL 16's hex, 15's junk
@@ -241,7 +255,6 @@ def test_literal_shape_examples() -> None:
         b"SELECT 'a\\'",
         b"SELECT 'a",
         b"SELECT /* 1",
-        "SELECT 'é'".encode(),
         b"SELECT a FROM t",  # no literal
     ):
         assert literal_shape(no_shape) is None, no_shape
