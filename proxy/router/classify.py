@@ -415,7 +415,7 @@ def route_override(sql: str) -> str | None:
         return None
     if not tokens or tokens[0].name != "C_COMMENT":
         return None
-    text = sql.encode()[tokens[0].start : tokens[0].end + 1].decode(errors="replace")
+    text = sql[tokens[0].start : tokens[0].end + 1]  # pglast's scanner counts characters, not bytes
     body = text.removeprefix("/*").removesuffix("*/").strip()
     key, colon, value = body.partition(":")
     if not colon or key.strip().lower() != "route":

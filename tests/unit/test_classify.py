@@ -17,6 +17,7 @@ from proxy.router.classify import (
     classify,
     deallocate_target,
     merge,
+    route_override,
     session_changes,
 )
 
@@ -87,6 +88,13 @@ def test_session_characteristics_become_settings() -> None:
         SessionChange("default_transaction_isolation", "SET default_transaction_isolation TO 'serializable'"),
         SessionChange("default_transaction_read_only", "SET default_transaction_read_only TO 'on'"),
     ]
+
+
+def test_route_override_in_a_comment_with_non_ascii_text() -> None:
+    """pglast's scanner gives character offsets: the comment is cut from the text, not from its bytes."""
+    assert route_override("/* route: analytics */ SELECT 1") == "analytics"
+    assert route_override("/* route: main\u00a0*/ SELECT 'é'") == "main"  # NBSP: whitespace to str.strip
+    assert route_override("/* ü route: main */ SELECT 1") is None
 
 
 def test_deallocate_target() -> None:
