@@ -58,7 +58,7 @@ def measure() -> list[dict[str, Any]]:
         cache.classify_bytes(same[0])
         hit = per_call_us(cache.classify_bytes, list(same))
         other = [template.format(i).encode() for i in range(2, 2002)]
-        fp = per_call_us(cache.classify_bytes, other, repeat=1)
+        other_literals = per_call_us(cache.classify_bytes, other, repeat=1)
         miss = per_call_us(classify, [template.format(i) for i in range(500)], repeat=3)
         info = cache.classify_bytes(same[0])
         router.decide_cached(info, None, None)
@@ -67,7 +67,7 @@ def measure() -> list[dict[str, Any]]:
             {
                 "statement": template.format(1),
                 "hit_us": round(hit, 3),
-                "other_literals_us": round(fp, 3),
+                "other_literals_us": round(other_literals, 3),
                 "miss_us": round(miss, 2),
                 "decide_us": round(decided, 3),
             }

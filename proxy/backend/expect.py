@@ -177,47 +177,50 @@ class ReplyQueue:
 
     def whole_unit(self, buf: bytes) -> bool:
         """The fast path: ``buf`` is the whole reply to the one plain unit in flight (a batch sent as it
-        was, with the shared expectation ``PLAIN_QUERY`` or ``PLAIN_SYNC``), ending with its
-        ReadyForQuery, and holds nothing the proxy must read (``whole_reply``, compiled:
-        proxy/protocol/scan.pyx). Then it goes to the client as it is, in one call; True when it did.
-        Anything else is ``feed``'s, which does the same with these bytes."""
+        was, with the shared expectation ``PLAIN_QUERY`` or ``PLAIN_SYNC``; or a kept statement's unit,
+        ``_kept_unit``), ending with its ReadyForQuery, and holds nothing the proxy must read
+        (``whole_reply``, compiled: proxy/protocol/scan.pyx). Then it goes to the client as it is, in one
+        call; True when it did. Anything else is ``feed``'s, which does the same with these bytes."""
         expect = self.expect
         if self._track_details or (sink := self.sink) is None:
             return False
-        if len(expect) != 1:
-            return self._whole_kept(buf, sink)
-        entry = expect[0]
-        if (entry is not PLAIN_QUERY and entry is not PLAIN_SYNC) or not whole_reply(buf):
-            return False
-        self.status = status = buf[-1]
-        expect.popleft()
-        self.needs_sync = False
-        sink.upstream_data(buf)
-        sink.upstream_ready(status)
-        return True
-
-    def _whole_kept(self, buf: bytes, sink: Sink) -> bool:
-        """``whole_unit`` for a unit of a statement the connection keeps (statements.cache_unnamed, sent by
-        ``_send_kept`` in proxy/frontend/fast.py): [the proxy's ParseComplete] the renamed Bind's entry,
-        then ``PLAIN_SYNC``. A whole plain reply means the Bind succeeded: its ``on_done`` hears so, and the
-        client gets the ParseComplete and the reply in one call."""
-        expect = self.expect
-        n = len(expect)
-        if not 2 <= n <= 3 or expect[-1] is not PLAIN_SYNC or not whole_reply(buf):
-            return False
-        bind = expect[n - 2]
-        if bind.kind != K_BIND or bind.action != FORWARD:
-            return False
-        if n == 3 and expect[0] is not SYNTH_PARSE_COMPLETE:
+        done: Callable[[bool], None] | None = None
+        before = b""  # replies the proxy makes, sent first
+        if len(expect) == 1:
+            entry = expect[0]
+            if entry is not PLAIN_QUERY and entry is not PLAIN_SYNC:
+                return False
+        else:
+            kept = self._kept_unit()
+            if kept is None:
+                return False
+            done, before = kept
+        if not whole_reply(buf):
             return False
         self.status = status = buf[-1]
         expect.clear()
         self.needs_sync = False
-        if bind.on_done is not None:
-            bind.on_done(True)
-        sink.upstream_data(SYNTH_PARSE_COMPLETE.data + buf if n == 3 else buf)
+        if done is not None:
+            done(True)  # a whole plain reply: the Bind succeeded
+        sink.upstream_data(before + buf if before else buf)
         sink.upstream_ready(status)
         return True
+
+    def _kept_unit(self) -> tuple[Callable[[bool], None] | None, bytes] | None:
+        """For ``whole_unit``: when the queue is a unit of a statement the connection keeps
+        (statements.cache_unnamed, sent by ``_send_kept`` in proxy/frontend/fast.py) — [the proxy's
+        ParseComplete] the renamed Bind's entry, then ``PLAIN_SYNC`` — the Bind's ``on_done`` and the
+        ParseComplete to send first (or b""); else None."""
+        expect = self.expect
+        n = len(expect)
+        if not 2 <= n <= 3 or expect[-1] is not PLAIN_SYNC:
+            return None
+        bind = expect[n - 2]
+        if bind.kind != K_BIND or bind.action != FORWARD:
+            return None
+        if n == 2:
+            return bind.on_done, b""
+        return (bind.on_done, SYNTH_PARSE_COMPLETE.data) if expect[0] is SYNTH_PARSE_COMPLETE else None
 
     def feed(self, buf: bytes) -> int:  # noqa: PLR0915  (the hot loop, one frame on purpose)
         """Route the complete messages in ``buf`` (see the class); returns the bytes consumed."""

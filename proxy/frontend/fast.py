@@ -215,9 +215,10 @@ def _send_kept(
     before the upstream's reply), the Bind renamed, the rest as it is; a stale cached plan retried unseen
     when nothing else is in flight and no transaction is open."""
     st = client.statements
+    events = st.ctx.statement_events
     name = kept.upstream_name
     prepared = server.prepared
-    del prepared[name]  # most recently used last
+    del prepared[name]  # most recently used last (as Statements.ensure)
     prepared[name] = None
     bind = 0
     if data[0] == _P:
@@ -225,14 +226,12 @@ def _send_kept(
         client.units.unnamed_info = info
         st.unnamed_stmt = kept
         st.unnamed = None
-        events = st.ctx.statement_events
-        key = (server.role, "reused")
+        key = (server.role, "reused")  # count() (prepared.py), inline as in Statements.parse_unnamed_cached
         events[key] = events.get(key, 0) + 1
         server.push(SYNTH_PARSE_COMPLETE)
     size = _LENGTH.unpack_from(data, bind + 1)[0] + 1
     expect = Expect(K_BIND, on_done=forget_on_failure(server, name))
     if server.status == _IDLE:
-        events = st.ctx.statement_events
         expect.retry = StalePlanRetry(server, kept, (bind, bind + size), SentUnit(data), events)
     server.push(expect)
     server.push(PLAIN_SYNC)
