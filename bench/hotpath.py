@@ -81,7 +81,11 @@ def _transaction(mode: str, aid: int) -> bytes:
     )
 
 
-async def _pair(cache_unnamed: bool) -> tuple[ClientConnection, ServerConnection, MemoryTransport]:
+async def _pair(
+    cache_unnamed: bool, clients: int = 1
+) -> tuple[list[ClientConnection], ServerConnection, MemoryTransport]:
+    """Logged-in clients of one app whose main pool is one connection (``server``, writing to
+    ``upstream``)."""
     with tempfile.TemporaryDirectory(prefix="parafort-hotpath-") as tmp:
         path = Path(tmp) / "proxy.yaml"
         path.write_text(
@@ -94,23 +98,26 @@ async def _pair(cache_unnamed: bool) -> tuple[ClientConnection, ServerConnection
     upstream = MemoryTransport()
     server.connection_made(upstream)  # type: ignore[arg-type]
     pool = app.pools["main"]
-    pool._total = 1
+    pool.size = pool._total = 1
     pool._idle.append(server)
-    client = ClientConnection(app)
-    client.connection_made(MemoryTransport())  # type: ignore[arg-type]
-    client.data_received(startup_message({"user": "bench", "database": "bench"}))
-    for _ in range(100):
-        if client.phase == READY:
-            break
-        await asyncio.sleep(0)
-    if client.phase != READY:
-        raise RuntimeError("the in-process client did not log in")
-    return client, server, upstream
+    logged_in = []
+    for _ in range(clients):
+        client = ClientConnection(app)
+        client.connection_made(MemoryTransport())  # type: ignore[arg-type]
+        client.data_received(startup_message({"user": "bench", "database": "bench"}))
+        for _ in range(100):
+            if client.phase == READY:
+                break
+            await asyncio.sleep(0)
+        if client.phase != READY:
+            raise RuntimeError("the in-process client did not log in")
+        logged_in.append(client)
+    return logged_in, server, upstream
 
 
 async def measure(mode: str, cache_unnamed: bool, transactions: int) -> list[float]:
     """Microseconds of proxy Python per transaction, per block of 1,000."""
-    client, server, upstream = await _pair(cache_unnamed)
+    [client], server, upstream = await _pair(cache_unnamed)
     replies: dict[bytes, bytes] = {}
     per_block: list[float] = []
     spent = 0
@@ -134,21 +141,58 @@ async def measure(mode: str, cache_unnamed: bool, transactions: int) -> list[flo
     return per_block
 
 
-CASES: Sequence[tuple[str, str, bool]] = (
-    ("simple", "simple", False),
-    ("extended", "extended", False),
-    ("extended, statements.cache_unnamed", "extended", True),
+async def measure_handover(mode: str, cache_unnamed: bool, transactions: int) -> list[float]:
+    """As ``measure``, for two clients taking turns on one connection: each transaction waits for the
+    connection, which the other client's reply hands over (the path of every transaction when clients
+    outnumber connections). Timed: the waiting client's ``data_received``, the upstream's, and the event
+    loop step that runs the hand-over, less an empty step's cost (measured alongside)."""
+    clients, server, upstream = await _pair(cache_unnamed, clients=2)
+    replies: dict[bytes, bytes] = {}
+    per_block: list[float] = []
+    spent = 0
+    clock = time.perf_counter_ns
+    clients[0].data_received(_transaction(mode, 1))  # takes the connection
+    for i in range(transactions):
+        waiting = clients[(i + 1) % 2]
+        t0 = clock()
+        waiting.data_received(_transaction(mode, 2 + i % 100_000))
+        t1 = clock()
+        sent = b"".join(upstream.writes)
+        upstream.writes.clear()
+        reply = replies.get(sent)
+        if reply is None:
+            reply = replies.setdefault(sent, _replies(sent))
+        t2 = clock()
+        server.data_received(reply)  # the holder's reply: the connection goes to ``waiting``
+        await asyncio.sleep(0)
+        t3 = clock()
+        await asyncio.sleep(0)
+        spent += (t1 - t0) + (t3 - t2) - (clock() - t3)
+        if server.sink is not waiting:
+            raise RuntimeError("the connection was not handed over")
+        if (i + 1) % 1000 == 0:
+            per_block.append(spent / 1000 / 1000)
+            spent = 0
+    return per_block
+
+
+CASES: Sequence[tuple[str, str, bool, bool]] = (
+    ("simple", "simple", False, False),
+    ("extended", "extended", False, False),
+    ("extended, statements.cache_unnamed", "extended", True, False),
+    ("simple, a hand-over per transaction", "simple", False, True),
+    ("extended, a hand-over per transaction", "extended", False, True),
 )
 
 
-def _run_case(mode: str, cache_unnamed: bool, transactions: int) -> list[float]:
-    return asyncio.run(measure(mode, cache_unnamed, transactions))
+def _run_case(mode: str, cache_unnamed: bool, handover: bool, transactions: int) -> list[float]:
+    return asyncio.run((measure_handover if handover else measure)(mode, cache_unnamed, transactions))
 
 
 def run(transactions: int, profile: bool) -> list[dict[str, Any]]:
     rows: list[dict[str, Any]] = []
-    for label, mode, cache in CASES:
-        work: Callable[[], list[float]] = functools.partial(_run_case, mode, cache, transactions)
+    for label, mode, cache, handover in CASES:
+        work: Callable[[], list[float]] = functools.partial(_run_case, mode, cache, handover, transactions)
         if profile:
             prof = cProfile.Profile()
             blocks = prof.runcall(work)
