@@ -119,7 +119,7 @@ class ClientConnection(ClientCore):
                 return
             self.buf = whole
             self._parts = None
-        elif self.server is not None and fast_unit(self, data):
+        elif fast_unit(self, data):
             return
         else:
             self.buf = self.buf + data if self.buf else data

@@ -22,13 +22,18 @@ from __future__ import annotations
 import struct
 
 from proxy.backend.connection import ServerConnection
-from proxy.backend.expect import K_BIND, PLAIN_QUERY, PLAIN_SYNC, SYNTH_PARSE_COMPLETE, Expect
+from proxy.backend.expect import K_BIND, PLAIN_SYNC, SYNTH_PARSE_COMPLETE, Expect
+from proxy.consistency import REPLICA as ON_REPLICA
+from proxy.consistency import Verdict
+from proxy.errors import ProxyError
 from proxy.frontend.core import ClientCore
 from proxy.frontend.leases import count_fallback, count_fallback_writes
 from proxy.frontend.prepared import StalePlanRetry, bind_header, forget_on_failure
+from proxy.frontend.send import send, send_whole
 from proxy.frontend.session import PreparedStatement
 from proxy.frontend.startup import READY
 from proxy.frontend.txstate import Input, Lease, LeaseEv, Tx
+from proxy.frontend.units import Batch
 from proxy.protocol.framing import scan_messages
 from proxy.protocol.scan import extended_unit
 from proxy.router.classify import INLINE_BYTES, Classification
@@ -42,6 +47,7 @@ _OVERRIDE_START = (b"/", b" ", b"\t", b"\r", b"\n")
 _READING = Input.READING
 _LINGERING = Lease.LINGERING
 _HELD = Lease.HELD
+_NONE = Lease.NONE
 _UPSTREAM_TX = Tx.UPSTREAM
 _UNLINGER = LeaseEv.UNLINGER
 _LENGTH = struct.Struct("!I")
@@ -51,26 +57,16 @@ Route = tuple[str, tuple[str, ...], tuple[tuple[str, str], ...]]
 
 def fast_unit(client: ClientCore, data: bytes) -> bool:
     """Send ``data`` as it is when it is one whole unit the fast path takes (see the module): True when it
-    was sent, False (nothing changed) for the slow path."""
+    was sent (or waits for a connection, ``_fast_lease``), False (nothing changed) for the slow path."""
     server = client.server
+    if server is None:
+        return _fast_lease(client, data)
     tx = client.tx
     lease = tx.lease
-    if server is None or (lease is not _LINGERING and (lease is not _HELD or server.status == _IDLE)):
-        return False
-    effects = client.effects
     if (
-        client.buf
-        or not 6 <= len(data) <= INLINE_BYTES
-        or tx.begin is not None
-        or tx.input is not _READING
-        or client.phase != READY
-        or client.admin
-        or client.reads.forced is not None  # a read routed after a wait: Reads.route
-        or client.session.staged
-        or effects.unnamed_changes
-        or effects.stmt_changes
-        or effects.portal_changes
+        (lease is not _LINGERING and (lease is not _HELD or server.status == _IDLE))
         or server.expect
+        or not _plain_input(client, data)
     ):
         return False
     app = client.app
@@ -90,10 +86,7 @@ def fast_unit(client: ClientCore, data: bytes) -> bool:
     if (
         info is None
         or route is None
-        or (role == "compliance" and app.audit is not None)
-        or app.migration.hold.roles
-        or app.migration.shadow.active  # a read may be offered to the shadow reads: _count_route
-        or app.is_paused(role)
+        or _held_back(client, role)
         or len(server.prepared) > app.max_statements
         or server.applied != client.session.settings
         # Read-your-writes: this replica at once, counted as Reads.route counts it (so last); a wait,
@@ -107,36 +100,106 @@ def fast_unit(client: ClientCore, data: bytes) -> bool:
     ):
         classifier.hits, classifier.misses = counts
         return False
-    _count(client, info, route)
+    _count(client, info, role, route)
     if lease is _LINGERING:
         tx.lease_event(_UNLINGER)
         app.pools[client.server_pool].unlinger(server)
-    first = data[0]
     if kept is not None:
         _send_kept(client, server, data, kept, info)
-        return True
-    if first == _P:  # an unnamed Parse sent as it is: the client's statement now (as send does)
-        client.units.unnamed_info = info
-        st = client.statements
-        st.unnamed_stmt = None
-        st.unnamed = data[: _LENGTH.unpack_from(data, 1)[0] + 1]
-        st.unnamed_token = server.unnamed_owner = object()
-    elif first == _Q:
-        server.unnamed_owner = None
-    server.push(PLAIN_QUERY if first == _Q else PLAIN_SYNC)
-    server.send(data)
+    else:
+        send_whole(client, server, data, info)
     return True
 
 
-def _count(client: ClientCore, info: Classification, route: Route) -> None:
-    """What ``decide``, ``_dispatch_unit`` and ``_count_route`` (core.py) count for a unit sent."""
+def _plain_input(client: ClientCore, data: bytes) -> bool:
+    """The client's side of the fast path: nothing buffered, a logged-in client (not the console) reading
+    its next unit, no deferred BEGIN, no forced read, no session change awaiting its outcome, and ``data``
+    of a size classified inline."""
+    effects = client.effects
+    tx = client.tx
+    return not (
+        client.buf
+        or not 6 <= len(data) <= INLINE_BYTES
+        or tx.begin is not None
+        or tx.input is not _READING
+        or client.phase != READY
+        or client.admin
+        or client.reads.forced is not None  # a read routed after a wait: Reads.route
+        or client.session.staged
+        or effects.unnamed_changes
+        or effects.stmt_changes
+        or effects.portal_changes
+    )
+
+
+def _held_back(client: ClientCore, role: str) -> bool:
+    """A unit routed to ``role`` is the slow path's: audited, held or shadowed by a migration, paused."""
+    app = client.app
+    return bool(
+        (role == "compliance" and app.audit is not None)
+        or app.migration.hold.roles
+        or app.migration.shadow.active  # a read may be offered to the shadow reads: _count_route
+        or app.is_paused(role)
+    )
+
+
+def _fast_lease(client: ClientCore, data: bytes) -> bool:
+    """A whole unit of a client holding no connection (``_dispatch_unit``'s case, core.py): routed and
+    counted as there, then sent on an idle connection of its pool, or waiting for one (``Leasing``) as a
+    ``Batch`` marked whole, which ``send`` sends as it is when the connection is handed over."""
+    tx = client.tx
+    if tx.lease is not _NONE or not _plain_input(client, data):
+        return False
+    app = client.app
+    classifier = app.classifier
+    counts = classifier.hits, classifier.misses
+    try:
+        found = _fast_info(client, data, None)
+        decision = None if found is None or found[0].tx is not None else app.router.decide_plain(found[0])
+    except Exception:
+        found = decision = None
+    role = None if decision is None else decision.role
+    reads = client.reads
+    verdict: Verdict | None = None
+    if role == REPLICA_ROLE and (reads.key is not None or reads.min_lsn is not None):
+        verdict = reads.replica_at_once(app.consistency)  # else a wait, or main: Reads.route's
+        if verdict is None:
+            role = None
+    if found is None or decision is None or role is None or _held_back(client, role):
+        classifier.hits, classifier.misses = counts
+        return False
+    info = found[0]
+    if verdict is not None:
+        app.consistency.count(ON_REPLICA)
+    _count(client, info, role, (decision.kind, decision.fallback_from, decision.fallback_writes))
+    label = (verdict.label if verdict is not None else None) or app.pool_for(role)
+    if data[0] == _Q:
+        batch = Batch(data, [(_Q, 0, len(data))], 0, len(data), _Q)
+    else:
+        batch = Batch(data, scan_messages(data, 0, len(data))[0], 0, len(data), _S)
+    batch.info = info
+    batch.whole = True
+    conn = app.pools[label].try_acquire()
+    if conn is None:
+        client.leasing.wait_for_pool(batch, role, label)
+        return True
+    client.attach(conn, role, label)
+    try:
+        send(client, batch, conn)
+    except ProxyError as exc:
+        client.fatal(exc)
+    return True
+
+
+def _count(client: ClientCore, info: Classification, role: str, route: Route) -> None:
+    """What ``decide``, ``_dispatch_unit`` and ``_count_route`` (core.py) count for a unit sent to
+    ``role``."""
     app = client.app
     kind, fallback_from, fallback_writes = route
     app.router.note_joins(info)
     if fallback_from:  # main serves these roles' tables (unconfigured, or down with fallback: main)
         count_fallback(app, fallback_from)
         count_fallback_writes(app, fallback_writes)
-    role = client.server_role
     routed = app.routed
     routed[role, kind] = routed.get((role, kind), 0) + 1
     if kind == WRITE and role == MAIN and client.reads.key is not None:
@@ -164,12 +227,12 @@ def _fast_route(client: ClientCore, info: Classification, server: ServerConnecti
 
 
 def _fast_info(
-    client: ClientCore, data: bytes, server: ServerConnection
+    client: ClientCore, data: bytes, server: ServerConnection | None
 ) -> tuple[Classification, PreparedStatement | None] | None:
     """For ``fast_unit``: the classification of a Query or of an unnamed statement's [Parse] Bind
-    [Describe] Execute Sync that the fast path can send, and with ``statements.cache_unnamed`` the
-    statement kept upstream that stands for the unnamed one (then on this connection already); None for
-    anything else."""
+    [Describe] Execute Sync that the fast path can send (on ``server``; None: a connection to lease, so
+    no Bind without its Parse), and with ``statements.cache_unnamed`` the statement kept upstream that
+    stands for the unnamed one (then on this connection already); None for anything else."""
     kept = None
     if data[0] == _Q:
         if _LENGTH.unpack_from(data, 1)[0] != len(data) - 1:
@@ -189,9 +252,11 @@ def _fast_info(
             info = client.app.classifier.classify_bytes(sql)
             if info.plannable and client.app.cache_unnamed:  # as send and Statements.parse_unnamed_cached
                 kept = st.ctx.unnamed_statements.get(data[5:bind])
-                if kept is None or kept.upstream_name not in server.prepared:
+                if kept is None or server is None or kept.upstream_name not in server.prepared:
                     return None  # to be prepared there: the slow path's
         else:
+            if server is None:
+                return None
             sql = b""
             unnamed = client.units.unnamed_info
             kept = st.unnamed_stmt

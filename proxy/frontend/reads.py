@@ -62,13 +62,20 @@ class Reads(Generic[B]):
         """The fast path's ``route`` for a read of a client lingering on a replica connection (``pool``: its
         label): True when the read may run there at once, counted as ``route`` counts it; False, with
         nothing counted, for anything else (a wait, main, another replica), which ``route`` then decides."""
-        if self.forced is not None:
-            return False
-        verdict = consistency.check(self.key, self.min_lsn)
-        if verdict.wait or verdict.main or verdict.label not in (None, pool):
+        verdict = self.replica_at_once(consistency)
+        if verdict is None or verdict.label not in (None, pool):
             return False
         consistency.count(REPLICA)
         return True
+
+    def replica_at_once(self, consistency: Consistency) -> Verdict | None:
+        """The fast path's ``route`` for a read of a client holding no connection: the verdict (a replica,
+        ``label`` None for any) when it may run on a replica at once, counted by the caller as ``route``
+        counts it; None, with nothing counted, for a wait or main (``route`` decides those)."""
+        if self.forced is not None:
+            return None
+        verdict = consistency.check(self.key, self.min_lsn)
+        return None if verdict.wait or verdict.main else verdict
 
     async def wait(self, consistency: Consistency, batch: B) -> None:
         """Wait for what ``batch`` needs; the verdict is ``route``'s when the batch is routed again."""

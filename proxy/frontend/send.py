@@ -10,6 +10,7 @@ method call's cost, no object between): the common batch's bytes go out untouche
 
 from __future__ import annotations
 
+import struct
 from typing import Any, Protocol
 
 from proxy.backend.connection import ServerConnection
@@ -32,9 +33,11 @@ from proxy.frontend.session import Session
 from proxy.frontend.txstate import TxState
 from proxy.frontend.units import Batch, Units
 from proxy.protocol import messages as m
+from proxy.router.classify import Classification
 
 _P, _B, _D, _E, _S, _H, _Q, _F = b"PBDESHQF"
 _IDLE = ord("I")
+_LENGTH = struct.Struct("!I")
 
 
 class SendClient(Protocol):
@@ -52,7 +55,11 @@ class SendClient(Protocol):
 
 def send(client: SendClient, batch: Batch, server: ServerConnection) -> None:  # noqa: PLR0915  (one loop)
     """Rename statements, inject re-prepares and session replay, register expectations, send: common
-    messages inline (the data path's hottest loop), the others by ``Statements`` (prepared.py)."""
+    messages inline (the data path's hottest loop), the others by ``Statements`` (prepared.py). A whole
+    unit the fast path vetted (``Batch.whole``) goes as it is when the connection needs nothing first."""
+    if batch.whole and (info := batch.info) is not None and whole_ready(client, server, batch, info):
+        send_whole(client, server, batch.buf, info)
+        return
     buf = batch.buf
     view = memoryview(buf)
     out: list[Piece] = []
@@ -129,6 +136,37 @@ def send(client: SendClient, batch: Batch, server: ServerConnection) -> None:  #
     else:  # the common case: one expectation, the client's bytes as they are
         server.push(PLAIN_SYNC if ents[-1] == SYNC_EXT else PLAIN_QUERY)  # sync_entry, inline
         server.send(buf if batch.start == 0 and batch.end == len(buf) else view[batch.start : batch.end])
+
+
+def whole_ready(client: SendClient, server: ServerConnection, batch: Batch, info: Classification) -> bool:
+    """Whether a whole unit the fast path vetted when it arrived (proxy/frontend/fast.py) may go to
+    ``server`` as it is, as ``send`` would send it: no audit note, no statement to evict, no setting to
+    replay, no statement to keep (``statements.cache_unnamed``) and no BEGIN to send first."""
+    app = client.app
+    return (
+        client.tx.begin is None
+        and server.applied == client.session.settings
+        and len(server.prepared) <= app.max_statements
+        and (client.server_role != "compliance" or app.audit is None)
+        and not (batch.buf[0] == _P and app.cache_unnamed and info.plannable)
+    )
+
+
+def send_whole(client: SendClient, server: ServerConnection, data: bytes, info: Classification) -> None:
+    """Send a whole unit of the fast path's (a Query, or an unnamed statement's [Parse] Bind [Describe]
+    Execute Sync) as it is, with one expectation for its reply; an unnamed Parse is the client's
+    statement now, as ``send`` makes it."""
+    first = data[0]
+    if first == _P:
+        client.units.unnamed_info = info
+        st = client.statements
+        st.unnamed_stmt = None
+        st.unnamed = data[: _LENGTH.unpack_from(data, 1)[0] + 1]
+        st.unnamed_token = server.unnamed_owner = object()
+    elif first == _Q:
+        server.unnamed_owner = None
+    server.push(PLAIN_QUERY if first == _Q else PLAIN_SYNC)
+    server.send(data)
 
 
 def _before_batch(

@@ -30,7 +30,7 @@ _OVERRIDE_START = (b"/", b" ", b"\t", b"\r", b"\n")
 class Batch:
     """Client messages up to a terminator: offsets into the (immutable) bytes they arrived in."""
 
-    __slots__ = ("analyses", "buf", "end", "info", "msgs", "start", "terminator")
+    __slots__ = ("analyses", "buf", "end", "info", "msgs", "start", "terminator", "whole")
 
     def __init__(self, buf: bytes, msgs: list[tuple[int, int, int]], start: int, end: int, term: int) -> None:
         self.buf = buf
@@ -39,6 +39,9 @@ class Batch:
         self.end = end
         self.terminator = term  # Sync, Query, Flush or FunctionCall; 0 for a part of an oversized batch
         self.info: c.Classification | None = None  # a lone Query's classification, once the router made it
+        # A whole unit the fast path vetted and routed (proxy/frontend/fast.py), ``info`` its classification:
+        # ``send`` sends its bytes as they are when the connection needs nothing first.
+        self.whole = False
         # Statements above INLINE_BYTES, analysed off the event loop: by their message's start offset.
         self.analyses: dict[int, c.Analysis] | None = None
 

@@ -105,20 +105,22 @@ WITH_REPLICA = frozenset({"read your writes"})
 WITH_CACHE = frozenset({"statements.cache_unnamed"})
 # Scenarios: (client bytes, the upstream reply or None when nothing goes upstream, fast path taken?).
 Step = tuple[bytes, bytes | list[bytes] | None, bool]
+# With several clients: which client sends (b"" for none: only the replies come).
+Turn = tuple[int, bytes, bytes | list[bytes] | None, bool]
 SCENARIOS: dict[str, list[Step]] = {
     "simple autocommit reads": [
-        (m.query("SELECT abalance FROM pgbench_accounts WHERE aid = 1"), _select(), False),  # leases
+        (m.query("SELECT abalance FROM pgbench_accounts WHERE aid = 1"), _select(), True),  # leases
         (m.query("SELECT abalance FROM pgbench_accounts WHERE aid = 2"), _select(), True),
         (m.query("SELECT abalance FROM pgbench_accounts WHERE aid = 3"), _notice() + _select(), True),
     ],
     "extended unnamed statements": [
-        (_extended(), _extended_reply(), False),
+        (_extended(), _extended_reply(), True),  # leases
         (_extended(value=b"2"), _extended_reply(), True),
         (_extended(parse=False, describe=False), _extended_reply(parse=False, describe=False), True),
         (_extended("SELECT 1", describe=False), _extended_reply(describe=False), True),
     ],
     "a transaction": [
-        (m.query("SELECT 1"), _select(), False),
+        (m.query("SELECT 1"), _select(), True),
         (m.query("BEGIN"), None, False),  # answered by the proxy, sent with the next statement
         (
             m.query("UPDATE pgbench_accounts SET abalance = 1 WHERE aid = 1"),
@@ -138,7 +140,7 @@ SCENARIOS: dict[str, list[Step]] = {
         (_extended("ROLLBACK", describe=False), _extended_reply(describe=False), True),
     ],
     "settings and errors": [
-        (m.query("SELECT 1"), _select(), False),
+        (m.query("SELECT 1"), _select(), True),
         (m.query("SET search_path TO public"), m.command_complete("SET") + _ready(), False),
         (m.query("SELECT 2"), _select(), True),
         (m.query("SELECT nope FROM missing"), _error(), True),  # the reply's error: feed, not whole_unit
@@ -146,7 +148,7 @@ SCENARIOS: dict[str, list[Step]] = {
         (m.query("SELECT 4"), _select(), True),
     ],
     "pipelines and messages in pieces": [
-        (m.query("SELECT 1"), _select(), False),
+        (m.query("SELECT 1"), _select(), True),
         (m.query("SELECT 2") + m.query("SELECT 3"), _select() + _select(), False),  # two units: cut
         (m.query("SELECT 4")[:6], None, False),  # half a message: buffered
         (m.query("SELECT 4")[6:], _select(), False),  # the rest, joined on the slow path
@@ -155,7 +157,7 @@ SCENARIOS: dict[str, list[Step]] = {
         (m.query("SELECT 5"), _select(), True),
     ],
     "read your writes": [  # a replica configured: reads go there, writes to main, then their capture
-        (m.query("SELECT abalance FROM pgbench_accounts WHERE aid = 1"), _select(), False),  # leases
+        (m.query("SELECT abalance FROM pgbench_accounts WHERE aid = 1"), _select(), True),  # leases
         (m.query("SELECT abalance FROM pgbench_accounts WHERE aid = 2"), _select(), True),  # no write yet
         (_extended(), _extended_reply(), True),
         (m.query("UPDATE pgbench_accounts SET abalance = 1 WHERE aid = 1"), [_update(), _capture()], False),
@@ -166,7 +168,7 @@ SCENARIOS: dict[str, list[Step]] = {
         (m.query("SELECT abalance FROM pgbench_accounts WHERE aid = 4"), _select(), False),
     ],
     "a join a move would refuse": [  # analytics has no URL: main serves user_activity, joins are counted
-        (m.query(JOIN), _select(), False),
+        (m.query(JOIN), _select(), True),
         (m.query(JOIN), _select(), True),
         (_extended(JOIN, parse=True), _extended_reply(), True),
         (m.query("BEGIN"), None, False),
@@ -193,7 +195,7 @@ SCENARIOS: dict[str, list[Step]] = {
         (m.query("COMMIT"), m.command_complete("COMMIT") + _ready(), True),
     ],
     "replies in pieces": [
-        (m.query("SELECT 1"), _select(), False),
+        (m.query("SELECT 1"), _select(), True),
         (m.query("SELECT 2"), _select()[:7], True),  # the rest never comes in this scenario
     ],
 }
@@ -223,14 +225,50 @@ def _upstream(app: ProxyApp, label: str) -> tuple[ServerConnection, MemoryTransp
     transport = MemoryTransport()
     server.connection_made(transport)  # type: ignore[arg-type]
     pool = app.pools[label]
-    pool._total = 1
+    pool.size = pool._total = 1  # a second client waits for it (HANDOVERS)
     pool._idle.append(server)
     return server, transport
 
 
-async def _run(
-    steps: list[Step], fast: bool, monkeypatch: pytest.MonkeyPatch, replica: bool, cache: bool = False
+async def _login(app: ProxyApp) -> tuple[ClientConnection, MemoryTransport]:
+    client = ClientConnection(app)
+    downstream = MemoryTransport()
+    client.connection_made(downstream)  # type: ignore[arg-type]
+    client.data_received(startup_message({"user": "bench", "database": "bench"}))
+    for _ in range(100):
+        if client.phase == READY:
+            break
+        await asyncio.sleep(0)
+    assert client.phase == READY
+    downstream.writes.clear()
+    return client, downstream
+
+
+def _client_state(client: ClientConnection) -> dict[str, Any]:
+    return {
+        "lease": client.tx.lease,
+        "tx": client.tx.tx,
+        "input": client.tx.input,
+        "server": client.server_pool if client.server is not None else None,
+        "unnamed": client.statements.unnamed,
+        "settings": dict(client.session.settings),
+        "reads": (client.reads.wrote, client.app.consistency.writes.tokens.get(client.reads.key)),
+        "kept": None
+        if client.statements.unnamed_stmt is None
+        else client.statements.unnamed_stmt.upstream_name,
+    }
+
+
+async def _run(  # noqa: PLR0917  (a test driver)
+    turns: list[Turn],
+    fast: bool,
+    monkeypatch: pytest.MonkeyPatch,
+    replica: bool,
+    cache: bool = False,
+    clients: int = 1,
 ) -> dict[str, Any]:
+    """Drive ``turns`` with the fast path on or off: what went upstream and to each client per turn, and
+    the state left."""
     taken: list[bool] = []
     with monkeypatch.context() as patch:
         real = client_module.fast_unit
@@ -245,68 +283,111 @@ async def _run(
             patch.setattr(ReplyQueue, "whole_unit", lambda self, buf: False)
         app = _app(replica, cache)
         upstreams = {label: _upstream(app, label) for label in app.pools}
-        client = ClientConnection(app)
-        downstream = MemoryTransport()
-        client.connection_made(downstream)  # type: ignore[arg-type]
-        client.data_received(startup_message({"user": "bench", "database": "bench"}))
-        for _ in range(100):
-            if client.phase == READY:
-                break
-            await asyncio.sleep(0)
-        assert client.phase == READY
-        downstream.writes.clear()
+        logged_in = [await _login(app) for _ in range(clients)]
         record: list[tuple[object, ...]] = []
-        for request, replies, _ in steps:
+        for who, request, replies, _ in turns:
             taken.clear()
-            client.data_received(request)
+            if request:
+                logged_in[who][0].data_received(request)
             for reply in [replies] if isinstance(replies, bytes) else replies or []:
                 # Each reply goes to the upstream connection that awaits one (a capture follows a write).
                 server = next(conn for conn, _ in upstreams.values() if conn.expect)
                 server.data_received(reply)
+                for _ in range(3):  # a connection handed over (Pool.release: call_soon)
+                    await asyncio.sleep(0)
             sent = {label: b"".join(transport.writes) for label, (_, transport) in upstreams.items()}
             for _, transport in upstreams.values():
                 transport.writes.clear()
-            record.append((sent, b"".join(downstream.writes), "fast" if any(taken) else "slow"))
-            downstream.writes.clear()
-        state = {
-            "lease": client.tx.lease,
-            "tx": client.tx.tx,
-            "server": client.server_pool if client.server is not None else None,
-            "unnamed": client.statements.unnamed,
+            answers = tuple(b"".join(downstream.writes) for _, downstream in logged_in)
+            record.append((sent, answers, "fast" if any(taken) else "slow"))
+            for _, downstream in logged_in:
+                downstream.writes.clear()
+        state: dict[str, Any] = {
+            "clients": [_client_state(client) for client, _ in logged_in],
             "routed": dict(app.routed),
-            "settings": dict(client.session.settings),
-            "reads": (client.reads.wrote, app.consistency.writes.tokens.get(client.reads.key)),
             "consistency": dict(app.consistency.outcomes),
             # statements a move of a role main serves would refuse, counted once per unit sent
             "joins": {key: seen.count for key, seen in app.joins.seen.items()},
             "fallbacks": dict(app.fallbacks),
-            "kept": None
-            if client.statements.unnamed_stmt is None
-            else client.statements.unnamed_stmt.upstream_name,
             "statement events": dict(app.statement_events),
         }
         for label, (server, _) in upstreams.items():
             state[label] = (
                 server.status,
                 [(e.kind, e.action, e.extended) for e in server.expect],
-                server.unnamed_owner is client.statements.unnamed_token,
+                [server.unnamed_owner is client.statements.unnamed_token for client, _ in logged_in],
                 len(app.pools[label]._lingering),
+                len(app.pools[label]._waiters),
                 dict(server.applied),
                 list(server.prepared),
             )
         return {"record": record, "state": state}
 
 
+def _compare(turns: list[Turn], monkeypatch: pytest.MonkeyPatch, **kw: Any) -> dict[str, Any]:
+    slow = asyncio.run(_run(turns, False, monkeypatch, **kw))
+    fast = asyncio.run(_run(turns, True, monkeypatch, **kw))
+    assert [r[:2] for r in fast["record"]] == [r[:2] for r in slow["record"]]
+    assert fast["state"] == slow["state"]
+    assert [r[2] == "fast" for r in fast["record"]] == [took for *_, took in turns]
+    return slow
+
+
 @pytest.mark.parametrize("name", sorted(SCENARIOS))
 def test_fast_path_sends_and_answers_what_the_slow_path_does(
     name: str, monkeypatch: pytest.MonkeyPatch
 ) -> None:
-    steps = SCENARIOS[name]
+    turns = [(0, *step) for step in SCENARIOS[name]]
     replica, cache = name in WITH_REPLICA, name in WITH_CACHE
-    slow = asyncio.run(_run(steps, False, monkeypatch, replica, cache))
-    fast = asyncio.run(_run(steps, True, monkeypatch, replica, cache))
-    assert [r[:2] for r in fast["record"]] == [r[:2] for r in slow["record"]]
-    assert fast["state"] == slow["state"]
-    assert [r[2] == "fast" for r in fast["record"]] == [took for _, _, took in steps]
+    slow = _compare(turns, monkeypatch, replica=replica, cache=cache)
     if replica:
         assert slow["state"]["routed"].get(("read_replica", "read"), 0) > 0, "no read reached the replica"
+
+
+Q1, Q2 = (m.query(f"SELECT abalance FROM pgbench_accounts WHERE aid = {aid}") for aid in (1, 2))
+# Two clients, one connection per pool: a unit of a client holding none takes an idle or lingering one,
+# or waits for it and goes when the other client's reply hands it over.
+HANDOVERS: dict[str, list[Turn]] = {
+    "a lingering connection taken, then a hand-over": [
+        (0, Q1, _select(), True),  # an idle connection
+        (1, Q2, _select(), True),  # client 0's lingering one
+        (0, Q1, None, True),  # takes it back; its reply comes later
+        (1, _extended(), None, True),  # waits (reading paused)
+        (0, b"", [_select(), _extended_reply()], False),  # client 0's reply hands it to client 1
+        (1, _extended(value=b"2"), _extended_reply(), True),  # lingering
+    ],
+    "a hand-over to a client whose settings the connection lacks": [
+        (0, m.query("SET search_path TO public"), m.command_complete("SET") + _ready(), False),
+        (1, _extended(), None, True),  # takes it: RESET search_path first (the slow send)
+        (0, Q1, None, True),  # waits
+        # RESET's reply (swallowed), client 1's, then the hand-over: SET search_path sent before Q1
+        (
+            1,
+            b"",
+            [m.command_complete("RESET") + _ready(), _extended_reply(), m.command_complete("SET") + _ready()],
+            False,
+        ),
+        (0, b"", _select(), False),
+        (0, Q2, _select(), True),
+    ],
+    "a hand-over inside a transaction": [
+        (0, m.query("BEGIN"), None, False),
+        (0, m.query("UPDATE users SET email = email WHERE id = 1"), _begun_update(), False),
+        (1, Q1, None, True),  # waits for the transaction's end
+        (0, m.query("COMMIT"), [m.command_complete("COMMIT") + _ready(), _select()], True),
+    ],
+    "read-your-writes reads of clients holding no connection": [
+        (0, Q1, _select(), True),  # the replica's connection: no write yet
+        (1, m.query("UPDATE pgbench_accounts SET abalance = 1 WHERE aid = 1"), [_update(), _capture()], True),
+        # Client 0 must see that write (no replica known to have replayed it, max_wait 0): main, taken
+        # from client 1 (Reads.route); then client 1, holding none, must too: taken back.
+        (0, Q2, _select(), False),
+        (1, Q1, _select(), False),
+    ],
+}
+
+
+@pytest.mark.parametrize("name", sorted(HANDOVERS))
+def test_fast_lease_and_hand_over_match_the_slow_path(name: str, monkeypatch: pytest.MonkeyPatch) -> None:
+    replica = "read-your-writes" in name
+    _compare(HANDOVERS[name], monkeypatch, replica=replica, clients=2)
