@@ -73,21 +73,22 @@ class Leasing:
 
     def _handed(
         self, batch: Batch, role: str, label: str, conn: ServerConnection | None, error: ProxyError | None
-    ) -> None:
-        """The pool's answer to ``wait``: a connection, a free slot to open one in, or the timeout."""
+    ) -> bool:
+        """The pool's answer to ``wait``: a connection (the batch is sent at once, in the frame of the
+        release that handed it over), a free slot to open one in, or the timeout. False when the client
+        has gone: the pool serves its next waiter."""
         client = self.client
         if client.phase == CLOSED:
-            if conn is not None:
-                client.app.pools[label].release(conn)
-            return
+            return False
         if error is not None:
             self._acquire_failed(batch, error)
         elif conn is None:
             asyncio.get_running_loop().create_task(self._acquire(batch, role, label))
-            return
+            return True
         elif not self._acquired(batch, conn, role, label):
-            return
+            return True
         self._settled()
+        return True
 
     async def _acquire(self, batch: Batch, role: str, label: str, *, retry: bool = True) -> None:
         client = self.client

@@ -31,6 +31,7 @@ class Poolable(Protocol):
 
 C = TypeVar("C", bound=Poolable)
 T_contra = TypeVar("T_contra", contravariant=True)
+_T = TypeVar("_T")
 
 
 class _Waiter(Protocol[T_contra]):
@@ -43,14 +44,18 @@ class _Waiter(Protocol[T_contra]):
     def set_exception(self, exception: BaseException, /) -> None: ...
 
 
-# What a callback waiter is given: a connection, None ("a slot is free: open one"), or the error.
-Handoff = Callable[[C | None, ProxyError | None], None]
+# What a callback waiter is given: a connection, None ("a slot is free: open one"), or the error. It
+# answers whether it took what it was given: False when its client has gone (the pool offers it on).
+Handoff = Callable[[C | None, ProxyError | None], bool]
 
 
 class _CallbackWaiter(Generic[C]):
-    """A waiter without a task: its callback runs from the event loop when it is served or times out. No
-    timer of its own either: the pool keeps one for the earliest deadline of all (``Pool._expire_waiters``),
-    so a hand-over costs no timer to arm and cancel."""
+    """A waiter without a task. Served, its callback runs at once, in the frame that released the
+    connection: the waiting unit goes upstream without waiting for the event loop's next turn, so the
+    connection is never idle between two clients' transactions (as PgBouncer's hand-over). Timed out (or
+    the pool closed), its callback runs from the event loop. No timer of its own either: the pool keeps
+    one for the earliest deadline of all (``Pool._expire_waiters``), so a hand-over costs no timer to arm
+    and cancel."""
 
     __slots__ = ("_done", "deadline", "give", "pool", "started")
 
@@ -65,8 +70,12 @@ class _CallbackWaiter(Generic[C]):
         return self._done
 
     def set_result(self, result: C | None, /) -> None:
+        self.take(result)
+
+    def take(self, result: C | None) -> bool:
+        """Serve the waiter now: False when its client has gone (``result`` is still the pool's)."""
         self._finish()
-        asyncio.get_running_loop().call_soon(self.give, result, None)
+        return self.give(result, None)
 
     def set_exception(self, exception: BaseException, /) -> None:
         assert isinstance(exception, ProxyError)
@@ -291,9 +300,7 @@ class Pool(Generic[C]):
             conn.when_cancels_end(functools.partial(self.release, conn))
             return
         while self._waiters:
-            fut = self._waiters.popleft()
-            if not fut.done():
-                fut.set_result(conn)
+            if _serve(self._waiters.popleft(), conn):
                 return
         conn.idle_since = now
         self._idle.append(conn)
@@ -372,9 +379,7 @@ class Pool(Generic[C]):
 
     def _wake_one(self) -> None:
         while self._waiters:
-            fut = self._waiters.popleft()
-            if not fut.done():
-                fut.set_result(None)
+            if _serve(self._waiters.popleft(), None):
                 return
 
     def _expired(self, conn: C, now: float) -> bool:
@@ -382,3 +387,14 @@ class Pool(Generic[C]):
 
     def _idle_too_long(self, conn: C, now: float) -> bool:
         return self.idle_timeout > 0 and now - conn.idle_since > self.idle_timeout
+
+
+def _serve(waiter: _Waiter[_T], result: _T) -> bool:
+    """Give the oldest waiter a connection (or None: a free slot); False when it was done already (timed
+    out) or its client has gone, so that the next waiter is served instead."""
+    if waiter.done():
+        return False
+    if isinstance(waiter, _CallbackWaiter):
+        return waiter.take(result)
+    waiter.set_result(result)
+    return True

@@ -233,23 +233,36 @@ def test_close_and_reap_take_lingering_connections_back() -> None:
     asyncio.run(run())
 
 
+def _recorder(
+    results: list[tuple[Conn | None, ProxyError | None]],
+) -> Callable[[Conn | None, ProxyError | None], bool]:
+    """A callback waiter that notes what it is given (and takes it)."""
+
+    def handed(conn: Conn | None, err: ProxyError | None) -> bool:
+        results.append((conn, err))
+        return True
+
+    return handed
+
+
 def test_callback_waiters_share_the_fifo_with_acquire() -> None:
     """``wait`` queues a callback (no task) behind and before ``acquire`` callers, in arrival order."""
 
     async def run() -> None:
         pool, _ = make_pool(size=1)
-        assert not pool.wait(lambda conn, err: None)  # a slot is free: open one with acquire instead
+        assert not pool.wait(_recorder([]))  # a slot is free: open one with acquire instead
         held = await pool.acquire()
         order: list[str] = []
         got: list[Conn | None] = []
 
         def give(name: str) -> object:
-            def handed(conn: Conn | None, err: ProxyError | None) -> None:
+            def handed(conn: Conn | None, err: ProxyError | None) -> bool:
                 assert err is None
                 order.append(name)
                 got.append(conn)
                 if conn is not None:
                     pool.release(conn)
+                return True
 
             return handed
 
@@ -278,13 +291,13 @@ def test_callback_waiter_times_out_with_53300_and_on_close() -> None:
         pool, _ = make_pool(size=1, timeout=0.05)
         held = await pool.acquire()
         results: list[tuple[Conn | None, ProxyError | None]] = []
-        assert pool.wait(lambda conn, err: results.append((conn, err)))
+        assert pool.wait(_recorder(results))
         await asyncio.sleep(0.2)
         assert len(results) == 1 and results[0][0] is None
         err = results[0][1]
         assert err is not None and err.sqlstate == "53300" and 'pool "main"' in err.message
         assert pool.timeouts == 1 and pool.stats.waiting == 0
-        assert pool.wait(lambda conn, err: results.append((conn, err)))
+        assert pool.wait(_recorder(results))
         pool.close()
         await asyncio.sleep(0)
         assert results[1][0] is None and results[1][1] is not None and "closed" in results[1][1].message
@@ -300,7 +313,7 @@ def test_callback_waiter_is_told_a_slot_is_free() -> None:
         pool, _ = make_pool(size=1)
         held = await pool.acquire()
         results: list[tuple[Conn | None, ProxyError | None]] = []
-        assert pool.wait(lambda conn, err: results.append((conn, err)))
+        assert pool.wait(_recorder(results))
         pool.release(held, reusable=False)
         await asyncio.sleep(0)
         assert results == [(None, None)]
@@ -334,11 +347,12 @@ def test_callback_waiters_share_one_timer_and_each_keeps_its_own_deadline() -> N
         got: dict[str, tuple[float, Conn | None, ProxyError | None]] = {}
         second_done = asyncio.Event()
 
-        def give(name: str) -> Callable[[Conn | None, ProxyError | None], None]:
-            def handed(conn: Conn | None, err: ProxyError | None) -> None:
+        def give(name: str) -> Callable[[Conn | None, ProxyError | None], bool]:
+            def handed(conn: Conn | None, err: ProxyError | None) -> bool:
                 got[name] = (time.monotonic(), conn, err)
                 if name == "second":
                     second_done.set()
+                return True
 
             return handed
 
@@ -356,5 +370,34 @@ def test_callback_waiters_share_one_timer_and_each_keeps_its_own_deadline() -> N
         assert conn is None and err is not None and err.sqlstate == "53300"
         assert at - second_started >= timeout - 0.002
         assert pool.timeouts == 1 and pool.stats.waiting == 0 and pool._waiter_timer is None
+
+    asyncio.run(run())
+
+
+def test_callback_waiter_is_served_in_the_release_and_a_gone_one_is_passed_over() -> None:
+    """A released connection goes to the oldest waiter at once, inside ``release`` (no event-loop turn);
+    a waiter whose client has gone (its callback answers False) is passed over, for the connection and
+    for a free slot alike."""
+
+    async def run() -> None:
+        pool, _ = make_pool(size=1)
+        held = await pool.acquire()
+        served: list[tuple[Conn | None, ProxyError | None]] = []
+        gone: list[tuple[Conn | None, ProxyError | None]] = []
+
+        def left(conn: Conn | None, err: ProxyError | None) -> bool:
+            gone.append((conn, err))
+            return False
+
+        assert pool.wait(left)
+        assert pool.wait(_recorder(served))
+        pool.release(held)
+        assert gone == [(held, None)] and served == [(held, None)]  # before any await
+        assert pool.stats.waiting == 0 and pool.stats.idle == 0
+        assert pool.wait(left)
+        assert pool.wait(_recorder(served))
+        pool.release(held, reusable=False)  # closed: its slot is free
+        assert gone[-1] == (None, None) and served[-1] == (None, None)
+        assert pool.stats.total == 0 and pool.stats.waiting == 0
 
     asyncio.run(run())
