@@ -182,6 +182,7 @@ CASES: Sequence[tuple[str, str, bool, bool]] = (
     ("extended, statements.cache_unnamed", "extended", True, False),
     ("simple, a hand-over per transaction", "simple", False, True),
     ("extended, a hand-over per transaction", "extended", False, True),
+    ("extended, cache_unnamed, a hand-over each", "extended", True, True),
 )
 
 

@@ -208,7 +208,7 @@ class ReplyQueue:
 
     def _kept_unit(self) -> tuple[Callable[[bool], None] | None, bytes] | None:
         """For ``whole_unit``: when the queue is a unit of a statement the connection keeps
-        (statements.cache_unnamed, sent by ``_send_kept`` in proxy/frontend/fast.py) — [the proxy's
+        (statements.cache_unnamed, sent by ``send_kept`` in proxy/frontend/send.py) — [the proxy's
         ParseComplete] the renamed Bind's entry, then ``PLAIN_SYNC`` — the Bind's ``on_done`` and the
         ParseComplete to send first (or b""); else None."""
         expect = self.expect

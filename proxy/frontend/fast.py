@@ -8,7 +8,10 @@ connection of the role it routes to, or inside a transaction on the connection i
 it is with one expectation. A read-your-writes read takes it when the replica lingered on may serve it
 now. With ``statements.cache_unnamed``, a unit whose unnamed statement the connection keeps prepared
 (``Statements.parse_unnamed_cached``) takes it too: its Bind renamed to the kept statement, the Parse
-answered by the proxy (``_send_kept``). Its whole reply comes back through ``ReplyQueue.whole_unit``
+answered by the proxy (``send_kept``, send.py). A client holding no connection takes it as well
+(``_fast_lease``): its unit is routed and counted as the slow path would, then goes on an idle connection,
+or waits for one as a ``Batch`` marked whole, which ``send`` sends as it is when the connection handed
+over needs nothing first. Its whole reply comes back through ``ReplyQueue.whole_unit``
 (proxy/backend/expect.py). The message walks are compiled (proxy/protocol/scan.pyx).
 
 Everything the slow path (``ClientCore._messages`` ... ``send``, proxy/frontend/core.py and send.py) would
@@ -22,14 +25,12 @@ from __future__ import annotations
 import struct
 
 from proxy.backend.connection import ServerConnection
-from proxy.backend.expect import K_BIND, PLAIN_SYNC, SYNTH_PARSE_COMPLETE, Expect
 from proxy.consistency import REPLICA as ON_REPLICA
 from proxy.consistency import Verdict
 from proxy.errors import ProxyError
 from proxy.frontend.core import ClientCore
 from proxy.frontend.leases import count_fallback, count_fallback_writes
-from proxy.frontend.prepared import StalePlanRetry, bind_header, forget_on_failure
-from proxy.frontend.send import send, send_whole
+from proxy.frontend.send import kept_statement, send, send_kept, send_whole
 from proxy.frontend.session import PreparedStatement
 from proxy.frontend.startup import READY
 from proxy.frontend.txstate import Input, Lease, LeaseEv, Tx
@@ -105,7 +106,7 @@ def fast_unit(client: ClientCore, data: bytes) -> bool:
         tx.lease_event(_UNLINGER)
         app.pools[client.server_pool].unlinger(server)
     if kept is not None:
-        _send_kept(client, server, data, kept, info)
+        send_kept(client, server, data, kept, info)
     else:
         send_whole(client, server, data, info)
     return True
@@ -250,9 +251,11 @@ def _fast_info(
                 return None
             sql = data[6:sql_end]
             info = client.app.classifier.classify_bytes(sql)
-            if info.plannable and client.app.cache_unnamed:  # as send and Statements.parse_unnamed_cached
-                kept = st.ctx.unnamed_statements.get(data[5:bind])
-                if kept is None or server is None or kept.upstream_name not in server.prepared:
+            if info.plannable and client.app.cache_unnamed and server is not None:
+                # as send and Statements.parse_unnamed_cached; with no connection yet, ``send`` decides
+                # on the one handed over
+                kept = kept_statement(client, server, data, bind)
+                if kept is None:
                     return None  # to be prepared there: the slow path's
         else:
             if server is None:
@@ -270,54 +273,3 @@ def _fast_info(
     if info.bits or sql[:1] in _OVERRIDE_START:
         return None  # session state, a savepoint, a pin, or a /* route: */ comment
     return info, kept
-
-
-def _send_kept(
-    client: ClientCore, server: ServerConnection, data: bytes, kept: PreparedStatement, info: Classification
-) -> None:
-    """Send a unit of the client's unnamed statement that the connection keeps prepared as ``kept``, as
-    ``send`` and ``Statements`` (prepared.py) do: the Parse answered by the proxy (its ParseComplete comes
-    before the upstream's reply), the Bind renamed, the rest as it is; a stale cached plan retried unseen
-    when nothing else is in flight and no transaction is open."""
-    st = client.statements
-    events = st.ctx.statement_events
-    name = kept.upstream_name
-    prepared = server.prepared
-    del prepared[name]  # most recently used last (as Statements.ensure)
-    prepared[name] = None
-    bind = 0
-    if data[0] == _P:
-        bind = _LENGTH.unpack_from(data, 1)[0] + 1
-        client.units.unnamed_info = info
-        st.unnamed_stmt = kept
-        st.unnamed = None
-        key = (server.role, "reused")  # count() (prepared.py), inline as in Statements.parse_unnamed_cached
-        events[key] = events.get(key, 0) + 1
-        server.push(SYNTH_PARSE_COMPLETE)
-    size = _LENGTH.unpack_from(data, bind + 1)[0] + 1
-    expect = Expect(K_BIND, on_done=forget_on_failure(server, name))
-    if server.status == _IDLE:
-        expect.retry = StalePlanRetry(server, kept, (bind, bind + size), SentUnit(data), events)
-    server.push(expect)
-    server.push(PLAIN_SYNC)
-    server.send(bind_header(kept, size) + kept.name_field + data[bind + 7 :])
-
-
-class SentUnit:
-    """A unit the fast path sent, as the stale-plan retry reads a batch (``RetryBatch``, prepared.py): its
-    messages are found only when the retry asks."""
-
-    __slots__ = ("buf",)
-
-    terminator = _S
-
-    def __init__(self, buf: bytes) -> None:
-        self.buf = buf
-
-    @property
-    def end(self) -> int:
-        return len(self.buf)
-
-    @property
-    def msgs(self) -> list[tuple[int, int, int]]:
-        return scan_messages(self.buf, 0, len(self.buf))[0]

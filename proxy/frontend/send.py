@@ -23,16 +23,26 @@ from proxy.backend.expect import (
     PLAIN_QUERY,
     PLAIN_SYNC,
     SWALLOW,
+    SYNTH_PARSE_COMPLETE,
     Expect,
 )
 from proxy.context import ClientContext
 from proxy.frontend.audited import AuditTrail
 from proxy.frontend.effects import Effects
-from proxy.frontend.prepared import SYNC_EXT, SYNC_Q, Piece, Statements
-from proxy.frontend.session import Session
+from proxy.frontend.prepared import (
+    SYNC_EXT,
+    SYNC_Q,
+    Piece,
+    StalePlanRetry,
+    Statements,
+    bind_header,
+    forget_on_failure,
+)
+from proxy.frontend.session import PreparedStatement, Session
 from proxy.frontend.txstate import TxState
 from proxy.frontend.units import Batch, Units
 from proxy.protocol import messages as m
+from proxy.protocol.framing import scan_messages
 from proxy.router.classify import Classification
 
 _P, _B, _D, _E, _S, _H, _Q, _F = b"PBDESHQF"
@@ -57,8 +67,7 @@ def send(client: SendClient, batch: Batch, server: ServerConnection) -> None:  #
     """Rename statements, inject re-prepares and session replay, register expectations, send: common
     messages inline (the data path's hottest loop), the others by ``Statements`` (prepared.py). A whole
     unit the fast path vetted (``Batch.whole``) goes as it is when the connection needs nothing first."""
-    if batch.whole and (info := batch.info) is not None and whole_ready(client, server, batch, info):
-        send_whole(client, server, batch.buf, info)
+    if batch.whole and (info := batch.info) is not None and _sent_whole(client, batch, server, info):
         return
     buf = batch.buf
     view = memoryview(buf)
@@ -138,18 +147,37 @@ def send(client: SendClient, batch: Batch, server: ServerConnection) -> None:  #
         server.send(buf if batch.start == 0 and batch.end == len(buf) else view[batch.start : batch.end])
 
 
-def whole_ready(client: SendClient, server: ServerConnection, batch: Batch, info: Classification) -> bool:
-    """Whether a whole unit the fast path vetted when it arrived (proxy/frontend/fast.py) may go to
-    ``server`` as it is, as ``send`` would send it: no audit note, no statement to evict, no setting to
-    replay, no statement to keep (``statements.cache_unnamed``) and no BEGIN to send first."""
+def _sent_whole(client: SendClient, batch: Batch, server: ServerConnection, info: Classification) -> bool:
+    """Send a whole unit the fast path vetted when it arrived (proxy/frontend/fast.py) to ``server`` as
+    ``send`` would, when the connection needs nothing first — no audit note, no statement to evict, no
+    setting to replay, no BEGIN — and keeps the unnamed statement already where it would be kept
+    (``statements.cache_unnamed``); False, nothing done, for anything else."""
     app = client.app
-    return (
-        client.tx.begin is None
-        and server.applied == client.session.settings
-        and len(server.prepared) <= app.max_statements
-        and (client.server_role != "compliance" or app.audit is None)
-        and not (batch.buf[0] == _P and app.cache_unnamed and info.plannable)
-    )
+    if (
+        client.tx.begin is not None
+        or server.applied != client.session.settings
+        or len(server.prepared) > app.max_statements
+        or (client.server_role == "compliance" and app.audit is not None)
+    ):
+        return False
+    data = batch.buf
+    if data[0] == _P and app.cache_unnamed and info.plannable:
+        kept = kept_statement(client, server, data, _LENGTH.unpack_from(data, 1)[0] + 1)
+        if kept is None:
+            return False  # to be prepared there
+        send_kept(client, server, data, kept, info)
+    else:
+        send_whole(client, server, data, info)
+    return True
+
+
+def kept_statement(
+    client: SendClient, server: ServerConnection, data: bytes, bind: int
+) -> PreparedStatement | None:
+    """With ``statements.cache_unnamed``: the statement ``server`` keeps prepared for the unnamed Parse
+    that ends at ``bind`` in the whole unit ``data``; None when it must be prepared there first."""
+    kept = client.statements.ctx.unnamed_statements.get(data[5:bind])
+    return kept if kept is not None and kept.upstream_name in server.prepared else None
 
 
 def send_whole(client: SendClient, server: ServerConnection, data: bytes, info: Classification) -> None:
@@ -243,3 +271,54 @@ def _send_rewritten(  # noqa: PLR0917  (positional: the cheapest call, on the da
     server.send(b"".join(out))
     if special:
         server.flush_synth()
+
+
+def send_kept(
+    client: SendClient, server: ServerConnection, data: bytes, kept: PreparedStatement, info: Classification
+) -> None:
+    """Send a unit of the client's unnamed statement that the connection keeps prepared as ``kept``, as
+    ``send`` and ``Statements`` (prepared.py) do: the Parse answered by the proxy (its ParseComplete comes
+    before the upstream's reply), the Bind renamed, the rest as it is; a stale cached plan retried unseen
+    when nothing else is in flight and no transaction is open."""
+    st = client.statements
+    events = st.ctx.statement_events
+    name = kept.upstream_name
+    prepared = server.prepared
+    del prepared[name]  # most recently used last (as Statements.ensure)
+    prepared[name] = None
+    bind = 0
+    if data[0] == _P:
+        bind = _LENGTH.unpack_from(data, 1)[0] + 1
+        client.units.unnamed_info = info
+        st.unnamed_stmt = kept
+        st.unnamed = None
+        key = (server.role, "reused")  # count() (prepared.py), inline as in Statements.parse_unnamed_cached
+        events[key] = events.get(key, 0) + 1
+        server.push(SYNTH_PARSE_COMPLETE)
+    size = _LENGTH.unpack_from(data, bind + 1)[0] + 1
+    expect = Expect(K_BIND, on_done=forget_on_failure(server, name))
+    if server.status == _IDLE:
+        expect.retry = StalePlanRetry(server, kept, (bind, bind + size), SentUnit(data), events)
+    server.push(expect)
+    server.push(PLAIN_SYNC)
+    server.send(bind_header(kept, size) + kept.name_field + data[bind + 7 :])
+
+
+class SentUnit:
+    """A unit the fast path sent, as the stale-plan retry reads a batch (``RetryBatch``, prepared.py): its
+    messages are found only when the retry asks."""
+
+    __slots__ = ("buf",)
+
+    terminator = _S
+
+    def __init__(self, buf: bytes) -> None:
+        self.buf = buf
+
+    @property
+    def end(self) -> int:
+        return len(self.buf)
+
+    @property
+    def msgs(self) -> list[tuple[int, int, int]]:
+        return scan_messages(self.buf, 0, len(self.buf))[0]

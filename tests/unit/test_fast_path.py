@@ -177,7 +177,7 @@ SCENARIOS: dict[str, list[Step]] = {
         (m.query("COMMIT"), m.command_complete("COMMIT") + _ready(), True),
     ],
     "statements.cache_unnamed": [  # the unnamed statement kept prepared upstream
-        (_extended(), m.close_complete() + _extended_reply(), False),  # leases; prepares it
+        (_extended(), m.close_complete() + _extended_reply(), True),  # leases; send prepares it there
         (_extended(value=b"2"), _extended_reply(parse=False), True),  # the proxy answers the Parse
         (_extended(parse=False, describe=False), _extended_reply(parse=False, describe=False), True),
         (_extended(value=b"3"), _bind_complete_then_error("22012"), True),  # Execute fails: kept
@@ -376,6 +376,16 @@ HANDOVERS: dict[str, list[Turn]] = {
         (1, Q1, None, True),  # waits for the transaction's end
         (0, m.query("COMMIT"), [m.command_complete("COMMIT") + _ready(), _select()], True),
     ],
+    "statements.cache_unnamed across clients": [
+        (0, _extended(), m.close_complete() + _extended_reply(), True),  # prepared on the connection taken
+        (1, _extended(value=b"2"), _extended_reply(parse=False), True),  # kept there: the proxy answers Parse
+        (0, _extended(value=b"3"), None, True),
+        (1, _extended(value=b"4"), None, True),  # waits
+        (0, b"", [_extended_reply(parse=False), _extended_reply(parse=False)], False),  # kept: handed over
+        # Lingering, a statement not kept there yet: prepared on the slow path
+        (1, _extended("SELECT 1", describe=False), m.close_complete() + _extended_reply(describe=False), False),
+        (0, _extended(value=b"5"), _extended_reply(parse=False), True),  # takes it: kept there
+    ],
     "read-your-writes reads of clients holding no connection": [
         (0, Q1, _select(), True),  # the replica's connection: no write yet
         (1, m.query("UPDATE pgbench_accounts SET abalance = 1 WHERE aid = 1"), [_update(), _capture()], True),
@@ -389,5 +399,5 @@ HANDOVERS: dict[str, list[Turn]] = {
 
 @pytest.mark.parametrize("name", sorted(HANDOVERS))
 def test_fast_lease_and_hand_over_match_the_slow_path(name: str, monkeypatch: pytest.MonkeyPatch) -> None:
-    replica = "read-your-writes" in name
-    _compare(HANDOVERS[name], monkeypatch, replica=replica, clients=2)
+    replica, cache = "read-your-writes" in name, "cache_unnamed" in name
+    _compare(HANDOVERS[name], monkeypatch, replica=replica, cache=cache, clients=2)
