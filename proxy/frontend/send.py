@@ -63,12 +63,16 @@ class SendClient(Protocol):
     audit_trail: AuditTrail
 
 
-def send(client: SendClient, batch: Batch, server: ServerConnection) -> None:  # noqa: PLR0915  (one loop)
+def send(client: SendClient, batch: Batch, server: ServerConnection) -> None:
+    """Send ``batch`` on ``server``: a whole unit the fast path vetted (``Batch.whole``) as it is when the
+    connection needs nothing first (``_sent_whole``), anything else message by message."""
+    if not (batch.whole and (info := batch.info) is not None and _sent_whole(client, batch, server, info)):
+        _send_messages(client, batch, server)
+
+
+def _send_messages(client: SendClient, batch: Batch, server: ServerConnection) -> None:  # noqa: PLR0915
     """Rename statements, inject re-prepares and session replay, register expectations, send: common
-    messages inline (the data path's hottest loop), the others by ``Statements`` (prepared.py). A whole
-    unit the fast path vetted (``Batch.whole``) goes as it is when the connection needs nothing first."""
-    if batch.whole and (info := batch.info) is not None and _sent_whole(client, batch, server, info):
-        return
+    messages inline (the data path's hottest loop), the others by ``Statements`` (prepared.py)."""
     buf = batch.buf
     view = memoryview(buf)
     out: list[Piece] = []

@@ -383,7 +383,12 @@ HANDOVERS: dict[str, list[Turn]] = {
         (1, _extended(value=b"4"), None, True),  # waits
         (0, b"", [_extended_reply(parse=False), _extended_reply(parse=False)], False),  # kept: handed over
         # Lingering, a statement not kept there yet: prepared on the slow path
-        (1, _extended("SELECT 1", describe=False), m.close_complete() + _extended_reply(describe=False), False),
+        (
+            1,
+            _extended("SELECT 1", describe=False),
+            m.close_complete() + _extended_reply(describe=False),
+            False,
+        ),
         (0, _extended(value=b"5"), _extended_reply(parse=False), True),  # takes it: kept there
     ],
     "read-your-writes reads of clients holding no connection": [
