@@ -154,8 +154,9 @@ async def measure_handover(mode: str, cache_unnamed: bool, transactions: int) ->
     clients[0].data_received(_transaction(mode, 1))  # takes the connection
     for i in range(transactions):
         waiting = clients[(i + 1) % 2]
+        request = _transaction(mode, 2 + i % 100_000)
         t0 = clock()
-        waiting.data_received(_transaction(mode, 2 + i % 100_000))
+        waiting.data_received(request)
         t1 = clock()
         sent = b"".join(upstream.writes)
         upstream.writes.clear()
