@@ -63,6 +63,16 @@ def _replies(sent: bytes) -> bytes:
     return bytes(out)
 
 
+def _reply(upstream: MemoryTransport, replies: dict[bytes, bytes]) -> bytes:
+    """PostgreSQL's answer to what the proxy wrote upstream since the last call (made once per text)."""
+    sent = b"".join(upstream.writes)
+    upstream.writes.clear()
+    reply = replies.get(sent)
+    if reply is None:
+        reply = replies.setdefault(sent, _replies(sent))
+    return reply
+
+
 def _message(mtype: bytes, payload: bytes) -> bytes:
     return mtype + struct.pack("!I", len(payload) + 4) + payload
 
@@ -115,62 +125,37 @@ async def _pair(
     return logged_in, server, upstream
 
 
-async def measure(mode: str, cache_unnamed: bool, transactions: int) -> list[float]:
-    """Microseconds of proxy Python per transaction, per block of 1,000."""
-    [client], server, upstream = await _pair(cache_unnamed)
+async def measure(mode: str, cache_unnamed: bool, transactions: int, handover: bool = False) -> list[float]:
+    """Microseconds of proxy Python per transaction, per block of 1,000: the client's ``data_received``
+    and the upstream's. ``handover``: two clients take turns on one connection, so each transaction waits
+    for it and the other client's reply hands it over (the path of every transaction when clients
+    outnumber connections); the event-loop step that may run the hand-over is timed too, less an empty
+    step's cost."""
+    clients, server, upstream = await _pair(cache_unnamed, clients=2 if handover else 1)
     replies: dict[bytes, bytes] = {}
     per_block: list[float] = []
     spent = 0
     clock = time.perf_counter_ns
+    if handover:
+        clients[0].data_received(_transaction(mode, 1))  # takes the connection
     for i in range(transactions):
-        request = _transaction(mode, 1 + i % 100_000)
+        client = clients[(i + 1) % len(clients)]
+        request = _transaction(mode, 2 + i % 100_000)
         t0 = clock()
         client.data_received(request)
         t1 = clock()
-        sent = b"".join(upstream.writes)
-        upstream.writes.clear()
-        reply = replies.get(sent)
-        if reply is None:
-            reply = replies.setdefault(sent, _replies(sent))
+        reply = _reply(upstream, replies)
         t2 = clock()
-        server.data_received(reply)
-        spent += (t1 - t0) + (clock() - t2)
-        if (i + 1) % 1000 == 0:
-            per_block.append(spent / 1000 / 1000)
-            spent = 0
-    return per_block
-
-
-async def measure_handover(mode: str, cache_unnamed: bool, transactions: int) -> list[float]:
-    """As ``measure``, for two clients taking turns on one connection: each transaction waits for the
-    connection, which the other client's reply hands over (the path of every transaction when clients
-    outnumber connections). Timed: the waiting client's ``data_received``, the upstream's, and the event
-    loop step that runs the hand-over, less an empty step's cost (measured alongside)."""
-    clients, server, upstream = await _pair(cache_unnamed, clients=2)
-    replies: dict[bytes, bytes] = {}
-    per_block: list[float] = []
-    spent = 0
-    clock = time.perf_counter_ns
-    clients[0].data_received(_transaction(mode, 1))  # takes the connection
-    for i in range(transactions):
-        waiting = clients[(i + 1) % 2]
-        request = _transaction(mode, 2 + i % 100_000)
-        t0 = clock()
-        waiting.data_received(request)
-        t1 = clock()
-        sent = b"".join(upstream.writes)
-        upstream.writes.clear()
-        reply = replies.get(sent)
-        if reply is None:
-            reply = replies.setdefault(sent, _replies(sent))
-        t2 = clock()
-        server.data_received(reply)  # the holder's reply: the connection goes to ``waiting``
-        await asyncio.sleep(0)
+        server.data_received(reply)  # with ``handover``, the holder's reply: it hands the connection over
         t3 = clock()
-        await asyncio.sleep(0)
-        spent += (t1 - t0) + (t3 - t2) - (clock() - t3)
-        if server.sink is not waiting:
-            raise RuntimeError("the connection was not handed over")
+        if handover:
+            await asyncio.sleep(0)
+            t3 = clock()
+            await asyncio.sleep(0)
+            t3 -= clock() - t3  # an empty step's cost
+            if server.sink is not client:
+                raise RuntimeError("the connection was not handed over")
+        spent += (t1 - t0) + (t3 - t2)
         if (i + 1) % 1000 == 0:
             per_block.append(spent / 1000 / 1000)
             spent = 0
@@ -188,7 +173,7 @@ CASES: Sequence[tuple[str, str, bool, bool]] = (
 
 
 def _run_case(mode: str, cache_unnamed: bool, handover: bool, transactions: int) -> list[float]:
-    return asyncio.run((measure_handover if handover else measure)(mode, cache_unnamed, transactions))
+    return asyncio.run(measure(mode, cache_unnamed, transactions, handover))
 
 
 def run(transactions: int, profile: bool) -> list[dict[str, Any]]:

@@ -27,10 +27,9 @@ import struct
 from proxy.backend.connection import ServerConnection
 from proxy.consistency import REPLICA as ON_REPLICA
 from proxy.consistency import Verdict
-from proxy.errors import ProxyError
 from proxy.frontend.core import ClientCore
 from proxy.frontend.leases import count_fallback, count_fallback_writes
-from proxy.frontend.send import kept_statement, send, send_kept, send_whole
+from proxy.frontend.send import kept_statement, send_kept, send_whole
 from proxy.frontend.session import PreparedStatement
 from proxy.frontend.startup import READY
 from proxy.frontend.txstate import Input, Lease, LeaseEv, Tx
@@ -59,16 +58,27 @@ Route = tuple[str, tuple[str, ...], tuple[tuple[str, str], ...]]
 def fast_unit(client: ClientCore, data: bytes) -> bool:
     """Send ``data`` as it is when it is one whole unit the fast path takes (see the module): True when it
     was sent (or waits for a connection, ``_fast_lease``), False (nothing changed) for the slow path."""
+    tx = client.tx
+    effects = client.effects
+    if (  # the client's side: what no unit on the fast path may have (the slow path's business)
+        client.buf
+        or not 6 <= len(data) <= INLINE_BYTES
+        or tx.begin is not None
+        or tx.input is not _READING
+        or client.phase != READY
+        or client.admin
+        or client.reads.forced is not None  # a read routed after a wait: Reads.route
+        or client.session.staged
+        or effects.unnamed_changes
+        or effects.stmt_changes
+        or effects.portal_changes
+    ):
+        return False
     server = client.server
     if server is None:
         return _fast_lease(client, data)
-    tx = client.tx
     lease = tx.lease
-    if (
-        (lease is not _LINGERING and (lease is not _HELD or server.status == _IDLE))
-        or server.expect
-        or not _plain_input(client, data)
-    ):
+    if (lease is not _LINGERING and (lease is not _HELD or server.status == _IDLE)) or server.expect:
         return False
     app = client.app
     role = client.server_role
@@ -87,7 +97,10 @@ def fast_unit(client: ClientCore, data: bytes) -> bool:
     if (
         info is None
         or route is None
-        or _held_back(client, role)
+        or (role == "compliance" and app.audit is not None)
+        or app.migration.hold.roles
+        or app.migration.shadow.active  # a read may be offered to the shadow reads: _count_route
+        or app.is_paused(role)
         or len(server.prepared) > app.max_statements
         or server.applied != client.session.settings
         # Read-your-writes: this replica at once, counted as Reads.route counts it (so last); a wait,
@@ -112,27 +125,6 @@ def fast_unit(client: ClientCore, data: bytes) -> bool:
     return True
 
 
-def _plain_input(client: ClientCore, data: bytes) -> bool:
-    """The client's side of the fast path: nothing buffered, a logged-in client (not the console) reading
-    its next unit, no deferred BEGIN, no forced read, no session change awaiting its outcome, and ``data``
-    of a size classified inline."""
-    effects = client.effects
-    tx = client.tx
-    return not (
-        client.buf
-        or not 6 <= len(data) <= INLINE_BYTES
-        or tx.begin is not None
-        or tx.input is not _READING
-        or client.phase != READY
-        or client.admin
-        or client.reads.forced is not None  # a read routed after a wait: Reads.route
-        or client.session.staged
-        or effects.unnamed_changes
-        or effects.stmt_changes
-        or effects.portal_changes
-    )
-
-
 def _held_back(client: ClientCore, role: str) -> bool:
     """A unit routed to ``role`` is the slow path's: audited, held or shadowed by a migration, paused."""
     app = client.app
@@ -145,11 +137,11 @@ def _held_back(client: ClientCore, role: str) -> bool:
 
 
 def _fast_lease(client: ClientCore, data: bytes) -> bool:
-    """A whole unit of a client holding no connection (``_dispatch_unit``'s case, core.py): routed and
-    counted as there, then sent on an idle connection of its pool, or waiting for one (``Leasing``) as a
-    ``Batch`` marked whole, which ``send`` sends as it is when the connection is handed over."""
-    tx = client.tx
-    if tx.lease is not _NONE or not _plain_input(client, data):
+    """For ``fast_unit``, past its client-side checks: a whole unit of a client holding no connection
+    (``_dispatch_unit``'s case, core.py), routed and counted as there, then sent on an idle connection of
+    its pool, or waiting for one (``Leasing``) as a ``Batch`` marked whole, which ``send`` sends as it is
+    when the connection is handed over."""
+    if client.tx.lease is not _NONE:
         return False
     app = client.app
     classifier = app.classifier
@@ -184,11 +176,7 @@ def _fast_lease(client: ClientCore, data: bytes) -> bool:
     if conn is None:
         client.leasing.wait_for_pool(batch, role, label)
         return True
-    client.attach(conn, role, label)
-    try:
-        send(client, batch, conn)
-    except ProxyError as exc:
-        client.fatal(exc)
+    client.leasing.send_on(batch, conn, role, label)
     return True
 
 

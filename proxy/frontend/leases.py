@@ -144,8 +144,13 @@ class Leasing:
 
     def _acquired(self, batch: Batch, conn: ServerConnection, role: str, label: str) -> bool:
         """Send the waiting batch on the connection just leased; False if that closed the client."""
+        self.client.tx.go_on()
+        return self.send_on(batch, conn, role, label)
+
+    def send_on(self, batch: Batch, conn: ServerConnection, role: str, label: str) -> bool:
+        """Attach ``conn`` (of ``role``, in pool ``label``) and send ``batch`` on it; False if that closed
+        the client."""
         client = self.client
-        client.tx.go_on()
         client.attach(conn, role, label)
         try:
             send(client, batch, conn)
