@@ -74,9 +74,8 @@ class Leasing:
     def _handed(
         self, batch: Batch, role: str, label: str, conn: ServerConnection | None, error: ProxyError | None
     ) -> bool:
-        """The pool's answer to ``wait``: a connection (the batch is sent at once, in the frame of the
-        release that handed it over), a free slot to open one in, or the timeout. False when the client
-        has gone: the pool serves its next waiter."""
+        """The pool's answer to ``wait``: a connection, a free slot to open one in, or the timeout. False
+        when the client has gone: the pool gives the connection (or the slot) to its next waiter."""
         client = self.client
         if client.phase == CLOSED:
             return False
