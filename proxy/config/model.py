@@ -297,6 +297,12 @@ class ReadYourWritesConfig(Frozen):
     scope: Literal["user", "connection", "global", "off"] = "user"
     max_wait: Annotated[Duration, Field(ge=0)] = 0.010
 
+    @field_validator("scope", mode="before")
+    @classmethod
+    def _unquoted_off(cls, value: object) -> object:
+        """``scope: off`` unquoted, as the example config shows it: YAML 1.1 reads it as false."""
+        return "off" if value is False else value
+
 
 class RoutingConfig(Frozen):
     """Statement classification knobs, and read-your-writes."""

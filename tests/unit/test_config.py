@@ -308,6 +308,16 @@ def test_every_problem_is_reported(tmp_path: Path) -> None:
     ]
 
 
+def test_read_your_writes_scope_off_unquoted(tmp_path: Path) -> None:
+    """``scope: off`` as a YAML file (or --proxy-set) writes it: YAML 1.1 reads ``off`` as false."""
+    path = tmp_path / "proxy.yaml"
+    path.write_text("routing:\n  read_your_writes:\n    scope: off\n")
+    assert load_config(path, {"DATABASE_URL": MAIN}).routing.read_your_writes.scope == "off"
+    path.write_text("routing:\n  read_your_writes:\n    scope: yes\n")
+    with pytest.raises(ConfigError, match=r"routing\.read_your_writes\.scope: Input should be"):
+        load_config(path, {"DATABASE_URL": MAIN})
+
+
 def test_durations() -> None:
     assert [parse_duration(v) for v in ("500ms", "30s", "5m", "1h", "1d", 2, 0.5, "7")] == [
         0.5,
