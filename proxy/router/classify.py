@@ -85,7 +85,8 @@ class Classification:
     ``write`` says whether it must run on a primary for reasons in the SQL itself; functions that are
     neither known read-only built-ins nor known writers are listed in ``functions`` so the policy can
     consult the configuration's ``read_only_functions``. ``tables`` are the relations referenced
-    (CTE names excluded). ``tx`` is set when the whole string is one transaction-control statement.
+    (CTE names excluded). ``tx`` is set when the whole string is one transaction-control statement
+    (BEGIN, COMMIT or ROLLBACK; not one AND CHAIN, which opens the next transaction at once).
     """
 
     flags: Flag
@@ -342,6 +343,10 @@ def _tx_kind(stmt: ast.TransactionStmt) -> str | None:
             ):
                 return TX_BEGIN_READ_ONLY
         return TX_BEGIN
+    if stmt.chain:
+        # COMMIT / ROLLBACK AND CHAIN: a transaction with the same characteristics begins at once, so it
+        # is not the end the proxy answers or acts on; it runs upstream (after a deferred BEGIN, with it).
+        return None
     if kind == TransactionStmtKind.TRANS_STMT_COMMIT:
         return TX_COMMIT
     if kind == TransactionStmtKind.TRANS_STMT_ROLLBACK:

@@ -274,3 +274,41 @@ def test_rollback_to_a_savepoint_in_a_failed_deferred_transaction(routed: ProxyP
         assert got[-1] == (m.B.READY_FOR_QUERY, b"I")
     finally:
         s.close()
+
+
+def _chain_session(dsn: str, table: str) -> list[object]:
+    """COMMIT / ROLLBACK AND CHAIN in simple and pipelined (extended) protocol: what the client sees."""
+    seen: list[object] = []
+    with psycopg.connect(dsn, autocommit=True, connect_timeout=10) as conn:
+        conn.execute("BEGIN ISOLATION LEVEL REPEATABLE READ")
+        conn.execute("COMMIT AND CHAIN")  # nothing ran: the proxy's deferred transaction
+        seen.append(conn.info.transaction_status)
+        seen.append(conn.execute("SHOW transaction_isolation").fetchone())
+        conn.execute(f"INSERT INTO {table} VALUES (1, 'chained')")
+        conn.execute("ROLLBACK AND CHAIN")  # the insert is undone, a transaction is still open
+        seen.append(conn.info.transaction_status)
+        seen.append(conn.execute(f"SELECT count(*) FROM {table}").fetchone())
+        conn.execute("COMMIT")
+        seen.append(conn.info.transaction_status)
+        with conn.pipeline() as p:
+            conn.execute("BEGIN")
+            conn.execute("COMMIT AND CHAIN")
+            p.sync()
+        seen.append(conn.info.transaction_status)
+        conn.execute("ROLLBACK")
+        try:
+            conn.execute("COMMIT AND CHAIN")  # outside a transaction block: PostgreSQL's error
+        except psycopg.Error as exc:
+            seen.append(exc.sqlstate)
+        seen.append(conn.info.transaction_status)
+    return seen
+
+
+def test_commit_and_chain_as_on_postgresql(pg: DevClusters, routed: ProxyProcess, table: str) -> None:
+    """AND CHAIN opens the next transaction at once: the proxy does not answer it as the end of a deferred
+    transaction (it reported status I, and the statements after it ran in autocommit)."""
+    through_proxy = _chain_session(routed.dsn(APP_USER, APP_PASSWORD), table)
+    direct = _chain_session(pg.main.dsn, table)
+    assert through_proxy == direct
+    assert through_proxy[0] == psycopg.pq.TransactionStatus.INTRANS
+    assert rows_on_main(pg) == 0

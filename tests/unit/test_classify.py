@@ -11,6 +11,8 @@ from hypothesis import strategies as st
 from proxy.router.classify import (
     TX_BEGIN,
     TX_BEGIN_READ_ONLY,
+    TX_COMMIT,
+    TX_ROLLBACK,
     ClassificationCache,
     Flag,
     SessionChange,
@@ -249,3 +251,21 @@ def test_a_batch_that_opens_a_transaction_says_how(first: str, begins: str | Non
     assert unit.begins == begins
     assert unit.tx is None
     assert unit.begins == classify(f"{first}; SELECT * FROM t WHERE id = 1").begins
+
+
+@pytest.mark.parametrize(
+    ("sql", "tx"),
+    [
+        ("COMMIT", TX_COMMIT),
+        ("END", TX_COMMIT),
+        ("COMMIT AND NO CHAIN", TX_COMMIT),
+        ("ROLLBACK", TX_ROLLBACK),
+        ("ABORT", TX_ROLLBACK),
+        ("COMMIT AND CHAIN", None),
+        ("END AND CHAIN", None),
+        ("ROLLBACK AND CHAIN", None),
+    ],
+)
+def test_and_chain_is_not_the_end_of_a_transaction(sql: str, tx: str | None) -> None:
+    """AND CHAIN opens the next transaction at once: not an end the proxy may answer or act on."""
+    assert classify(sql).tx == tx
