@@ -29,6 +29,7 @@ from proxy.consistency import REPLICA as ON_REPLICA
 from proxy.consistency import Verdict
 from proxy.frontend.core import ClientCore
 from proxy.frontend.leases import count_fallback, count_fallback_writes
+from proxy.frontend.ryw import Capture
 from proxy.frontend.send import kept_statement, send_kept, send_whole
 from proxy.frontend.session import PreparedStatement
 from proxy.frontend.startup import READY
@@ -36,7 +37,7 @@ from proxy.frontend.txstate import Input, Lease, LeaseEv, Tx
 from proxy.frontend.units import Batch
 from proxy.protocol.framing import scan_messages
 from proxy.protocol.scan import extended_unit
-from proxy.router.classify import INLINE_BYTES, Classification
+from proxy.router.classify import INLINE_BYTES, TX_COMMIT, TX_ROLLBACK, Classification
 from proxy.router.policy import MAIN, WRITE
 from proxy.router.policy import REPLICA as REPLICA_ROLE
 
@@ -51,6 +52,7 @@ _NONE = Lease.NONE
 _UPSTREAM_TX = Tx.UPSTREAM
 _UNLINGER = LeaseEv.UNLINGER
 _LENGTH = struct.Struct("!I")
+_ENDS = (TX_COMMIT, TX_ROLLBACK)  # lone, not AND CHAIN (classify.py): the transaction certainly ends
 # A unit's read|write, and the roles (and written tables) main serves it for: what is counted when it is sent.
 Route = tuple[str, tuple[str, ...], tuple[tuple[str, str], ...]]
 
@@ -121,6 +123,12 @@ def fast_unit(client: ClientCore, data: bytes) -> bool:
         app.pools[client.server_pool].unlinger(server)
     if kept is not None:
         send_kept(client, server, data, kept, info)
+    elif reads.wrote and info.tx in _ENDS and role == MAIN:
+        # The COMMIT (or ROLLBACK) of a transaction that wrote on main: read-your-writes' capture goes in
+        # the same write (upstream_ready, core.py, sends it after any other unit that ended a write).
+        reads.wrote = False
+        assert reads.key is not None  # set only with read-your-writes on
+        send_whole(client, server, data, info, Capture(app.consistency.writes, reads.key, server, client))
     else:
         send_whole(client, server, data, info)
     return True

@@ -2,8 +2,8 @@
 
 When a unit that wrote on main ends outside a transaction (an autocommit write, or the COMMIT of a
 transaction that wrote) with nothing else in flight, the client connection sends ``CAPTURE_SQL`` on the same
-upstream connection, right after forwarding the client's ReadyForQuery (``Capture``): its reply is
-swallowed, its WAL position becomes the scope's *token*, and the lease ends only after it. The client never
+upstream connection, right after forwarding the client's ReadyForQuery (``Capture``) — or, behind a lone
+COMMIT or ROLLBACK the fast path sends (proxy/frontend/fast.py), in the same write: its reply is swallowed, its WAL position becomes the scope's *token*, and the lease ends only after it. The client never
 waits for it. Until the capture's reply arrives the scope has a *capture pending*: a read of that scope
 waits for it rather than trust an older token. A failed capture (the connection lost) puts the scope *in
 doubt*: its reads go to main for ``DOUBT_SECONDS`` or until its next write is captured.
@@ -200,13 +200,16 @@ class Capture:
         self.identity: Identity | None = None
         self.released = False
 
-    def send(self) -> None:
-        """Send the capture query on the connection (nothing else is in flight on it): the scope has a
-        capture pending until its reply arrives."""
+    def send(self, behind: bytes = b"") -> None:
+        """Send the capture query on the connection: the scope has a capture pending until its reply
+        arrives. Nothing else is in flight on it, or only ``behind``, the client's unit that certainly
+        ends its write transaction (a lone COMMIT or ROLLBACK, its expectation pushed already): then the
+        capture goes in the same write, and PostgreSQL runs it as soon as that unit has ended."""
         server = self.server
         self.writes.begin(self.key)
         server.push(Expect(K_SYNC, SWALLOW, on_done=self._done, on_row=self._row))
-        server.send(CAPTURE_QUERY if server.identity is not None else IDENTITY_QUERY)
+        query = CAPTURE_QUERY if server.identity is not None else IDENTITY_QUERY
+        server.send(behind + query if behind else query)
 
     def _row(self, payload: bytes) -> None:
         try:

@@ -38,6 +38,7 @@ from proxy.frontend.prepared import (
     bind_header,
     forget_on_failure,
 )
+from proxy.frontend.ryw import Capture
 from proxy.frontend.session import PreparedStatement, Session
 from proxy.frontend.txstate import TxState
 from proxy.frontend.units import Batch, Units
@@ -184,10 +185,17 @@ def kept_statement(
     return kept if kept is not None and kept.upstream_name in server.prepared else None
 
 
-def send_whole(client: SendClient, server: ServerConnection, data: bytes, info: Classification) -> None:
+def send_whole(
+    client: SendClient,
+    server: ServerConnection,
+    data: bytes,
+    info: Classification,
+    capture: Capture | None = None,
+) -> None:
     """Send a whole unit of the fast path's (a Query, or an unnamed statement's [Parse] Bind [Describe]
     Execute Sync) as it is, with one expectation for its reply; an unnamed Parse is the client's
-    statement now, as ``send`` makes it."""
+    statement now, as ``send`` makes it. ``capture``: read-your-writes' capture, sent in the same write
+    behind a unit that ends a write transaction (``Capture.send``, proxy/frontend/ryw.py)."""
     first = data[0]
     if first == _P:
         client.units.unnamed_info = info
@@ -198,7 +206,10 @@ def send_whole(client: SendClient, server: ServerConnection, data: bytes, info: 
     elif first == _Q:
         server.unnamed_owner = None
     server.push(PLAIN_QUERY if first == _Q else PLAIN_SYNC)
-    server.send(data)
+    if capture is None:
+        server.send(data)
+    else:
+        capture.send(data)
 
 
 def _before_batch(

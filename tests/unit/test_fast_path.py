@@ -21,6 +21,7 @@ from proxy.config import load_config
 from proxy.dev.testing import MemoryTransport
 from proxy.frontend import client as client_module
 from proxy.frontend.client import READY, ClientConnection
+from proxy.frontend.ryw import IDENTITY_QUERY
 from proxy.protocol import messages as m
 from proxy.protocol.framing import startup_message
 from proxy.server import ProxyApp
@@ -91,6 +92,11 @@ def _capture() -> bytes:
         + m.command_complete("SELECT 1")
         + _ready()
     )
+
+
+def _ended() -> bytes:
+    """The replies to an extended COMMIT (END) unit."""
+    return m.parse_complete() + m.bind_complete() + m.command_complete("COMMIT") + _ready()
 
 
 JOIN = "SELECT u.email, count(*) FROM users u JOIN user_activity a ON a.user_id = u.id GROUP BY u.email"
@@ -166,6 +172,14 @@ SCENARIOS: dict[str, list[Step]] = {
         # Main served that read (no replica known to have replayed the write, and max_wait 0): the next
         # read routes to the replica, not to the connection held: the slow path again.
         (m.query("SELECT abalance FROM pgbench_accounts WHERE aid = 4"), _select(), False),
+        # A write transaction's COMMIT, simple and extended: the capture goes in the same write on the
+        # fast path (test_commit_and_capture_in_one_write), after the COMMIT's reply on the slow path.
+        (m.query("BEGIN"), None, False),
+        (m.query("UPDATE pgbench_accounts SET abalance = 3 WHERE aid = 1"), _begun_update(), False),
+        (m.query("COMMIT"), [m.command_complete("COMMIT") + _ready(), _capture()], True),
+        (m.query("BEGIN"), None, False),
+        (m.query("UPDATE pgbench_accounts SET abalance = 4 WHERE aid = 1"), _begun_update(), False),
+        (_extended("END", describe=False, value=b""), [_ended(), _capture()], True),
     ],
     "a join a move would refuse": [  # analytics has no URL: main serves user_activity, joins are counted
         (m.query(JOIN), _select(), True),
@@ -406,3 +420,35 @@ HANDOVERS: dict[str, list[Turn]] = {
 def test_fast_lease_and_hand_over_match_the_slow_path(name: str, monkeypatch: pytest.MonkeyPatch) -> None:
     replica, cache = "read-your-writes" in name, "cache_unnamed" in name
     _compare(HANDOVERS[name], monkeypatch, replica=replica, cache=cache, clients=2)
+
+
+@pytest.mark.parametrize(
+    "commit", [m.query("COMMIT"), _extended("END", describe=False, value=b"")], ids=["simple", "extended"]
+)
+def test_commit_and_capture_in_one_write(commit: bytes) -> None:
+    """The COMMIT of a write transaction on main, on the fast path: read-your-writes' capture query goes
+    upstream in the same write, the client hears the COMMIT at once and the new position after it, and the
+    connection lingers only once the capture's reply is in."""
+
+    async def run() -> None:
+        app = _app(replica=True)
+        server, upstream = _upstream(app, "main")
+        client, downstream = await _login(app)
+        client.data_received(m.query("BEGIN"))
+        client.data_received(m.query("UPDATE pgbench_accounts SET abalance = 3 WHERE aid = 1"))
+        server.data_received(_begun_update())
+        upstream.writes.clear()
+        downstream.writes.clear()
+        client.data_received(commit)
+        assert upstream.writes == [commit + IDENTITY_QUERY]  # the first capture reads main's identity too
+        ended = _ended() if commit[0] == ord("P") else m.command_complete("COMMIT") + _ready()
+        server.data_received(ended)
+        assert b"".join(downstream.writes) == ended
+        assert client.app.consistency.writes.pending == {client.reads.key: 1}
+        assert client.server is server and not client.lingering
+        server.data_received(_capture())
+        assert b"".join(downstream.writes).endswith(m.parameter_status("parafort.write_lsn", "0/3000060"))
+        assert client.app.consistency.writes.tokens[client.reads.key] == 0x3000060
+        assert client.lingering
+
+    asyncio.run(run())
