@@ -14,6 +14,12 @@ or waits for one as a ``Batch`` marked whole, which ``send`` sends as it is when
 over needs nothing first. Its whole reply comes back through ``ReplyQueue.whole_unit``
 (proxy/backend/expect.py). The message walks are compiled (proxy/protocol/scan.pyx).
 
+A transaction's edges take it too. A lone BEGIN between transactions is answered here and deferred
+(``_fast_begin``, as ``answer_control`` does in control.py); the unit after it is routed in the
+transaction's mode and goes upstream behind that BEGIN (``send_whole``). The lone COMMIT or ROLLBACK of a
+transaction that wrote on main carries read-your-writes' capture query in the same write (proxy/frontend/
+ryw.py).
+
 Everything the slow path (``ClientCore._messages`` ... ``send``, proxy/frontend/core.py and send.py) would
 do for those bytes is done here too, books and counters included; tests/unit/test_fast_path.py runs the
 same units both ways and compares. Anything else, and anything these functions are unsure of, returns
@@ -27,6 +33,7 @@ import struct
 from proxy.backend.connection import ServerConnection
 from proxy.consistency import REPLICA as ON_REPLICA
 from proxy.consistency import Verdict
+from proxy.frontend.control import unnamed_answered
 from proxy.frontend.core import ClientCore
 from proxy.frontend.leases import count_fallback, count_fallback_writes
 from proxy.frontend.ryw import Capture
@@ -35,13 +42,21 @@ from proxy.frontend.session import PreparedStatement
 from proxy.frontend.startup import READY
 from proxy.frontend.txstate import Input, Lease, LeaseEv, Tx
 from proxy.frontend.units import Batch
+from proxy.protocol import messages as m
 from proxy.protocol.framing import scan_messages
 from proxy.protocol.scan import extended_unit
-from proxy.router.classify import INLINE_BYTES, TX_COMMIT, TX_ROLLBACK, Classification
+from proxy.router.classify import (
+    INLINE_BYTES,
+    TX_BEGIN,
+    TX_BEGIN_READ_ONLY,
+    TX_COMMIT,
+    TX_ROLLBACK,
+    Classification,
+)
 from proxy.router.policy import MAIN, WRITE
 from proxy.router.policy import REPLICA as REPLICA_ROLE
 
-_Q, _S = b"QS"
+_Q, _S, _P, _D, _B = b"QSPDB"
 _IDLE = ord("I")
 _OVERRIDE_START = (b"/", b" ", b"\t", b"\r", b"\n")
 # States of TxState read on every unit, as module constants (a global is the cheapest look-up).
@@ -50,9 +65,14 @@ _LINGERING = Lease.LINGERING
 _HELD = Lease.HELD
 _NONE = Lease.NONE
 _UPSTREAM_TX = Tx.UPSTREAM
+_DEFERRED = Tx.DEFERRED
 _UNLINGER = LeaseEv.UNLINGER
 _LENGTH = struct.Struct("!I")
 _ENDS = (TX_COMMIT, TX_ROLLBACK)  # lone, not AND CHAIN (classify.py): the transaction certainly ends
+# The replies to a BEGIN the proxy answers: simple; extended, without and with a Describe of the portal.
+_BEGUN = m.command_complete("BEGIN") + m.ready_for_query(b"T")
+_BEGUN_EXTENDED = m.parse_complete() + m.bind_complete() + _BEGUN
+_BEGUN_DESCRIBED = m.parse_complete() + m.bind_complete() + m.no_data() + _BEGUN
 # A unit's read|write, and the roles (and written tables) main serves it for: what is counted when it is sent.
 Route = tuple[str, tuple[str, ...], tuple[tuple[str, str], ...]]
 
@@ -65,7 +85,7 @@ def fast_unit(client: ClientCore, data: bytes) -> bool:
     if (  # the client's side: what no unit on the fast path may have (the slow path's business)
         client.buf
         or not 6 <= len(data) <= INLINE_BYTES
-        or tx.begin is not None
+        or (tx.begin is not None and tx.tx is not _DEFERRED)  # a deferred transaction a refusal failed
         or tx.input is not _READING
         or client.phase != READY
         or client.admin
@@ -82,6 +102,8 @@ def fast_unit(client: ClientCore, data: bytes) -> bool:
     lease = tx.lease
     if (lease is not _LINGERING and (lease is not _HELD or server.status == _IDLE)) or server.expect:
         return False
+    if tx.begin is not None and (lease is not _LINGERING or data[0] == _B):
+        return False  # a Bind of the unnamed statement, which the deferred BEGIN would destroy first
     app = client.app
     role = client.server_role
     classifier = app.classifier
@@ -92,6 +114,8 @@ def fast_unit(client: ClientCore, data: bytes) -> bool:
         found = _fast_info(client, data, server)
         if found is not None:
             info, kept = found
+            if info.tx is not None and lease is _LINGERING and _fast_begin(client, data, info):
+                return True
         route = None if info is None else _fast_route(client, info, server)
     except Exception:
         route = None
@@ -106,6 +130,7 @@ def fast_unit(client: ClientCore, data: bytes) -> bool:
         or app.is_paused(role)
         or len(server.prepared) > app.max_statements
         or server.applied != client.session.settings
+        or (kept is not None and tx.begin is not None)  # ``send_kept`` sends no deferred BEGIN
         # Read-your-writes: this replica at once, counted as Reads.route counts it (so last); a wait,
         # main or another replica is the slow path's (Reads.route, then Leasing).
         or (
@@ -157,7 +182,16 @@ def _fast_lease(client: ClientCore, data: bytes) -> bool:
     counts = classifier.hits, classifier.misses
     try:
         found = _fast_info(client, data, None)
-        decision = None if found is None or found[0].tx is not None else app.router.decide_plain(found[0])
+        if found is not None and found[0].tx is not None:
+            if _fast_begin(client, data, found[0]):
+                return True
+            decision = None
+        elif found is None:
+            decision = None
+        elif (mode := client.tx.begin_mode) is None:
+            decision = app.router.decide_plain(found[0])
+        else:  # the first statement of a transaction whose BEGIN the proxy answered: sent with it
+            decision = app.router.decide_uncounted(found[0], None, mode)
     except Exception:
         found = decision = None
     role = None if decision is None else decision.role
@@ -189,6 +223,39 @@ def _fast_lease(client: ClientCore, data: bytes) -> bool:
     return True
 
 
+def _fast_begin(client: ClientCore, data: bytes, info: Classification) -> bool:
+    """A lone BEGIN of a client between transactions (holding no connection, or lingering on one), as a
+    Query or as an unnamed statement's Parse Bind [Describe] Execute Sync: answered here and deferred, as
+    ``answer_control`` does (control.py), so that the transaction's first statement picks its upstream.
+    False, nothing changed, for anything else (COMMIT or ROLLBACK outside a transaction, a pin)."""
+    kind = info.tx
+    tx = client.tx
+    if (kind is not TX_BEGIN and kind is not TX_BEGIN_READ_ONLY) or tx.pin_reason is not None:
+        return False
+    if tx.tx is not _UPSTREAM_TX:
+        return False  # a transaction of the proxy's already (then the client hears 25001): the slow path's
+    read_only = kind is TX_BEGIN_READ_ONLY
+    first = data[0]
+    if first == _Q:
+        tx.defer_begin(data, read_only)
+        client.write(_BEGUN)
+        return True
+    if first != _P:
+        return False  # a Bind of an earlier unnamed BEGIN: the slow path's
+    bind = _LENGTH.unpack_from(data, 1)[0] + 1
+    sql_end = data.find(0, 6, bind)
+    after_bind = bind + 1 + _LENGTH.unpack_from(data, bind + 1)[0]
+    tx.defer_begin(_query(data[6:sql_end]), read_only)
+    unnamed_answered(client, data[:bind], info, [])
+    client.write(_BEGUN_DESCRIBED if data[after_bind] == _D else _BEGUN_EXTENDED)
+    return True
+
+
+def _query(sql: bytes) -> bytes:
+    """A Query message of ``sql``."""
+    return b"Q" + _LENGTH.pack(len(sql) + 5) + sql + b"\0"
+
+
 def _count(client: ClientCore, info: Classification, role: str, route: Route) -> None:
     """What ``decide``, ``_dispatch_unit`` and ``_count_route`` (core.py) count for a unit sent to
     ``role``."""
@@ -213,7 +280,8 @@ def _fast_route(client: ClientCore, info: Classification, server: ServerConnecti
     if tx.lease is _LINGERING:
         if info.tx is not None:
             return None  # BEGIN, COMMIT or ROLLBACK outside a transaction: answered by the proxy (control.py)
-        decision = router.decide_plain(info)
+        mode = tx.begin_mode
+        decision = router.decide_plain(info) if mode is None else router.decide_uncounted(info, None, mode)
         if decision.role != client.server_role:
             return None
         return decision.kind, decision.fallback_from, decision.fallback_writes

@@ -1,12 +1,13 @@
 """Read-your-writes, the write side: WAL positions of main captured after writes, kept per scope.
 
 When a unit that wrote on main ends outside a transaction (an autocommit write, or the COMMIT of a
-transaction that wrote) with nothing else in flight, the client connection sends ``CAPTURE_SQL`` on the same
-upstream connection, right after forwarding the client's ReadyForQuery (``Capture``) — or, behind a lone
-COMMIT or ROLLBACK the fast path sends (proxy/frontend/fast.py), in the same write: its reply is swallowed, its WAL position becomes the scope's *token*, and the lease ends only after it. The client never
-waits for it. Until the capture's reply arrives the scope has a *capture pending*: a read of that scope
-waits for it rather than trust an older token. A failed capture (the connection lost) puts the scope *in
-doubt*: its reads go to main for ``DOUBT_SECONDS`` or until its next write is captured.
+transaction that wrote) with nothing else in flight, the client connection sends ``CAPTURE_SQL`` on the
+same upstream connection, right after forwarding the client's ReadyForQuery (``Capture``) — or, behind a
+lone COMMIT or ROLLBACK the fast path sends (proxy/frontend/fast.py), in the same write: its reply is
+swallowed, its WAL position becomes the scope's *token*, and the lease ends only after it. The client
+never waits for it. Until the capture's reply arrives the scope has a *capture pending*: a read of that
+scope waits for it rather than trust an older token. A failed capture (the connection lost) puts the scope
+*in doubt*: its reads go to main for ``DOUBT_SECONDS`` or until its next write is captured.
 
 A token carries main's identity (system identifier, timeline, postmaster start), read on the first
 capture of each main connection: when it changes (a failover, a restore from a backup, a restart), every

@@ -155,12 +155,11 @@ def _send_messages(client: SendClient, batch: Batch, server: ServerConnection) -
 def _sent_whole(client: SendClient, batch: Batch, server: ServerConnection, info: Classification) -> bool:
     """Send a whole unit the fast path vetted when it arrived (proxy/frontend/fast.py) to ``server`` as
     ``send`` would, when the connection needs nothing first — no audit note, no statement to evict, no
-    setting to replay, no BEGIN — and keeps the unnamed statement already where it would be kept
-    (``statements.cache_unnamed``); False, nothing done, for anything else."""
+    setting to replay — and keeps the unnamed statement already where it would be kept
+    (``statements.cache_unnamed``; not behind a deferred BEGIN); False, nothing done, for anything else."""
     app = client.app
     if (
-        client.tx.begin is not None
-        or server.applied != client.session.settings
+        server.applied != client.session.settings
         or len(server.prepared) > app.max_statements
         or (client.server_role == "compliance" and app.audit is not None)
     ):
@@ -168,8 +167,8 @@ def _sent_whole(client: SendClient, batch: Batch, server: ServerConnection, info
     data = batch.buf
     if data[0] == _P and app.cache_unnamed and info.plannable:
         kept = kept_statement(client, server, data, _LENGTH.unpack_from(data, 1)[0] + 1)
-        if kept is None:
-            return False  # to be prepared there
+        if kept is None or client.tx.begin is not None:
+            return False  # to be prepared there; or the BEGIN first
         send_kept(client, server, data, kept, info)
     else:
         send_whole(client, server, data, info)
@@ -194,8 +193,10 @@ def send_whole(
 ) -> None:
     """Send a whole unit of the fast path's (a Query, or an unnamed statement's [Parse] Bind [Describe]
     Execute Sync) as it is, with one expectation for its reply; an unnamed Parse is the client's
-    statement now, as ``send`` makes it. ``capture``: read-your-writes' capture, sent in the same write
-    behind a unit that ends a write transaction (``Capture.send``, proxy/frontend/ryw.py)."""
+    statement now, as ``send`` makes it. A BEGIN the proxy answered goes first, its reply swallowed, as
+    ``_before_batch`` sends it (then ``data`` is a Query or starts with its Parse). ``capture``:
+    read-your-writes' capture, sent in the same write behind a unit that ends a write transaction
+    (``Capture.send``, proxy/frontend/ryw.py)."""
     first = data[0]
     if first == _P:
         client.units.unnamed_info = info
@@ -205,6 +206,11 @@ def send_whole(
         st.unnamed_token = server.unnamed_owner = object()
     elif first == _Q:
         server.unnamed_owner = None
+    tx = client.tx
+    if tx.begin is not None:
+        server.push(Expect(K_SYNC, SWALLOW))
+        data = tx.begin + data
+        tx.unit_sent()
     server.push(PLAIN_QUERY if first == _Q else PLAIN_SYNC)
     if capture is None:
         server.send(data)

@@ -169,6 +169,11 @@ class Router:
     def decide_cached(self, info: Classification, override: str | None, tx: str | None) -> Decision:
         if override is None:
             self.note_joins(info)
+        return self.decide_uncounted(info, override, tx)
+
+    def decide_uncounted(self, info: Classification, override: str | None, tx: str | None) -> Decision:
+        """``decide_cached`` counting nothing (``note_joins``): for the fast path, which counts a unit
+        only once it is sure to send it (proxy/frontend/fast.py)."""
         key = (info, override, tx)
         decision = self._decisions.get(key)
         if decision is None:

@@ -124,15 +124,27 @@ SCENARIOS: dict[str, list[Step]] = {
         (_extended(value=b"2"), _extended_reply(), True),
         (_extended(parse=False, describe=False), _extended_reply(parse=False, describe=False), True),
         (_extended("SELECT 1", describe=False), _extended_reply(describe=False), True),
+        # An extended BEGIN, lingering: answered here (with and without a Describe), a second one warned
+        # of (25001: the slow path), sent with the first statement, which picks the upstream.
+        (_extended("BEGIN", value=b""), None, True),
+        (_extended("BEGIN ISOLATION LEVEL REPEATABLE READ", describe=False, value=b""), None, False),
+        (
+            _extended(value=b"3"),
+            m.command_complete("BEGIN") + _ready(b"T") + _extended_reply(status=b"T"),
+            True,
+        ),
+        (_extended("END", describe=False, value=b""), _ended(), True),
+        (_extended("BEGIN", describe=False, value=b""), None, True),
+        (_extended("END", describe=False, value=b""), None, False),  # nothing ran: answered here
     ],
     "a transaction": [
         (m.query("SELECT 1"), _select(), True),
-        (m.query("BEGIN"), None, False),  # answered by the proxy, sent with the next statement
+        (m.query("BEGIN"), None, True),  # answered by the proxy, sent with the next statement
         (
             m.query("UPDATE pgbench_accounts SET abalance = 1 WHERE aid = 1"),
             # the deferred BEGIN's reply (swallowed), then the UPDATE's
             m.command_complete("BEGIN") + _ready(b"T") + m.command_complete("UPDATE 1") + _ready(b"T"),
-            False,
+            True,
         ),
         (m.query("SELECT abalance FROM pgbench_accounts WHERE aid = 1"), _select(b"T"), True),
         (_extended(), _extended_reply(status=b"T"), True),
@@ -141,9 +153,12 @@ SCENARIOS: dict[str, list[Step]] = {
         (m.query("COMMIT"), m.command_complete("ROLLBACK") + _ready(), True),  # inside: as it is
         (m.query("SELECT 2"), _select(), True),
         (m.query("COMMIT"), None, False),  # no transaction: the proxy answers (a warning, then COMMIT)
-        (m.query("BEGIN"), None, False),
-        (m.query("UPDATE users SET email = email WHERE id = 1"), _begun_update(), False),
+        (m.query("BEGIN"), None, True),
+        (m.query("UPDATE users SET email = email WHERE id = 1"), _begun_update(), True),
         (_extended("ROLLBACK", describe=False), _extended_reply(describe=False), True),
+        (m.query("BEGIN READ ONLY"), None, True),
+        (m.query("SELECT 1"), m.command_complete("BEGIN") + _ready(b"T") + _select(b"T"), True),
+        (m.query("COMMIT"), m.command_complete("COMMIT") + _ready(), True),
     ],
     "settings and errors": [
         (m.query("SELECT 1"), _select(), True),
@@ -174,19 +189,24 @@ SCENARIOS: dict[str, list[Step]] = {
         (m.query("SELECT abalance FROM pgbench_accounts WHERE aid = 4"), _select(), False),
         # A write transaction's COMMIT, simple and extended: the capture goes in the same write on the
         # fast path (test_commit_and_capture_in_one_write), after the COMMIT's reply on the slow path.
-        (m.query("BEGIN"), None, False),
-        (m.query("UPDATE pgbench_accounts SET abalance = 3 WHERE aid = 1"), _begun_update(), False),
+        (m.query("BEGIN"), None, True),
+        (m.query("UPDATE pgbench_accounts SET abalance = 3 WHERE aid = 1"), _begun_update(), True),
         (m.query("COMMIT"), [m.command_complete("COMMIT") + _ready(), _capture()], True),
-        (m.query("BEGIN"), None, False),
-        (m.query("UPDATE pgbench_accounts SET abalance = 4 WHERE aid = 1"), _begun_update(), False),
+        (m.query("BEGIN"), None, True),
+        (m.query("UPDATE pgbench_accounts SET abalance = 4 WHERE aid = 1"), _begun_update(), True),
         (_extended("END", describe=False, value=b""), [_ended(), _capture()], True),
+        # A read-only transaction routes to the replica, which must have replayed the writes first (the
+        # slow path: Reads.route sends it to main, max_wait 0)
+        (m.query("BEGIN READ ONLY"), None, True),
+        (m.query("SELECT 1"), m.command_complete("BEGIN") + _ready(b"T") + _select(b"T"), False),
+        (m.query("COMMIT"), m.command_complete("COMMIT") + _ready(), True),
     ],
     "a join a move would refuse": [  # analytics has no URL: main serves user_activity, joins are counted
         (m.query(JOIN), _select(), True),
         (m.query(JOIN), _select(), True),
         (_extended(JOIN, parse=True), _extended_reply(), True),
-        (m.query("BEGIN"), None, False),
-        (m.query("UPDATE users SET email = email WHERE id = 1"), _begun_update(), False),
+        (m.query("BEGIN"), None, True),
+        (m.query("UPDATE users SET email = email WHERE id = 1"), _begun_update(), True),
         (m.query(JOIN), _select(b"T"), True),
         (m.query("COMMIT"), m.command_complete("COMMIT") + _ready(), True),
     ],
@@ -203,9 +223,17 @@ SCENARIOS: dict[str, list[Step]] = {
         (_extended(value=b"x"), _error(code="22P02"), True),  # the Bind fails: forgotten on this connection
         (_extended(), m.close_complete() + _extended_reply(), False),  # prepared again: the slow path
         (_extended("SHOW work_mem", describe=False), _extended_reply(describe=False), True),  # not kept
-        (m.query("BEGIN"), None, False),
-        (m.query("UPDATE users SET email = email WHERE id = 1"), _begun_update(), False),
+        (m.query("BEGIN"), None, True),
+        (m.query("UPDATE users SET email = email WHERE id = 1"), _begun_update(), True),
         (_extended(), _extended_reply(parse=False, status=b"T"), True),  # in a transaction: no retry
+        (m.query("COMMIT"), m.command_complete("COMMIT") + _ready(), True),
+        # Kept, behind a deferred BEGIN: the slow send (``send_kept`` sends no BEGIN)
+        (m.query("BEGIN"), None, True),
+        (
+            _extended(value=b"6"),
+            m.command_complete("BEGIN") + _ready(b"T") + _extended_reply(parse=False, status=b"T"),
+            False,
+        ),
         (m.query("COMMIT"), m.command_complete("COMMIT") + _ready(), True),
     ],
     "replies in pieces": [
@@ -263,6 +291,7 @@ def _client_state(client: ClientConnection) -> dict[str, Any]:
         "lease": client.tx.lease,
         "tx": client.tx.tx,
         "input": client.tx.input,
+        "begin": (client.tx.begin, client.tx.begin_mode),
         "server": client.server_pool if client.server is not None else None,
         "unnamed": client.statements.unnamed,
         "settings": dict(client.session.settings),
@@ -385,8 +414,8 @@ HANDOVERS: dict[str, list[Turn]] = {
         (0, Q2, _select(), True),
     ],
     "a hand-over inside a transaction": [
-        (0, m.query("BEGIN"), None, False),
-        (0, m.query("UPDATE users SET email = email WHERE id = 1"), _begun_update(), False),
+        (0, m.query("BEGIN"), None, True),
+        (0, m.query("UPDATE users SET email = email WHERE id = 1"), _begun_update(), True),
         (1, Q1, None, True),  # waits for the transaction's end
         (0, m.query("COMMIT"), [m.command_complete("COMMIT") + _ready(), _select()], True),
     ],
