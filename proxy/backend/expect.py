@@ -19,7 +19,7 @@ import struct
 from collections import deque
 from collections.abc import Callable
 from dataclasses import dataclass
-from typing import Protocol
+from typing import Protocol, cast
 
 from proxy.errors import PROTOCOL_VIOLATION, ProxyError
 from proxy.protocol import messages as m
@@ -145,6 +145,10 @@ class ReplyQueue:
         # whether the leasing client already got it as the reply to its own message.
         self.farewell: bytes | None = None
         self.farewell_forwarded = False
+        # The ReadyForQuery of a client's unit with read-your-writes' capture queued right behind it: it
+        # goes to the client after the capture's reply, behind the position it reports (``emit``).
+        self._held_ready = b""
+        self._out: list[bytes | memoryview] | None = None  # what ``feed`` is gathering for the client
 
     def track_details(self, on: bool) -> None:
         self._track_details = on
@@ -166,13 +170,25 @@ class ReplyQueue:
             if self.sink is not None:
                 self.sink.upstream_data(data)
 
+    def emit(self, data: bytes) -> None:
+        """Send ``data`` (a message the proxy makes) to the client, after the replies routed so far."""
+        out = self._out
+        if out is not None:
+            out.append(data)
+        elif self.sink is not None:
+            self.sink.upstream_data(data)
+
     def lost(self, exc: ProxyError) -> None:
-        """The connection ended: captures whose reply never comes hear it, then the sink (detached)."""
+        """The connection ended: captures whose reply never comes hear it, the client its unit's
+        ReadyForQuery held for one, then the sink (detached)."""
         for entry in self.expect:
             if entry.on_row is not None and entry.on_done is not None:
                 entry.on_done(False)
         sink, self.sink = self.sink, None
+        held, self._held_ready = self._held_ready, b""
         if sink is not None:
+            if held:
+                sink.upstream_data(held)
             sink.upstream_lost(exc)
 
     def whole_unit(self, buf: bytes) -> bool:
@@ -222,12 +238,20 @@ class ReplyQueue:
             return bind.on_done, b""
         return (bind.on_done, SYNTH_PARSE_COMPLETE.data) if expect[0] is SYNTH_PARSE_COMPLETE else None
 
-    def feed(self, buf: bytes) -> int:  # noqa: PLR0915  (the hot loop, one frame on purpose)
+    def feed(self, buf: bytes) -> int:
         """Route the complete messages in ``buf`` (see the class); returns the bytes consumed."""
+        out: list[bytes | memoryview] = []
+        self._out = out  # what ``emit`` adds to, in order
+        try:
+            return self._route(buf, out)
+        finally:
+            self._out = None
+
+    def _route(self, buf: bytes, out: list[bytes | memoryview]) -> int:  # noqa: PLR0915  (the hot loop)
+        """``feed``'s loop, one frame on purpose: what goes to the client is gathered in ``out``."""
         expect = self.expect
         n = len(buf)
         pos = run = 0  # ``run``: where the bytes to forward that are not in ``out`` yet start
-        out: list[bytes | memoryview] = []
         view = memoryview(buf)
         unpack = _HEADER.unpack_from
         if expect and expect[0].kind == K_SYNTH:  # replies made by the proxy (a cached Parse) come first
@@ -256,7 +280,7 @@ class ReplyQueue:
                     self._injected(entry, buf, pos, end, out)
             if mtype == _Z:
                 self.status = buf[pos + 5]
-                pos = end
+                ready_at, pos = pos, end
                 expect.popleft()
                 if entry.on_done is not None:
                     entry.on_done(True)
@@ -264,17 +288,8 @@ class ReplyQueue:
                     self.needs_sync = bool(expect) and expect[-1].kind != K_SYNC
                 if expect and expect[0].kind == K_SYNTH:
                     run = self._take_synth(out, view, run, pos)
-                if entry.action == FORWARD or entry.on_row is not None:
-                    sink = self.sink
-                    if sink is not None:
-                        if pos > run:
-                            out.append(buf if run == 0 and pos == n else view[run:pos])
-                        run = pos
-                        if self._track_details:
-                            sink.upstream_batch_end()  # before the client's ReadyForQuery (audit line first)
-                        if out:
-                            _flush(sink, out)
-                        sink.upstream_ready(self.status)
+                if (entry.action == FORWARD or entry.on_row is not None) and self.sink is not None:
+                    run = self._unit_end(entry, view, ready_at, pos, run, out)
                 continue
             if mtype == _E:
                 after = self._error(entry, buf, pos, end, run=run, out=out)
@@ -301,6 +316,40 @@ class ReplyQueue:
             out.append(view[run:pos])
         if out and (sink := self.sink) is not None:
             _flush(sink, out)
+        return pos
+
+    def _unit_end(  # noqa: PLR0917  (positional: called per ReadyForQuery in ``feed``'s loop)
+        self,
+        entry: Expect,
+        view: memoryview,
+        ready_at: int,
+        pos: int,
+        run: int,
+        out: list[bytes | memoryview],
+    ) -> int:
+        """The ReadyForQuery at ``view[ready_at:pos]`` ends a unit of the client's (or a capture's): what is
+        gathered goes to the client, then ``upstream_ready``. With read-your-writes' capture queued right
+        behind a client's unit (a COMMIT's, proxy/frontend/ryw.py), the ReadyForQuery waits for the
+        capture's reply, so the client hears its new position (``emit``) before it, in the same write.
+        Returns where the run to forward now starts."""
+        sink = self.sink
+        assert sink is not None
+        expect = self.expect
+        if entry.on_row is None and expect and expect[0].on_row is not None:
+            if ready_at > run:
+                out.append(view[run:ready_at])
+            self._held_ready = bytes(view[ready_at:pos])
+            return pos
+        if pos > run:
+            out.append(cast(bytes, view.obj) if run == 0 and pos == len(view) else view[run:pos])
+        if self._held_ready:
+            out.append(self._held_ready)
+            self._held_ready = b""
+        if self._track_details:
+            sink.upstream_batch_end()  # before the client's ReadyForQuery (audit line first)
+        if out:
+            _flush(sink, out)
+        sink.upstream_ready(self.status)
         return pos
 
     def _unsolicited(self, buf: bytes, pos: int, end: int, run: int, out: list[bytes | memoryview]) -> bool:

@@ -214,8 +214,8 @@ class ClientConnection(ClientCore):
             )
 
     def captured(self, capture: Capture, lsn: int | None) -> None:
-        """A capture's reply arrived: the client hears its position (a message boundary: the capture's
-        reply was the last thing read, and nothing of a later reply has been forwarded yet)."""
+        """A capture's reply arrived: the client hears its position, after the replies routed so far and
+        before the ReadyForQuery of a COMMIT the capture was sent behind (``ReplyQueue.emit``)."""
         key = capture.key
         if self.phase == CLOSED:
             if key[0] == "connection":
@@ -223,7 +223,7 @@ class ClientConnection(ClientCore):
             return
         if lsn is not None:
             token = max(lsn, self.app.consistency.writes.tokens.get(key, 0))
-            self.write(m.parameter_status(PARAMETER, format_lsn(token)))
+            capture.server.emit(m.parameter_status(PARAMETER, format_lsn(token)))
 
     def upstream_lost(self, exc: ProxyError) -> None:
         """The connection held went away: its backend ended (terminated, a timeout, a crash) or the

@@ -46,6 +46,7 @@ from proxy.router.policy import REPLICA as REPLICA_ROLE
 
 _HEADER = struct.Struct("!BI")
 _S, _H, _Q, _X, _F = b"SHQXF"
+_ENDS = (c.TX_COMMIT, c.TX_ROLLBACK)  # lone, not AND CHAIN (classify.py): the transaction certainly ends
 _COPY = frozenset(b"dcf")
 _TERMINATORS = frozenset(b"SHQF")
 _BATCHED = frozenset(b"PBDECSHQF")
@@ -279,6 +280,16 @@ class ClientCore(asyncio.Protocol):
             if router.on_fallback:
                 count_fallback_writes(self.app, router.fallback_writes(info))
         send(self, batch, server)
+        if (
+            self.reads.wrote
+            and info is not None
+            and info.tx in _ENDS
+            and batch.terminator in (_S, _Q)
+            and self.server_role == MAIN
+        ):
+            # The lone COMMIT or ROLLBACK of a transaction that wrote on main: the capture goes right
+            # behind it, as on the fast path (which sends both in one write: fast.py).
+            self.new_capture(server).send()
 
     def _dispatch_unit(
         self, batch: Batch, info: c.Classification | None, override: str | None, single_query: bool
@@ -381,12 +392,9 @@ class ClientCore(asyncio.Protocol):
                 self._release()
             return
         if self.reads.wrote and status == _IDLE and not server.expect and self.server_role == MAIN:
-            reads = self.reads
             # A write ended on main (autocommit, or its transaction's end) and nothing else is in flight:
             # read main's WAL position now, behind the reply the client already has. Its reply ends the lease.
-            reads.wrote = False
-            assert reads.key is not None  # set only with read-your-writes on
-            Capture(self.app.consistency.writes, reads.key, server, self).send()
+            self.new_capture(server).send()
             return
         effects = self.effects
         if status != _IDLE:
@@ -416,6 +424,14 @@ class ClientCore(asyncio.Protocol):
             self.dispatch(batch)
             if tx.waiting is None and self.buf:
                 self.data_received(b"")
+
+    def new_capture(self, server: ServerConnection) -> Capture:
+        """Read-your-writes' capture of main's position after this client's write, on ``server`` (the
+        caller sends it: after the write's reply, or behind its COMMIT, ``Capture.send``)."""
+        reads = self.reads
+        reads.wrote = False
+        assert reads.key is not None  # set only with read-your-writes on
+        return Capture(self.app.consistency.writes, reads.key, server, self)
 
     # -- output ---------------------------------------------------------------------------------------------
     def write(self, data: bytes | bytearray) -> None:

@@ -36,7 +36,6 @@ from proxy.consistency import Verdict
 from proxy.frontend.control import unnamed_answered
 from proxy.frontend.core import ClientCore
 from proxy.frontend.leases import count_fallback, count_fallback_writes
-from proxy.frontend.ryw import Capture
 from proxy.frontend.send import kept_statement, send_kept, send_whole
 from proxy.frontend.session import PreparedStatement
 from proxy.frontend.startup import READY
@@ -151,9 +150,7 @@ def fast_unit(client: ClientCore, data: bytes) -> bool:
     elif reads.wrote and info.tx in _ENDS and role == MAIN:
         # The COMMIT (or ROLLBACK) of a transaction that wrote on main: read-your-writes' capture goes in
         # the same write (upstream_ready, core.py, sends it after any other unit that ended a write).
-        reads.wrote = False
-        assert reads.key is not None  # set only with read-your-writes on
-        send_whole(client, server, data, info, Capture(app.consistency.writes, reads.key, server, client))
+        send_whole(client, server, data, info, client.new_capture(server))
     else:
         send_whole(client, server, data, info)
     return True

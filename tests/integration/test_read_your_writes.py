@@ -116,8 +116,9 @@ def test_insert_then_select(scope: str, delayed: None, start_proxy: StartProxy) 
 @pytest.mark.parametrize("commit", ["simple", "extended"])
 def test_write_transactions_then_select(commit: str, paused: None, start_proxy: StartProxy) -> None:
     """A write transaction's COMMIT carries read-your-writes' capture behind it (in the same write, on the
-    fast path): reads right after it, on the connection that wrote and on another of the user's, see the
-    row although the replica replays nothing, and the client hears the new write position."""
+    fast path): the client hears its new write position before the COMMIT returns, and reads right after
+    it, on the connection that wrote and on another of the user's, see the row although the replica
+    replays nothing."""
     proxy = ryw_proxy(start_proxy, "user")
     positions: list[int] = []
     with connect(proxy) as one, connect(proxy) as two:
@@ -129,12 +130,12 @@ def test_write_transactions_then_select(commit: str, paused: None, start_proxy: 
             else:
                 with one.pipeline():
                     one.execute("COMMIT")  # Parse/Bind/Describe/Execute/Sync
-            for reader in (one, two):
-                row = reader.execute("SELECT count(*) FROM ryw_t WHERE id = %s", (i,)).fetchone()
-                assert row == (1,)
             position = parse_lsn(one.info.parameter_status(PARAMETER) or "")
             assert position is not None
             positions.append(position)
+            for reader in (one, two):
+                row = reader.execute("SELECT count(*) FROM ryw_t WHERE id = %s", (i,)).fetchone()
+                assert row == (1,)
     assert positions == sorted(positions) and len(set(positions)) == len(positions)
     assert proxy.metric("parafort_proxy_replica_reads_total", outcome="main_for_consistency") >= 40
 

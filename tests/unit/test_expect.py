@@ -557,3 +557,41 @@ def test_on_row_entry_sees_data_rows_only() -> None:
     assert rows == [m.data_row(["1"])[5:], m.data_row([None])[5:]]
     assert done.calls == [True]
     assert sink.events == [("ready", "I")]
+
+
+def _commit_then_capture() -> tuple[ReplyQueue, Sink, list[bytes]]:
+    """A COMMIT's entry with a capture queued right behind it; the capture emits its position."""
+    rows: list[bytes] = []
+    q, sink = queue(Expect(K_SYNC))
+    q.push(Expect(K_SYNC, SWALLOW, on_done=lambda ok: ok and q.emit(b"S-position"), on_row=rows.append))
+    return q, sink, rows
+
+
+CAPTURED = m.row_description([("lsn", 3220)]) + m.data_row(["0/3000060"]) + m.command_complete("SELECT 1")
+
+
+def test_ready_for_query_waits_for_the_capture_behind_it() -> None:
+    """The COMMIT's reply goes at once but its ReadyForQuery waits for the capture's reply: the client
+    hears the position first, and its unit ends (``upstream_ready``) once, after both."""
+    q, sink, rows = _commit_then_capture()
+    feed_all(q, m.command_complete("COMMIT") + IDLE)
+    assert sink.events == [("data", m.command_complete("COMMIT"))]
+    feed_all(q, CAPTURED + IDLE)
+    assert sink.events[1:] == [("data", b"S-position" + IDLE), ("ready", "I")]
+    assert rows == [m.data_row(["0/3000060"])[5:]]
+    assert not q.expect and not q._held_ready
+
+
+def test_commit_and_capture_replies_in_one_read_are_one_write() -> None:
+    q, sink, _ = _commit_then_capture()
+    feed_all(q, m.command_complete("COMMIT") + IDLE + CAPTURED + IDLE)
+    assert sink.events == [("data", m.command_complete("COMMIT") + b"S-position" + IDLE), ("ready", "I")]
+
+
+def test_a_held_ready_for_query_reaches_the_client_when_the_connection_is_lost() -> None:
+    """The backend ends before the capture's reply: the client still gets its COMMIT's ReadyForQuery
+    (the COMMIT succeeded), then hears of the loss."""
+    q, sink, _ = _commit_then_capture()
+    feed_all(q, m.command_complete("COMMIT") + IDLE)
+    q.lost(ProxyError("57P01", "terminating connection due to administrator command"))
+    assert sink.events[1:] == [("data", IDLE), ("lost", "57P01")]

@@ -451,12 +451,14 @@ def test_fast_lease_and_hand_over_match_the_slow_path(name: str, monkeypatch: py
     _compare(HANDOVERS[name], monkeypatch, replica=replica, cache=cache, clients=2)
 
 
+@pytest.mark.parametrize("together", [False, True], ids=["replies apart", "replies together"])
 @pytest.mark.parametrize(
     "commit", [m.query("COMMIT"), _extended("END", describe=False, value=b"")], ids=["simple", "extended"]
 )
-def test_commit_and_capture_in_one_write(commit: bytes) -> None:
+def test_commit_and_capture_in_one_write(commit: bytes, together: bool) -> None:
     """The COMMIT of a write transaction on main, on the fast path: read-your-writes' capture query goes
-    upstream in the same write, the client hears the COMMIT at once and the new position after it, and the
+    upstream in the same write; the COMMIT's ReadyForQuery waits for the capture's reply, so the client
+    hears its new position before it (in the same write when both replies come in one read), and the
     connection lingers only once the capture's reply is in."""
 
     async def run() -> None:
@@ -471,12 +473,17 @@ def test_commit_and_capture_in_one_write(commit: bytes) -> None:
         client.data_received(commit)
         assert upstream.writes == [commit + IDENTITY_QUERY]  # the first capture reads main's identity too
         ended = _ended() if commit[0] == ord("P") else m.command_complete("COMMIT") + _ready()
-        server.data_received(ended)
-        assert b"".join(downstream.writes) == ended
-        assert client.app.consistency.writes.pending == {client.reads.key: 1}
-        assert client.server is server and not client.lingering
-        server.data_received(_capture())
-        assert b"".join(downstream.writes).endswith(m.parameter_status("parafort.write_lsn", "0/3000060"))
+        position = m.parameter_status("parafort.write_lsn", "0/3000060")
+        if together:
+            server.data_received(ended + _capture())
+            assert downstream.writes == [ended[:-6] + position + _ready()]
+        else:
+            server.data_received(ended)
+            assert downstream.writes == [ended[:-6]]  # its ReadyForQuery waits for the capture's reply
+            assert client.app.consistency.writes.pending == {client.reads.key: 1}
+            assert client.server is server and not client.lingering
+            server.data_received(_capture())
+            assert downstream.writes == [ended[:-6], position + _ready()]
         assert client.app.consistency.writes.tokens[client.reads.key] == 0x3000060
         assert client.lingering
 
