@@ -58,10 +58,11 @@ class _CallbackWaiter(Generic[C]):
     earliest deadline of all (``Pool._expire_waiters``), so a hand-over costs no timer to arm and
     cancel."""
 
-    __slots__ = ("_done", "deadline", "give", "pool", "started")
+    __slots__ = ("_done", "deadline", "give", "loop", "pool", "started")
 
-    def __init__(self, pool: Pool[C], give: Handoff[C]) -> None:
+    def __init__(self, pool: Pool[C], loop: asyncio.AbstractEventLoop, give: Handoff[C]) -> None:
         self.pool = pool
+        self.loop = loop  # the pool's (Pool.loop)
         self.give = give
         self.started = time.monotonic()
         self.deadline = self.started + pool.acquire_timeout
@@ -72,7 +73,7 @@ class _CallbackWaiter(Generic[C]):
 
     def set_result(self, result: C | None, /) -> None:
         self._finish()
-        asyncio.get_running_loop().call_soon(self._give, result)
+        self.loop.call_soon(self._give, result)
 
     def _give(self, result: C | None) -> None:
         if not self.give(result, None):  # its client has gone: the connection, or the slot, goes on
@@ -84,7 +85,7 @@ class _CallbackWaiter(Generic[C]):
     def set_exception(self, exception: BaseException, /) -> None:
         assert isinstance(exception, ProxyError)
         self._finish()
-        asyncio.get_running_loop().call_soon(self.give, None, exception)
+        self.loop.call_soon(self.give, None, exception)
 
     def _finish(self) -> None:
         self._done = True
@@ -142,6 +143,9 @@ class Pool(Generic[C]):
         # A waiter's future gets a connection, or None: "a slot is free, open one yourself".
         self._waiters: deque[_Waiter[C | None]] = deque()
         self._waiter_timer: asyncio.TimerHandle | None = None  # the callback waiters' earliest deadline
+        # The event loop the callback waiters are handed over on, taken when the first one waits:
+        # asyncio.get_running_loop() costs a getpid() system call (CPython 3.11), once per hand-over.
+        self.loop: asyncio.AbstractEventLoop | None = None
         self._closed = False
         self.timeouts = 0  # acquire timeouts since start (a metric)
         # Acquire waits as a histogram (plain ints on the hot path; the metrics collector reads them).
@@ -168,7 +172,9 @@ class Pool(Generic[C]):
         the hand-over path of every transaction when clients outnumber connections."""
         if self._closed or (self._total < self.size and not self._waiters):
             return False
-        waiter = _CallbackWaiter(self, give)
+        if self.loop is None or self.loop.is_closed():
+            self.loop = asyncio.get_running_loop()
+        waiter = _CallbackWaiter(self, self.loop, give)
         self._waiters.append(waiter)
         if self._waiter_timer is None:
             self._arm(waiter.deadline)
@@ -176,7 +182,9 @@ class Pool(Generic[C]):
 
     def _arm(self, deadline: float) -> None:
         delay = max(deadline - time.monotonic(), 0.0)
-        self._waiter_timer = asyncio.get_running_loop().call_later(delay, self._expire_waiters)
+        loop = self.loop
+        assert loop is not None  # armed only once a callback waiter has waited (``wait``)
+        self._waiter_timer = loop.call_later(delay, self._expire_waiters)
 
     def _expire_waiters(self) -> None:
         """The timer of the earliest callback waiter's deadline: those whose time is up get 53300 (within
