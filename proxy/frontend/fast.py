@@ -81,10 +81,11 @@ def fast_unit(client: ClientCore, data: bytes) -> bool:
     was sent (or waits for a connection, ``_fast_lease``), False (nothing changed) for the slow path."""
     tx = client.tx
     effects = client.effects
+    begun = tx.begin is not None  # a BEGIN the proxy answered, to send with this unit
     if (  # the client's side: what no unit on the fast path may have (the slow path's business)
         client.buf
         or not 6 <= len(data) <= INLINE_BYTES
-        or (tx.begin is not None and tx.tx is not _DEFERRED)  # a deferred transaction a refusal failed
+        or (begun and tx.tx is not _DEFERRED)  # a deferred transaction a refusal failed
         or tx.input is not _READING
         or client.phase != READY
         or client.admin
@@ -101,7 +102,7 @@ def fast_unit(client: ClientCore, data: bytes) -> bool:
     lease = tx.lease
     if (lease is not _LINGERING and (lease is not _HELD or server.status == _IDLE)) or server.expect:
         return False
-    if tx.begin is not None and (lease is not _LINGERING or data[0] == _B):
+    if begun and (lease is not _LINGERING or data[0] == _B):
         return False  # a Bind of the unnamed statement, which the deferred BEGIN would destroy first
     app = client.app
     role = client.server_role
@@ -109,13 +110,14 @@ def fast_unit(client: ClientCore, data: bytes) -> bool:
     counts = classifier.hits, classifier.misses  # a unit left to the slow path is counted there
     info: Classification | None = None
     kept: PreparedStatement | None = None
+    route: Route | None = None
     try:  # whatever these raise, the slow path meets again and reports (``_guarded``)
         found = _fast_info(client, data, server)
         if found is not None:
             info, kept = found
-            if info.tx is not None and lease is _LINGERING and _fast_begin(client, data, info):
-                return True
-        route = None if info is None else _fast_route(client, info, server)
+            route = _fast_route(client, info, server)
+            if route is None and lease is _LINGERING and _fast_begin(client, data, info):
+                return True  # a lone BEGIN, answered
     except Exception:
         route = None
     reads = client.reads
@@ -129,9 +131,8 @@ def fast_unit(client: ClientCore, data: bytes) -> bool:
         or app.is_paused(role)
         or len(server.prepared) > app.max_statements
         or server.applied != client.session.settings
-        or (kept is not None and tx.begin is not None)  # ``send_kept`` sends no deferred BEGIN
-        # Read-your-writes: this replica at once, counted as Reads.route counts it (so last); a wait,
-        # main or another replica is the slow path's (Reads.route, then Leasing).
+        or (begun and kept is not None)  # ``send_kept`` sends no deferred BEGIN
+        # Read-your-writes: this replica at once, counted as Reads.route does (so last); else the slow path
         or (
             lease is _LINGERING
             and role == REPLICA_ROLE
@@ -147,10 +148,11 @@ def fast_unit(client: ClientCore, data: bytes) -> bool:
         app.pools[client.server_pool].unlinger(server)
     if kept is not None:
         send_kept(client, server, data, kept, info)
+    elif begun:  # the BEGIN the proxy answered goes first
+        send_whole(client, server, data, info, begin=tx.unit_sent() or b"")
     elif reads.wrote and info.tx in _ENDS and role == MAIN:
-        # The COMMIT (or ROLLBACK) of a transaction that wrote on main: read-your-writes' capture goes in
-        # the same write (upstream_ready, core.py, sends it after any other unit that ended a write).
-        send_whole(client, server, data, info, client.new_capture(server))
+        # A write transaction's COMMIT: read-your-writes' capture in the same write (see the module)
+        send_whole(client, server, data, info, capture=client.new_capture(server))
     else:
         send_whole(client, server, data, info)
     return True
@@ -224,7 +226,8 @@ def _fast_begin(client: ClientCore, data: bytes, info: Classification) -> bool:
     """A lone BEGIN of a client between transactions (holding no connection, or lingering on one), as a
     Query or as an unnamed statement's Parse Bind [Describe] Execute Sync: answered here and deferred, as
     ``answer_control`` does (control.py), so that the transaction's first statement picks its upstream.
-    False, nothing changed, for anything else (COMMIT or ROLLBACK outside a transaction, a pin)."""
+    False, nothing changed, for anything else (another unit, COMMIT or ROLLBACK outside a transaction, a
+    pin)."""
     kind = info.tx
     tx = client.tx
     if (kind is not TX_BEGIN and kind is not TX_BEGIN_READ_ONLY) or tx.pin_reason is not None:

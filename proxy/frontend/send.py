@@ -171,7 +171,7 @@ def _sent_whole(client: SendClient, batch: Batch, server: ServerConnection, info
             return False  # to be prepared there; or the BEGIN first
         send_kept(client, server, data, kept, info)
     else:
-        send_whole(client, server, data, info)
+        send_whole(client, server, data, info, begin=client.tx.unit_sent() or b"")
     return True
 
 
@@ -184,17 +184,19 @@ def kept_statement(
     return kept if kept is not None and kept.upstream_name in server.prepared else None
 
 
-def send_whole(
+def send_whole(  # noqa: PLR0917  (positional defaults: keyword-only ones cost a dict look-up per call)
     client: SendClient,
     server: ServerConnection,
     data: bytes,
     info: Classification,
     capture: Capture | None = None,
+    begin: bytes = b"",
 ) -> None:
     """Send a whole unit of the fast path's (a Query, or an unnamed statement's [Parse] Bind [Describe]
     Execute Sync) as it is, with one expectation for its reply; an unnamed Parse is the client's
-    statement now, as ``send`` makes it. A BEGIN the proxy answered goes first, its reply swallowed, as
-    ``_before_batch`` sends it (then ``data`` is a Query or starts with its Parse). ``capture``:
+    statement now, as ``send`` makes it. ``begin``: a BEGIN the proxy answered (``TxState.unit_sent``),
+    sent first with its reply swallowed, as ``_before_batch`` sends it (then ``data`` is a Query or starts
+    with its Parse). ``capture``:
     read-your-writes' capture, sent in the same write behind a unit that ends a write transaction
     (``Capture.send``, proxy/frontend/ryw.py)."""
     first = data[0]
@@ -206,11 +208,9 @@ def send_whole(
         st.unnamed_token = server.unnamed_owner = object()
     elif first == _Q:
         server.unnamed_owner = None
-    tx = client.tx
-    if tx.begin is not None:
+    if begin:
         server.push(Expect(K_SYNC, SWALLOW))
-        data = tx.begin + data
-        tx.unit_sent()
+        data = begin + data
     server.push(PLAIN_QUERY if first == _Q else PLAIN_SYNC)
     if capture is None:
         server.send(data)
