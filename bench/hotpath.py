@@ -1,7 +1,8 @@
 """``python -m bench hotpath``: the proxy's own Python cost per transaction, without sockets or PostgreSQL.
 
 A ClientConnection and a ServerConnection are driven in-process through in-memory transports: the client
-sends one pgbench select-only transaction, the upstream answers it, and only the two ``data_received`` calls
+sends one pgbench select-only transaction (or, in the last case, a tpcb-like one: seven units, with
+read-your-writes' capture at its COMMIT), the upstream answers it, and only the ``data_received`` calls
 are timed. What this leaves out (syscalls, the event loop, the kernel's loopback) is what the pgbench
 comparison adds; what it measures is what a change to the data path's Python makes cheaper or dearer.
 
@@ -92,16 +93,19 @@ def _transaction(mode: str, aid: int) -> bytes:
 
 
 async def _pair(
-    cache_unnamed: bool, clients: int = 1
+    cache_unnamed: bool, clients: int = 1, replica: bool = False
 ) -> tuple[list[ClientConnection], ServerConnection, MemoryTransport]:
     """Logged-in clients of one app whose main pool is one connection (``server``, writing to
-    ``upstream``)."""
+    ``upstream``); ``replica``: a read replica configured too (read-your-writes on, its default)."""
+    env = {"DATABASE_URL": "postgresql://bench@127.0.0.1:1/bench"}
+    if replica:
+        env["READ_REPLICA_DATABASE_URL"] = "postgresql://bench@127.0.0.1:2/bench"
     with tempfile.TemporaryDirectory(prefix="parafort-hotpath-") as tmp:
         path = Path(tmp) / "proxy.yaml"
         path.write_text(
             f"auth:\n  method: trust\nstatements:\n  cache_unnamed: {str(cache_unnamed).lower()}\n"
         )
-        config = load_config(path, {"DATABASE_URL": "postgresql://bench@127.0.0.1:1/bench"})
+        config = load_config(path, env)
     app = ProxyApp(config)
     app._parameters = {"server_version": "15.0", "client_encoding": "UTF8"}
     server = ServerConnection("main", app.upstreams["main"], "main")
@@ -162,6 +166,107 @@ async def measure(mode: str, cache_unnamed: bool, transactions: int, handover: b
     return per_block
 
 
+# pgbench's tpcb-like transaction, as its -M extended sends it: (SQL, parameter count).
+TPCB = (
+    ("BEGIN", 0),
+    ("UPDATE pgbench_accounts SET abalance = abalance + $1 WHERE aid = $2", 2),
+    ("SELECT abalance FROM pgbench_accounts WHERE aid = $1", 1),
+    ("UPDATE pgbench_tellers SET tbalance = tbalance + $1 WHERE tid = $2", 2),
+    ("UPDATE pgbench_branches SET bbalance = bbalance + $1 WHERE bid = $2", 2),
+    ("INSERT INTO pgbench_history (tid, bid, aid, delta, mtime) VALUES ($1, $2, $3, $4, now())", 4),
+    ("END", 0),
+)
+_TAGS = {b"BEGIN": b"BEGIN", b"END": b"COMMIT", b"UPDATE": b"UPDATE 1", b"INSERT": b"INSERT 0 1"}
+_LSN = m.row_description([("pg_current_wal_insert_lsn", 3220)]) + _message(
+    b"D", struct.pack("!hi", 1, 9) + b"0/3000060"
+)
+
+
+def _tpcb_unit(sql: str, params: int) -> bytes:
+    tail = struct.pack("!hh", 0, params) + b"".join(struct.pack("!I", 1) + b"7" for _ in range(params))
+    return (
+        m.parse("", sql, ())
+        + m.bind_raw("", "", tail + struct.pack("!h", 0))
+        + m.describe(b"P", "")
+        + _message(b"E", b"\0" + struct.pack("!I", 0))
+        + m.sync()
+    )
+
+
+def _tpcb_replies(sent: bytes) -> bytes:
+    """PostgreSQL's answer to what the proxy sends for one tpcb-like unit: the deferred BEGIN and the
+    read-your-writes capture (Query messages) included, with the transaction status each ends in."""
+    out = bytearray()
+    pos = 0
+    status = b"T"
+    verb = b""
+    while pos < len(sent):
+        mtype = sent[pos]
+        (length,) = struct.unpack_from("!I", sent, pos + 1)
+        body = sent[pos + 5 : pos + 1 + length]
+        if mtype == ord("P"):
+            out += m.parse_complete()
+            verb = body[1:].split(None, 1)[0].rstrip(b"\0")
+        elif mtype == ord("B"):
+            out += m.bind_complete()
+        elif mtype == ord("D"):
+            out += m.row_description([("abalance", 23)]) if verb == b"SELECT" else m.no_data()
+        elif mtype == ord("E"):
+            tag = _TAGS.get(verb)
+            out += _message(b"D", ROW) + m.command_complete("SELECT 1") if tag is None else _tag(tag)
+            status = b"I" if verb == b"END" else b"T"
+        elif mtype == ord("S"):
+            out += m.ready_for_query(status)
+        elif mtype == ord("Q") and body.startswith(b"BEGIN"):
+            out += _tag(b"BEGIN") + m.ready_for_query(b"T")
+        elif mtype == ord("Q"):  # the capture: main's position (the first reads its identity too)
+            values = [b"0/3000060"] + ([b"1"] * 3 if b"system_identifier" in body else [])
+            row = struct.pack("!h", len(values)) + b"".join(struct.pack("!I", len(v)) + v for v in values)
+            out += _message(b"D", row) + m.command_complete("SELECT 1") + m.ready_for_query(b"I")
+        pos += 1 + length
+    return bytes(out)
+
+
+def _tag(tag: bytes) -> bytes:
+    return _message(b"C", tag + b"\0")
+
+
+async def measure_tpcb(transactions: int) -> list[float]:
+    """Microseconds of proxy Python per pgbench tpcb-like transaction (extended protocol, a read replica
+    configured so read-your-writes captures main's position at COMMIT), per block of 200: every unit's
+    ``data_received`` calls, client's and upstream's, the capture's reply included."""
+    clients, server, upstream = await _pair(False, replica=True)
+    client = clients[0]
+    units = [_tpcb_unit(sql, params) for sql, params in TPCB]
+    replies: dict[bytes, bytes] = {}
+    per_block: list[float] = []
+    spent = 0
+    clock = time.perf_counter_ns
+    for i in range(transactions):
+        for unit in units:
+            t0 = clock()
+            client.data_received(unit)
+            t1 = clock()
+            spent += t1 - t0
+            while upstream.writes:  # the unit, then what its reply makes the proxy send (a capture)
+                sent = b"".join(upstream.writes)
+                upstream.writes.clear()
+                reply = replies.get(sent)
+                if reply is None:
+                    reply = replies.setdefault(sent, _tpcb_replies(sent))
+                t2 = clock()
+                server.data_received(reply)
+                spent += clock() - t2
+        if server.expect or client.server is not server:
+            raise RuntimeError("the tpcb-like transaction did not end as PostgreSQL's would")
+        if (i + 1) % 200 == 0:
+            per_block.append(spent / 200 / 1000)
+            spent = 0
+    if client.app.consistency.writes.captures != transactions:
+        raise RuntimeError("read-your-writes did not capture main's position once per transaction")
+    return per_block
+
+
 CASES: Sequence[tuple[str, str, bool, bool]] = (
     ("simple", "simple", False, False),
     ("extended", "extended", False, False),
@@ -169,10 +274,13 @@ CASES: Sequence[tuple[str, str, bool, bool]] = (
     ("simple, a hand-over per transaction", "simple", False, True),
     ("extended, a hand-over per transaction", "extended", False, True),
     ("extended, cache_unnamed, a hand-over each", "extended", True, True),
+    ("tpcb-like, extended, read-your-writes", "tpcb", False, False),  # seven units and a capture
 )
 
 
 def _run_case(mode: str, cache_unnamed: bool, handover: bool, transactions: int) -> list[float]:
+    if mode == "tpcb":
+        return asyncio.run(measure_tpcb(max(transactions // 10, 1000)))
     return asyncio.run(measure(mode, cache_unnamed, transactions, handover))
 
 
