@@ -280,16 +280,8 @@ class ClientCore(asyncio.Protocol):
             if router.on_fallback:
                 count_fallback_writes(self.app, router.fallback_writes(info))
         send(self, batch, server)
-        if (
-            self.reads.wrote
-            and info is not None
-            and info.tx in _ENDS
-            and batch.terminator in (_S, _Q)
-            and self.server_role == MAIN
-        ):
-            # The lone COMMIT or ROLLBACK of a transaction that wrote on main: the capture goes right
-            # behind it, as on the fast path (which sends both in one write: fast.py).
-            self.new_capture(server).send()
+        if batch.terminator in (_S, _Q) and self.capture_behind(info):
+            self.new_capture(server).send()  # the fast path sends both in one write (fast.py)
 
     def _dispatch_unit(
         self, batch: Batch, info: c.Classification | None, override: str | None, single_query: bool
@@ -424,6 +416,11 @@ class ClientCore(asyncio.Protocol):
             self.dispatch(batch)
             if tx.waiting is None and self.buf:
                 self.data_received(b"")
+
+    def capture_behind(self, info: c.Classification | None) -> bool:
+        """Whether read-your-writes' capture goes right behind this unit: the lone COMMIT or ROLLBACK (not
+        AND CHAIN: classify.py) of a transaction that wrote on main, which certainly ends it."""
+        return self.reads.wrote and info is not None and info.tx in _ENDS and self.server_role == MAIN
 
     def new_capture(self, server: ServerConnection) -> Capture:
         """Read-your-writes' capture of main's position after this client's write, on ``server`` (the

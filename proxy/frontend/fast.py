@@ -39,7 +39,7 @@ from proxy.frontend.leases import count_fallback, count_fallback_writes
 from proxy.frontend.send import kept_statement, send_kept, send_whole
 from proxy.frontend.session import PreparedStatement
 from proxy.frontend.startup import READY
-from proxy.frontend.txstate import Input, Lease, LeaseEv, Tx
+from proxy.frontend.txstate import BEGUN, Input, Lease, LeaseEv, Tx
 from proxy.frontend.units import Batch
 from proxy.protocol import messages as m
 from proxy.protocol.framing import scan_messages
@@ -48,8 +48,6 @@ from proxy.router.classify import (
     INLINE_BYTES,
     TX_BEGIN,
     TX_BEGIN_READ_ONLY,
-    TX_COMMIT,
-    TX_ROLLBACK,
     Classification,
 )
 from proxy.router.policy import MAIN, WRITE
@@ -67,11 +65,9 @@ _UPSTREAM_TX = Tx.UPSTREAM
 _DEFERRED = Tx.DEFERRED
 _UNLINGER = LeaseEv.UNLINGER
 _LENGTH = struct.Struct("!I")
-_ENDS = (TX_COMMIT, TX_ROLLBACK)  # lone, not AND CHAIN (classify.py): the transaction certainly ends
-# The replies to a BEGIN the proxy answers: simple; extended, without and with a Describe of the portal.
-_BEGUN = m.command_complete("BEGIN") + m.ready_for_query(b"T")
-_BEGUN_EXTENDED = m.parse_complete() + m.bind_complete() + _BEGUN
-_BEGUN_DESCRIBED = m.parse_complete() + m.bind_complete() + m.no_data() + _BEGUN
+# The replies to an extended BEGIN the proxy answers, without and with a Describe of the portal.
+_BEGUN_EXTENDED = m.parse_complete() + m.bind_complete() + BEGUN
+_BEGUN_DESCRIBED = m.parse_complete() + m.bind_complete() + m.no_data() + BEGUN
 # A unit's read|write, and the roles (and written tables) main serves it for: what is counted when it is sent.
 Route = tuple[str, tuple[str, ...], tuple[tuple[str, str], ...]]
 
@@ -150,8 +146,7 @@ def fast_unit(client: ClientCore, data: bytes) -> bool:
         send_kept(client, server, data, kept, info)
     elif begun:  # the BEGIN the proxy answered goes first
         send_whole(client, server, data, info, begin=tx.unit_sent() or b"")
-    elif reads.wrote and info.tx in _ENDS and role == MAIN:
-        # A write transaction's COMMIT: read-your-writes' capture in the same write (see the module)
+    elif info.tx is not None and client.capture_behind(info):  # in the same write (see the module)
         send_whole(client, server, data, info, capture=client.new_capture(server))
     else:
         send_whole(client, server, data, info)
@@ -234,25 +229,24 @@ def _fast_begin(client: ClientCore, data: bytes, info: Classification) -> bool:
         return False
     if tx.tx is not _UPSTREAM_TX:
         return False  # a transaction of the proxy's already (then the client hears 25001): the slow path's
-    read_only = kind is TX_BEGIN_READ_ONLY
     first = data[0]
     if first == _Q:
-        tx.defer_begin(data, read_only)
-        client.write(_BEGUN)
+        client.write(tx.transaction_control(kind, data, kind is TX_BEGIN_READ_ONLY))
         return True
     if first != _P:
         return False  # a Bind of an earlier unnamed BEGIN: the slow path's
     bind = _LENGTH.unpack_from(data, 1)[0] + 1
     sql_end = data.find(0, 6, bind)
     after_bind = bind + 1 + _LENGTH.unpack_from(data, bind + 1)[0]
-    tx.defer_begin(_query(data[6:sql_end]), read_only)
+    tx.defer_begin(_query(data[6:sql_end]), kind is TX_BEGIN_READ_ONLY)
     unnamed_answered(client, data[:bind], info, [])
     client.write(_BEGUN_DESCRIBED if data[after_bind] == _D else _BEGUN_EXTENDED)
     return True
 
 
 def _query(sql: bytes) -> bytes:
-    """A Query message of ``sql``."""
+    """A Query message of ``sql`` (``_deferred_extended_begin``'s ``m.query(m.decode_parse(...))``, without
+    decoding and encoding the text again: ``extended_unit`` checked the Parse's bounds)."""
     return b"Q" + _LENGTH.pack(len(sql) + 5) + sql + b"\0"
 
 

@@ -196,9 +196,8 @@ def send_whole(  # noqa: PLR0917  (positional defaults: keyword-only ones cost a
     Execute Sync) as it is, with one expectation for its reply; an unnamed Parse is the client's
     statement now, as ``send`` makes it. ``begin``: a BEGIN the proxy answered (``TxState.unit_sent``),
     sent first with its reply swallowed, as ``_before_batch`` sends it (then ``data`` is a Query or starts
-    with its Parse). ``capture``:
-    read-your-writes' capture, sent in the same write behind a unit that ends a write transaction
-    (``Capture.send``, proxy/frontend/ryw.py)."""
+    with its Parse). ``capture``: read-your-writes' capture, sent in the same write behind a unit that
+    ends a write transaction (``Capture.send``, proxy/frontend/ryw.py)."""
     first = data[0]
     if first == _P:
         client.units.unnamed_info = info

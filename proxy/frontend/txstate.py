@@ -191,6 +191,7 @@ IN_FAILED = "in_failed"
 
 _ALREADY = m.notice_response("WARNING", "25001", "there is already a transaction in progress")
 _NO_TRANSACTION = m.notice_response("WARNING", "25P01", "there is no transaction in progress")
+BEGUN = m.command_complete("BEGIN") + m.ready_for_query(b"T")  # a BEGIN the proxy answered
 
 B = TypeVar("B")
 
@@ -262,9 +263,9 @@ class TxState(Generic[B]):
             return m.command_complete(self.end_deferred(tx)) + m.ready_for_query(b"I")
         if self.begin is not None:
             self._go(Ev.BEGIN)
-            return _ALREADY + m.command_complete("BEGIN") + m.ready_for_query(b"T")
+            return _ALREADY + BEGUN
         self.defer_begin(begin, read_only)
-        return m.command_complete("BEGIN") + m.ready_for_query(b"T")
+        return BEGUN
 
     def end_deferred(self, tx: str) -> str:
         """COMMIT or ROLLBACK (``tx``) of a transaction whose BEGIN was deferred and never sent: it ends here.
@@ -350,6 +351,7 @@ class TxState(Generic[B]):
 
 
 __all__ = [
+    "BEGUN",
     "BETWEEN",
     "IN_FAILED",
     "LEASE_TRANSITIONS",

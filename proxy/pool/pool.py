@@ -311,11 +311,8 @@ class Pool(Generic[C]):
             # signalled the backend: then released again, or discarded if that was not confirmed.
             conn.when_cancels_end(functools.partial(self.release, conn))
             return
-        while self._waiters:
-            waiter = self._waiters.popleft()
-            if not waiter.done():
-                waiter.set_result(conn)
-                return
+        if self._serve_next(conn):
+            return
         conn.idle_since = now
         self._idle.append(conn)
 
@@ -392,11 +389,17 @@ class Pool(Generic[C]):
         self._wake_one()
 
     def _wake_one(self) -> None:
+        self._serve_next(None)
+
+    def _serve_next(self, result: C | None) -> bool:
+        """Give ``result`` (a connection, or None: a free slot) to the oldest waiter still waiting (one
+        that timed out is done already); False when none is."""
         while self._waiters:
             waiter = self._waiters.popleft()
             if not waiter.done():
-                waiter.set_result(None)
-                return
+                waiter.set_result(result)
+                return True
+        return False
 
     def _expired(self, conn: C, now: float) -> bool:
         return self.max_lifetime > 0 and now - conn.created_at > self.max_lifetime
