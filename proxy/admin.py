@@ -234,7 +234,8 @@ class AdminConsole:
     def show_shadow(self) -> bytes:
         """Shadow reads (proxy/migration/shadow.py): a row per role and statement fingerprint sampled, with
         the statement normalized (no literals) and what its samples came to; then a row per role for the
-        samples never compared: dropped (the queue was full) and skipped, by why they cannot be replayed."""
+        samples never compared: dropped (the queue was full or held the same statement) and skipped, by
+        why they cannot be replayed."""
         found = self.app.migration.shadow
         rows: list[Row] = []
         for s in found.for_role():

@@ -147,8 +147,8 @@ def _shadow_metrics(app: MetricsContext) -> Iterator[CounterMetricFamily]:
         "Reads of a streaming role's tables sampled (migration.shadow_sample) and run again on its own "
         "database, by outcome: match, diverged (rows differ with main unchanged meanwhile, twice), "
         "inconclusive (main's rows changed meanwhile, the target did not catch up in time, too many rows), "
-        "error, dropped (queue full), skipped (cannot be replayed: binary parameters, LIMIT without ORDER "
-        "BY...).",
+        "error, dropped (queue full, or the same statement waiting in it), skipped (cannot be replayed: "
+        "binary parameters, LIMIT without ORDER BY...).",
         ["role", "outcome"],
         shadow.counts,
         ((role, outcome) for role in sorted(shadow.streaming) for outcome in SHADOW_OUTCOMES),

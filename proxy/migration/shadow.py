@@ -7,9 +7,11 @@ transaction, asyncpg's Bind/Execute after its Parse/Describe/Flush, a unit pipel
 while ``Shadow.active`` (some role is in ``streaming``: one attribute check otherwise). ``offer`` keeps a
 read whose tables all belong to one streaming role with probability ``migration.shadow_sample`` (read from
 the live configuration, so a reload changes it), copies what is needed to run it again into a bounded queue
-(full: the sample is dropped and counted) and returns. Nothing else happens there: the client's unit is
-routed, sent and answered exactly as without shadowing, and nothing the shadow does later can delay or fail
-it.
+(full, or already holding a sample of the same statement text: the sample is dropped and counted) and
+returns. One waiting sample per statement keeps the sample diverse: a hot statement read a thousand times a
+second would otherwise fill the queue and leave every other statement dropped. Nothing else happens there:
+the client's unit is routed, sent and answered exactly as without shadowing, and nothing the shadow does
+later can delay or fail it.
 
 **What can be sampled**: a simple-protocol Query holding one statement; an extended-protocol unit with one
 Bind of a statement parsed in the same unit or prepared earlier by name, with its parameters: in text format
@@ -408,6 +410,7 @@ class Shadow:
         self.stats: dict[tuple[str, str], Stats] = {}  # (role, fingerprint) -> what its samples came to
         self.skips: dict[tuple[str, str], int] = {}  # (role, why it cannot be replayed) -> samples
         self._queue: deque[Sample] = deque()
+        self._queued: set[tuple[str, str]] = set()  # (role, statement text) of the samples in the queue
         self._ready = asyncio.Event()
         self._task: asyncio.Task[None] | None = None
         self._conns: dict[str, Any] = {}  # role -> asyncpg connection of the shadow's own
@@ -424,6 +427,7 @@ class Shadow:
         self.active = bool(self.streaming)
         if not self.active:
             self._queue.clear()
+            self._queued.clear()
 
     # -- the data path -----------------------------------------------------------------------------------
     def offer(
@@ -454,6 +458,11 @@ class Shadow:
         except (ProxyError, struct.error, UnicodeDecodeError):
             self._skip(role, "malformed message")
             return
+        key = (role, sample.sql)
+        if key in self._queued:  # the same statement waits already: one compare per statement at a time
+            self._count(role, DROPPED)
+            return
+        self._queued.add(key)
         self._queue.append(sample)
         self._ready.set()
 
@@ -477,6 +486,7 @@ class Shadow:
                 self._ready.clear()
                 continue
             sample = self._queue.popleft()
+            self._queued.discard((sample.role, sample.sql))
             if sample.role not in self.streaming:
                 continue
             try:

@@ -239,11 +239,20 @@ def test_offer_samples_the_configured_share_into_a_bounded_queue() -> None:
         found.offer(("main",), *read, {})  # not the streaming role's tables
         found.offer(("analytics", "main"), *read, {})  # tables of two roles: cannot run on the target
         assert not found._queue
-        for _ in range(shadow.QUEUE_SIZE + 3):
+        for _ in range(5):  # one statement: one sample waits at a time, the others are dropped
             found.offer(("analytics",), *read, {})
+        assert [s.sql for s in found._queue] == ["SELECT * FROM user_activity"]
+        assert found.counts == {("analytics", DROPPED): 4}
+        for i in range(shadow.QUEUE_SIZE + 2):  # distinct statements: up to the bound
+            found.offer(("analytics",), *unit(m.query(f"SELECT {i} FROM user_activity")), {})
         assert len(found._queue) == shadow.QUEUE_SIZE
-        assert found.counts == {("analytics", DROPPED): 3}
-        found._queue.clear()
+        assert found.counts == {("analytics", DROPPED): 4 + 3}
+        found.follow({})  # not streaming: the queue is emptied...
+        found.follow(streaming("analytics"))
+        found.offer(("analytics",), *read, {})  # ...and the statement can wait again
+        assert len(found._queue) == 1
+        found.follow({})
+        found.follow(streaming("analytics"))
         share["value"] = 0.0  # a reload: nothing is sampled
         for _ in range(50):
             found.offer(("analytics",), *read, {})
@@ -256,6 +265,37 @@ def test_offer_samples_the_configured_share_into_a_bounded_queue() -> None:
         assert found.divergences("analytics") == 0 and found.divergences("documents") is None
         found.follow({})
         assert not found.active and not found._queue
+
+    asyncio.run(run())
+
+
+def test_a_statement_taken_from_the_queue_can_be_sampled_again() -> None:
+    async def run() -> None:
+        config = load_config(None, ENV)
+        config = config.model_copy(
+            update={"migration": config.migration.model_copy(update={"shadow_sample": 1.0})}
+        )
+        found = Shadow(lambda: config)
+        taken: list[str] = []
+        done = asyncio.Event()
+
+        async def process(sample: Sample) -> str:
+            taken.append(sample.sql)
+            done.set()
+            return MATCH
+
+        found.process = process  # type: ignore[method-assign]
+        found.follow(streaming("analytics"))
+        found.start()
+        try:
+            for _ in range(2):
+                done.clear()
+                found.offer(("analytics",), *unit(m.query("SELECT count(*) FROM user_activity")), {})
+                await asyncio.wait_for(done.wait(), 5.0)
+        finally:
+            await found.stop()
+        assert taken == ["SELECT count(*) FROM user_activity"] * 2
+        assert not found._queued and DROPPED not in {o for _, o in found.counts}
 
     asyncio.run(run())
 
