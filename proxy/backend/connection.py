@@ -34,6 +34,32 @@ _Z, _E, _S, _N = b"ZESN"
 class ServerConnection(ReplyQueue, asyncio.Protocol):
     """An authenticated upstream connection of one role; see the module docstring."""
 
+    # Slots (ReplyQueue's too), not an instance dict: CPython 3.11 shares a class's instance-dict keys only
+    # up to 30 names, and past them every attribute access on the data path is a hash look-up (31 names
+    # here cost bench hotpath's simple transaction 1,670 instructions, 0.2-0.3 us).
+    __slots__ = (
+        "_auth",
+        "_broken",
+        "_buf",
+        "_cancels_done",
+        "_handshake",
+        "_parts",
+        "_reading_paused",
+        "_tls_answer",
+        "applied",
+        "backend_pid",
+        "backend_secret",
+        "cancels",
+        "created_at",
+        "dsn",
+        "identity",
+        "idle_since",
+        "prepared",
+        "role",
+        "transport",
+        "unnamed_owner",
+    )
+
     def __init__(self, role: str, dsn: Dsn, label: str) -> None:
         super().__init__(label)
         self.role = role

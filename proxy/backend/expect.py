@@ -130,6 +130,20 @@ class ReplyQueue:
     backend's ParameterStatus values).
     """
 
+    __slots__ = (
+        "_held_ready",
+        "_out",
+        "_track_details",
+        "expect",
+        "farewell",
+        "farewell_forwarded",
+        "label",
+        "needs_sync",
+        "parameters",
+        "sink",
+        "status",
+    )
+
     def __init__(self, label: str) -> None:
         self.label = label  # role name or replica name, for messages and metrics
         self.parameters: dict[str, str] = {}

@@ -488,3 +488,28 @@ def test_commit_and_capture_in_one_write(commit: bytes, together: bool) -> None:
         assert client.lingering
 
     asyncio.run(run())
+
+
+# CPython 3.11 shares a class's instance-dict keys among its instances for up to 30 names; an instance with
+# more has a dict of its own, and every attribute access on it becomes a hash look-up (ServerConnection at
+# 31 names cost bench hotpath's simple transaction 1,670 instructions). Objects read on every unit stay
+# under it, or use slots.
+SHARED_KEYS_MAX = 30
+
+
+def test_data_path_objects_keep_attribute_access_specialised() -> None:
+    async def run() -> None:
+        app = _app(replica=False, cache=True)
+        server, _ = _upstream(app, "main")
+        client, _ = await _login(app)
+        client.data_received(m.query("SELECT 1"))
+        server.data_received(_select())
+        assert client.lingering
+        assert not hasattr(server, "__dict__")  # slots: ServerConnection and ReplyQueue
+        objects = [client, client.tx, client.reads, client.session, client.statements, client.units]
+        objects += [client.effects, client.leasing, app.router, app.classifier, app.pools["main"]]
+        for obj in objects:
+            if hasattr(obj, "__dict__"):
+                assert len(vars(obj)) <= SHARED_KEYS_MAX, type(obj).__name__
+
+    asyncio.run(run())
