@@ -272,11 +272,11 @@ class ClientCore(asyncio.Protocol):
         router = self.app.router
         if info is not None:
             router.note_joins(info)
-            refusal, kind = router.in_transaction_cached(info, self.server_role)
+            refusal, sent = router.in_transaction_cached(info, self.server_role)
             if refusal is not None:
                 control.refuse(self, batch, refusal, in_transaction=server.status != _IDLE)
                 return
-            _count_route(self, self.server_role, kind, batch, info)
+            _count_route(self, self.server_role, sent.kind, batch, info)
             if router.on_fallback:
                 count_fallback_writes(self.app, router.fallback_writes(info))
         send(self, batch, server)

@@ -50,7 +50,7 @@ from proxy.router.classify import (
     TX_BEGIN_READ_ONLY,
     Classification,
 )
-from proxy.router.policy import MAIN, WRITE
+from proxy.router.policy import MAIN, WRITE, Decision
 from proxy.router.policy import REPLICA as REPLICA_ROLE
 
 _Q, _S, _P, _D, _B = b"QSPDB"
@@ -62,14 +62,12 @@ _LINGERING = Lease.LINGERING
 _HELD = Lease.HELD
 _NONE = Lease.NONE
 _UPSTREAM_TX = Tx.UPSTREAM
-_DEFERRED = Tx.DEFERRED
+_DEFERRED_FAILED = Tx.DEFERRED_FAILED
 _UNLINGER = LeaseEv.UNLINGER
 _LENGTH = struct.Struct("!I")
 # The replies to an extended BEGIN the proxy answers, without and with a Describe of the portal.
 _BEGUN_EXTENDED = m.parse_complete() + m.bind_complete() + BEGUN
 _BEGUN_DESCRIBED = m.parse_complete() + m.bind_complete() + m.no_data() + BEGUN
-# A unit's read|write, and the roles (and written tables) main serves it for: what is counted when it is sent.
-Route = tuple[str, tuple[str, ...], tuple[tuple[str, str], ...]]
 
 
 def fast_unit(client: ClientCore, data: bytes) -> bool:
@@ -77,11 +75,10 @@ def fast_unit(client: ClientCore, data: bytes) -> bool:
     was sent (or waits for a connection, ``_fast_lease``), False (nothing changed) for the slow path."""
     tx = client.tx
     effects = client.effects
-    begun = tx.begin is not None  # a BEGIN the proxy answered, to send with this unit
     if (  # the client's side: what no unit on the fast path may have (the slow path's business)
         client.buf
         or not 6 <= len(data) <= INLINE_BYTES
-        or (begun and tx.tx is not _DEFERRED)  # a deferred transaction a refusal failed
+        or tx.tx is _DEFERRED_FAILED  # a deferred transaction a refusal failed
         or tx.input is not _READING
         or client.phase != READY
         or client.admin
@@ -98,7 +95,8 @@ def fast_unit(client: ClientCore, data: bytes) -> bool:
     lease = tx.lease
     if (lease is not _LINGERING and (lease is not _HELD or server.status == _IDLE)) or server.expect:
         return False
-    if begun and (lease is not _LINGERING or data[0] == _B):
+    begin = tx.begin  # a BEGIN the proxy answered, to send with this unit
+    if begin is not None and (lease is not _LINGERING or data[0] == _B):
         return False  # a Bind of the unnamed statement, which the deferred BEGIN would destroy first
     app = client.app
     role = client.server_role
@@ -106,20 +104,26 @@ def fast_unit(client: ClientCore, data: bytes) -> bool:
     counts = classifier.hits, classifier.misses  # a unit left to the slow path is counted there
     info: Classification | None = None
     kept: PreparedStatement | None = None
-    route: Route | None = None
+    decision: Decision | None = None
     try:  # whatever these raise, the slow path meets again and reports (``_guarded``)
         found = _fast_info(client, data, server)
         if found is not None:
             info, kept = found
-            route = _fast_route(client, info, server)
-            if route is None and lease is _LINGERING and _fast_begin(client, data, info):
-                return True  # a lone BEGIN, answered
+            if lease is not _LINGERING:
+                decision = _in_transaction(client, info, server)
+            elif info.tx is not None:  # BEGIN, COMMIT or ROLLBACK between transactions: answered here...
+                if _fast_begin(client, data, info):
+                    return True
+            elif begin is None:  # ... or by control.py
+                decision = app.router.decide_plain(info)
+            else:  # the first statement of a transaction whose BEGIN the proxy answered: sent with it
+                decision = app.router.decide_uncounted(info, None, tx.begin_mode)
     except Exception:
-        route = None
-    reads = client.reads
+        decision = None
     if (
         info is None
-        or route is None
+        or decision is None
+        or decision.role != role
         # _held_back's four conditions, inline: a call here costs 0.04-0.08 us of the ~4.2 (bench hotpath)
         or (role == "compliance" and app.audit is not None)
         or app.migration.hold.roles
@@ -127,30 +131,33 @@ def fast_unit(client: ClientCore, data: bytes) -> bool:
         or app.is_paused(role)
         or len(server.prepared) > app.max_statements
         or server.applied != client.session.settings
-        or (begun and kept is not None)  # ``send_kept`` sends no deferred BEGIN
-        # Read-your-writes: this replica at once, counted as Reads.route does (so last); else the slow path
-        or (
-            lease is _LINGERING
-            and role == REPLICA_ROLE
-            and (reads.key is not None or reads.min_lsn is not None)
-            and not reads.replica_now(app.consistency, client.server_pool)
-        )
+        or (begin is not None and kept is not None)  # ``send_kept`` sends no deferred BEGIN
+        or (lease is _LINGERING and role == REPLICA_ROLE and not _replica_now(client))  # (so last)
     ):
         classifier.hits, classifier.misses = counts
         return False
-    _count(client, info, role, route)
+    _count(client, info, role, decision)
     if lease is _LINGERING:
         tx.lease_event(_UNLINGER)
         app.pools[client.server_pool].unlinger(server)
     if kept is not None:
         send_kept(client, server, data, kept, info)
-    elif begun:  # the BEGIN the proxy answered goes first
+    elif begin is not None:  # the BEGIN the proxy answered goes first
         send_whole(client, server, data, info, begin=tx.unit_sent() or b"")
     elif info.tx is not None and client.capture_behind(info):  # in the same write (see the module)
         send_whole(client, server, data, info, capture=client.new_capture(server))
     else:
         send_whole(client, server, data, info)
     return True
+
+
+def _replica_now(client: ClientCore) -> bool:
+    """For a read on the replica the client lingers on: read-your-writes lets it run there at once,
+    counted as ``Reads.route`` counts it; else (a wait, main, another replica) it is the slow path's."""
+    reads = client.reads
+    if reads.key is None and reads.min_lsn is None:
+        return True
+    return reads.replica_now(client.app.consistency, client.server_pool)
 
 
 def _held_back(client: ClientCore, role: str) -> bool:
@@ -201,7 +208,7 @@ def _fast_lease(client: ClientCore, data: bytes) -> bool:
     info = found[0]
     if verdict is not None:
         app.consistency.count(ON_REPLICA)
-    _count(client, info, role, (decision.kind, decision.fallback_from, decision.fallback_writes))
+    _count(client, info, role, decision)
     label = (verdict.label if verdict is not None else None) or app.pool_for(role)
     if data[0] == _Q:
         batch = Batch(data, [(_Q, 0, len(data))], 0, len(data), _Q)
@@ -250,40 +257,30 @@ def _query(sql: bytes) -> bytes:
     return b"Q" + _LENGTH.pack(len(sql) + 5) + sql + b"\0"
 
 
-def _count(client: ClientCore, info: Classification, role: str, route: Route) -> None:
+def _count(client: ClientCore, info: Classification, role: str, decision: Decision) -> None:
     """What ``decide``, ``_dispatch_unit`` and ``_count_route`` (core.py) count for a unit sent to
     ``role``."""
     app = client.app
-    kind, fallback_from, fallback_writes = route
+    kind = decision.kind
     app.router.note_joins(info)
-    if fallback_from:  # main serves these roles' tables (unconfigured, or down with fallback: main)
-        count_fallback(app, fallback_from)
-        count_fallback_writes(app, fallback_writes)
+    if decision.fallback_from:  # main serves these roles' tables (unconfigured, or down with fallback: main)
+        count_fallback(app, decision.fallback_from)
+        count_fallback_writes(app, decision.fallback_writes)
     routed = app.routed
     routed[role, kind] = routed.get((role, kind), 0) + 1
     if kind == WRITE and role == MAIN and client.reads.key is not None:
         client.reads.wrote = True  # its WAL position is captured when the unit (or its transaction) ends
 
 
-def _fast_route(client: ClientCore, info: Classification, server: ServerConnection) -> Route | None:
-    """The unit's read|write and the fallbacks to count when the slow path would send it on the connection
-    the client has (``decide`` for a lingering client, ``check_in_transaction`` inside a transaction);
-    None when it would go elsewhere or be refused."""
+def _in_transaction(client: ClientCore, info: Classification, server: ServerConnection) -> Decision | None:
+    """For a unit inside the upstream's transaction on the connection the client holds, where
+    ``check_in_transaction`` lets it run (a COMMIT or ROLLBACK goes as it is, as _dispatch_held sends it):
+    the decision to count; None when it would be refused or go elsewhere."""
     router = client.app.router
-    tx = client.tx
-    if tx.lease is _LINGERING:
-        if info.tx is not None:
-            return None  # BEGIN, COMMIT or ROLLBACK outside a transaction: answered by the proxy (control.py)
-        mode = tx.begin_mode
-        decision = router.decide_plain(info) if mode is None else router.decide_uncounted(info, None, mode)
-        if decision.role != client.server_role:
-            return None
-        return decision.kind, decision.fallback_from, decision.fallback_writes
-    # Inside the upstream's transaction a COMMIT or ROLLBACK goes as it is, as _dispatch_held sends it.
-    if tx.tx is not _UPSTREAM_TX or server.needs_sync or router.on_fallback:
+    if client.tx.tx is not _UPSTREAM_TX or server.needs_sync or router.on_fallback:
         return None
-    refusal, kind = router.in_transaction_cached(info, client.server_role)
-    return None if refusal is not None else (kind, (), ())
+    refusal, sent = router.in_transaction_cached(info, client.server_role)
+    return sent if refusal is None else None
 
 
 def _fast_info(

@@ -81,7 +81,7 @@ class Router:
         # The same for a unit outside a transaction with no override (the fast path's), by classification.
         self._plain: dict[Classification, Decision] = {}
         # check_in_transaction's answers and the unit's read|write, by (classification, holding role).
-        self._in_tx: dict[tuple[Classification, str], tuple[Decision | None, str]] = {}
+        self._in_tx: dict[tuple[Classification, str], tuple[Decision | None, Decision]] = {}
         self._on_fallback: bool | None = None
         self._moving: dict[Classification, tuple[MovingJoin, ...]] = {}
         self._pending = self._pending_roles()
@@ -327,15 +327,17 @@ class Router:
         message = "statement needs more than one upstream: " + "; ".join(parts)
         return Decision(kind, domains, None, message, FEATURE_NOT_SUPPORTED, message)
 
-    def in_transaction_cached(self, info: Classification, holding: str) -> tuple[Decision | None, str]:
-        """``check_in_transaction`` and the unit's read|write (``kind``), cached as ``decide_cached``'s
-        decisions are (until ``invalidate``), counting nothing (``note_joins``)."""
+    def in_transaction_cached(self, info: Classification, holding: str) -> tuple[Decision | None, Decision]:
+        """``check_in_transaction`` (a refusal, or None), and the decision of the unit when it runs on
+        ``holding`` (its read|write as ``kind``; no fallbacks), cached as ``decide_cached``'s decisions are
+        (until ``invalidate``), counting nothing (``note_joins``)."""
         key = (info, holding)
         found = self._in_tx.get(key)
         if found is None:
             if len(self._in_tx) >= DECISION_CACHE_SIZE:
                 self._in_tx = {}
-            found = self._in_tx[key] = (self._in_transaction(info, holding), self.kind(info)[0])
+            sent = Decision(self.kind(info)[0], (), holding, "in transaction")
+            found = self._in_tx[key] = (self._in_transaction(info, holding), sent)
         return found
 
     def check_in_transaction(self, info: Classification, holding: str) -> Decision | None:
