@@ -111,10 +111,10 @@ def fast_unit(client: ClientCore, data: bytes) -> bool:
             info, kept = found
             if lease is not _LINGERING:
                 decision = _in_transaction(client, info, server)
-            elif info.tx is not None:  # BEGIN, COMMIT or ROLLBACK between transactions: answered here...
-                if _fast_begin(client, data, info):
+            elif info.tx is not None:  # between transactions a lone BEGIN is answered here (the rest of
+                if _fast_begin(client, data, info):  # transaction control by control.py: the slow path)
                     return True
-            elif begin is None:  # ... or by control.py
+            elif begin is None:
                 decision = app.router.decide_plain(info)
             else:  # the first statement of a transaction whose BEGIN the proxy answered: sent with it
                 decision = app.router.decide_uncounted(info, None, tx.begin_mode)
