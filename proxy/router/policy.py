@@ -80,7 +80,8 @@ class Router:
         self._decisions: dict[tuple[Classification, str | None, str | None], Decision] = {}
         # The same for a unit outside a transaction with no override (the fast path's), by classification.
         self._plain: dict[Classification, Decision] = {}
-        # check_in_transaction's answers and the unit's read|write, by (classification, holding role).
+        # check_in_transaction's answers and the unit's decision when it runs on the holding role (its
+        # read|write), by (classification, holding role).
         self._in_tx: dict[tuple[Classification, str], tuple[Decision | None, Decision]] = {}
         self._on_fallback: bool | None = None
         self._moving: dict[Classification, tuple[MovingJoin, ...]] = {}
