@@ -1,5 +1,6 @@
 """The shape of proxy/, read from its source with ``ast``: no import cycle, only the entry points import the
-process object, the runtime never loads the development tooling, and no function or class grows long.
+process object, the runtime never loads the development tooling, no function or class grows long, and
+docs/architecture.md names only what exists.
 
 Imports count wherever they stand: at module level, under ``if TYPE_CHECKING:`` and inside function bodies.
 """
@@ -8,6 +9,7 @@ from __future__ import annotations
 
 import ast
 import itertools
+import re
 from collections.abc import Iterator
 from dataclasses import dataclass
 from pathlib import Path
@@ -230,3 +232,81 @@ def test_no_function_grows_past_the_limit() -> None:
 def test_no_class_grows_past_the_limit() -> None:
     problems = _ratchet(_over_limit(ast.ClassDef, MAX_CLASS_LINES), LONG_CLASSES, MAX_CLASS_LINES, "class")
     assert not problems, "\n".join(problems)
+
+
+# -- docs/architecture.md names only what exists ---------------------------------------------------------
+ARCHITECTURE = ROOT / "docs" / "architecture.md"
+# Names in backticks there that are not ours: PostgreSQL's (protocol messages, parser nodes, functions,
+# catalogs), Python's, PgBouncer's (its users file format), and the proxy's names in SQL and in its
+# ParameterStatus.
+NOT_OURS = frozenset(
+    {
+        "A_Const",
+        "CloseComplete",
+        "FunctionCall",
+        "ParseComplete",
+        "ReadyForQuery",
+        "RevalidateCachedQuery",
+        "TYPE_CHECKING",
+        "parafort.write_lsn",
+        "parafort_migration",
+        "pg_proc",
+        "set_config",
+        "userlist.txt",
+    }
+)
+_CODE_NAME = re.compile(r"[A-Za-z_]\w*(?:\.\w+)*")
+_FILE_NAME = re.compile(r"[\w.-]+\.(?:py|pyx|pyi|txt|yaml|toml)")
+
+
+def defined_names() -> set[str]:
+    """Every name proxy/ and bench/ define: functions, classes, assignment and annotation targets
+    (module, class and ``self.`` attributes), and the compiled scanners' functions."""
+    names: set[str] = set()
+    for path in [*sorted(PACKAGE.rglob("*.py")), *sorted((ROOT / "bench").rglob("*.py"))]:
+        for node in ast.walk(ast.parse(path.read_text(), str(path))):
+            if isinstance(node, ast.FunctionDef | ast.AsyncFunctionDef | ast.ClassDef):
+                names.add(node.name)
+            targets: list[ast.AST] = []
+            if isinstance(node, ast.Assign):
+                targets = [t for target in node.targets for t in ast.walk(target)]
+            elif isinstance(node, ast.AnnAssign):
+                targets = [node.target]
+            for target in targets:
+                if isinstance(target, ast.Name):
+                    names.add(target.id)
+                elif isinstance(target, ast.Attribute):
+                    names.add(target.attr)
+    for path in sorted(PACKAGE.rglob("*.pyx")):
+        names.update(re.findall(r"^c?p?def\s+(?:[\w\[\]]+\s+)*?(\w+)\s*\(", path.read_text(), re.M))
+    return names
+
+
+def test_architecture_names_only_what_exists() -> None:
+    """Every function, class, attribute or file that docs/architecture.md names in backticks exists: a
+    rename or a removal updates the tour too."""
+    names = defined_names() | {f"parafort_proxy_{metric}" for metric in _metric_names()}
+    files = {path.name for path in ROOT.rglob("*") if ".venv" not in path.parts and ".git" not in path.parts}
+    stale = set()
+    for quoted in re.findall(r"`([^`\n]+)`", ARCHITECTURE.read_text()):
+        token = quoted.strip().removesuffix("()")
+        if token in NOT_OURS:
+            continue
+        if _FILE_NAME.fullmatch(token):
+            if token not in files:
+                stale.add(token)
+        elif _CODE_NAME.fullmatch(token) and _looks_like_code(token) and token.split(".")[-1] not in names:
+            stale.add(token)
+    assert not stale, f"docs/architecture.md names what does not exist: {sorted(stale)}"
+
+
+def _looks_like_code(token: str) -> bool:
+    """A dotted or snake_case name, or a CamelCase one (an SQL keyword or a plain word is not checked)."""
+    return "_" in token or "." in token or re.search(r"[a-z][A-Z]", token) is not None
+
+
+def _metric_names() -> set[str]:
+    """The metric names proxy/metrics.py declares, without the ``parafort_proxy_`` prefix, each also with
+    the ``_total`` a counter's samples carry."""
+    found = set(re.findall(r'"([a-z_]+)"', (PACKAGE / "metrics.py").read_text()))
+    return found | {f"{name}_total" for name in found}
