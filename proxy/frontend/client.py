@@ -123,6 +123,10 @@ class ClientConnection(ClientCore):
             return
         else:
             self.buf = self.buf + data if self.buf else data
+            if self.tx.waiting is not None:
+                if data:
+                    self.held_input()
+                return
         self._guarded(self._process)
 
     def _guarded(self, step: Callable[[], None]) -> None:

@@ -1,8 +1,9 @@
 """How one client's unit waits before it runs: for a pooled connection (handed over by the pool's callback,
 or a task when one must be opened or the role is PAUSEd; a connect failure marks the upstream suspect and
 tries once where the unit is routed then), for main's recheck when main is marked down, and for a replica
-to catch up or a cutover's hold to end (then the unit is dispatched afresh). Reading from the client is
-paused while it waits (``hold``); the client's ``TxState`` (proxy/frontend/txstate.py) records why.
+to catch up or a cutover's hold to end (then the unit is dispatched afresh). Reading from the client
+pauses if it sends more while it waits (``hold``); the client's ``TxState`` (proxy/frontend/txstate.py)
+records why.
 """
 
 from __future__ import annotations

@@ -48,8 +48,8 @@ class Lease(enum.Enum):
 
 
 class Input(enum.Enum):
-    """What happens to the client's next batch. The waiting states pause reading from the client; their
-    values are the pause reasons."""
+    """What happens to the client's next batch. In the waiting states, reading from the client pauses
+    once it sends more (``ClientCore.held_input``); their values are the pause reasons."""
 
     __hash__ = object.__hash__  # as Tx's
 
@@ -327,7 +327,7 @@ class TxState(Generic[B]):
 
     # -- input ----------------------------------------------------------------------------------------------
     def wait(self, batch: B, reason: Input) -> None:
-        """``batch`` waits (reading from the client paused for ``reason.value``)."""
+        """``batch`` waits (reading from the client paused for ``reason.value`` once it sends more)."""
         if self.input is not Input.READING:
             raise IllegalTransition(f"input: a batch waits for {reason.name} in state {self.input.name}")
         self.waiting = batch

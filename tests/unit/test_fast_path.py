@@ -513,3 +513,52 @@ def test_data_path_objects_keep_attribute_access_specialised() -> None:
                 assert len(vars(obj)) <= SHARED_KEYS_MAX, type(obj).__name__
 
     asyncio.run(run())
+
+
+class _Pausable(MemoryTransport):
+    """A client's transport that records whether reading from it is paused."""
+
+    def __init__(self) -> None:
+        super().__init__()
+        self.paused = False
+        self.pauses = 0
+
+    def pause_reading(self) -> None:
+        self.paused = True
+        self.pauses += 1
+
+    def resume_reading(self) -> None:
+        self.paused = False
+
+
+@pytest.mark.parametrize("pipelined", [False, True], ids=["sends nothing more", "sends more"])
+def test_a_waiting_client_pauses_reading_only_when_it_sends_more(pipelined: bool) -> None:
+    """A client whose unit waits for a connection is not paused (a pause and a resume per waiting
+    transaction cost the event loop two changes of its epoll set); what it sends meanwhile is kept, reading
+    paused, and goes upstream after its unit once the connection is handed over, reading resumed."""
+
+    async def run() -> None:
+        app = _app(replica=False)
+        server, upstream = _upstream(app, "main")
+        holder, _ = await _login(app)
+        waiter, _ = await _login(app)
+        transport = _Pausable()
+        waiter.transport = transport  # type: ignore[assignment]
+        holder.data_received(Q1)
+        waiter.data_received(Q2)  # the pool's one connection is the holder's: waits
+        assert waiter.tx.waiting is not None
+        assert transport.pauses == 0
+        if pipelined:
+            waiter.data_received(Q1)
+            assert (transport.paused, waiter.buf) == (True, Q1)
+        upstream.writes.clear()
+        server.data_received(_select())  # the holder's reply: the connection is handed over
+        for _ in range(3):
+            await asyncio.sleep(0)
+        assert server.sink is waiter and not transport.paused
+        assert b"".join(upstream.writes) == (Q2 + Q1 if pipelined else Q2)
+        server.data_received(_select() + _select() if pipelined else _select())
+        assert b"".join(transport.writes) == (_select() + _select() if pipelined else _select())
+        assert transport.pauses == int(pipelined)
+
+    asyncio.run(run())
