@@ -7,7 +7,7 @@ Two framings exist on the wire (PostgreSQL 15 docs, 55.7 "Message Formats"):
 * everything after it: typed messages ``Byte1 type | Int32 length (incl. itself) | payload``.
 
 The data path forwards raw bytes and only needs message boundaries, so :func:`scan_messages` walks
-headers in place (``struct.unpack_from`` on the caller's buffer, no payload copies).
+headers in place (compiled: proxy/protocol/scan.pyx; no payload copies).
 """
 
 from __future__ import annotations
@@ -18,6 +18,7 @@ from dataclasses import dataclass, field
 from typing import Final
 
 from proxy.errors import PROTOCOL_VIOLATION, ProxyError
+from proxy.protocol.scan import scan_messages
 
 __all__ = [
     "CANCEL_REQUEST_CODE",
@@ -53,44 +54,10 @@ GSSENC_REQUEST_CODE: Final = 80877104  # 1234 << 16 | 5680
 _I32 = struct.Struct("!i")
 _unpack_i32 = _I32.unpack_from
 _U32_PAIR = struct.Struct("!II")
-_HEADER_LEN: Final = 5  # type byte + Int32 length
 
 
 def _violation(message: str, detail: str | None = None) -> ProxyError:
     return ProxyError(PROTOCOL_VIOLATION, message, detail=detail, severity="FATAL")
-
-
-def scan_messages(
-    buf: bytearray | bytes, start: int, max_length: int
-) -> tuple[list[tuple[int, int, int]], int]:
-    """Find the complete typed messages in ``buf[start:]``.
-
-    Returns ``(messages, offset)``: one ``(type_byte, msg_start, msg_end)`` per complete message, where
-    ``buf[msg_start:msg_end]`` is the whole message (header included; the payload starts at
-    ``msg_start + 5``), and the offset where the first incomplete message starts (``len(buf)`` when the
-    buffer ends exactly on a message boundary).
-
-    A length field below 4 or above ``max_length`` raises ProxyError 08P01 FATAL as soon as the 5-byte
-    header is available, before waiting for the body.
-    """
-    out: list[tuple[int, int, int]] = []
-    append = out.append
-    unpack = _unpack_i32
-    pos = start
-    n = len(buf)
-    while pos + _HEADER_LEN <= n:
-        (length,) = unpack(buf, pos + 1)
-        if length < 4 or length > max_length:
-            raise _violation(
-                "invalid message length",
-                f"message type 0x{buf[pos]:02x} declares length {length} (allowed 4..{max_length})",
-            )
-        end = pos + 1 + length
-        if end > n:
-            break
-        append((buf[pos], pos, end))
-        pos = end
-    return out, pos
 
 
 #: A message still missing more than this many bytes is collected chunk by chunk and joined once (linear),

@@ -1,15 +1,21 @@
 # cython: language_level=3, boundscheck=False, wraparound=False, initializedcheck=False
-"""The fast path's scanners, compiled (Cython): message headers only, no allocation, no copy.
+"""The fast path's scanners, compiled (Cython): message headers only, no copy.
 
-Each answers one question about a whole buffer of protocol messages in C; the fast path (``fast_unit`` in
-proxy/frontend/fast.py, ``ReplyQueue.whole_unit`` in proxy/backend/expect.py) acts on the answer, and anything
-they do not recognise goes to the Python slow path, which reads every message itself. ``literal_shape`` is
-the classification cache's key for SQL text whose literals change (proxy/router/classify.py). Built by
-``pip install .`` (setup.py); there is no Python twin.
+Each of ``whole_reply`` and ``extended_unit`` answers one question about a whole buffer of protocol messages
+in C, allocating nothing; the fast path (``fast_unit`` in proxy/frontend/fast.py, ``ReplyQueue.whole_unit``
+in proxy/backend/expect.py) acts on the answer, and anything they do not recognise goes to the Python slow
+path, which reads every message itself. ``scan_messages`` lists a buffer's complete messages (exported by
+proxy/protocol/framing.py): a waiting unit of the fast path's (``_fast_lease``) and the upstream's
+handshake are cut with it. ``literal_shape`` is the classification cache's key for SQL text whose literals
+change (proxy/router/classify.py). Built by ``pip install .`` (setup.py); there is no Python twin.
 """
 
+from cpython.bytearray cimport PyByteArray_AS_STRING, PyByteArray_GET_SIZE
 from cpython.bytes cimport PyBytes_AS_STRING, PyBytes_FromStringAndSize, PyBytes_GET_SIZE
+from libc.stdint cimport int32_t, uint32_t
 from libc.stdlib cimport free, malloc
+
+from proxy.errors import PROTOCOL_VIOLATION, ProxyError
 
 # Backend messages ``whole_reply`` lets through unread: what a statement answers that asks nothing of the
 # proxy (ParseComplete, BindComplete, CloseComplete, RowDescription, DataRow, CommandComplete, NoData,
@@ -26,6 +32,50 @@ for _i in range(16):
 cdef inline Py_ssize_t _length(const unsigned char* p) noexcept nogil:
     """The big-endian int32 length field at ``p``."""
     return (<Py_ssize_t>p[0] << 24) | (<Py_ssize_t>p[1] << 16) | (<Py_ssize_t>p[2] << 8) | p[3]
+
+
+def scan_messages(object buf not None, Py_ssize_t start, Py_ssize_t max_length):
+    """Find the complete typed messages in ``buf[start:]`` (bytes or bytearray; another buffer is copied).
+
+    Returns ``(messages, offset)``: one ``(type_byte, msg_start, msg_end)`` per complete message, where
+    ``buf[msg_start:msg_end]`` is the whole message (header included; the payload starts at
+    ``msg_start + 5``), and the offset where the first incomplete message starts (``len(buf)`` when the
+    buffer ends exactly on a message boundary).
+
+    A length field (a signed Int32) below 4 or above ``max_length`` raises ProxyError 08P01 FATAL as soon
+    as the 5-byte header is available, before waiting for the body.
+    """
+    cdef const unsigned char* p
+    cdef Py_ssize_t n, length, end
+    cdef Py_ssize_t pos = start
+    cdef list out = []
+    if start < 0:
+        raise ValueError(f"scan_messages: start {start} is negative")
+    if type(buf) is bytes:
+        p = <const unsigned char*>PyBytes_AS_STRING(buf)
+        n = PyBytes_GET_SIZE(buf)
+    elif isinstance(buf, bytearray):  # nothing below runs Python code that could resize it
+        p = <const unsigned char*>PyByteArray_AS_STRING(buf)
+        n = PyByteArray_GET_SIZE(buf)
+    else:
+        buf = bytes(buf)
+        p = <const unsigned char*>PyBytes_AS_STRING(buf)
+        n = PyBytes_GET_SIZE(buf)
+    while pos + 5 <= n:
+        length = <int32_t><uint32_t>_length(p + pos + 1)
+        if length < 4 or length > max_length:
+            raise ProxyError(
+                PROTOCOL_VIOLATION,
+                "invalid message length",
+                detail=f"message type 0x{p[pos]:02x} declares length {length} (allowed 4..{max_length})",
+                severity="FATAL",
+            )
+        end = pos + 1 + length
+        if end > n:
+            break
+        out.append((p[pos], pos, end))
+        pos = end
+    return out, pos
 
 
 def whole_reply(bytes buf not None) -> bool:

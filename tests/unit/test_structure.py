@@ -40,10 +40,11 @@ class Import:
     line: int
 
 
-def modules() -> dict[str, Path]:
-    """Every module of the package by dotted name (a package by its own name, for its __init__.py)."""
+def modules(compiled: bool = False) -> dict[str, Path]:
+    """Every module of the package by dotted name (a package by its own name, for its __init__.py);
+    ``compiled``: the Cython ones (.pyx) too, so that an import of one resolves to it, not to its package."""
     found = {}
-    for path in sorted(PACKAGE.rglob("*.py")):
+    for path in sorted([*PACKAGE.rglob("*.py"), *(PACKAGE.rglob("*.pyx") if compiled else [])]):
         parts = list(path.relative_to(ROOT).with_suffix("").parts)
         if parts[-1] == "__init__":
             parts.pop()
@@ -86,8 +87,13 @@ def _imports_of(module: str, path: Path, known: dict[str, Path]) -> Iterator[Imp
 
 
 def import_graph() -> dict[str, list[Import]]:
-    known = modules()
-    return {module: list(_imports_of(module, path, known)) for module, path in known.items()}
+    """Who imports whom. The compiled module's own imports are not read (proxy/protocol/scan.pyx imports
+    proxy.errors only)."""
+    known = modules(compiled=True)
+    return {
+        module: list(_imports_of(module, path, known)) if path.suffix == ".py" else []
+        for module, path in known.items()
+    }
 
 
 def cycles(graph: dict[str, list[Import]]) -> list[list[str]]:
