@@ -23,7 +23,7 @@ from typing import Protocol, cast
 
 from proxy.errors import PROTOCOL_VIOLATION, ProxyError
 from proxy.protocol import messages as m
-from proxy.protocol.scan import whole_reply
+from proxy.protocol.scan import begun_reply, whole_reply
 
 log = logging.getLogger("parafort.backend")
 
@@ -86,6 +86,9 @@ PLAIN_SYNC = Expect(K_SYNC, extended=True)
 # The ParseComplete the proxy answers for an unnamed Parse of a statement the connection keeps (with
 # statements.cache_unnamed), shared as the two above.
 SYNTH_PARSE_COMPLETE = Expect(K_SYNTH, data=m.parse_complete())
+# A BEGIN the proxy answered itself, sent in front of its transaction's first unit (``send_whole``,
+# proxy/frontend/send.py): its reply is dropped. Shared as the ones above.
+SWALLOWED_BEGIN = Expect(K_SYNC, SWALLOW)
 
 
 class Retry(Protocol):
@@ -208,9 +211,11 @@ class ReplyQueue:
     def whole_unit(self, buf: bytes) -> bool:
         """The fast path: ``buf`` is the whole reply to the one plain unit in flight (a batch sent as it
         was, with the shared expectation ``PLAIN_QUERY`` or ``PLAIN_SYNC``; or a kept statement's unit,
-        ``_kept_unit``), ending with its ReadyForQuery, and holds nothing the proxy must read
-        (``whole_reply``, compiled: proxy/protocol/scan.pyx). Then it goes to the client as it is, in one
-        call; True when it did. Anything else is ``feed``'s, which does the same with these bytes."""
+        ``_kept_unit``; or such a unit behind the BEGIN the proxy answered, ``SWALLOWED_BEGIN``), ending
+        with its ReadyForQuery, and holds nothing the proxy must read (``whole_reply``, ``begun_reply``:
+        compiled, proxy/protocol/scan.pyx). Then it goes to the client as it is (the BEGIN's reply
+        dropped), in one call; True when it did. Anything else is ``feed``'s, which does the same with these
+        bytes."""
         expect = self.expect
         if self._track_details or (sink := self.sink) is None:
             return False
@@ -218,15 +223,20 @@ class ReplyQueue:
         before = b""  # replies the proxy makes, sent first
         if len(expect) == 1:
             entry = expect[0]
-            if entry is not PLAIN_QUERY and entry is not PLAIN_SYNC:
+            if (entry is not PLAIN_QUERY and entry is not PLAIN_SYNC) or not whole_reply(buf):
                 return False
+        elif expect[0] is SWALLOWED_BEGIN:
+            if len(expect) != 2 or ((entry := expect[1]) is not PLAIN_QUERY and entry is not PLAIN_SYNC):
+                return False
+            start = begun_reply(buf)
+            if start < 0:
+                return False
+            buf = buf[start:]
         else:
             kept = self._kept_unit()
-            if kept is None:
+            if kept is None or not whole_reply(buf):
                 return False
             done, before = kept
-        if not whole_reply(buf):
-            return False
         self.status = status = buf[-1]
         expect.clear()
         self.needs_sync = False
@@ -543,6 +553,7 @@ __all__ = [
     "PLAIN_QUERY",
     "PLAIN_SYNC",
     "SWALLOW",
+    "SWALLOWED_BEGIN",
     "SWALLOW_OK",
     "Expect",
     "ReplyQueue",

@@ -23,6 +23,7 @@ from proxy.backend.expect import (
     PLAIN_QUERY,
     PLAIN_SYNC,
     SWALLOW,
+    SWALLOWED_BEGIN,
     SYNTH_PARSE_COMPLETE,
     Expect,
 )
@@ -208,7 +209,7 @@ def send_whole(  # noqa: PLR0917  (positional defaults: keyword-only ones cost a
     elif first == _Q:
         server.unnamed_owner = None
     if begin:
-        server.push(Expect(K_SYNC, SWALLOW))
+        server.push(SWALLOWED_BEGIN)
         data = begin + data
     server.push(PLAIN_QUERY if first == _Q else PLAIN_SYNC)
     if capture is None:

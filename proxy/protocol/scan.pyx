@@ -1,7 +1,7 @@
 # cython: language_level=3, boundscheck=False, wraparound=False, initializedcheck=False
 """The fast path's scanners, compiled (Cython): message headers only, no copy.
 
-Each of ``whole_reply`` and ``extended_unit`` answers one question about a whole buffer of protocol messages
+Each of ``whole_reply``, ``begun_reply`` and ``extended_unit`` answers one question about a whole buffer of protocol messages
 in C, allocating nothing; the fast path (``fast_unit`` in proxy/frontend/fast.py, ``ReplyQueue.whole_unit``
 in proxy/backend/expect.py) acts on the answer, and anything they do not recognise goes to the Python slow
 path, which reads every message itself. ``scan_messages`` lists a buffer's complete messages (exported by
@@ -78,14 +78,11 @@ def scan_messages(object buf not None, Py_ssize_t start, Py_ssize_t max_length):
     return out, pos
 
 
-def whole_reply(bytes buf not None) -> bool:
-    """Whether ``buf`` is exactly backend messages of the plain kinds above, then one ReadyForQuery that
-    ends it (its status byte is ``buf[-1]``); every length is checked (at least 4, in bounds)."""
-    cdef const unsigned char* p = <const unsigned char*>PyBytes_AS_STRING(buf)
-    cdef Py_ssize_t last = PyBytes_GET_SIZE(buf) - 6
-    cdef Py_ssize_t pos = 0
+cdef bint _whole(const unsigned char* p, Py_ssize_t pos, Py_ssize_t n) noexcept nogil:
+    """``whole_reply`` of ``p[pos:n]``."""
+    cdef Py_ssize_t last = n - 6
     cdef Py_ssize_t length
-    if last < 0 or p[last] != b"Z" or _length(p + last + 1) != 5:
+    if last < pos or p[last] != b"Z" or _length(p + last + 1) != 5:
         return False
     while pos < last:
         if pos + 5 > last:
@@ -95,6 +92,29 @@ def whole_reply(bytes buf not None) -> bool:
             return False
         pos += 1 + length
     return pos == last
+
+
+def whole_reply(bytes buf not None) -> bool:
+    """Whether ``buf`` is exactly backend messages of the plain kinds above, then one ReadyForQuery that
+    ends it (its status byte is ``buf[-1]``); every length is checked (at least 4, in bounds)."""
+    return _whole(<const unsigned char*>PyBytes_AS_STRING(buf), 0, PyBytes_GET_SIZE(buf))
+
+
+def begun_reply(bytes buf not None) -> int:
+    """Where the rest starts when ``buf`` opens with exactly the reply to a BEGIN the proxy sent in front
+    of a unit — one CommandComplete, then a ReadyForQuery — and the rest is a whole reply as
+    ``whole_reply`` takes it; -1 for anything else (a notice, an error, a message more)."""
+    cdef const unsigned char* p = <const unsigned char*>PyBytes_AS_STRING(buf)
+    cdef Py_ssize_t n = PyBytes_GET_SIZE(buf)
+    cdef Py_ssize_t pos, length
+    if n < 11 or p[0] != b"C":
+        return -1
+    length = _length(p + 1)
+    pos = 1 + length
+    if length < 4 or pos + 6 > n or p[pos] != b"Z" or _length(p + pos + 1) != 5:
+        return -1
+    pos += 6
+    return pos if _whole(p, pos, n) else -1
 
 
 def extended_unit(bytes data not None) -> int:

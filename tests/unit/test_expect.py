@@ -22,8 +22,11 @@ from proxy.backend.expect import (
     K_PARSE,
     K_SYNC,
     K_SYNTH,
+    PLAIN_QUERY,
+    PLAIN_SYNC,
     SWALLOW,
     SWALLOW_OK,
+    SWALLOWED_BEGIN,
     Expect,
     ReplyQueue,
 )
@@ -129,6 +132,46 @@ def test_plain_sync_unit_is_forwarded_untouched_in_one_write() -> None:
     assert sink.raw[0] is replies  # the buffer itself: no copy, no join
     assert sink.events[1] == ("ready", "I")
     assert not q.expect
+
+
+BEGUN = m.command_complete("BEGIN") + IN_TX
+NOTICE = msg(b"N", b"SWARNING\0C25001\0Mthere is already a transaction in progress\0\0")
+
+
+@pytest.mark.parametrize(
+    ("unit", "replies", "whole"),
+    [
+        (PLAIN_SYNC, BEGUN + PARSE_1 + BIND_2 + m.command_complete("UPDATE 1") + IN_TX, True),
+        (PLAIN_QUERY, BEGUN + m.command_complete("UPDATE 1") + IN_TX, True),
+        (PLAIN_QUERY, NOTICE + BEGUN + m.command_complete("UPDATE 1") + IN_TX, False),  # the notice: dropped
+        (PLAIN_SYNC, error("25P02") + IN_TX + PARSE_1 + BIND_2 + ROWS + IN_TX, False),
+        (PLAIN_SYNC, BEGUN + PARSE_1 + SYNTAX + FAILED, False),  # the unit's error: feed reads it
+    ],
+    ids=["extended", "simple", "notice", "begin failed", "unit failed"],
+)
+def test_a_unit_behind_the_proxys_begin_answers_as_feed_does(
+    unit: Expect, replies: bytes, whole: bool
+) -> None:
+    """The first unit of a transaction whose BEGIN the proxy answered goes upstream behind that BEGIN
+    (``SWALLOWED_BEGIN``): ``whole_unit`` drops the BEGIN's reply and forwards the unit's in one write when
+    both are plain, else leaves all to ``feed``; the client hears the same either way."""
+    fast, fast_sink = queue(SWALLOWED_BEGIN, unit)
+    slow, slow_sink = queue(SWALLOWED_BEGIN, unit)
+    assert fast.whole_unit(replies) is whole
+    if not whole:
+        feed_all(fast, replies)
+    feed_all(slow, replies)
+    assert fast_sink.data == slow_sink.data
+    assert [e for e in fast_sink.events if e[0] == "ready"] == [
+        e for e in slow_sink.events if e[0] == "ready"
+    ]
+    assert (fast.status, list(fast.expect), fast.needs_sync) == (
+        slow.status,
+        list(slow.expect),
+        slow.needs_sync,
+    )
+    if whole:
+        assert fast_sink.kinds() == ["data", "ready"] and not fast_sink.data.startswith(BEGUN)
 
 
 def test_ready_for_query_status_is_reported_and_kept() -> None:

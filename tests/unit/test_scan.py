@@ -12,7 +12,7 @@ from hypothesis import given, settings
 from hypothesis import strategies as st
 
 from proxy.protocol import messages as m
-from proxy.protocol.scan import extended_unit, literal_shape, whole_reply
+from proxy.protocol.scan import begun_reply, extended_unit, literal_shape, whole_reply
 
 PLAIN = b"123TDCnstIVNAHdc"
 
@@ -42,6 +42,16 @@ def _whole_reply_oracle(buf: bytes) -> bool:
     if not msgs or msgs[-1][0] != ord("Z") or msgs[-1][2] - msgs[-1][1] != 6:
         return False
     return all(kind in PLAIN for kind, _, _ in msgs[:-1])
+
+
+def _begun_reply_oracle(buf: bytes) -> int:
+    msgs = _messages(buf)
+    if msgs is None or len(msgs) < 3 or msgs[0][0] != ord("C") or msgs[1][0] != ord("Z"):
+        return -1
+    if msgs[1][2] - msgs[1][1] != 6:
+        return -1
+    start = msgs[1][2]
+    return start if _whole_reply_oracle(buf[start:]) else -1
 
 
 def _extended_unit_oracle(data: bytes) -> int:
@@ -107,6 +117,18 @@ def test_whole_reply_matches_a_plain_reading(buf: bytes, where: int, value: int,
 
 
 @settings(max_examples=600, deadline=None)
+@given(replies(), replies(), st.integers(0, 10_000), st.integers(0, 255), st.integers(0, 3))
+def test_begun_reply_matches_a_plain_reading(
+    first: bytes, rest: bytes, where: int, value: int, cut: int
+) -> None:
+    begun = m.command_complete("BEGIN") + m.ready_for_query(b"T")
+    for head in (begun, first):
+        buf = head + rest
+        for candidate in (buf, _corrupt(buf, where, value), buf[: len(buf) - cut], buf + b"Z"):
+            assert begun_reply(candidate) == _begun_reply_oracle(candidate), candidate
+
+
+@settings(max_examples=600, deadline=None)
 @given(units(), st.integers(0, 10_000), st.integers(0, 255), st.integers(0, 3))
 def test_extended_unit_matches_a_plain_reading(data: bytes, where: int, value: int, cut: int) -> None:
     for candidate in (data, _corrupt(data, where, value), data[: len(data) - cut], data + m.sync()):
@@ -128,6 +150,13 @@ def test_the_common_cases() -> None:
     assert not whole_reply(reply[:-1])
     assert not whole_reply(_msg(ord("S"), b"a\0b\0") + reply)  # a setting: the slow path records it
     assert not whole_reply(b"")
+    begun = m.command_complete("BEGIN") + m.ready_for_query(b"T")
+    assert begun_reply(begun + reply) == len(begun)
+    assert begun_reply(begun) == -1  # the unit's own reply is not there yet
+    assert begun_reply(begun + reply[:-1]) == -1
+    notice = _msg(ord("N"), b"SWARNING\0C25001\0Mthere is already a transaction in progress\0\0")
+    assert begun_reply(notice + begun + reply) == -1  # more than the BEGIN's success: feed's
+    assert begun_reply(b"") == -1
 
 
 # literal_shape: the classification cache's key (proxy/router/classify.py), against pglast's own scanner.
