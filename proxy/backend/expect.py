@@ -221,12 +221,13 @@ class ReplyQueue:
             return False
         done: Callable[[bool], None] | None = None
         before = b""  # replies the proxy makes, sent first
-        if len(expect) == 1:
+        n = len(expect)
+        if n == 1:
             entry = expect[0]
             if (entry is not PLAIN_QUERY and entry is not PLAIN_SYNC) or not whole_reply(buf):
                 return False
-        elif expect[0] is SWALLOWED_BEGIN:
-            if len(expect) != 2 or ((entry := expect[1]) is not PLAIN_QUERY and entry is not PLAIN_SYNC):
+        elif n == 2 and expect[0] is SWALLOWED_BEGIN:
+            if (entry := expect[1]) is not PLAIN_QUERY and entry is not PLAIN_SYNC:
                 return False
             start = begun_reply(buf)
             if start < 0:

@@ -174,6 +174,17 @@ def test_a_unit_behind_the_proxys_begin_answers_as_feed_does(
         assert fast_sink.kinds() == ["data", "ready"] and not fast_sink.data.startswith(BEGUN)
 
 
+def test_whole_unit_leaves_replies_nothing_awaits_to_feed() -> None:
+    """A notification while nothing is expected (a LISTENing client between units), or a ReadyForQuery
+    that no entry awaits: not a unit's reply, so ``whole_unit`` declines and ``feed`` reads it."""
+    q, sink = queue()
+    notification = msg(b"A", struct.pack("!I", 42) + b"chan\0hi\0")
+    assert not q.whole_unit(notification)
+    assert not q.whole_unit(m.command_complete("SELECT 1") + IDLE)
+    feed_all(q, notification)
+    assert sink.data == notification
+
+
 def test_ready_for_query_status_is_reported_and_kept() -> None:
     q, sink = queue(Expect(K_SYNC), Expect(K_SYNC), Expect(K_SYNC))
     feed_all(q, m.command_complete("BEGIN") + IN_TX + error("22012") + FAILED)
