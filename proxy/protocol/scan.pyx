@@ -1,13 +1,14 @@
 # cython: language_level=3, boundscheck=False, wraparound=False, initializedcheck=False
 """The fast path's scanners, compiled (Cython): message headers only, no copy.
 
-Each of ``whole_reply``, ``begun_reply`` and ``extended_unit`` answers one question about a whole buffer of protocol messages
-in C, allocating nothing; the fast path (``fast_unit`` in proxy/frontend/fast.py, ``ReplyQueue.whole_unit``
-in proxy/backend/expect.py) acts on the answer, and anything they do not recognise goes to the Python slow
-path, which reads every message itself. ``scan_messages`` lists a buffer's complete messages (exported by
-proxy/protocol/framing.py): a waiting unit of the fast path's (``_fast_lease``) and the upstream's
-handshake are cut with it. ``literal_shape`` is the classification cache's key for SQL text whose literals
-change (proxy/router/classify.py). Built by ``pip install .`` (setup.py); there is no Python twin.
+Each of ``whole_reply``, ``begun_reply`` and ``extended_unit`` answers one question about a whole buffer
+of protocol messages in C, allocating nothing; the fast path (``fast_unit`` in proxy/frontend/fast.py,
+``ReplyQueue.whole_unit`` in proxy/backend/expect.py) acts on the answer, and anything they do not
+recognise goes to the Python slow path, which reads every message itself. ``scan_messages`` lists a
+buffer's complete messages (exported by proxy/protocol/framing.py): a waiting unit of the fast path's
+(``_fast_lease``) and the upstream's handshake are cut with it. ``literal_shape`` is the classification
+cache's key for SQL text whose literals change (proxy/router/classify.py). Built by ``pip install .``
+(setup.py); there is no Python twin.
 """
 
 from cpython.bytearray cimport PyByteArray_AS_STRING, PyByteArray_GET_SIZE
