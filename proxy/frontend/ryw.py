@@ -208,6 +208,7 @@ class Capture:
         capture goes in the same write, and PostgreSQL runs it as soon as that unit has ended."""
         server = self.server
         self.writes.begin(self.key)
+        server.unnamed_owner = None  # a simple Query: PostgreSQL drops the unnamed statement
         server.push(Expect(K_SYNC, SWALLOW, on_done=self._done, on_row=self._row))
         query = CAPTURE_QUERY if server.identity is not None else IDENTITY_QUERY
         server.send(behind + query if behind else query)

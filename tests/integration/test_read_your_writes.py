@@ -336,3 +336,22 @@ def test_min_lsn_extended_error_skips_to_sync(delayed: None, start_proxy: StartP
         assert [t for t, _ in got] == [ord("T"), ord("D"), ord("C"), ord("Z")], got
     finally:
         s.close()
+
+
+def test_unnamed_statement_outlives_the_capture(table: str, start_proxy: StartProxy) -> None:
+    """A client may Bind its unnamed statement again in a later Sync without a new Parse (PostgreSQL keeps
+    it until the next unnamed Parse or simple Query). The capture after an autocommit write is a simple
+    Query on the same connection, which destroys the unnamed statement upstream: the client's Bind must
+    still succeed, as it would on a direct connection."""
+    proxy = ryw_proxy(start_proxy, "user")
+    s = Session(proxy)
+    try:
+        insert = m.parse("", "INSERT INTO ryw_t SELECT coalesce(max(id), 0) + 1 FROM ryw_t")
+        for send in (insert + BIND + EXECUTE + m.sync(), BIND + EXECUTE + m.sync(), BIND + EXECUTE + m.sync()):
+            got = _replies(s, send)
+            types = [t for t, _ in got if t != m.B.PARAMETER_STATUS]
+            assert types[-3:] == [ord("2"), ord("C"), ord("Z")], got
+        got = _replies(s, m.query("SELECT count(*) FROM ryw_t"))
+        assert [p for t, p in got if t == ord("D")] == [b"\x00\x01\x00\x00\x00\x013"], got
+    finally:
+        s.close()
