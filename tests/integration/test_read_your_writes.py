@@ -347,7 +347,8 @@ def test_unnamed_statement_outlives_the_capture(table: str, start_proxy: StartPr
     s = Session(proxy)
     try:
         insert = m.parse("", "INSERT INTO ryw_t SELECT coalesce(max(id), 0) + 1 FROM ryw_t")
-        for send in (insert + BIND + EXECUTE + m.sync(), BIND + EXECUTE + m.sync(), BIND + EXECUTE + m.sync()):
+        again = BIND + EXECUTE + m.sync()
+        for send in (insert + again, again, again):
             got = _replies(s, send)
             types = [t for t, _ in got if t != m.B.PARAMETER_STATUS]
             assert types[-3:] == [ord("2"), ord("C"), ord("Z")], got
