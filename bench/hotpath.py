@@ -177,9 +177,6 @@ TPCB = (
     ("END", 0),
 )
 _TAGS = {b"BEGIN": b"BEGIN", b"END": b"COMMIT", b"UPDATE": b"UPDATE 1", b"INSERT": b"INSERT 0 1"}
-_LSN = m.row_description([("pg_current_wal_insert_lsn", 3220)]) + _message(
-    b"D", struct.pack("!hi", 1, 9) + b"0/3000060"
-)
 
 
 def _tpcb_unit(sql: str, params: int) -> bytes:
@@ -222,6 +219,7 @@ def _tpcb_replies(sent: bytes) -> bytes:
         elif mtype == ord("Q"):  # the capture: main's position (the first reads its identity too)
             values = [b"0/3000060"] + ([b"1"] * 3 if b"system_identifier" in body else [])
             row = struct.pack("!h", len(values)) + b"".join(struct.pack("!I", len(v)) + v for v in values)
+            out += m.row_description([(f"c{n}", 25) for n in range(len(values))])  # as PostgreSQL: T D C Z
             out += _message(b"D", row) + m.command_complete("SELECT 1") + m.ready_for_query(b"I")
         pos += 1 + length
     return bytes(out)

@@ -23,7 +23,7 @@ from typing import Protocol, cast
 
 from proxy.errors import PROTOCOL_VIOLATION, ProxyError
 from proxy.protocol import messages as m
-from proxy.protocol.scan import begun_reply, whole_reply
+from proxy.protocol.scan import begun_reply, captured_reply, whole_reply
 
 log = logging.getLogger("parafort.backend")
 
@@ -211,9 +211,10 @@ class ReplyQueue:
     def whole_unit(self, buf: bytes) -> bool:
         """The fast path: ``buf`` is the whole reply to the one plain unit in flight (a batch sent as it
         was, with the shared expectation ``PLAIN_QUERY`` or ``PLAIN_SYNC``; or a kept statement's unit,
-        ``_kept_unit``; or such a unit behind the BEGIN the proxy answered, ``SWALLOWED_BEGIN``), ending
-        with its ReadyForQuery, and holds nothing the proxy must read (``whole_reply``, ``begun_reply``:
-        compiled, proxy/protocol/scan.pyx). Then it goes to the client as it is (the BEGIN's reply
+        ``_kept_unit``; or such a unit behind the BEGIN the proxy answered, ``SWALLOWED_BEGIN``; or a unit
+        with read-your-writes' capture behind it, ``_captured_unit``), ending with its ReadyForQuery, and
+        holds nothing the proxy must read (``whole_reply``, ``begun_reply``, ``captured_reply``: compiled,
+        proxy/protocol/scan.pyx). Then it goes to the client as it is (the BEGIN's reply
         dropped), in one call; True when it did. Anything else is ``feed``'s, which does the same with these
         bytes."""
         expect = self.expect
@@ -233,6 +234,8 @@ class ReplyQueue:
             if start < 0:
                 return False
             buf = buf[start:]
+        elif n == 2 and expect[1].on_row is not None:
+            return self._captured_unit(buf, sink)
         else:
             kept = self._kept_unit()
             if kept is None or not whole_reply(buf):
@@ -245,6 +248,36 @@ class ReplyQueue:
             done(True)  # a whole plain reply: the Bind succeeded
         sink.upstream_data(before + buf if before else buf)
         sink.upstream_ready(status)
+        return True
+
+    def _captured_unit(self, buf: bytes, sink: Sink) -> bool:
+        """For ``whole_unit``: ``buf`` is the whole reply to a plain unit (a COMMIT's) and to
+        read-your-writes' capture sent behind it (``Capture.send``), as ``captured_reply`` reads it. As
+        ``feed`` does with those bytes: the row to the capture, the unit's ReadyForQuery held for the
+        position the capture reports (``emit``), all of it to the client in one call, then
+        ``upstream_ready``."""
+        expect = self.expect
+        entry, capture = expect
+        if (entry is not PLAIN_QUERY and entry is not PLAIN_SYNC) or self._held_ready:
+            return False
+        found = captured_reply(buf)
+        if found is None or capture.on_row is None or capture.on_done is None:
+            return False
+        ready, row = found
+        self.status = status = buf[-1]
+        expect.clear()
+        self.needs_sync = False
+        capture.on_row(row)
+        out: list[bytes | memoryview] = [buf[:ready]]
+        self._out = out
+        try:
+            capture.on_done(True)
+        finally:
+            self._out = None
+        if self.sink is not None:
+            out.append(buf[ready : ready + 6])
+            _flush(sink, out)
+            sink.upstream_ready(status)
         return True
 
     def _kept_unit(self) -> tuple[Callable[[bool], None] | None, bytes] | None:
@@ -296,7 +329,7 @@ class ReplyQueue:
                 continue
             entry = expect[0]
             if mtype == _Z and entry.kind != K_SYNC:
-                entry = self._skip_to_next_sync()
+                entry = _skip_to_next_sync(expect)
             if entry.action != FORWARD:  # injected by the proxy: its replies are dropped
                 if pos > run:
                     out.append(view[run:pos])
@@ -329,7 +362,7 @@ class ReplyQueue:
                 if self._track_details and entry.action == FORWARD and self.sink is not None:
                     self.sink.upstream_command_tag(bytes(buf[pos + 5 : end - 1]))
             elif mtype == _G and entry.extended_copy():
-                entry = self._copy_in_started()
+                entry = _copy_in_started(expect)
             pos = end
             if entry.kind != K_SYNC and mtype in _END[entry.kind]:
                 expect.popleft()
@@ -427,7 +460,7 @@ class ReplyQueue:
         expect = self.expect
         if (
             entry.retry is not None
-            and self._only_unit_queued()
+            and _only_unit_queued(expect)
             and _stale_plan(buf, pos, end)
             and entry.retry.applies()
         ):
@@ -436,7 +469,7 @@ class ReplyQueue:
             if pos > run:
                 out.append(memoryview(buf)[run:pos])
             retry = entry.retry
-            self._skip_to_sync(entry)
+            _skip_to_sync(expect, entry)
             if expect:
                 expect[0] = dataclasses.replace(expect[0], action=SWALLOW)
             retry()
@@ -446,25 +479,8 @@ class ReplyQueue:
         if entry.kind != K_SYNC:
             # Extended protocol: the server now skips everything up to the next Sync (replies the proxy
             # would have synthesized for messages in between are dropped too, as the server's would be).
-            self._skip_to_sync(entry)
+            _skip_to_sync(expect, entry)
         return run
-
-    def _only_unit_queued(self) -> bool:
-        """Whether the expectations queued end at the first Sync (no later batch is in flight)."""
-        return sum(1 for e in self.expect if e.kind == K_SYNC) == 1 and self.expect[-1].kind == K_SYNC
-
-    def _skip_to_next_sync(self) -> Expect:
-        """A ReadyForQuery under an entry that is not a Sync's: the server skipped those messages (it was
-        still skipping after an earlier error, which a Flush-terminated batch reported), so their replies
-        never come. Returns the Sync's entry; ProxyError 08P01 when there is none."""
-        expect = self.expect
-        while expect and expect[0].kind != K_SYNC:
-            dropped = expect.popleft()
-            if dropped.on_done is not None:
-                dropped.on_done(False)
-        if not expect:
-            raise ProxyError(PROTOCOL_VIOLATION, "ReadyForQuery out of turn from upstream")
-        return expect[0]
 
     def _take_synth(self, out: list[bytes | memoryview], view: memoryview, run: int, pos: int) -> int:
         """Emit synthesized replies now at the head of the queue, after the bytes forwarded so far."""
@@ -475,36 +491,56 @@ class ReplyQueue:
             out.append(expect.popleft().data)
         return pos
 
-    def _copy_in_started(self) -> Expect:
-        """COPY FROM STDIN started by an extended-protocol Execute: the server ignores the Sync already
-        sent after it, so that Sync's ReadyForQuery never comes; the Execute's unit now ends at
-        CommandComplete (or an error), and the client's next Sync gets the ReadyForQuery. Returns the
-        entry now at the head."""
-        expect = self.expect
-        head = expect[0]
-        if head.kind == K_SYNC:
-            expect[0] = head = dataclasses.replace(head, kind=K_EXECUTE)
-            return head
-        for i, entry in enumerate(expect):
-            if entry.kind == K_SYNC:
-                del expect[i]
-                break
-        return expect[0]
-
-    def _skip_to_sync(self, failed: Expect) -> None:
-        """After an error the server ignores messages up to Sync: drop their expectations too."""
-        expect = self.expect
-        expect.popleft()
-        if failed.on_done is not None:
-            failed.on_done(False)
-        while expect and expect[0].kind != K_SYNC:
-            dropped = expect.popleft()
-            if dropped.on_done is not None:
-                dropped.on_done(False)
-
     def _parameter_status(self, buf: bytes, pos: int, end: int) -> None:
         name, value = m.decode_parameter_status(memoryview(buf)[pos + 5 : end])
         self.parameters[name] = value
+
+
+def _only_unit_queued(expect: deque[Expect]) -> bool:
+    """Whether the expectations queued end at the first Sync (no later batch is in flight)."""
+    return sum(1 for e in expect if e.kind == K_SYNC) == 1 and expect[-1].kind == K_SYNC
+
+
+def _skip_to_next_sync(expect: deque[Expect]) -> Expect:
+    """A ReadyForQuery under an entry that is not a Sync's: the server skipped those messages (it was
+    still skipping after an earlier error, which a Flush-terminated batch reported), so their replies
+    never come. Returns the Sync's entry; ProxyError 08P01 when there is none."""
+    _drop_until_sync(expect)
+    if not expect:
+        raise ProxyError(PROTOCOL_VIOLATION, "ReadyForQuery out of turn from upstream")
+    return expect[0]
+
+
+def _copy_in_started(expect: deque[Expect]) -> Expect:
+    """COPY FROM STDIN started by an extended-protocol Execute: the server ignores the Sync already
+    sent after it, so that Sync's ReadyForQuery never comes; the Execute's unit now ends at
+    CommandComplete (or an error), and the client's next Sync gets the ReadyForQuery. Returns the
+    entry now at the head."""
+    head = expect[0]
+    if head.kind == K_SYNC:
+        expect[0] = head = dataclasses.replace(head, kind=K_EXECUTE)
+        return head
+    for i, entry in enumerate(expect):
+        if entry.kind == K_SYNC:
+            del expect[i]
+            break
+    return expect[0]
+
+
+def _skip_to_sync(expect: deque[Expect], failed: Expect) -> None:
+    """After an error the server ignores messages up to Sync: drop their expectations too."""
+    expect.popleft()
+    if failed.on_done is not None:
+        failed.on_done(False)
+    _drop_until_sync(expect)
+
+
+def _drop_until_sync(expect: deque[Expect]) -> None:
+    """Drop the expectations before the next Sync's, whose replies never come (``on_done(False)``)."""
+    while expect and expect[0].kind != K_SYNC:
+        dropped = expect.popleft()
+        if dropped.on_done is not None:
+            dropped.on_done(False)
 
 
 def _flush(sink: Sink, out: list[bytes | memoryview]) -> None:

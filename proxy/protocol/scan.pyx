@@ -1,14 +1,14 @@
 # cython: language_level=3, boundscheck=False, wraparound=False, initializedcheck=False
 """The fast path's scanners, compiled (Cython): message headers only, no copy.
 
-Each of ``whole_reply``, ``begun_reply`` and ``extended_unit`` answers one question about a whole buffer
-of protocol messages in C, allocating nothing; the fast path (``fast_unit`` in proxy/frontend/fast.py,
-``ReplyQueue.whole_unit`` in proxy/backend/expect.py) acts on the answer, and anything they do not
-recognise goes to the Python slow path, which reads every message itself. ``scan_messages`` lists a
-buffer's complete messages (exported by proxy/protocol/framing.py): a waiting unit of the fast path's
-(``_fast_lease``) and the upstream's handshake are cut with it. ``literal_shape`` is the classification
-cache's key for SQL text whose literals change (proxy/router/classify.py). Built by ``pip install .``
-(setup.py); there is no Python twin.
+Each of ``whole_reply``, ``begun_reply``, ``captured_reply`` and ``extended_unit`` answers one question
+about a whole buffer of protocol messages in C, allocating nothing but its answer; the fast path
+(``fast_unit`` in proxy/frontend/fast.py, ``ReplyQueue.whole_unit`` in proxy/backend/expect.py) acts on
+the answer, and anything they do not recognise goes to the Python slow path, which reads every message
+itself. ``scan_messages`` lists a buffer's complete messages (exported by proxy/protocol/framing.py): a
+waiting unit of the fast path's (``_fast_lease``) and the upstream's handshake are cut with it.
+``literal_shape`` is the classification cache's key for SQL text whose literals change
+(proxy/router/classify.py). Built by ``pip install .`` (setup.py); there is no Python twin.
 """
 
 from cpython.bytearray cimport PyByteArray_AS_STRING, PyByteArray_GET_SIZE
@@ -116,6 +116,54 @@ def begun_reply(bytes buf not None) -> int:
         return -1
     pos += 6
     return pos if _whole(p, pos, n) else -1
+
+
+cdef Py_ssize_t _ready_after_plain(const unsigned char* p, Py_ssize_t n) noexcept nogil:
+    """Where the first ReadyForQuery starts when ``p[:n]`` opens with plain messages (as ``_whole``
+    takes them) then one; -1 for anything else."""
+    cdef Py_ssize_t pos = 0
+    cdef Py_ssize_t length
+    while pos + 5 <= n:
+        length = _length(p + pos + 1)
+        if p[pos] == b"Z":
+            return pos if length == 5 and pos + 6 <= n else -1
+        if length < 4 or not _PLAIN[p[pos]]:
+            return -1
+        pos += 1 + length
+    return -1
+
+
+cdef Py_ssize_t _next(
+    const unsigned char* p, Py_ssize_t pos, Py_ssize_t n, unsigned char kind
+) noexcept nogil:
+    """The end of the message of type ``kind`` at ``pos`` (length at least 4, in bounds); -1 otherwise."""
+    cdef Py_ssize_t length
+    if pos + 5 > n or p[pos] != kind:
+        return -1
+    length = _length(p + pos + 1)
+    if length < 4 or pos + 1 + length > n:
+        return -1
+    return pos + 1 + length
+
+
+def captured_reply(bytes buf not None):
+    """``(ready, row)`` when ``buf`` is exactly a whole reply as ``whole_reply`` takes it, whose
+    ReadyForQuery starts at ``ready``, then the reply to read-your-writes' capture query behind it —
+    RowDescription, one DataRow (``row``: its payload), CommandComplete, ReadyForQuery — and nothing
+    more; None for anything else (an error, a notice or a setting in the capture's reply, a message more
+    or less)."""
+    cdef const unsigned char* p = <const unsigned char*>PyBytes_AS_STRING(buf)
+    cdef Py_ssize_t n = PyBytes_GET_SIZE(buf)
+    cdef Py_ssize_t ready = _ready_after_plain(p, n)
+    cdef Py_ssize_t row, pos
+    if ready < 0:
+        return None
+    row = _next(p, ready + 6, n, b"T")
+    pos = _next(p, row, n, b"D") if row >= 0 else -1
+    pos = _next(p, pos, n, b"C") if pos >= 0 else -1
+    if pos < 0 or pos + 6 != n or p[pos] != b"Z" or _length(p + pos + 1) != 5:
+        return None
+    return ready, PyBytes_FromStringAndSize(<const char*>p + row + 5, _length(p + row + 1) - 4)
 
 
 def extended_unit(bytes data not None) -> int:

@@ -12,7 +12,7 @@ from hypothesis import given, settings
 from hypothesis import strategies as st
 
 from proxy.protocol import messages as m
-from proxy.protocol.scan import begun_reply, extended_unit, literal_shape, whole_reply
+from proxy.protocol.scan import begun_reply, captured_reply, extended_unit, literal_shape, whole_reply
 
 PLAIN = b"123TDCnstIVNAHdc"
 
@@ -52,6 +52,18 @@ def _begun_reply_oracle(buf: bytes) -> int:
         return -1
     start = msgs[1][2]
     return start if _whole_reply_oracle(buf[start:]) else -1
+
+
+def _captured_reply_oracle(buf: bytes) -> tuple[int, bytes] | None:
+    msgs = _messages(buf)
+    kinds = bytes(kind for kind, _, _ in msgs or [])
+    ready = kinds.find(b"Z")
+    if msgs is None or ready < 0 or not _whole_reply_oracle(buf[: msgs[ready][2]]):
+        return None
+    if kinds[ready + 1 :] != b"TDCZ" or msgs[-1][2] - msgs[-1][1] != 6:
+        return None
+    _, row, row_end = msgs[ready + 2]
+    return msgs[ready][1], buf[row + 5 : row_end]
 
 
 def _extended_unit_oracle(data: bytes) -> int:
@@ -126,6 +138,18 @@ def test_begun_reply_matches_a_plain_reading(
         buf = head + rest
         for candidate in (buf, _corrupt(buf, where, value), buf[: len(buf) - cut], buf + b"Z"):
             assert begun_reply(candidate) == _begun_reply_oracle(candidate), candidate
+
+
+@settings(max_examples=600, deadline=None)
+@given(replies(), replies(), st.integers(0, 10_000), st.integers(0, 255), st.integers(0, 3))
+def test_captured_reply_matches_a_plain_reading(
+    first: bytes, rest: bytes, where: int, value: int, cut: int
+) -> None:
+    captured = m.row_description([("lsn", 3220)]) + m.data_row(["0/3000060"]) + m.command_complete("SELECT 1")
+    for tail in (captured + m.ready_for_query(b"I"), rest):
+        buf = first + tail
+        for candidate in (buf, _corrupt(buf, where, value), buf[: len(buf) - cut], buf + b"Z"):
+            assert captured_reply(candidate) == _captured_reply_oracle(candidate), candidate
 
 
 @settings(max_examples=600, deadline=None)
