@@ -23,7 +23,7 @@ from typing import Protocol, cast
 
 from proxy.errors import PROTOCOL_VIOLATION, ProxyError
 from proxy.protocol import messages as m
-from proxy.protocol.scan import begun_reply, captured_reply, whole_reply
+from proxy.protocol.scan import begun_reply, capture_row, captured_reply, whole_reply
 
 log = logging.getLogger("parafort.backend")
 
@@ -225,6 +225,8 @@ class ReplyQueue:
         n = len(expect)
         if n == 1:
             entry = expect[0]
+            if entry.on_row is not None:  # read-your-writes' capture
+                return self._capture_done(buf, capture_row(buf), b"", sink)
             if (entry is not PLAIN_QUERY and entry is not PLAIN_SYNC) or not whole_reply(buf):
                 return False
         elif n == 2 and expect[0] is SWALLOWED_BEGIN:
@@ -251,32 +253,53 @@ class ReplyQueue:
         return True
 
     def _captured_unit(self, buf: bytes, sink: Sink) -> bool:
-        """For ``whole_unit``: ``buf`` is the whole reply to a plain unit (a COMMIT's) and to
-        read-your-writes' capture sent behind it (``Capture.send``), as ``captured_reply`` reads it. As
-        ``feed`` does with those bytes: the row to the capture, the unit's ReadyForQuery held for the
-        position the capture reports (``emit``), all of it to the client in one call, then
-        ``upstream_ready``."""
+        """For ``whole_unit``: the queue is a plain unit (a COMMIT's) with read-your-writes' capture sent
+        behind it (``Capture.send``). ``buf`` is the unit's whole reply (PostgreSQL flushes it before it
+        runs the capture), or that and the capture's (``captured_reply``). As ``feed``: the unit's reply
+        goes to the client but its ReadyForQuery, held for the position the capture reports (then
+        ``_capture_done``)."""
         expect = self.expect
-        entry, capture = expect
-        if (entry is not PLAIN_QUERY and entry is not PLAIN_SYNC) or self._held_ready:
+        if (expect[0] is not PLAIN_QUERY and expect[0] is not PLAIN_SYNC) or self._held_ready:
             return False
+        if whole_reply(buf):
+            self.status = buf[-1]
+            expect.popleft()
+            self.needs_sync = False
+            self._held_ready = buf[-6:]
+            if len(buf) > 6:
+                sink.upstream_data(buf[:-6])
+            return True
         found = captured_reply(buf)
-        if found is None or capture.on_row is None or capture.on_done is None:
+        if found is None:
             return False
         ready, row = found
+        expect.popleft()
+        self._held_ready = buf[ready : ready + 6]
+        return self._capture_done(buf, row, buf[:ready], sink)
+
+    def _capture_done(self, buf: bytes, row: bytes | None, before: bytes, sink: Sink) -> bool:
+        """For ``whole_unit``: ``buf`` ends with the reply to the capture at the head of the queue (its row:
+        ``row``), ``before`` is the unit's reply in front of it. As ``feed``: the row to the capture, whose
+        end emits the position, the held ReadyForQuery after it, one write, then ``upstream_ready``."""
+        capture = self.expect[0]
+        if row is None or capture.on_row is None or capture.on_done is None:
+            return False
         self.status = status = buf[-1]
-        expect.clear()
+        self.expect.popleft()
         self.needs_sync = False
         capture.on_row(row)
-        out: list[bytes | memoryview] = [buf[:ready]]
+        out: list[bytes | memoryview] = [before] if before else []
         self._out = out
         try:
             capture.on_done(True)
         finally:
             self._out = None
         if self.sink is not None:
-            out.append(buf[ready : ready + 6])
-            _flush(sink, out)
+            held, self._held_ready = self._held_ready, b""
+            if held:
+                out.append(held)
+            if out:
+                _flush(sink, out)
             sink.upstream_ready(status)
         return True
 

@@ -1,14 +1,15 @@
 # cython: language_level=3, boundscheck=False, wraparound=False, initializedcheck=False
 """The fast path's scanners, compiled (Cython): message headers only, no copy.
 
-Each of ``whole_reply``, ``begun_reply``, ``captured_reply`` and ``extended_unit`` answers one question
-about a whole buffer of protocol messages in C, allocating nothing but its answer; the fast path
-(``fast_unit`` in proxy/frontend/fast.py, ``ReplyQueue.whole_unit`` in proxy/backend/expect.py) acts on
-the answer, and anything they do not recognise goes to the Python slow path, which reads every message
-itself. ``scan_messages`` lists a buffer's complete messages (exported by proxy/protocol/framing.py): a
-waiting unit of the fast path's (``_fast_lease``) and the upstream's handshake are cut with it.
-``literal_shape`` is the classification cache's key for SQL text whose literals change
-(proxy/router/classify.py). Built by ``pip install .`` (setup.py); there is no Python twin.
+Each of ``whole_reply``, ``begun_reply``, ``capture_row``, ``captured_reply`` and ``extended_unit``
+answers one question about a whole buffer of protocol messages in C, allocating nothing but its answer;
+the fast path (``fast_unit`` in proxy/frontend/fast.py, ``ReplyQueue.whole_unit`` in
+proxy/backend/expect.py) acts on the answer, and anything they do not recognise goes to the Python slow
+path, which reads every message itself. ``scan_messages`` lists a buffer's complete messages (exported
+by proxy/protocol/framing.py): a waiting unit of the fast path's (``_fast_lease``) and the upstream's
+handshake are cut with it. ``literal_shape`` is the classification cache's key for SQL text whose
+literals change (proxy/router/classify.py). Built by ``pip install .`` (setup.py); there is no Python
+twin.
 """
 
 from cpython.bytearray cimport PyByteArray_AS_STRING, PyByteArray_GET_SIZE
@@ -146,24 +147,35 @@ cdef Py_ssize_t _next(
     return pos + 1 + length
 
 
-def captured_reply(bytes buf not None):
-    """``(ready, row)`` when ``buf`` is exactly a whole reply as ``whole_reply`` takes it, whose
-    ReadyForQuery starts at ``ready``, then the reply to read-your-writes' capture query behind it —
-    RowDescription, one DataRow (``row``: its payload), CommandComplete, ReadyForQuery — and nothing
-    more; None for anything else (an error, a notice or a setting in the capture's reply, a message more
-    or less)."""
-    cdef const unsigned char* p = <const unsigned char*>PyBytes_AS_STRING(buf)
-    cdef Py_ssize_t n = PyBytes_GET_SIZE(buf)
-    cdef Py_ssize_t ready = _ready_after_plain(p, n)
-    cdef Py_ssize_t row, pos
-    if ready < 0:
-        return None
-    row = _next(p, ready + 6, n, b"T")
+cdef object _capture_row(const unsigned char* p, Py_ssize_t pos, Py_ssize_t n):
+    """The DataRow's payload when ``p[pos:n]`` is exactly the reply to read-your-writes' capture query:
+    RowDescription, one DataRow, CommandComplete, ReadyForQuery; None otherwise."""
+    cdef Py_ssize_t row = _next(p, pos, n, b"T")
     pos = _next(p, row, n, b"D") if row >= 0 else -1
     pos = _next(p, pos, n, b"C") if pos >= 0 else -1
     if pos < 0 or pos + 6 != n or p[pos] != b"Z" or _length(p + pos + 1) != 5:
         return None
-    return ready, PyBytes_FromStringAndSize(<const char*>p + row + 5, _length(p + row + 1) - 4)
+    return PyBytes_FromStringAndSize(<const char*>p + row + 5, _length(p + row + 1) - 4)
+
+
+def capture_row(bytes buf not None):
+    """The DataRow's payload when ``buf`` is exactly the reply to read-your-writes' capture query —
+    RowDescription, one DataRow, CommandComplete, ReadyForQuery — and nothing more; None for anything
+    else (an error, a notice or a setting in it, a message more or less)."""
+    return _capture_row(<const unsigned char*>PyBytes_AS_STRING(buf), 0, PyBytes_GET_SIZE(buf))
+
+
+def captured_reply(bytes buf not None):
+    """``(ready, row)`` when ``buf`` is exactly a whole reply as ``whole_reply`` takes it, whose
+    ReadyForQuery starts at ``ready``, then the capture's reply behind it as ``capture_row`` takes it
+    (``row``: its DataRow's payload); None for anything else."""
+    cdef const unsigned char* p = <const unsigned char*>PyBytes_AS_STRING(buf)
+    cdef Py_ssize_t n = PyBytes_GET_SIZE(buf)
+    cdef Py_ssize_t ready = _ready_after_plain(p, n)
+    if ready < 0:
+        return None
+    row = _capture_row(p, ready + 6, n)
+    return None if row is None else (ready, row)
 
 
 def extended_unit(bytes data not None) -> int:

@@ -645,34 +645,39 @@ def test_commit_and_capture_replies_in_one_read_are_one_write() -> None:
 COMMITTED = PARSE_1 + BIND_2 + m.no_data() + m.command_complete("COMMIT") + IDLE
 
 
+COMMIT_Q = m.command_complete("COMMIT") + IDLE
+
+
 @pytest.mark.parametrize(
-    ("unit", "replies", "whole"),
+    ("unit", "reads", "whole"),
     [
-        (PLAIN_SYNC, COMMITTED + CAPTURED + IDLE, True),
-        (PLAIN_QUERY, m.command_complete("COMMIT") + IDLE + CAPTURED + IDLE, True),
-        (PLAIN_QUERY, NOTICE + m.command_complete("COMMIT") + IDLE + CAPTURED + IDLE, True),  # the client's
-        (PLAIN_SYNC, COMMITTED, False),  # the capture's reply in the next read
-        (PLAIN_SYNC, COMMITTED + CAPTURED, False),
-        (PLAIN_SYNC, COMMITTED + NOTICE + CAPTURED + IDLE, False),  # a notice of the capture's: dropped
-        (PLAIN_SYNC, COMMITTED + error("57014") + IDLE, False),  # the capture failed
-        (PLAIN_SYNC, PARSE_1 + BIND_2 + SYNTAX + IDLE + CAPTURED + IDLE, False),  # the COMMIT failed
-        (PLAIN_QUERY, m.command_complete("COMMIT") + IDLE + ROWS + m.data_row(["1"]) + IDLE, False),
+        (PLAIN_SYNC, [COMMITTED + CAPTURED + IDLE], [True]),
+        (PLAIN_QUERY, [COMMIT_Q + CAPTURED + IDLE], [True]),
+        (PLAIN_QUERY, [NOTICE + COMMIT_Q + CAPTURED + IDLE], [True]),  # the client's notice
+        (PLAIN_SYNC, [COMMITTED, CAPTURED + IDLE], [True, True]),  # as PostgreSQL mostly sends them
+        (PLAIN_QUERY, [COMMIT_Q, CAPTURED + IDLE], [True, True]),
+        (None, [CAPTURED + IDLE], [True]),  # the capture after an autocommit write
+        (PLAIN_SYNC, [COMMITTED + CAPTURED, IDLE], [False, False]),
+        (PLAIN_SYNC, [COMMITTED, NOTICE + CAPTURED + IDLE], [True, False]),  # the capture's notice: dropped
+        (PLAIN_SYNC, [COMMITTED, error("57014") + IDLE], [True, False]),  # the capture failed
+        (PLAIN_SYNC, [COMMITTED + error("57014") + IDLE], [False]),
+        (PLAIN_SYNC, [PARSE_1 + BIND_2 + SYNTAX + IDLE, CAPTURED + IDLE], [False, True]),  # the COMMIT failed
+        (PLAIN_QUERY, [COMMIT_Q + ROWS + m.data_row(["1"]) + IDLE], [False]),  # two rows
+        (PLAIN_QUERY, [COMMIT_Q, ROWS + m.data_row(["1"]) + IDLE], [True, False]),
     ],
-    ids=["extended", "simple", "notice", "apart", "cut", "capture notice", "capture failed", "unit failed",
-         "two rows"],
 )
 def test_a_unit_with_the_capture_behind_it_answers_as_feed_does(
-    unit: Expect, replies: bytes, whole: bool
+    unit: Expect | None, reads: list[bytes], whole: list[bool]
 ) -> None:
-    """A COMMIT with read-your-writes' capture sent behind it in one write (``Capture.send``): when both
-    replies are whole and plain, ``whole_unit`` gives the capture its row and the client the COMMIT's
-    reply, the position and its ReadyForQuery in one write; else all is ``feed``'s. The client, the
-    capture and the queue end the same either way."""
+    """A COMMIT with read-your-writes' capture sent behind it in one write (``Capture.send``), its replies
+    in one read or two: where they are whole and plain, ``whole_unit`` holds the COMMIT's ReadyForQuery,
+    gives the capture its row and the client the position before that ReadyForQuery, in one write; the
+    rest is ``feed``'s. The client, the capture and the queue end the same either way."""
     runs = []
     for fast in (True, False):
         rows: list[bytes] = []
         done = Done()
-        q, sink = queue(unit)
+        q, sink = queue() if unit is None else queue(unit)
 
         def emitted(ok: bool, q: ReplyQueue = q, done: Done = done) -> None:
             done(ok)
@@ -680,15 +685,17 @@ def test_a_unit_with_the_capture_behind_it_answers_as_feed_does(
                 q.emit(b"S-position")
 
         q.push(Expect(K_SYNC, SWALLOW, on_done=emitted, on_row=rows.append))
-        if fast:
-            assert q.whole_unit(replies) is whole
-        if not fast or not whole:
-            feed_all(q, replies)
+        for data, taken in zip(reads, whole, strict=True):
+            if fast:
+                assert q.whole_unit(data) is taken
+            if not fast or not taken:
+                feed_all(q, data)
         queued = [(e.kind, e.action) for e in q.expect]
         runs.append((sink.events, rows, done.calls, q.status, queued, q.needs_sync, q._held_ready))
     assert runs[0] == runs[1]
-    if whole:
-        assert runs[0][0][0] == ("data", replies[: replies.index(IDLE)] + b"S-position" + IDLE)
+    if all(whole):  # the position, then the COMMIT's ReadyForQuery (the client had it already without one)
+        ending = b"S-position" + (IDLE if unit is not None else b"")
+        assert runs[0][0][-2][1].endswith(ending) and runs[0][0][-1] == ("ready", "I")
 
 
 def test_a_held_ready_for_query_reaches_the_client_when_the_connection_is_lost() -> None:
