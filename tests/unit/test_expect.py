@@ -7,11 +7,14 @@ would receive (bytes, in order), the ReadyForQuery statuses reported and the ``o
 
 from __future__ import annotations
 
+import itertools
 import logging
 import struct
 from typing import Any
 
 import pytest
+from hypothesis import given, settings
+from hypothesis import strategies as st
 
 from proxy.backend.connection import ServerConnection
 from proxy.backend.expect import (
@@ -696,6 +699,62 @@ def test_a_unit_with_the_capture_behind_it_answers_as_feed_does(
     if all(whole):  # the position, then the COMMIT's ReadyForQuery (the client had it already without one)
         ending = b"S-position" + (IDLE if unit is not None else b"")
         assert runs[0][0][-2][1].endswith(ending) and runs[0][0][-1] == ("ready", "I")
+
+
+_UNIT_PARTS = [PARSE_1, BIND_2, m.no_data(), m.command_complete("COMMIT"), NOTICE, error("40001")]
+_CAPTURE_PARTS = [
+    m.row_description([("lsn", 3220)]),
+    m.data_row(["0/3000060"]),
+    m.command_complete("SELECT 1"),
+]
+_CAPTURE_ODD = [NOTICE, error("57014"), m.data_row(["1/2"]), msg(b"S", b"TimeZone\0UTC\0")]
+
+
+@st.composite
+def _commit_and_capture(draw: st.DrawFn) -> tuple[Expect | None, list[bytes]]:
+    """A plain unit's reply (or none: a lone capture), the capture's (mostly as PostgreSQL sends it,
+    sometimes with a notice, an error, a row more or a setting), cut into reads at message boundaries."""
+    unit = draw(st.sampled_from([PLAIN_SYNC, PLAIN_QUERY, None]))
+    messages: list[bytes] = []
+    if unit is not None:
+        messages += draw(st.lists(st.sampled_from(_UNIT_PARTS), max_size=5))
+        messages.append(draw(st.sampled_from([IDLE, FAILED])))
+    capture = list(_CAPTURE_PARTS)
+    for _ in range(draw(st.integers(0, 2))):
+        capture.insert(draw(st.integers(0, len(capture))), draw(st.sampled_from(_CAPTURE_ODD)))
+    messages += [*capture, IDLE]
+    cuts = sorted(draw(st.sets(st.integers(1, len(messages) - 1), max_size=3)))
+    bounds = [0, *cuts, len(messages)]
+    return unit, [b"".join(messages[a:b]) for a, b in itertools.pairwise(bounds)]
+
+
+@settings(max_examples=400, deadline=None)
+@given(_commit_and_capture())
+def test_whole_unit_and_feed_agree_on_any_capture_reply(case: tuple[Expect | None, list[bytes]]) -> None:
+    """Whatever the replies to a unit with the capture behind it hold and however they are cut into reads,
+    ``whole_unit`` (falling back to ``feed`` read by read) leaves the client, the capture and the queue
+    as ``feed`` alone does."""
+    unit, reads = case
+    runs = []
+    for fast in (True, False):
+        rows: list[bytes] = []
+        done = Done()
+        q, sink = queue() if unit is None else queue(unit)
+
+        def emitted(ok: bool, q: ReplyQueue = q, done: Done = done) -> None:
+            done(ok)
+            if ok:
+                q.emit(b"S-position")
+
+        q.push(Expect(K_SYNC, SWALLOW, on_done=emitted, on_row=rows.append))
+        for data in reads:
+            if not (fast and q.whole_unit(data)):
+                feed_all(q, data)
+        queued = [(e.kind, e.action) for e in q.expect]
+        runs.append(
+            (sink.events, rows, done.calls, q.status, queued, q.needs_sync, q._held_ready, q.parameters)
+        )
+    assert runs[0] == runs[1]
 
 
 def test_a_held_ready_for_query_reaches_the_client_when_the_connection_is_lost() -> None:
