@@ -225,9 +225,9 @@ class ReplyQueue:
         n = len(expect)
         if n == 1:
             entry = expect[0]
-            if entry.on_row is not None:  # read-your-writes' capture
-                return self._capture_done(buf, capture_row(buf), b"", sink)
-            if (entry is not PLAIN_QUERY and entry is not PLAIN_SYNC) or not whole_reply(buf):
+            if entry is not PLAIN_QUERY and entry is not PLAIN_SYNC:  # read-your-writes' capture, or feed's
+                return entry.on_row is not None and self._capture_done(buf, capture_row(buf), b"", sink)
+            if not whole_reply(buf):
                 return False
         elif n == 2 and expect[0] is SWALLOWED_BEGIN:
             if (entry := expect[1]) is not PLAIN_QUERY and entry is not PLAIN_SYNC:
