@@ -651,6 +651,31 @@ COMMITTED = PARSE_1 + BIND_2 + m.no_data() + m.command_complete("COMMIT") + IDLE
 COMMIT_Q = m.command_complete("COMMIT") + IDLE
 
 
+def _behind_capture(
+    unit: Expect | None, reads: list[bytes], fast: bool, expected: list[bool] | None = None
+) -> tuple[Any, ...]:
+    """Feed ``reads`` to a queue of ``unit`` (None: none) with read-your-writes' capture behind it, whose
+    end emits a position; ``fast``: each read offered to ``whole_unit`` first (``expected``: what it must
+    answer), ``feed`` taking what it declines. What the client, the capture and the queue end with."""
+    rows: list[bytes] = []
+    done = Done()
+    q, sink = queue() if unit is None else queue(unit)
+
+    def emitted(ok: bool) -> None:
+        done(ok)
+        if ok:
+            q.emit(b"S-position")
+
+    q.push(Expect(K_SYNC, SWALLOW, on_done=emitted, on_row=rows.append))
+    for i, data in enumerate(reads):
+        taken = fast and q.whole_unit(data)
+        assert expected is None or taken is expected[i], data
+        if not taken:
+            feed_all(q, data)
+    queued = [(e.kind, e.action) for e in q.expect]
+    return sink.events, rows, done.calls, q.status, queued, q.needs_sync, q._held_ready, q.parameters
+
+
 @pytest.mark.parametrize(
     ("unit", "reads", "whole"),
     [
@@ -676,25 +701,7 @@ def test_a_unit_with_the_capture_behind_it_answers_as_feed_does(
     in one read or two: where they are whole and plain, ``whole_unit`` holds the COMMIT's ReadyForQuery,
     gives the capture its row and the client the position before that ReadyForQuery, in one write; the
     rest is ``feed``'s. The client, the capture and the queue end the same either way."""
-    runs = []
-    for fast in (True, False):
-        rows: list[bytes] = []
-        done = Done()
-        q, sink = queue() if unit is None else queue(unit)
-
-        def emitted(ok: bool, q: ReplyQueue = q, done: Done = done) -> None:
-            done(ok)
-            if ok:
-                q.emit(b"S-position")
-
-        q.push(Expect(K_SYNC, SWALLOW, on_done=emitted, on_row=rows.append))
-        for data, taken in zip(reads, whole, strict=True):
-            if fast:
-                assert q.whole_unit(data) is taken
-            if not fast or not taken:
-                feed_all(q, data)
-        queued = [(e.kind, e.action) for e in q.expect]
-        runs.append((sink.events, rows, done.calls, q.status, queued, q.needs_sync, q._held_ready))
+    runs = [_behind_capture(unit, reads, True, whole), _behind_capture(unit, reads, False)]
     assert runs[0] == runs[1]
     if all(whole):  # the position, then the COMMIT's ReadyForQuery (the client had it already without one)
         ending = b"S-position" + (IDLE if unit is not None else b"")
@@ -735,25 +742,7 @@ def test_whole_unit_and_feed_agree_on_any_capture_reply(case: tuple[Expect | Non
     ``whole_unit`` (falling back to ``feed`` read by read) leaves the client, the capture and the queue
     as ``feed`` alone does."""
     unit, reads = case
-    runs = []
-    for fast in (True, False):
-        rows: list[bytes] = []
-        done = Done()
-        q, sink = queue() if unit is None else queue(unit)
-
-        def emitted(ok: bool, q: ReplyQueue = q, done: Done = done) -> None:
-            done(ok)
-            if ok:
-                q.emit(b"S-position")
-
-        q.push(Expect(K_SYNC, SWALLOW, on_done=emitted, on_row=rows.append))
-        for data in reads:
-            if not (fast and q.whole_unit(data)):
-                feed_all(q, data)
-        queued = [(e.kind, e.action) for e in q.expect]
-        runs.append(
-            (sink.events, rows, done.calls, q.status, queued, q.needs_sync, q._held_ready, q.parameters)
-        )
+    runs = [_behind_capture(unit, reads, True), _behind_capture(unit, reads, False)]
     assert runs[0] == runs[1]
 
 
