@@ -80,11 +80,16 @@ def scan_messages(object buf not None, Py_ssize_t start, Py_ssize_t max_length):
     return out, pos
 
 
+cdef inline bint _ready_at(const unsigned char* p, Py_ssize_t pos, Py_ssize_t n) noexcept nogil:
+    """Whether a whole ReadyForQuery (length 5) starts at ``pos``, within ``p[:n]``."""
+    return pos >= 0 and pos + 6 <= n and p[pos] == b"Z" and _length(p + pos + 1) == 5
+
+
 cdef bint _whole(const unsigned char* p, Py_ssize_t pos, Py_ssize_t n) noexcept nogil:
     """``whole_reply`` of ``p[pos:n]``."""
     cdef Py_ssize_t last = n - 6
     cdef Py_ssize_t length
-    if last < pos or p[last] != b"Z" or _length(p + last + 1) != 5:
+    if last < pos or not _ready_at(p, last, n):
         return False
     while pos < last:
         if pos + 5 > last:
@@ -102,38 +107,6 @@ def whole_reply(bytes buf not None) -> bool:
     return _whole(<const unsigned char*>PyBytes_AS_STRING(buf), 0, PyBytes_GET_SIZE(buf))
 
 
-def begun_reply(bytes buf not None) -> int:
-    """Where the rest starts when ``buf`` opens with exactly the reply to a BEGIN the proxy sent in front
-    of a unit — one CommandComplete, then a ReadyForQuery — and the rest is a whole reply as
-    ``whole_reply`` takes it; -1 for anything else (a notice, an error, a message more)."""
-    cdef const unsigned char* p = <const unsigned char*>PyBytes_AS_STRING(buf)
-    cdef Py_ssize_t n = PyBytes_GET_SIZE(buf)
-    cdef Py_ssize_t pos, length
-    if n < 11 or p[0] != b"C":
-        return -1
-    length = _length(p + 1)
-    pos = 1 + length
-    if length < 4 or pos + 6 > n or p[pos] != b"Z" or _length(p + pos + 1) != 5:
-        return -1
-    pos += 6
-    return pos if _whole(p, pos, n) else -1
-
-
-cdef Py_ssize_t _ready_after_plain(const unsigned char* p, Py_ssize_t n) noexcept nogil:
-    """Where the first ReadyForQuery starts when ``p[:n]`` opens with plain messages (as ``_whole``
-    takes them) then one; -1 for anything else."""
-    cdef Py_ssize_t pos = 0
-    cdef Py_ssize_t length
-    while pos + 5 <= n:
-        length = _length(p + pos + 1)
-        if p[pos] == b"Z":
-            return pos if length == 5 and pos + 6 <= n else -1
-        if length < 4 or not _PLAIN[p[pos]]:
-            return -1
-        pos += 1 + length
-    return -1
-
-
 cdef Py_ssize_t _next(
     const unsigned char* p, Py_ssize_t pos, Py_ssize_t n, unsigned char kind
 ) noexcept nogil:
@@ -147,13 +120,41 @@ cdef Py_ssize_t _next(
     return pos + 1 + length
 
 
+def begun_reply(bytes buf not None) -> int:
+    """Where the rest starts when ``buf`` opens with exactly the reply to a BEGIN the proxy sent in front
+    of a unit — one CommandComplete, then a ReadyForQuery — and the rest is a whole reply as
+    ``whole_reply`` takes it; -1 for anything else (a notice, an error, a message more)."""
+    cdef const unsigned char* p = <const unsigned char*>PyBytes_AS_STRING(buf)
+    cdef Py_ssize_t n = PyBytes_GET_SIZE(buf)
+    cdef Py_ssize_t pos = _next(p, 0, n, b"C")
+    if not _ready_at(p, pos, n):
+        return -1
+    pos += 6
+    return pos if _whole(p, pos, n) else -1
+
+
+cdef Py_ssize_t _ready_after_plain(const unsigned char* p, Py_ssize_t n) noexcept nogil:
+    """Where the first ReadyForQuery starts when ``p[:n]`` opens with plain messages (as ``_whole``
+    takes them) then one; -1 for anything else."""
+    cdef Py_ssize_t pos = 0
+    cdef Py_ssize_t length
+    while pos + 5 <= n:
+        length = _length(p + pos + 1)
+        if p[pos] == b"Z":
+            return pos if _ready_at(p, pos, n) else -1
+        if length < 4 or not _PLAIN[p[pos]]:
+            return -1
+        pos += 1 + length
+    return -1
+
+
 cdef object _capture_row(const unsigned char* p, Py_ssize_t pos, Py_ssize_t n):
     """The DataRow's payload when ``p[pos:n]`` is exactly the reply to read-your-writes' capture query:
     RowDescription, one DataRow, CommandComplete, ReadyForQuery; None otherwise."""
     cdef Py_ssize_t row = _next(p, pos, n, b"T")
     pos = _next(p, row, n, b"D") if row >= 0 else -1
     pos = _next(p, pos, n, b"C") if pos >= 0 else -1
-    if pos < 0 or pos + 6 != n or p[pos] != b"Z" or _length(p + pos + 1) != 5:
+    if pos + 6 != n or not _ready_at(p, pos, n):
         return None
     return PyBytes_FromStringAndSize(<const char*>p + row + 5, _length(p + row + 1) - 4)
 

@@ -121,10 +121,15 @@ def _corrupt(buf: bytes, where: int, value: int) -> bytes:
     return buf[:where] + bytes([value]) + buf[where + 1 :]
 
 
+def _variants(buf: bytes, where: int, value: int, cut: int) -> tuple[bytes, ...]:
+    """``buf``, one byte of it changed, its last ``cut`` bytes cut off, and one byte more."""
+    return buf, _corrupt(buf, where, value), buf[: len(buf) - cut], buf + b"Z"
+
+
 @settings(max_examples=600, deadline=None)
 @given(replies(), st.integers(0, 10_000), st.integers(0, 255), st.integers(0, 3))
 def test_whole_reply_matches_a_plain_reading(buf: bytes, where: int, value: int, cut: int) -> None:
-    for candidate in (buf, _corrupt(buf, where, value), buf[: len(buf) - cut], buf + b"Z"):
+    for candidate in _variants(buf, where, value, cut):
         assert whole_reply(candidate) == _whole_reply_oracle(candidate), candidate
 
 
@@ -136,7 +141,7 @@ def test_begun_reply_matches_a_plain_reading(
     begun = m.command_complete("BEGIN") + m.ready_for_query(b"T")
     for head in (begun, first):
         buf = head + rest
-        for candidate in (buf, _corrupt(buf, where, value), buf[: len(buf) - cut], buf + b"Z"):
+        for candidate in _variants(buf, where, value, cut):
             assert begun_reply(candidate) == _begun_reply_oracle(candidate), candidate
 
 
@@ -148,7 +153,7 @@ def test_captured_reply_matches_a_plain_reading(
     captured = m.row_description([("lsn", 3220)]) + m.data_row(["0/3000060"]) + m.command_complete("SELECT 1")
     for tail in (captured + m.ready_for_query(b"I"), rest):
         buf = first + tail
-        for candidate in (buf, _corrupt(buf, where, value), buf[: len(buf) - cut], buf + b"Z"):
+        for candidate in _variants(buf, where, value, cut):
             assert captured_reply(candidate) == _captured_reply_oracle(candidate), candidate
 
 
