@@ -226,7 +226,7 @@ class ReplyQueue:
         if n == 1:
             entry = expect[0]
             if entry is not PLAIN_QUERY and entry is not PLAIN_SYNC:  # read-your-writes' capture, or feed's
-                return entry.on_row is not None and self._capture_done(buf, capture_row(buf), b"", sink)
+                return entry.on_row is not None and self._capture_done(buf, capture_row(buf), -1, sink)
             if not whole_reply(buf):
                 return False
         elif n == 2 and expect[0] is SWALLOWED_BEGIN:
@@ -270,25 +270,25 @@ class ReplyQueue:
                 sink.upstream_data(buf[:-6])
             return True
         found = captured_reply(buf)
-        if found is None:
-            return False
-        ready, row = found
-        expect.popleft()
-        self._held_ready = buf[ready : ready + 6]
-        return self._capture_done(buf, row, buf[:ready], sink)
+        return found is not None and self._capture_done(buf, found[1], found[0], sink)
 
-    def _capture_done(self, buf: bytes, row: bytes | None, before: bytes, sink: Sink) -> bool:
-        """For ``whole_unit``: ``buf`` ends with the reply to the capture at the head of the queue (its row:
-        ``row``), ``before`` is the unit's reply in front of it. As ``feed``: the row to the capture, whose
-        end emits the position, the held ReadyForQuery after it, one write, then ``upstream_ready``."""
-        capture = self.expect[0]
+    def _capture_done(self, buf: bytes, row: bytes | None, ready: int, sink: Sink) -> bool:
+        """For ``whole_unit``: ``buf`` ends with the reply to the capture last in the queue (its row:
+        ``row``); ``ready``: where the ReadyForQuery of the unit queued before it starts, its reply in front
+        (-1: none). As ``feed``: the row to the capture, whose end emits the position, the unit's
+        ReadyForQuery after it, one write, then ``upstream_ready``. Nothing changed when it declines."""
+        expect = self.expect
+        capture = expect[-1]
         if row is None or capture.on_row is None or capture.on_done is None:
             return False
+        if ready >= 0:
+            expect.popleft()  # the unit's
+            self._held_ready = buf[ready : ready + 6]
         self.status = status = buf[-1]
-        self.expect.popleft()
+        expect.popleft()
         self.needs_sync = False
         capture.on_row(row)
-        out: list[bytes | memoryview] = [before] if before else []
+        out: list[bytes | memoryview] = [buf[:ready]] if ready > 0 else []
         self._out = out
         try:
             capture.on_done(True)
