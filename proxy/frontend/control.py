@@ -59,7 +59,7 @@ def answer_control(
     if single_query and info is not None and info.tx is not None and tx.pin_reason is None:
         _, start, end = batch.msgs[0]
         read_only = info.tx == c.TX_BEGIN_READ_ONLY
-        client.write(tx.transaction_control(info.tx, batch.buf[start:end], read_only))
+        client.write(tx.transaction_control(info.tx, batch.buf[start:end], read_only, info.begin_tag))
         return True
     if info is None and tx.begin is not None and not tx.failed and len(batch.msgs) == 1:
         # A lone Sync (or Flush) after a BEGIN the proxy answered: still nothing to run anywhere.
@@ -104,7 +104,7 @@ def _deferred_extended_begin(client: ControlClient, batch: Batch, info: c.Classi
     buf = batch.buf
     if client.tx.begin is not None:
         replies.append(m.notice_response("WARNING", "25001", "there is already a transaction in progress"))
-    replies.append(m.command_complete("BEGIN"))
+    replies.append(m.command_complete(info.begin_tag))
     client.tx.defer_begin(m.query(m.decode_parse(buf[start + 5 : end])[1]), info.tx == c.TX_BEGIN_READ_ONLY)
     unnamed_answered(client, buf[start:end], info, [])
     if batch.terminator == _S:

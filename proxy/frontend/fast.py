@@ -238,10 +238,10 @@ def _fast_begin(client: ClientCore, data: bytes, info: Classification) -> bool:
         return False  # a transaction of the proxy's already (then the client hears 25001): the slow path's
     first = data[0]
     if first == _Q:
-        client.write(tx.transaction_control(kind, data, kind is TX_BEGIN_READ_ONLY))
+        client.write(tx.transaction_control(kind, data, kind is TX_BEGIN_READ_ONLY, info.begin_tag))
         return True
-    if first != _P:
-        return False  # a Bind of an earlier unnamed BEGIN: the slow path's
+    if first != _P or info.begin_tag != "BEGIN":
+        return False  # a Bind of an earlier unnamed BEGIN, or a START TRANSACTION: the slow path's
     bind = _LENGTH.unpack_from(data, 1)[0] + 1
     sql_end = data.find(0, 6, bind)
     after_bind = bind + 1 + _LENGTH.unpack_from(data, bind + 1)[0]

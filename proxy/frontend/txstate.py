@@ -252,20 +252,17 @@ class TxState(Generic[B]):
         return upstream is None or self.lease is _LINGERING or (upstream == _IDLE and not in_flight)
 
     # -- transaction events ---------------------------------------------------------------------------------
-    def transaction_control(self, tx: str, begin: bytes, read_only: bool) -> bytes:
+    def transaction_control(self, tx: str, begin: bytes, read_only: bool, tag: str = "BEGIN") -> bytes:
         """A lone simple-protocol BEGIN/COMMIT/ROLLBACK (``tx``: its TX_* kind) with no upstream in the
-        transaction: the reply the proxy gives itself. BEGIN is deferred: ``begin`` is sent with the next
-        unit."""
+        transaction: the reply the proxy gives itself (``tag``: a BEGIN's command tag, "START TRANSACTION"
+        for that statement). BEGIN is deferred: ``begin`` is sent with the next unit."""
         if tx in (TX_COMMIT, TX_ROLLBACK):
             if self.begin is None:
                 self._go(Ev.NO_TRANSACTION)
                 return _NO_TRANSACTION + m.command_complete(tx.upper()) + m.ready_for_query(b"I")
             return m.command_complete(self.end_deferred(tx)) + m.ready_for_query(b"I")
-        if self.begin is not None:
-            self._go(Ev.BEGIN)
-            return _ALREADY + BEGUN
-        self.defer_begin(begin, read_only)
-        return BEGUN
+        begun = BEGUN if tag == "BEGIN" else m.command_complete(tag) + m.ready_for_query(b"T")
+        return begun if self.defer_begin(begin, read_only) else _ALREADY + begun
 
     def end_deferred(self, tx: str) -> str:
         """COMMIT or ROLLBACK (``tx``) of a transaction whose BEGIN was deferred and never sent: it ends here.
@@ -276,9 +273,15 @@ class TxState(Generic[B]):
         return tag
 
     def defer_begin(self, begin: bytes, read_only: bool) -> bool:
-        """A BEGIN the proxy answers; False when one was deferred already (the client hears 25001)."""
+        """A BEGIN the proxy answers; False when one was deferred already (the client hears 25001): this one
+        then goes upstream behind it, in the same Query, so that its transaction modes take effect as on
+        PostgreSQL (a BEGIN READ ONLY inside a transaction makes it read only)."""
         self._go(Ev.BEGIN)
         if self.begin is not None:
+            sql = self.begin[5:-1] + b"\n;" + begin[5:-1]  # (a line comment ends at the newline)
+            self.begin = b"Q" + (len(sql) + 5).to_bytes(4, "big") + sql + b"\0"
+            if read_only:
+                self.begin_mode = TX_READ_ONLY
             return False
         self.begin = begin
         self.begin_mode = TX_READ_ONLY if read_only else TX_READ_WRITE

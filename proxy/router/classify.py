@@ -99,6 +99,7 @@ class Classification:
     primary_only: bool = False  # LISTEN/NOTIFY, EXECUTE, DO, CALL: a primary, and main for no tables
     statements: int = 1
     begins: str | None = None  # a multi-statement string that opens a transaction: how (TX_BEGIN...)
+    begin_tag: str = "BEGIN"  # PostgreSQL's command tag for a lone BEGIN: "START TRANSACTION" for that one
     # One SELECT/INSERT/UPDATE/DELETE/MERGE with no session effect: worth keeping prepared upstream.
     plannable: bool = False
     bits: int = field(init=False)  # ``flags`` as a plain int: enum operators are slow on the hot path
@@ -237,7 +238,16 @@ def _session_facts(stmt: ast.Node) -> tuple[Flag, str | None]:
 class _Facts:
     """What one statement contributes to a Classification."""
 
-    __slots__ = ("flags", "functions", "pin_reason", "primary_only", "tables", "tx", "write_reason")
+    __slots__ = (
+        "begin_tag",
+        "flags",
+        "functions",
+        "pin_reason",
+        "primary_only",
+        "tables",
+        "tx",
+        "write_reason",
+    )
 
     def __init__(self) -> None:
         self.flags = Flag.NONE
@@ -247,6 +257,7 @@ class _Facts:
         self.functions: set[str] = set()
         self.primary_only = False
         self.tx: str | None = None
+        self.begin_tag = "BEGIN"
 
 
 def _scan_into(facts: _Facts, node: ast.Node, *, count_writes: bool = True) -> None:
@@ -300,6 +311,8 @@ def _statement_facts(stmt: ast.Node) -> _Facts:
         return facts
     if isinstance(stmt, ast.TransactionStmt):
         facts.tx = _tx_kind(stmt)
+        if stmt.kind == TransactionStmtKind.TRANS_STMT_START:
+            facts.begin_tag = "START TRANSACTION"
         if stmt.kind in _TWO_PHASE:
             facts.write_reason = f"{_TWO_PHASE[stmt.kind]}: two-phase commit runs on the primary"
             facts.primary_only = True
@@ -367,6 +380,7 @@ def classify(sql: str) -> Classification:
     functions: set[str] = set()
     primary_only = False
     tx = begins = None
+    begin_tag = "BEGIN"
     for raw in statements:
         if raw.stmt is None:
             continue
@@ -378,6 +392,7 @@ def classify(sql: str) -> Classification:
         functions |= facts.functions
         primary_only = primary_only or facts.primary_only
         tx = facts.tx if len(statements) == 1 else None
+        begin_tag = facts.begin_tag
         if begins is None and len(statements) > 1 and facts.tx in (TX_BEGIN, TX_BEGIN_READ_ONLY):
             begins = facts.tx
     return Classification(
@@ -391,6 +406,7 @@ def classify(sql: str) -> Classification:
         primary_only=primary_only,
         statements=len(statements),
         begins=begins,
+        begin_tag=begin_tag,
         plannable=(
             len(statements) == 1
             and not flags

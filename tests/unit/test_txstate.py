@@ -123,10 +123,10 @@ ROWS: list[tuple[str, list[tuple[tuple[Any, ...], object]], Tx, Lease, Input]] =
         "extended BEGIN deferred like a simple one",
         [
             (("extended begin",), True),
-            (("extended begin",), False),  # the client hears 25001
+            (("extended begin",), False),  # the client hears 25001; its modes would apply: sent too
             (("status", None), b"T"),
             (("attach",), Lease.HELD),
-            (("send",), BEGIN_SQL),
+            (("send",), m.query("BEGIN\n;BEGIN")),
         ],
         Tx.UPSTREAM,
         Lease.HELD,
