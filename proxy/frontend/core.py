@@ -206,6 +206,8 @@ class ClientCore(asyncio.Protocol):
                 self.console = ConsoleSession(self)
             self.console.command(batch)
             return
+        if batch.terminator == _Q:
+            control.unnamed_destroyed(self)
         units = self.units
         if (
             batch.end - batch.start > c.INLINE_BYTES

@@ -33,7 +33,7 @@ import struct
 from proxy.backend.connection import ServerConnection
 from proxy.consistency import REPLICA as ON_REPLICA
 from proxy.consistency import Verdict
-from proxy.frontend.control import unnamed_answered
+from proxy.frontend.control import unnamed_answered, unnamed_destroyed
 from proxy.frontend.core import ClientCore
 from proxy.frontend.leases import count_fallback, count_fallback_writes
 from proxy.frontend.send import kept_statement, send_kept, send_whole
@@ -294,6 +294,9 @@ def _fast_info(
     if data[0] == _Q:
         if _LENGTH.unpack_from(data, 1)[0] != len(data) - 1:
             return None
+        st = client.statements
+        if st.unnamed_token is not None or st.unnamed_stmt is not None:
+            unnamed_destroyed(client)  # as ``dispatch`` does: a Query destroys it (the slow path's too)
         sql = data[5:-1]
         info = client.app.classifier.classify_bytes(sql)
     else:

@@ -49,6 +49,7 @@ _DESCRIBE_EXECUTE_SYNC = frozenset(b"DES")
 B_HEADER = struct.Struct("!BIB")  # a Bind's type, length and its (empty) portal name
 _CLOSE_UNNAMED = m.close(b"S", "")
 UNNAMED_CACHE_SIZE = 10_000  # distinct unnamed Parse payloads remembered (then forgotten all at once)
+_FAILED = ord("E")  # a transaction status: PostgreSQL refuses every Parse there (25P02)
 
 
 class Context(Protocol):
@@ -103,19 +104,20 @@ def prepare(
     *,
     events: dict[tuple[str, str], int],
     event: str = "prepared",
+    on_done: Callable[[bool], None] | None = None,
 ) -> None:
     """Close + Parse of ``stmt`` on ``server``, and their expectations: the Close's reply is swallowed
     (a statement whose Bind failed may still exist there; closing a missing one is no error), the Parse's
     goes by ``action`` (FORWARD: the client's own Parse; SWALLOW_OK: injected, only its error is the
     client's). The connection's books list the statement most recently used last; a failed Parse leaves
-    them."""
+    them (``on_done``, when given, does that and more)."""
     name = stmt.upstream_name
     out.append(m.close(b"S", name))
     ents.append(Expect(K_CLOSE, SWALLOW))
     out.append(m.parse(name, stmt.sql, stmt.param_oids))
     server.prepared[name] = None
     count(events, server.role, event)
-    ents.append(Expect(K_PARSE, action, on_done=forget_on_failure(server, name)))
+    ents.append(Expect(K_PARSE, action, on_done=on_done or forget_on_failure(server, name)))
 
 
 class Statements:
@@ -134,23 +136,42 @@ class Statements:
         self.unnamed_token: object | None = None
 
     def parse_named(
-        self, server: ServerConnection, payload: bytes, out: list[Piece], ents: list[Entry]
-    ) -> tuple[str, PreparedStatement]:
-        """A named Parse: the statement under the client's name (the caller remembers it), prepared
+        self,
+        server: ServerConnection,
+        payload: bytes,
+        named: dict[str, PreparedStatement],
+        out: list[Piece],
+        ents: list[Entry],
+    ) -> None:
+        """A named Parse: the statement under the client's name in ``named`` (its session's), prepared
         upstream. A Close first: the client may be asking for a fresh prepare (asyncpg does after a schema
         change made the old one fail with "cached plan must not change result type"), or the connection
-        may still hold a statement its books dropped after a failed Bind."""
+        may still hold a statement its books dropped after a failed Bind. When the Parse fails (or is
+        skipped after an earlier error) the client's books are as they were: PostgreSQL made nothing."""
         name, sql, oids = m.decode_parse(payload)
         stmt = PreparedStatement.make(sql, oids)
-        server.prepared.pop(stmt.upstream_name, None)
-        prepare(server, stmt, FORWARD, out, ents, events=self.ctx.statement_events)
-        return name, stmt
+        upstream = stmt.upstream_name
+        server.prepared.pop(upstream, None)
+        before = named.get(name)
+        named[name] = stmt
+
+        def done(ok: bool) -> None:
+            if not ok:
+                server.prepared.pop(upstream, None)
+                if named.get(name) is stmt:
+                    if before is None:
+                        del named[name]
+                    else:
+                        named[name] = before
+
+        prepare(server, stmt, FORWARD, out, ents, events=self.ctx.statement_events, on_done=done)
 
     def parse_unnamed_cached(
         self, server: ServerConnection, payload: bytes, out: list[Piece], ents: list[Entry]
     ) -> None:
         """statements.cache_unnamed: an unnamed Parse becomes a named statement kept upstream; when the
-        connection already has it, the Parse is not sent and the client gets its ParseComplete."""
+        connection already has it, the Parse is not sent and the client gets its ParseComplete (but in a
+        failed transaction, where PostgreSQL refuses it: 25P02)."""
         ctx = self.ctx
         cache = ctx.unnamed_statements
         stmt = cache.get(payload)
@@ -164,7 +185,7 @@ class Statements:
         self.unnamed = None
         name = stmt.upstream_name
         prepared = server.prepared
-        if name in prepared:
+        if name in prepared and server.status != _FAILED:
             del prepared[name]
             prepared[name] = None
             ents.append(SYNTH_PARSE_COMPLETE)
@@ -182,6 +203,11 @@ class Statements:
         self.unnamed_stmt = None
         self.unnamed = raw
         self.unnamed_token = object()
+
+    def forget_unnamed(self) -> None:
+        """The client's unnamed statement is gone (a simple Query destroys it): none, as for a new client,
+        so a Bind of it goes to a connection whose unnamed statement is no one's and fails there (26000)."""
+        self.unnamed = self.unnamed_stmt = self.unnamed_token = None
 
     def claim_unnamed(self, server: ServerConnection, out: list[Piece], ents: list[Entry]) -> None:
         """Before a message that uses the connection's unnamed statement: make it this client's (its Parse
@@ -286,7 +312,8 @@ class Statements:
     ) -> bool:  # fmt: skip
         """A Close: of a statement the client prepared (or its cached unnamed one) answered by the proxy,
         only the client's name forgotten (the upstream statement is content-addressed: it stays for
-        reuse); any other goes as it is. True when answered."""
+        reuse); any other goes as it is. True when answered, or when the Close of the client's unnamed
+        statement goes with an expectation of its own (``_unnamed_back``)."""
         kind, name = m.decode_describe_close(buf[start + 5 : end])
         if kind == b"S" and (name or self.unnamed_stmt is not None):
             # Forgotten now (a Parse of the same name may follow in this batch), kept again if an earlier
@@ -299,11 +326,26 @@ class Statements:
                 undo = self._reinstate(None, "", closed)
             ents.append(Expect(K_SYNTH, data=m.close_complete(), on_done=undo))
             return True
+        out.append(view[start:end])
+        if kind == b"S" and self.unnamed_token is not None:  # the client's own unnamed statement: gone
+            server.unnamed_owner = None  # (from whatever connection it was on: a Bind of it now fails)
+            ents.append(Expect(K_CLOSE, on_done=self._unnamed_back(self.unnamed, self.unnamed_token)))
+            self.unnamed = self.unnamed_token = None
+            return True
         if kind == b"S":
             server.unnamed_owner = None
-        out.append(view[start:end])
         ents.append(K_CLOSE)
         return False
+
+    def _unnamed_back(self, raw: bytes | None, token: object) -> Callable[[bool], None]:
+        """An ``on_done`` for a Close of the client's unnamed statement: when the server skipped it (an
+        earlier message failed), the statement is the client's again, unless it has parsed another since."""
+
+        def done(ok: bool) -> None:
+            if not ok and self.unnamed_token is None and self.unnamed_stmt is None:
+                self.unnamed, self.unnamed_token = raw, token
+
+        return done
 
     def _reinstate(
         self, named: dict[str, PreparedStatement] | None, name: str, closed: PreparedStatement | None

@@ -49,6 +49,7 @@ from proxy.router.classify import Classification
 
 _P, _B, _D, _E, _S, _H, _Q, _F = b"PBDESHQF"
 _IDLE = ord("I")
+_FAILED = ord("E")  # a transaction status: PostgreSQL refuses every Parse there (25P02)
 _LENGTH = struct.Struct("!I")
 
 
@@ -124,15 +125,15 @@ def _send_messages(client: SendClient, batch: Batch, server: ServerConnection) -
             if name_end == start + 5:
                 st.parse_unnamed_cached(server, buf[start + 5 : end], out, ents)
             else:
-                name, stmt = st.parse_named(server, buf[start + 5 : end], out, ents)
-                named[name] = stmt
+                st.parse_named(server, buf[start + 5 : end], named, out, ents)
         elif mtype == _D and buf[start + 5] != 83:  # a portal's Describe goes as it is
             ents.append(K_DESCRIBE)
         elif mtype == _Q:
             deep = batch.analyses.get(start) if batch.analyses else None
             if (info := batch.info) is None or deep is not None or info.bits:  # else nothing to note
                 details |= fx.note_sql(buf[start + 5 : end - 1], server, None, info, deep=deep)
-            server.unnamed_owner = None
+            server.unnamed_owner = None  # a Query destroys the unnamed statement (the client's too)
+            st.forget_unnamed()  # (a Parse of it earlier in this batch; dispatch did the rest)
             ents.append(SYNC_Q)
         elif mtype == _F:
             ents.append(SYNC_Q)
@@ -180,9 +181,12 @@ def kept_statement(
     client: SendClient, server: ServerConnection, data: bytes, bind: int
 ) -> PreparedStatement | None:
     """With ``statements.cache_unnamed``: the statement ``server`` keeps prepared for the unnamed Parse
-    that ends at ``bind`` in the whole unit ``data``; None when it must be prepared there first."""
+    that ends at ``bind`` in the whole unit ``data``; None when it must be prepared there first, or in a
+    failed transaction, where the Parse must reach PostgreSQL to be refused."""
     kept = client.statements.ctx.unnamed_statements.get(data[5:bind])
-    return kept if kept is not None and kept.upstream_name in server.prepared else None
+    if kept is None or server.status == _FAILED:
+        return None
+    return kept if kept.upstream_name in server.prepared else None
 
 
 def send_whole(  # noqa: PLR0917  (positional defaults: keyword-only ones cost a dict look-up per call)

@@ -101,11 +101,31 @@ def test_named_parse_closes_first_even_when_the_connection_has_it() -> None:
     conn.prepared[STMT.upstream_name] = None
     out: list[Piece] = []
     ents: list[prepared.Entry] = []
-    name, stmt = st.parse_named(conn, m.parse("s1", SQL, (23,))[5:], out, ents)
-    assert (name, stmt) == ("s1", STMT)
+    named: dict[str, PreparedStatement] = {}
+    st.parse_named(conn, m.parse("s1", SQL, (23,))[5:], named, out, ents)
+    assert named == {"s1": STMT}
     assert b"".join(out) == m.close(b"S", STMT.upstream_name) + m.parse(STMT.upstream_name, SQL, (23,))
     assert shape(ents) == [(K_CLOSE, SWALLOW), (K_PARSE, FORWARD)]  # the client's own ParseComplete
     assert ctx.statement_events == {("main", "prepared"): 1}
+
+
+def test_a_failed_named_parse_leaves_the_books_as_they_were() -> None:
+    """PostgreSQL makes nothing of a Parse that fails (or is skipped after an error, or refused in an aborted
+    transaction): the client's name keeps its earlier statement, or none, and the connection's books drop
+    the upstream one."""
+    other = PreparedStatement.make("SELECT 2", ())
+    for before in ({}, {"s1": other}):
+        conn, st = server(), Statements(Ctx())
+        named = dict(before)
+        out: list[Piece] = []
+        ents: list[prepared.Entry] = []
+        st.parse_named(conn, m.parse("s1", SQL, (23,))[5:], named, out, ents)
+        assert named == {"s1": STMT} and STMT.upstream_name in conn.prepared
+        parse = ents[-1]
+        assert isinstance(parse, Expect) and parse.on_done is not None
+        parse.on_done(False)
+        assert named == before
+        assert STMT.upstream_name not in conn.prepared
 
 
 def test_cached_unnamed_parse_is_answered_by_the_proxy_when_the_connection_has_it() -> None:
