@@ -53,6 +53,7 @@ _END = {
     K_CLOSE: frozenset(b"3E"),
 }
 _Z, _E, _C, _S, _N, _A, _G, _D = b"ZECSNAGD"
+_UPSTREAM_NAME = b'"pf_'  # how an error names a prepared statement upstream (PreparedStatement.make)
 _READ_WHEN_SWALLOWED = frozenset(b"SDE")  # what an injected message's reply is read for (see _injected)
 _STOP = -1  # _error's answer for a FATAL error: the backend exits, nothing after it matters
 
@@ -115,6 +116,11 @@ class Sink(Protocol):
     def upstream_lost(self, exc: ProxyError) -> None: ...
 
     def upstream_pause(self, paused: bool) -> None: ...
+
+    @property
+    def heard(self) -> dict[str, str]: ...  # each reported parameter's value as the client last heard it
+
+    def client_names(self, error: bytes) -> bytes: ...  # statements named as the client names them
 
 
 class ReplyQueue:
@@ -358,7 +364,7 @@ class ReplyQueue:
                     out.append(view[run:pos])
                 run = end
                 if mtype in _READ_WHEN_SWALLOWED:
-                    self._injected(entry, buf, pos, end, out)
+                    _injected(self, entry, buf, pos, end, out)
             if mtype == _Z:
                 self.status = buf[pos + 5]
                 ready_at, pos = pos, end
@@ -451,25 +457,6 @@ class ReplyQueue:
             raise ProxyError(PROTOCOL_VIOLATION, f"unexpected message {chr(mtype)!r} from upstream")
         return False
 
-    def _injected(self, entry: Expect, buf: bytes, pos: int, end: int, out: list[bytes | memoryview]) -> None:
-        """A reply to a message the proxy injected, dropped but for what the client must still see: the
-        new value of a setting the proxy replayed, and the error of a re-prepare (its own Bind will be
-        skipped). A captured row goes to ``on_row``; other errors are logged."""
-        mtype = buf[pos]
-        if mtype == _S:
-            out.append(memoryview(buf)[pos:end])
-        elif mtype == _D and entry.on_row is not None:
-            entry.on_row(bytes(buf[pos + 5 : end]))
-        elif mtype == _E:
-            if entry.action == SWALLOW_OK:
-                out.append(bytes(buf[pos:end]))
-            else:
-                log.warning(
-                    "event=injected_statement_failed upstream=%s sqlstate=%s",
-                    self.label,
-                    sqlstate(buf, pos, end),
-                )
-
     def _error(
         self, entry: Expect, buf: bytes, pos: int, end: int, *, run: int, out: list[bytes | memoryview]
     ) -> int:
@@ -499,6 +486,8 @@ class ReplyQueue:
             return end
         if self._track_details and entry.action == FORWARD and self.sink is not None:
             self.sink.upstream_error_seen(bytes(buf[pos + 5 : end]))
+        if entry.action == FORWARD and self.sink is not None and _UPSTREAM_NAME in buf[pos:end]:
+            run = _renamed(self.sink, buf, pos, end, run, out)
         if entry.kind != K_SYNC:
             # Extended protocol: the server now skips everything up to the next Sync (replies the proxy
             # would have synthesized for messages in between are dropped too, as the server's would be).
@@ -517,6 +506,46 @@ class ReplyQueue:
     def _parameter_status(self, buf: bytes, pos: int, end: int) -> None:
         name, value = m.decode_parameter_status(memoryview(buf)[pos + 5 : end])
         self.parameters[name] = value
+        if self.sink is not None:  # forwarded, or (``_injected``) what the client already heard
+            self.sink.heard[name] = value
+
+
+def _injected(  # noqa: PLR0917  (positional: called per message in ``feed``'s loop)
+    queue: ReplyQueue, entry: Expect, buf: bytes, pos: int, end: int, out: list[bytes | memoryview]
+) -> None:
+    """A reply to a message the proxy injected, dropped but for what the client must still see: the
+    new value of a setting the proxy replayed, where the client has not heard that value, and the error
+    of a re-prepare (its own Bind will be skipped). A captured row goes to ``on_row``; other errors are
+    logged."""
+    mtype = buf[pos]
+    if mtype == _S:  # the client hears it where its value is news to the client
+        name, value = m.decode_parameter_status(memoryview(buf)[pos + 5 : end])
+        if queue.sink is None or queue.sink.heard.get(name) != value:
+            out.append(memoryview(buf)[pos:end])
+    elif mtype == _D and entry.on_row is not None:
+        entry.on_row(bytes(buf[pos + 5 : end]))
+    elif mtype == _E:
+        if entry.action == SWALLOW_OK:
+            error = bytes(buf[pos:end])
+            out.append(error if queue.sink is None else queue.sink.client_names(error))
+        else:
+            log.warning(
+                "event=injected_statement_failed upstream=%s sqlstate=%s",
+                queue.label,
+                sqlstate(buf, pos, end),
+            )
+
+
+def _renamed(  # noqa: PLR0917
+    sink: Sink, buf: bytes, pos: int, end: int, run: int, out: list[bytes | memoryview]
+) -> int:
+    """The ErrorResponse at ``buf[pos:end]`` names a statement by its upstream name (a Bind's parameter
+    count, say): forwarded with the client's name for it, as PostgreSQL would have named it. Returns
+    where the run to forward now starts."""
+    if pos > run:
+        out.append(memoryview(buf)[run:pos])
+    out.append(sink.client_names(bytes(buf[pos:end])))
+    return end
 
 
 def _only_unit_queued(expect: deque[Expect]) -> bool:

@@ -380,6 +380,23 @@ class ClientCore(asyncio.Protocol):
             self.tx.skip_until_sync()
 
     # -- responses (called by the upstream connection) ------------------------------------------------------
+    @property
+    def heard(self) -> dict[str, str]:
+        return self.session.heard
+
+    def client_names(self, error: bytes) -> bytes:
+        """``error`` (an ErrorResponse from upstream) with each of this client's statements named as the
+        client named it ("" for its unnamed one, with statements.cache_unnamed), not as upstream."""
+        names = [(n, s.upstream_name) for n, s in self.session.statements.items()]
+        if (kept := self.statements.unnamed_stmt) is not None:
+            names.append(("", kept.upstream_name))
+        payload = error[5:]
+        for name, upstream in names:
+            quoted = f'"{upstream}"'.encode()
+            if quoted in payload:
+                payload = payload.replace(quoted, f'"{name}"'.encode(errors="surrogateescape"))
+        return error[:1] + (len(payload) + 4).to_bytes(4, "big") + payload
+
     def upstream_data(self, data: bytes | bytearray | memoryview) -> None:
         if self.transport is not None:
             self.transport.write(data)

@@ -87,7 +87,7 @@ class PreparedStatement:
 
 @dataclass
 class Session:
-    """What the client believes its session is: settings and prepared statements.
+    """What the client believes its session is: settings, prepared statements, reported parameters.
 
     ``settings`` maps a parameter name to the SET statement that gives it the client's value; the key
     ``version`` changes whenever settings do, so an upstream connection can tell cheaply whether it
@@ -101,6 +101,9 @@ class Session:
     # Changes made by statements whose outcome is not known yet (``stage``); empty between them, which the
     # data path reads as a plain attribute (``has_staged`` is the same question as a property).
     staged: list[SessionChange] = field(default_factory=list)
+    # The value of each reported parameter (ParameterStatus) as the client last heard it: at login, then
+    # from its upstreams. A setting the proxy replays is reported to it only where it hears something new.
+    heard: dict[str, str] = field(default_factory=dict)
 
     def __post_init__(self) -> None:
         self.settings = dict(self.baseline)

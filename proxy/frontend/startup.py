@@ -270,6 +270,7 @@ class Login:
         if client.phase == CLOSED:
             return
         out = bytearray()
+        client.session.heard = dict(reported)
         for name, value in reported.items():
             out += m.parameter_status(name, value)
         client.key = app.register_cancel_key(client)

@@ -68,6 +68,7 @@ class Sink:
     def __init__(self) -> None:
         self.events: list[tuple[str, Any]] = []
         self.raw: list[bytes | bytearray | memoryview] = []
+        self.heard: dict[str, str] = {}
 
     def upstream_data(self, data: bytes | bytearray | memoryview) -> None:
         self.raw.append(data)
@@ -90,6 +91,9 @@ class Sink:
 
     def upstream_pause(self, paused: bool) -> None:
         self.events.append(("pause", paused))
+
+    def client_names(self, error: bytes) -> bytes:
+        return error
 
     @property
     def data(self) -> bytes:
@@ -216,6 +220,45 @@ def test_swallowed_session_replay_passes_only_its_parameter_status() -> None:
     assert sink.data == setting + ROWS + IDLE
     assert sink.kinds().count("ready") == 1  # the injected unit's ReadyForQuery is not the client's
     assert q.parameters["DateStyle"] == "ISO, DMY"
+
+
+def test_a_replayed_setting_the_client_has_heard_is_not_reported_again() -> None:
+    """The replay puts the connection's settings back to the client's: where a value reported is the one
+    the client last heard, it hears nothing (as on its own server); a new value it hears, and it is noted."""
+    q, sink = queue(Expect(K_SYNC, SWALLOW), Expect(K_SYNC))
+    sink.heard.update({"application_name": "", "TimeZone": "UTC"})
+    known = m.parameter_status("application_name", "")
+    news = m.parameter_status("TimeZone", "Europe/Paris")
+    feed_all(q, m.command_complete("RESET") + known + news + IDLE + ROWS + IDLE)
+    assert sink.data == news + ROWS + IDLE
+    assert sink.heard == {"application_name": "", "TimeZone": "Europe/Paris"}
+    assert q.parameters == sink.heard
+
+
+def test_a_setting_in_the_clients_own_reply_is_noted_as_heard() -> None:
+    q, sink = queue(Expect(K_SYNC))
+    setting = m.parameter_status("application_name", "app")
+    feed_all(q, m.command_complete("SET") + setting + IDLE)
+    assert sink.data == m.command_complete("SET") + setting + IDLE
+    assert sink.heard == {"application_name": "app"}
+
+
+class Renaming(Sink):
+    def client_names(self, error: bytes) -> bytes:
+        payload = error[5:].replace(b'"pf_0123"', b'"p1"')
+        return error[:1] + struct.pack("!I", len(payload) + 4) + payload
+
+
+def test_an_error_naming_an_upstream_statement_names_the_clients() -> None:
+    """An error that names a statement as upstream ("pf_...") reaches the client with its own name for it
+    (``Sink.client_names``); the replies around it are forwarded as they are."""
+    q = ReplyQueue("main")
+    q.sink = sink = Renaming()
+    q.push(Expect(K_BIND))
+    q.push(Expect(K_SYNC, extended=True))
+    wrong = msg(b"E", b'SERROR\0C08P01\0Mprepared statement "pf_0123" requires 0\0\0')
+    feed_all(q, wrong + FAILED)
+    assert sink.data == msg(b"E", b'SERROR\0C08P01\0Mprepared statement "p1" requires 0\0\0') + FAILED
 
 
 def test_error_of_a_swallowed_query_is_logged_not_forwarded(caplog: pytest.LogCaptureFixture) -> None:
