@@ -486,12 +486,13 @@ class ReplyQueue:
             return end
         if self._track_details and entry.action == FORWARD and self.sink is not None:
             self.sink.upstream_error_seen(bytes(buf[pos + 5 : end]))
-        if entry.action == FORWARD and self.sink is not None and _UPSTREAM_NAME in buf[pos:end]:
-            run = _renamed(self.sink, buf, pos, end, run, out)
         if entry.kind != K_SYNC:
             # Extended protocol: the server now skips everything up to the next Sync (replies the proxy
             # would have synthesized for messages in between are dropped too, as the server's would be).
             _skip_to_sync(expect, entry)
+        if entry.action == FORWARD and self.sink is not None and _UPSTREAM_NAME in buf[pos:end]:
+            # (after the skip: a Close the proxy answered, now skipped, has given the client its name back)
+            run = _renamed(self.sink, buf, pos, end, run, out)
         return run
 
     def _take_synth(self, out: list[bytes | memoryview], view: memoryview, run: int, pos: int) -> int:

@@ -30,7 +30,7 @@ from proxy.frontend.audited import AuditTrail
 from proxy.frontend.console import ConsoleSession
 from proxy.frontend.effects import Effects
 from proxy.frontend.leases import Leasing, count_fallback, count_fallback_writes
-from proxy.frontend.prepared import Statements
+from proxy.frontend.prepared import Statements, client_names
 from proxy.frontend.reads import Reads
 from proxy.frontend.ryw import Capture
 from proxy.frontend.send import send
@@ -385,17 +385,7 @@ class ClientCore(asyncio.Protocol):
         return self.session.heard
 
     def client_names(self, error: bytes) -> bytes:
-        """``error`` (an ErrorResponse from upstream) with each of this client's statements named as the
-        client named it ("" for its unnamed one, with statements.cache_unnamed), not as upstream."""
-        names = [(n, s.upstream_name) for n, s in self.session.statements.items()]
-        if (kept := self.statements.unnamed_stmt) is not None:
-            names.append(("", kept.upstream_name))
-        payload = error[5:]
-        for name, upstream in names:
-            quoted = f'"{upstream}"'.encode()
-            if quoted in payload:
-                payload = payload.replace(quoted, f'"{name}"'.encode(errors="surrogateescape"))
-        return error[:1] + (len(payload) + 4).to_bytes(4, "big") + payload
+        return client_names(error, self.session.statements)
 
     def upstream_data(self, data: bytes | bytearray | memoryview) -> None:
         if self.transport is not None:

@@ -16,7 +16,7 @@ from __future__ import annotations
 
 import logging
 import struct
-from collections.abc import Callable
+from collections.abc import Callable, Mapping
 from typing import Protocol
 
 from proxy.backend.connection import ServerConnection
@@ -49,6 +49,8 @@ _DESCRIBE_EXECUTE_SYNC = frozenset(b"DES")
 B_HEADER = struct.Struct("!BIB")  # a Bind's type, length and its (empty) portal name
 _CLOSE_UNNAMED = m.close(b"S", "")
 UNNAMED_CACHE_SIZE = 10_000  # distinct unnamed Parse payloads remembered (then forgotten all at once)
+_UPSTREAM_NAME_LENGTH = 27  # "pf_" and 24 hex digits (PreparedStatement.make)
+_HEX = frozenset(b"0123456789abcdef")
 _FAILED = ord("E")  # a transaction status: PostgreSQL refuses every Parse there (25P02)
 
 
@@ -95,6 +97,30 @@ def forget_on_failure(server: ServerConnection, name: str) -> Callable[[bool], N
     return done
 
 
+def client_names(error: bytes, named: Mapping[str, PreparedStatement]) -> bytes:
+    """``error`` (an ErrorResponse from upstream) with a client's statements named as the client named them
+    (``named``: its session's), not as upstream. Two names of the client's for one text share an upstream
+    statement: the error names either. Any other upstream name is an unnamed statement the proxy kept for
+    the client (statements.cache_unnamed: this one, or the one before it in a batch that parsed the next),
+    which PostgreSQL names "". Only names of the upstream shape ("pf_" and 24 hex digits) are; a table of
+    the user's named "pf_..." is left alone."""
+    payload = error[5:]
+    for name, stmt in named.items():
+        quoted = f'"{stmt.upstream_name}"'.encode()
+        if quoted in payload:
+            payload = payload.replace(quoted, f'"{name}"'.encode(errors="surrogateescape"))
+    start = payload.find(b'"pf_')
+    while start >= 0:
+        end = payload.find(b'"', start + 1)
+        if end < 0:
+            break
+        if end - start == _UPSTREAM_NAME_LENGTH + 1 and _HEX.issuperset(payload[start + 4 : end]):
+            payload = payload[:start] + b'""' + payload[end + 1 :]
+            end = start + 1
+        start = payload.find(b'"pf_', end + 1)
+    return error[:1] + (len(payload) + 4).to_bytes(4, "big") + payload
+
+
 def prepare(
     server: ServerConnection,
     stmt: PreparedStatement,
@@ -124,7 +150,7 @@ class Statements:
     """One client's unnamed statement and the re-prepares its batches need (named statements live in the
     client's ``Session``)."""
 
-    __slots__ = ("ctx", "unnamed", "unnamed_stmt", "unnamed_token")
+    __slots__ = ("ctx", "refused", "unnamed", "unnamed_stmt", "unnamed_token")
 
     def __init__(self, ctx: Context) -> None:
         self.ctx = ctx
@@ -134,6 +160,9 @@ class Statements:
         # statements.cache_unnamed: the upstream statement that stands for the client's unnamed one.
         self.unnamed_stmt: PreparedStatement | None = None
         self.unnamed_token: object | None = None
+        # The last named statement whose Parse PostgreSQL refused or skipped: a Close of it in the same
+        # batch, skipped too, must not bring it back (``_reinstate``).
+        self.refused: PreparedStatement | None = None
 
     def parse_named(
         self,
@@ -147,22 +176,29 @@ class Statements:
         upstream. A Close first: the client may be asking for a fresh prepare (asyncpg does after a schema
         change made the old one fail with "cached plan must not change result type"), or the connection
         may still hold a statement its books dropped after a failed Bind. When the Parse fails (or is
-        skipped after an earlier error) the client's books are as they were: PostgreSQL made nothing."""
+        skipped after an earlier error) the client's books are as they were: PostgreSQL made nothing.
+        A name the client has already is PostgreSQL's error 42P05, and PostgreSQL's own: the Parse goes
+        upstream under the name of the statement the client has (prepared there first if need be), where
+        it is refused as on the client's own server; the error names it as the client does
+        (``Sink.client_names``), and the transaction fails as it would."""
         name, sql, oids = m.decode_parse(payload)
+        existing = named.get(name)
+        if existing is not None:
+            self.ensure(server, existing, out, ents)
+            out.append(m.parse(existing.upstream_name, sql, oids))
+            ents.append(Expect(K_PARSE))
+            return
         stmt = PreparedStatement.make(sql, oids)
         upstream = stmt.upstream_name
         server.prepared.pop(upstream, None)
-        before = named.get(name)
         named[name] = stmt
 
         def done(ok: bool) -> None:
             if not ok:
                 server.prepared.pop(upstream, None)
+                self.refused = stmt
                 if named.get(name) is stmt:
-                    if before is None:
-                        del named[name]
-                    else:
-                        named[name] = before
+                    del named[name]
 
         prepare(server, stmt, FORWARD, out, ents, events=self.ctx.statement_events, on_done=done)
 
@@ -212,13 +248,19 @@ class Statements:
     def claim_unnamed(self, server: ServerConnection, out: list[Piece], ents: list[Entry]) -> None:
         """Before a message that uses the connection's unnamed statement: make it this client's (its Parse
         again), or none at all when the client never parsed one: never another client's statement."""
+        token = self.unnamed_token
         if self.unnamed is not None:
             out.append(self.unnamed)
-            ents.append(Expect(K_PARSE, SWALLOW_OK))
+
+            def done(ok: bool) -> None:  # refused (a failed transaction) or skipped: not there after all
+                if not ok and server.unnamed_owner is token:
+                    server.unnamed_owner = None
+
+            ents.append(Expect(K_PARSE, SWALLOW_OK, on_done=done))
         else:
             out.append(_CLOSE_UNNAMED)
             ents.append(Expect(K_CLOSE, SWALLOW))
-        server.unnamed_owner = self.unnamed_token
+        server.unnamed_owner = token
 
     def ensure(
         self, server: ServerConnection, stmt: PreparedStatement, out: list[Piece], ents: list[Entry]
@@ -354,7 +396,7 @@ class Statements:
         client's statement is there again, unless the client has defined the name anew since."""
 
         def done(ok: bool) -> None:
-            if ok or closed is None:
+            if ok or closed is None or closed is self.refused:
                 return
             if named is None:
                 if self.unnamed_stmt is None:

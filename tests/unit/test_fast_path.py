@@ -22,6 +22,7 @@ from proxy.dev.testing import MemoryTransport
 from proxy.frontend import client as client_module
 from proxy.frontend.client import READY, ClientConnection
 from proxy.frontend.ryw import IDENTITY_QUERY
+from proxy.frontend.session import PreparedStatement
 from proxy.protocol import messages as m
 from proxy.protocol.framing import startup_message
 from proxy.server import ProxyApp
@@ -560,5 +561,28 @@ def test_a_waiting_client_pauses_reading_only_when_it_sends_more(pipelined: bool
         server.data_received(_select() + _select() if pipelined else _select())
         assert b"".join(transport.writes) == (_select() + _select() if pipelined else _select())
         assert transport.pauses == int(pipelined)
+
+    asyncio.run(run())
+
+
+def test_an_error_names_the_clients_statements_as_the_client_does() -> None:
+    """``client_names``: a named statement by the client's name, the unnamed one the proxy kept by "", a
+    table of the user's whose name starts with "pf_" left alone."""
+
+    async def run() -> None:
+        app = _app(replica=False, cache=True)
+        client, _ = await _login(app)
+        named = PreparedStatement.make("SELECT 1", ())
+        kept = PreparedStatement.make("SELECT 2", ())
+        client.session.statements["mine"] = named
+        client.statements.unnamed_stmt = kept
+        text = (
+            f'statement "{named.upstream_name}", statement "{kept.upstream_name}", constraint "pf_diff_pkey"'
+        )
+        error = m.error_response("ERROR", "08P01", text)
+        renamed = client.client_names(error)
+        fields = m.parse_fields(renamed[5:])
+        assert fields["M"] == 'statement "mine", statement "", constraint "pf_diff_pkey"'
+        assert struct.unpack_from("!I", renamed, 1)[0] == len(renamed) - 1
 
     asyncio.run(run())

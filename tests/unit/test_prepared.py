@@ -111,21 +111,38 @@ def test_named_parse_closes_first_even_when_the_connection_has_it() -> None:
 
 def test_a_failed_named_parse_leaves_the_books_as_they_were() -> None:
     """PostgreSQL makes nothing of a Parse that fails (or is skipped after an error, or refused in an aborted
-    transaction): the client's name keeps its earlier statement, or none, and the connection's books drop
-    the upstream one."""
+    transaction): the client has no statement by that name, and the connection's books drop the upstream
+    one."""
+    conn, st = server(), Statements(Ctx())
+    named: dict[str, PreparedStatement] = {}
+    out: list[Piece] = []
+    ents: list[prepared.Entry] = []
+    st.parse_named(conn, m.parse("s1", SQL, (23,))[5:], named, out, ents)
+    assert named == {"s1": STMT} and STMT.upstream_name in conn.prepared
+    parse = ents[-1]
+    assert isinstance(parse, Expect) and parse.on_done is not None
+    parse.on_done(False)
+    assert named == {}
+    assert STMT.upstream_name not in conn.prepared
+
+
+def test_a_parse_of_a_name_the_client_has_is_refused_by_postgresql() -> None:
+    """42P05 as on the client's own server: the Parse goes upstream under the upstream name of the statement
+    the client has (prepared there first when the connection lacks it), and PostgreSQL refuses it; the
+    books do not change."""
     other = PreparedStatement.make("SELECT 2", ())
-    for before in ({}, {"s1": other}):
-        conn, st = server(), Statements(Ctx())
-        named = dict(before)
-        out: list[Piece] = []
-        ents: list[prepared.Entry] = []
-        st.parse_named(conn, m.parse("s1", SQL, (23,))[5:], named, out, ents)
-        assert named == {"s1": STMT} and STMT.upstream_name in conn.prepared
-        parse = ents[-1]
-        assert isinstance(parse, Expect) and parse.on_done is not None
-        parse.on_done(False)
-        assert named == before
-        assert STMT.upstream_name not in conn.prepared
+    conn, st = server(), Statements(Ctx())
+    named = {"s1": other}
+    out: list[Piece] = []
+    ents: list[prepared.Entry] = []
+    st.parse_named(conn, m.parse("s1", SQL, (23,))[5:], named, out, ents)
+    assert named == {"s1": other}
+    assert b"".join(out) == (
+        m.close(b"S", other.upstream_name)
+        + m.parse(other.upstream_name, other.sql, ())
+        + m.parse(other.upstream_name, SQL, (23,))
+    )
+    assert shape(ents)[-1] == (K_PARSE, FORWARD)
 
 
 def test_cached_unnamed_parse_is_answered_by_the_proxy_when_the_connection_has_it() -> None:
