@@ -44,6 +44,7 @@ log = logging.getLogger("parafort.client")
 _IDLE = ord("I")
 _LINGERING = Lease.LINGERING
 _PINNED = Lease.PINNED
+_TX_TAGS = frozenset((b"BEGIN", b"START TRANSACTION", b"COMMIT", b"ROLLBACK"))  # (upstream_command_tag)
 
 
 class ClientConnection(ClientCore):
@@ -205,7 +206,10 @@ class ClientConnection(ClientCore):
         self.audit_trail.error(fields_payload)
 
     def upstream_command_tag(self, tag: bytes) -> None:
-        self.effects.last_tag = tag
+        # A COMMIT's tag outlives the statements after it in the same unit ("COMMIT; SELECT 2": the
+        # settings staged before it took effect), not another transaction's start or end.
+        if tag in _TX_TAGS or self.effects.last_tag != b"COMMIT":
+            self.effects.last_tag = tag
 
     def upstream_batch_end(self) -> None:
         if self.audit_trail.pending:
