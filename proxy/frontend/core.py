@@ -230,7 +230,12 @@ class ClientCore(asyncio.Protocol):
                 and control.min_lsn_statement(self, batch, server)
             ):
                 return
-            if tx.pin_reason is None and info is not None and info.bits & c.F_FORGET_PREPARED:
+            if (  # (in a failed transaction PostgreSQL refuses it: 25P02, from upstream)
+                tx.pin_reason is None
+                and info is not None
+                and info.bits & c.F_FORGET_PREPARED
+                and self.ready_status() != b"E"
+            ):
                 reply = control.local_deallocate(self, batch)
                 if reply is not None and (server is None or not server.expect):
                     self.write(reply + m.ready_for_query(self.ready_status()))
@@ -405,6 +410,8 @@ class ClientCore(asyncio.Protocol):
             self.new_capture(server).send()
             return
         effects = self.effects
+        if effects.forget_lone:
+            effects.settle_forget(server)
         if status != _IDLE:
             if self.session.staged:
                 effects.staged_in_tx = True

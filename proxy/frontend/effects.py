@@ -14,6 +14,7 @@ import logging
 from typing import Any, Protocol
 
 from proxy.backend.connection import ServerConnection
+from proxy.backend.expect import FORWARD
 from proxy.context import ClientContext
 from proxy.frontend.reads import Reads
 from proxy.frontend.session import Session
@@ -57,6 +58,7 @@ class Effects:
     __slots__ = (
         "client",
         "error_seen",
+        "forget_lone",
         "forget_prepared",
         "last_tag",
         "portal_changes",
@@ -74,6 +76,7 @@ class Effects:
         self.last_tag = b""
         self.staged_in_tx = False
         self.forget_prepared = False
+        self.forget_lone = False  # ... and it is the only statement of its Query
         # What the connection held now holds is unknown: it serves this client only (and is closed after).
         self.server_dirty = False
         # Session changes of the client's statements (named, unnamed) and of its portals, until executed.
@@ -133,6 +136,12 @@ class Effects:
         if flags & F_FORGET_PREPARED:
             if statement is None:
                 self.forget_prepared = True  # settled when the query's outcome is known
+                # Alone in its Query with no reply of the client's still to come before it: its own reply
+                # says what it did (``settle_forget``), whatever transaction it is in (it is not
+                # transactional).
+                self.forget_lone = info.statements == 1 and all(e.action != FORWARD for e in server.expect)
+                if self.forget_lone:
+                    self.error_seen = False
                 details = True
             else:
                 # Through the extended protocol it may run later or never: whatever the connection
@@ -161,6 +170,20 @@ class Effects:
             self.staged_in_tx = server.status != _IDLE
         session.stage(changes)
 
+    def settle_forget(self, server: ServerConnection) -> None:
+        """The reply of a lone DEALLOCATE / DISCARD ALL (``forget_lone``) has ended: without an error it
+        took effect (at once: not transactional), with one it did nothing (DEALLOCATE of a name PostgreSQL
+        does not know) and the connection is as it was."""
+        session = self.client.session
+        if not self.error_seen:
+            server.prepared.clear()
+            server.unnamed_owner = None
+            session.statements.clear()
+        self.forget_prepared = self.forget_lone = False
+        if not session.has_staged:
+            self.error_seen = False
+            server.track_details(False)
+
     def settle(self, server: ServerConnection) -> None:
         """A unit with session changes ended outside a transaction: did they take effect?
 
@@ -183,10 +206,11 @@ class Effects:
                 server.unnamed_owner = None
                 session.statements.clear()
             else:
-                # DISCARD / DEALLOCATE ALL may have run before the failure: what the connection holds
-                # is unknown, so it must not serve anyone else.
+                # DISCARD / DEALLOCATE ALL may have run before the failure (another statement of its Query
+                # or of its transaction failed: they are not transactional): what the connection holds is
+                # unknown, so it must not serve anyone else.
                 self.server_dirty = True
-            self.forget_prepared = False
+            self.forget_prepared = self.forget_lone = False
         self.error_seen = False
         self.last_tag = b""
         self.staged_in_tx = False

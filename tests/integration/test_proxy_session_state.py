@@ -288,3 +288,15 @@ def test_session_parameters_reported_to_client(small_proxy: ProxyProcess) -> Non
                 assert conn.info.parameter_status("TimeZone") == zone
                 assert str(getattr(row[0], "tzinfo", None)) == zone
             holder.commit()
+
+
+def test_a_failed_deallocate_leaves_the_connection_to_others(start_proxy: StartProxy) -> None:
+    """DEALLOCATE of a name PostgreSQL does not know fails and does nothing: the connection it ran on
+    still serves other clients (it was kept for its client alone, and the pool of one starved)."""
+    proxy = start_proxy(config={"roles": {"main": {"pool_size": 1, "acquire_timeout": "3s"}}})
+    dsn = proxy.dsn(APP_USER, APP_PASSWORD)
+    with _connect(dsn) as first, _connect(dsn) as second:
+        with pytest.raises(psycopg.errors.InvalidSqlStatementName):
+            first.execute("DEALLOCATE no_such_statement")
+        assert second.execute("SELECT 1").fetchone() == (1,)
+        assert first.execute("SELECT 2").fetchone() == (2,)
