@@ -83,6 +83,10 @@ QUERIES = (
     "SELECT current_setting('TimeZone'), current_setting('application_name')",
     "SELECT 1; BEGIN",
     "COMMIT; SELECT 2",
+    "DEALLOCATE p1",
+    "DEALLOCATE ALL",
+    "DISCARD ALL",
+    "RESET ALL",
 )
 # Extended-protocol statements: (text, parameter count).
 STATEMENTS = (
@@ -229,10 +233,11 @@ def _portal_made(flags: set[str], sql: str) -> None:
 def session(rng: random.Random) -> list[Unit]:
     parsed: dict[str, int] = {}
     flags: set[str] = set()
-    return [
+    units = [
         simple_unit(rng) if rng.random() < 0.45 else extended_unit(rng, parsed, flags)
         for _ in range(rng.randint(4, 25))
     ]
+    return units
 
 
 # -- the raw client ----------------------------------------------------------------------------------------
@@ -305,6 +310,16 @@ def normalized(replies: list[tuple[bytes, bytes]]) -> list[tuple[str, object]]:
 #   keeps (statements.cache_unnamed) after an earlier Bind of it failed: the proxy's books dropped the
 #   statement then (a failed Bind may mean it is gone), so it prepares it again, which the failed
 #   transaction refuses (25P02), where PostgreSQL checks the parameter count first (08P01).
+# - Session state changed by a unit sent while an earlier unit's reply is still coming (pipelined; not
+#   generated): the outcome of a pipelined SET / RESET is judged when the first unit ends, so an error
+#   there drops a later SET that succeeded from the books (the next hand-over puts the old value back).
+#   DEALLOCATE or DISCARD ALL so pipelined: the proxy cannot answer a DEALLOCATE of one statement in
+#   order, forgets the name and sends it on, and PostgreSQL, which knows the statement by its upstream
+#   name, answers 26000 where it would have deallocated it; and when anything in that write fails, the
+#   connection serves that client alone until it leaves (what it holds is unknown to the proxy), so the
+#   other clients wait for the pool. A named statement used so pipelined while its Parse is still in
+#   flight: the proxy cannot know yet whether the name exists (no 42P05 then; an error about it may name
+#   it "").
 # - A Parse of a name the client has already, in a failed transaction, of a statement a failed
 #   transaction lets through (COMMIT), on a connection that lacks the client's statement of that name:
 #   the proxy prepares that statement there first, which the failed transaction refuses (25P02), where
@@ -359,10 +374,16 @@ def run_proxied(
         for sql in DISTURBER_SETUP:
             disturber.run(Unit(m.query(sql), 1, sql))
         out = []
-        for unit in units:
+        for i, unit in enumerate(units):
             if client.status == b"I" and (data := disturb()) is not None:
-                disturber.run(Unit(data, 1, "disturber"))
-            out.append(normalized(client.run(unit)))
+                try:
+                    disturber.run(Unit(data, 1, "disturber"))
+                except AssertionError as exc:
+                    raise AssertionError(f"the second client, before unit {i}: {exc}") from None
+            try:
+                out.append(normalized(client.run(unit)))
+            except AssertionError as exc:
+                raise AssertionError(f"unit {i}: {exc}") from None
         return out
     finally:
         client.close()
@@ -403,7 +424,11 @@ def compare(
     pg.main.psql(RESET, superuser=False)
     if variant == "replica":
         pg.wait_replica_caught_up()
-    proxied = run_proxied(proxy, units, disturb)
+    try:
+        proxied = run_proxied(proxy, units, disturb)
+    except AssertionError as exc:  # no reply, or the connection closed: say where, with the proxy's log
+        session = "\n".join(f"  {j}: {u.text}" for j, u in enumerate(units))
+        raise AssertionError(f"{exc}\nsession:\n{session}\nproxy log:\n{proxy.log()[-4000:]}") from None
     for i, (unit, want, got) in enumerate(zip(units, direct, proxied, strict=True)):
         assert same(want, got), (
             f"unit {i} differs through the proxy\n  sent: {unit.text}\n"
