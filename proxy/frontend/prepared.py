@@ -183,7 +183,7 @@ class Statements:
         (``Sink.client_names``), and the transaction fails as it would."""
         name, sql, oids = m.decode_parse(payload)
         existing = named.get(name)
-        if existing is not None and all(e.action != FORWARD for e in server.expect):  # (else it may yet fail)
+        if existing is not None:  # (even if its Parse is still in flight: it is far likelier to succeed)
             self.ensure(server, existing, out, ents)
             out.append(m.parse(existing.upstream_name, sql, oids))
             ents.append(Expect(K_PARSE))
