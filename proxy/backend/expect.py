@@ -490,7 +490,7 @@ class ReplyQueue:
             # Extended protocol: the server now skips everything up to the next Sync (replies the proxy
             # would have synthesized for messages in between are dropped too, as the server's would be).
             _skip_to_sync(expect, entry)
-        if entry.action == FORWARD and self.sink is not None and _UPSTREAM_NAME in buf[pos:end]:
+        if entry.action == FORWARD and self.sink is not None and buf.find(_UPSTREAM_NAME, pos, end) >= 0:
             # (after the skip: a Close the proxy answered, now skipped, has given the client its name back)
             run = _renamed(self.sink, buf, pos, end, run, out)
         return run

@@ -141,15 +141,6 @@ def unnamed_answered(
     client.effects.unnamed_changes = changes
 
 
-def unnamed_destroyed(client: ControlClient) -> None:
-    """The client sent a simple Query, which destroys its unnamed statement as PostgreSQL's does whether
-    the query runs upstream or the proxy answers it: a later Bind of that statement fails (26000) as it
-    would on one server, instead of finding a copy the proxy kept."""
-    client.statements.forget_unnamed()
-    client.units.unnamed_info = None
-    client.effects.unnamed_changes = []
-
-
 def min_lsn_statement(client: ControlClient, batch: Batch, server: ServerConnection | None) -> bool:
     """SET / RESET parafort.min_lsn: answered by the proxy; True when the unit was answered."""
     if client.tx.failed:

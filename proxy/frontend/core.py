@@ -33,7 +33,7 @@ from proxy.frontend.leases import Leasing, count_fallback, count_fallback_writes
 from proxy.frontend.prepared import Statements, client_names
 from proxy.frontend.reads import Reads
 from proxy.frontend.ryw import Capture
-from proxy.frontend.send import send
+from proxy.frontend.send import send, unnamed_destroyed
 from proxy.frontend.session import Session
 from proxy.frontend.startup import CLOSED, READY, STARTUP
 from proxy.frontend.txstate import BETWEEN, SWITCH, Input, Lease, LeaseEv, TxState
@@ -207,7 +207,7 @@ class ClientCore(asyncio.Protocol):
             self.console.command(batch)
             return
         if batch.terminator == _Q:
-            control.unnamed_destroyed(self)
+            unnamed_destroyed(self)
         units = self.units
         if (
             batch.end - batch.start > c.INLINE_BYTES

@@ -170,15 +170,19 @@ class Effects:
             self.staged_in_tx = server.status != _IDLE
         session.stage(changes)
 
+    def _forget_all(self, server: ServerConnection) -> None:
+        """DISCARD / DEALLOCATE ALL took effect: no statement on the connection, none in the books."""
+        server.prepared.clear()
+        server.unnamed_owner = None
+        self.client.session.statements.clear()
+
     def settle_forget(self, server: ServerConnection) -> None:
         """The reply of a lone DEALLOCATE / DISCARD ALL (``forget_lone``) has ended: without an error it
         took effect (at once: not transactional), with one it did nothing (DEALLOCATE of a name PostgreSQL
         does not know) and the connection is as it was."""
         session = self.client.session
         if not self.error_seen:
-            server.prepared.clear()
-            server.unnamed_owner = None
-            session.statements.clear()
+            self._forget_all(server)
         self.forget_prepared = self.forget_lone = False
         if not session.has_staged:
             self.error_seen = False
@@ -202,9 +206,7 @@ class Effects:
                 session.discard_staged()
         if self.forget_prepared:
             if ok:
-                server.prepared.clear()
-                server.unnamed_owner = None
-                session.statements.clear()
+                self._forget_all(server)
             else:
                 # DISCARD / DEALLOCATE ALL may have run before the failure (another statement of its Query
                 # or of its transaction failed: they are not transactional): what the connection holds is

@@ -33,10 +33,10 @@ import struct
 from proxy.backend.connection import ServerConnection
 from proxy.consistency import REPLICA as ON_REPLICA
 from proxy.consistency import Verdict
-from proxy.frontend.control import unnamed_answered, unnamed_destroyed
+from proxy.frontend.control import unnamed_answered
 from proxy.frontend.core import ClientCore
 from proxy.frontend.leases import count_fallback, count_fallback_writes
-from proxy.frontend.send import kept_statement, send_kept, send_whole
+from proxy.frontend.send import kept_statement, send_kept, send_whole, unnamed_destroyed
 from proxy.frontend.session import PreparedStatement
 from proxy.frontend.startup import READY
 from proxy.frontend.txstate import BEGUN, Input, Lease, LeaseEv, Tx
@@ -245,16 +245,11 @@ def _fast_begin(client: ClientCore, data: bytes, info: Classification) -> bool:
     bind = _LENGTH.unpack_from(data, 1)[0] + 1
     sql_end = data.find(0, 6, bind)
     after_bind = bind + 1 + _LENGTH.unpack_from(data, bind + 1)[0]
-    tx.defer_begin(_query(data[6:sql_end]), kind is TX_BEGIN_READ_ONLY)
+    tx.defer_begin(m.query_bytes(data[6:sql_end]), kind is TX_BEGIN_READ_ONLY)  # (bounds checked by
+    # extended_unit: the text is not decoded and encoded again)
     unnamed_answered(client, data[:bind], info, [])
     client.write(_BEGUN_DESCRIBED if data[after_bind] == _D else _BEGUN_EXTENDED)
     return True
-
-
-def _query(sql: bytes) -> bytes:
-    """A Query message of ``sql`` (``_deferred_extended_begin``'s ``m.query(m.decode_parse(...))``, without
-    decoding and encoding the text again: ``extended_unit`` checked the Parse's bounds)."""
-    return b"Q" + _LENGTH.pack(len(sql) + 5) + sql + b"\0"
 
 
 def _count(client: ClientCore, info: Classification, role: str, decision: Decision) -> None:

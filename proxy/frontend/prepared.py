@@ -51,7 +51,7 @@ _CLOSE_UNNAMED = m.close(b"S", "")
 UNNAMED_CACHE_SIZE = 10_000  # distinct unnamed Parse payloads remembered (then forgotten all at once)
 _UPSTREAM_NAME_LENGTH = 27  # "pf_" and 24 hex digits (PreparedStatement.make)
 _HEX = frozenset(b"0123456789abcdef")
-_FAILED = ord("E")  # a transaction status: PostgreSQL refuses every Parse there (25P02)
+FAILED = ord("E")  # a transaction status: PostgreSQL refuses every Parse there (25P02)
 
 
 class Context(Protocol):
@@ -221,7 +221,7 @@ class Statements:
         self.unnamed = None
         name = stmt.upstream_name
         prepared = server.prepared
-        if name in prepared and server.status != _FAILED:
+        if name in prepared and server.status != FAILED:
             del prepared[name]
             prepared[name] = None
             ents.append(SYNTH_PARSE_COMPLETE)

@@ -31,6 +31,7 @@ from proxy.context import ClientContext
 from proxy.frontend.audited import AuditTrail
 from proxy.frontend.effects import Effects
 from proxy.frontend.prepared import (
+    FAILED,
     SYNC_EXT,
     SYNC_Q,
     Piece,
@@ -49,7 +50,6 @@ from proxy.router.classify import Classification
 
 _P, _B, _D, _E, _S, _H, _Q, _F = b"PBDESHQF"
 _IDLE = ord("I")
-_FAILED = ord("E")  # a transaction status: PostgreSQL refuses every Parse there (25P02)
 _LENGTH = struct.Struct("!I")
 
 
@@ -132,8 +132,8 @@ def _send_messages(client: SendClient, batch: Batch, server: ServerConnection) -
             deep = batch.analyses.get(start) if batch.analyses else None
             if (info := batch.info) is None or deep is not None or info.bits:  # else nothing to note
                 details |= fx.note_sql(buf[start + 5 : end - 1], server, None, info, deep=deep)
-            server.unnamed_owner = None  # a Query destroys the unnamed statement (the client's too)
-            st.forget_unnamed()  # (a Parse of it earlier in this batch; dispatch did the rest)
+            server.unnamed_owner = None  # a Query destroys the unnamed statement (the client's too: a
+            unnamed_destroyed(client)  # Parse of it earlier in this batch; dispatch forgot the one before)
             ents.append(SYNC_Q)
         elif mtype == _F:
             ents.append(SYNC_Q)
@@ -152,6 +152,15 @@ def _send_messages(client: SendClient, batch: Batch, server: ServerConnection) -
     else:  # the common case: one expectation, the client's bytes as they are
         server.push(PLAIN_SYNC if ents[-1] == SYNC_EXT else PLAIN_QUERY)  # sync_entry, inline
         server.send(buf if batch.start == 0 and batch.end == len(buf) else view[batch.start : batch.end])
+
+
+def unnamed_destroyed(client: SendClient) -> None:
+    """The client sent a simple Query, which destroys its unnamed statement as PostgreSQL's does whether
+    the query runs upstream or the proxy answers it: a later Bind of that statement fails (26000) as it
+    would on one server, instead of finding a copy the proxy kept."""
+    client.statements.forget_unnamed()
+    client.units.unnamed_info = None
+    client.effects.unnamed_changes = []
 
 
 def _sent_whole(client: SendClient, batch: Batch, server: ServerConnection, info: Classification) -> bool:
@@ -184,7 +193,7 @@ def kept_statement(
     that ends at ``bind`` in the whole unit ``data``; None when it must be prepared there first, or in a
     failed transaction, where the Parse must reach PostgreSQL to be refused."""
     kept = client.statements.ctx.unnamed_statements.get(data[5:bind])
-    if kept is None or server.status == _FAILED:
+    if kept is None or server.status == FAILED:  # (as parse_unnamed_cached)
         return None
     return kept if kept.upstream_name in server.prepared else None
 

@@ -278,8 +278,8 @@ class TxState(Generic[B]):
         PostgreSQL (a BEGIN READ ONLY inside a transaction makes it read only)."""
         self._go(Ev.BEGIN)
         if self.begin is not None:
-            sql = self.begin[5:-1] + b"\n;" + begin[5:-1]  # (a line comment ends at the newline)
-            self.begin = b"Q" + (len(sql) + 5).to_bytes(4, "big") + sql + b"\0"
+            # (a line comment in the first ends at the newline)
+            self.begin = m.query_bytes(self.begin[5:-1] + b"\n;" + begin[5:-1])
             if read_only:
                 self.begin_mode = TX_READ_ONLY
             return False

@@ -267,6 +267,12 @@ def query(sql: str) -> bytes:
     return _msg(b"Q", _cstr(sql))
 
 
+def query_bytes(sql: bytes | bytearray) -> bytes:
+    """A Query of SQL text already encoded, taken from a client's message (so holding no NUL): the proxy
+    re-sends a client's BEGIN without decoding and encoding it again."""
+    return _msg(b"Q", bytes(sql) + b"\0")
+
+
 def parse(name: str, sql: str, param_oids: Sequence[int] = ()) -> bytes:
     body = _cstr(name) + _cstr(sql) + _I16.pack(len(param_oids))
     if param_oids:

@@ -103,10 +103,6 @@ STATEMENTS = (
 )
 STATEMENT_NAMES = ("", "", "p1", "p2", "p3")
 UNSURE = "?"  # in a session's flags: whether its unnamed statement exists is unsure
-PROXY_PORTAL = (
-    "?portal"  # in the flags: the unnamed portal may be one of a BEGIN or COMMIT the proxy answered
-)
-ANSWERED = ("BEGIN", "COMMIT")
 BOUND = "?bound"  # in the flags: this unit has bound the unnamed portal (see ``_extended_message``)
 PORTAL_NAMES = ("", "", "", "c1")
 # What the second client does between the session's units, through the same one-connection pool.
@@ -152,7 +148,7 @@ def simple_unit(rng: random.Random) -> Unit:
 def extended_unit(rng: random.Random, parsed: dict[str, int], flags: set[str]) -> Unit:
     """Up to five extended messages and a Sync. ``parsed``: the statement names this session parsed (with
     their parameter count), so a Bind mostly names one that exists and mostly sends the right count;
-    ``flags``: what the session must leave alone for now (``UNSURE``, ``PROXY_PORTAL``)."""
+    ``flags``: what the session must leave alone for now (``UNSURE``, ``BOUND``)."""
     parts: list[tuple[bytes, str]] = []
     if rng.random() < 0.4:  # the common unit: [Parse] Bind Describe Execute, as pgbench sends it
         sql, params = rng.choice(STATEMENTS)
@@ -160,7 +156,6 @@ def extended_unit(rng: random.Random, parsed: dict[str, int], flags: set[str]) -
             parts.append((m.parse("", sql), f"Parse '' {sql!r}"))
             parsed[""] = params
             flags.discard(UNSURE)
-            _portal_made(flags, sql)
         parts += [
             (bind("", "", parsed[""], rng), "Bind '' ''"),
             (m.describe(b"P", ""), "Describe P ''"),
@@ -183,13 +178,15 @@ def _extended_message(
     it first. The unnamed portal is described or executed only in the unit that binds it: PostgreSQL 15.18
     itself crashes (SIGSEGV, and every session of the server with it) on an Execute of the unnamed portal
     after a RELEASE or ROLLBACK TO of a missing savepoint failed a transaction and a named Parse was refused
-    in it (reproduced on a direct connection; see docs/architecture.md)."""
+    in it (reproduced on a direct connection; see docs/architecture.md). (So a finished portal of a lone
+    extended BEGIN or COMMIT the proxy answered itself, which is not on the server, is not used again
+    either: executing it is an error both ways, 34000 through the proxy and 55000 on PostgreSQL.)"""
     kind = rng.choice("PPBBBDEECH")
     name = rng.choice(STATEMENT_NAMES)
     portal = rng.choice(PORTAL_NAMES)
     if name == "" and UNSURE in flags and kind in "BDC":
         return m.flush(), "Flush"
-    if portal == "" and kind in "DE" and (PROXY_PORTAL in flags or BOUND not in flags):
+    if portal == "" and kind in "DE" and BOUND not in flags:
         return m.flush(), "Flush"
     if kind == "P":
         sql, params = rng.choice(STATEMENTS)
@@ -197,7 +194,6 @@ def _extended_message(
             sql = f"{sql} /* {name} */"
         if not name:
             (flags.discard if first else flags.add)(UNSURE)
-            _portal_made(flags, sql)
         parsed[name] = params
         return m.parse(name, sql), f"Parse {name!r} {sql!r}"
     if kind == "B":
@@ -221,23 +217,13 @@ def _extended_message(
     return m.flush(), "Flush"
 
 
-def _portal_made(flags: set[str], sql: str) -> None:
-    """An unnamed Parse of ``sql``: the proxy may answer a lone extended BEGIN or COMMIT itself, and its
-    portal then is not on the server (executing or describing that finished portal again is an error
-    through the proxy, where PostgreSQL finds it): from then on the session leaves the unnamed portal
-    alone but in the common unit, which binds it first."""
-    if sql in ANSWERED:
-        flags.add(PROXY_PORTAL)
-
-
 def session(rng: random.Random) -> list[Unit]:
     parsed: dict[str, int] = {}
     flags: set[str] = set()
-    units = [
+    return [
         simple_unit(rng) if rng.random() < 0.45 else extended_unit(rng, parsed, flags)
         for _ in range(rng.randint(4, 25))
     ]
-    return units
 
 
 # -- the raw client ----------------------------------------------------------------------------------------
